@@ -1,0 +1,74 @@
+"""Model builders driven by `Params`: depth, width, dropout, norm, residual, init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hpo.params import Params
+
+
+def _norm1d(kind: str, width: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    return nn.Identity()
+
+
+class DenseBlock(nn.Module):
+    """Linear -> norm -> ReLU -> dropout, with a skip connection when shapes allow it."""
+
+    def __init__(self, n_in: int, n_out: int, p: Params) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.norm = _norm1d(p.norm, n_out)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
+        self.residual = p.residual and n_in == n_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(self.act(self.norm(self.linear(x))))
+        return x + y if self.residual else y
+
+
+class MLP(nn.Module):
+    def __init__(self, n_in: int, n_out: int, p: Params) -> None:
+        super().__init__()
+        widths = [n_in] + [p.width] * p.depth
+        self.blocks = nn.Sequential(*(DenseBlock(a, b, p) for a, b in zip(widths, widths[1:])))
+        self.head = nn.Linear(p.width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x.flatten(1)))
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Apply the init scheme to every linear and conv layer; 'default' keeps PyTorch's."""
+    if scheme == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_model(family: str, p: Params, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    if family == "cnn":
+        from hpo.cnn import CNN
+
+        model: nn.Module = CNN(input_shape, n_outputs, p)
+    else:
+        model = MLP(math.prod(input_shape), n_outputs, p)
+    init_weights(model, p.init)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.parameters())

@@ -1,0 +1,196 @@
+"""The training loop for one model, independent of Optuna.
+
+Hot-path rules (see benchmarks/): batches are index slices of device-resident tensors, the loss
+is accumulated on the device and read once per epoch (no `.item()` per batch), evaluation runs in
+large batches under `inference_mode`, and bf16 autocast is on for CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpo.data import Data, Split
+from hpo.optim import Schedule, eval_mode, make_optimizer, train_mode
+from hpo.params import Params
+
+EVAL_BATCH = 8192  # evaluation needs no gradients, so big batches are cheap and fast
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 0-based index of the epoch just finished
+    train_loss: float
+    val: dict[str, float]  # loss, plus accuracy (classification) or mse (regression)
+    seconds: float
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class TimeLimit(Exception):
+    """The run passed its deadline (budget.trial_timeout)."""
+
+
+def metric_value(metric: str, scores: dict[str, float]) -> float:
+    """`val_accuracy` -> scores['accuracy'], `val_loss` -> scores['loss'], ..."""
+    return scores[metric.removeprefix("val_").removeprefix("test_")]
+
+
+def configure_device(device: torch.device) -> None:
+    """Process-wide speed settings that do not change results beyond float tolerance."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "regression":
+        return F.mse_loss(out.squeeze(-1).float(), y)
+    return F.cross_entropy(out.float(), y)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, task: str, device: torch.device) -> dict[str, float]:
+    """Mean loss and accuracy (or MSE) over a whole split, read back in one host sync."""
+    model.eval()
+    autocast = device.type == "cuda"
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, len(split), EVAL_BATCH):
+        xb = split.x[start : start + EVAL_BATCH]
+        yb = split.y[start : start + EVAL_BATCH]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(xb)
+        loss += _loss(task, out, yb) * yb.shape[0]
+        if task == "classification":
+            correct += (out.argmax(1) == yb).sum()
+    n = max(1, len(split))
+    mean_loss = float(loss) / n
+    if task == "classification":
+        return {"loss": mean_loss, "accuracy": int(correct) / n}
+    return {"loss": mean_loss, "mse": mean_loss}
+
+
+class Trainer:
+    """Model, optimizer, schedule and RNG of one training run; checkpointable as a whole."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Params,
+        data: Data,
+        epochs: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.model = model.to(device)
+        self.params = params
+        self.data = data
+        self.epochs = epochs
+        self.device = device
+        self.task = data.task
+        n = len(data.train)
+        self.batch_size = min(params.batch_size, n)
+        # A trailing batch of one sample breaks BatchNorm and adds noise; it is skipped.
+        self.starts = [s for s in range(0, n, self.batch_size) if n - s >= 2 or s == 0]
+        self.opt = make_optimizer(self.model.parameters(), params, device)
+        self.schedule = Schedule(params, self.opt, epochs, len(self.starts))
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
+        self.epoch = 0  # epochs completed
+        self.train_losses: list[float] = []
+        self.epoch_seconds: list[float] = []
+        self.autocast = device.type == "cuda"
+        self.deadline: float | None = None  # time.monotonic() value; checked every batch
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        train_mode(self.opt)
+        x, y = self.data.train.x, self.data.train.y
+        n = x.shape[0]
+        perm = torch.randperm(n, device=self.device, generator=self.gen)
+        total = torch.zeros((), device=self.device)
+        seen = 0
+        for start in self.starts:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise TimeLimit(f"deadline passed in epoch {self.epoch}")
+            idx = perm[start : start + self.batch_size]
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = _loss(self.task, self.model(xb), yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.schedule.after_batch()
+            total += loss.detach() * idx.numel()
+            seen += idx.numel()
+        return float(total) / max(1, seen)  # the epoch's only host sync
+
+    def evaluate(self, split: Split) -> dict[str, float]:
+        eval_mode(self.opt)
+        return evaluate(self.model, split, self.task, self.device)
+
+    def run_epoch(self) -> EpochResult:
+        t0 = time.perf_counter()
+        train_loss = self.train_epoch()
+        if not math.isfinite(train_loss):
+            raise Diverged(f"train loss is {train_loss} at epoch {self.epoch}")
+        val = self.evaluate(self.data.val)
+        if not math.isfinite(val["loss"]):
+            raise Diverged(f"validation loss is {val['loss']} at epoch {self.epoch}")
+        self.schedule.after_epoch(val["loss"])
+        seconds = time.perf_counter() - t0
+        result = EpochResult(self.epoch, train_loss, val, seconds)
+        self.train_losses.append(train_loss)
+        self.epoch_seconds.append(seconds)
+        self.epoch += 1
+        return result
+
+    def fit(self, on_epoch: Callable[[EpochResult], None] | None = None) -> list[EpochResult]:
+        """Train the remaining epochs; `on_epoch` may raise to stop early (e.g. pruning)."""
+        results = []
+        while self.epoch < self.epochs:
+            r = self.run_epoch()
+            results.append(r)
+            if on_epoch is not None:
+                on_epoch(r)
+        return results
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "train_losses": list(self.train_losses),
+            "epoch_seconds": list(self.epoch_seconds),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.gen.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.epoch = int(state["epoch"])
+        self.train_losses = list(state["train_losses"])
+        self.epoch_seconds = list(state["epoch_seconds"])
