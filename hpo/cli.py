@@ -63,7 +63,7 @@ def cli() -> None:
 
     import optuna
 
-    optuna.logging.set_verbosity(logging.WARNING)  # hpo prints its own progress
+    optuna.logging.set_verbosity(logging.ERROR)  # hpo prints its own progress and failure reasons
 
 
 def main() -> None:

@@ -494,8 +494,6 @@ class _Validator:
                 self.integer(raw[key], f"{path}.{key}")
             else:
                 self.number(raw[key], f"{path}.{key}")
-            if problem := P.check_value(info, int(raw[key]) if kind == "int" else float(raw[key])):
-                raise self.fail(f"{path}.{key}", problem)
         low, high = raw["low"], raw["high"]
         if low >= high:
             raise self.fail(f"{path}.low", f"must be < high ({high}); for a constant write {name}: {low}")
@@ -504,6 +502,9 @@ class _Validator:
             raise self.fail(f"{path}.log", "must be true or false")
         if log and low <= 0:
             raise self.fail(f"{path}.low", "must be > 0 when log is true")
+        for key in ("low", "high"):
+            if problem := P.check_value(info, int(raw[key]) if kind == "int" else float(raw[key])):
+                raise self.fail(f"{path}.{key}", problem)
         step = raw.get("step")
         if step is not None:
             step = self.integer(step, f"{path}.step", 1) if kind == "int" else self.number(step, f"{path}.step", True)

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.artifacts import Artifacts, find_artifact, open_store, resolve_artifact_path
 from hpo.data import DataCache
-from hpo.errors import SpecError, StorageError, TrialError
+from hpo.errors import HpoError, SpecError, StorageError, TrialError
 from hpo.model import build_model
 from hpo.objective import Listener, Objective
 from hpo.params import Params
@@ -74,14 +74,14 @@ def choose_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SpecError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise HpoError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(f"--device: {name} requested but no CUDA GPU is available")
+            raise HpoError(f"--device: {name} requested but no CUDA GPU is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SpecError(f"--device: {name} does not exist ({torch.cuda.device_count()} GPUs)")
+            raise HpoError(f"--device: {name} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
-        raise SpecError(f"--device: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+        raise HpoError(f"--device: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
 
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: real SQLite files in tmp dirs, small real studies, the CLI runner."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from hpo.cli import cli
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A small, real study: synthetic tabular data, a few epochs, fast enough for many tests.
+SMALL: dict[str, Any] = {
+    "name": "small",
+    "metric": "val_accuracy",
+    "seed": 3,
+    "data": {"dataset": "synthetic", "n_samples": 600, "n_features": 12, "n_classes": 3},
+    "space": {
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "width": {"type": "int", "low": 8, "high": 64, "log": True},
+        "depth": {"type": "int", "low": 1, "high": 2},
+        "batch_size": [32, 64],
+    },
+    "sampler": {"name": "tpe", "n_startup_trials": 3},
+    "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+    "budget": {"n_trials": 6, "epochs": 4},
+}
+
+
+def small_spec(**overrides: Any) -> dict[str, Any]:
+    """A copy of SMALL with top-level keys replaced; nested dicts are replaced whole."""
+    spec = copy.deepcopy(SMALL)
+    spec.update(copy.deepcopy(overrides))
+    return spec
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    def write(doc: Any, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hpo.db'}"
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    monkeypatch.delenv("HPO_ARTIFACTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def env_without_storage() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("HPO_STORAGE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,150 @@
+"""Every CLI command through click's CliRunner, as a user would call it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hpo.cli import cli
+from tests.conftest import invoke, small_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def finished(write_spec, runner, storage_url) -> str:
+    """A finished 4-trial study in a fresh SQLite file."""
+    result = invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 4, "epochs": 2})),
+                    "--storage", storage_url)
+    assert result.exit_code == 0, result.output
+    return storage_url
+
+
+def test_every_command_has_help_with_an_example_and_is_in_the_readme(runner) -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        result = invoke(runner, name, "--help")
+        assert result.exit_code == 0
+        assert "Example:" in result.output, f"hpo {name} --help shows no example"
+        assert f"hpo {name}" in readme, f"README does not mention hpo {name}"
+
+
+def test_studies_lists_the_study(finished, runner) -> None:
+    result = invoke(runner, "studies", "--storage", finished)
+    assert result.exit_code == 0
+    header, row = result.output.strip().splitlines()
+    assert header.split() == ["study", "trials", "direction", "best", "created"]
+    assert row.split()[:3] == ["small", "4", "maximize"]
+
+
+def test_best_shows_params_test_score_and_model(finished, runner) -> None:
+    study = optuna.load_study(study_name="small", storage=finished)
+    text = invoke(runner, "best", "small", "--storage", finished)
+    assert text.exit_code == 0
+    assert f"Best trial #{study.best_trial.number}" in text.output
+    assert "Test accuracy of the best model" in text.output
+    data = json.loads(invoke(runner, "best", "small", "--storage", finished, "--format", "json").output)
+    assert data["best_value"] == study.best_value and data["params"] == study.best_params
+    model = Path(data["test"]["model_path"])
+    assert model.is_file()
+    import torch
+
+    bundle = torch.load(model, weights_only=True)
+    assert bundle["trial"] == study.best_trial.number and "model" in bundle and "params" in bundle
+
+
+def test_trials_in_three_formats(finished, runner) -> None:
+    table = invoke(runner, "trials", "small", "--storage", finished)
+    assert table.exit_code == 0 and len(table.output.strip().splitlines()) == 5
+    rows = list(csv.DictReader(io.StringIO(invoke(runner, "trials", "small", "--storage", finished, "--format", "csv").output)))
+    assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
+    assert {"state", "value", "epochs", "params_lr"} <= set(rows[0])
+    records = json.loads(invoke(runner, "trials", "small", "--storage", finished, "--format", "json").output)
+    assert len(records) == 4 and records[0]["state"] in ("COMPLETE", "PRUNED")
+
+
+def test_delete_needs_yes_and_removes_files(finished, runner, tmp_path) -> None:
+    refused = invoke(runner, "delete", "small", "--storage", finished)
+    assert refused.exit_code == 2 and "add --yes" in refused.output
+    artifacts = tmp_path / "hpo-artifacts"
+    assert any(artifacts.iterdir())
+    done = invoke(runner, "delete", "small", "--storage", finished, "--yes")
+    assert done.exit_code == 0 and "Deleted study 'small'" in done.output
+    assert not any(artifacts.iterdir())
+    assert "No studies." in invoke(runner, "studies", "--storage", finished).output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["best", "nosuch"], "Error: no study named 'nosuch'"),
+    (["trials", "nosuch"], "Error: no study named 'nosuch'"),
+    (["delete", "nosuch", "--yes"], "Error: no study named 'nosuch'"),
+])
+def test_unknown_study(finished, runner, args, message) -> None:
+    result = invoke(runner, *args, "--storage", finished)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [result.output.strip()]  # one line
+    assert result.output.startswith(message) and "studies there: small" in result.output
+
+
+def test_read_commands_do_not_create_a_database(runner, tmp_path) -> None:
+    db = tmp_path / "missing.db"
+    result = invoke(runner, "studies", "--storage", f"sqlite:///{db}")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert not db.exists()
+
+
+def test_default_storage_and_env(write_spec, runner, tmp_path, monkeypatch) -> None:
+    path = write_spec(small_spec(budget={"n_trials": 1, "epochs": 1}))
+    assert invoke(runner, "run", path).exit_code == 0
+    assert (tmp_path / "hpo.db").is_file()  # sqlite:///hpo.db in the working directory
+    monkeypatch.setenv("HPO_STORAGE", f"sqlite:///{tmp_path / 'env.db'}")
+    assert invoke(runner, "run", path).exit_code == 0
+    assert (tmp_path / "env.db").is_file()
+    assert "small" in invoke(runner, "studies").output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-trials", "-3"], "Invalid value for '--n-trials'"),
+    (["--n-trials", "0"], "Invalid value for '--n-trials'"),
+    (["--timeout", "0"], "Invalid value for '--timeout'"),
+    (["--device", "tpu"], "Error: --device: unknown device 'tpu'"),
+    (["--device", "cuda:7"], "Error: --device: cuda:7 requested but no CUDA GPU"),
+])
+def test_bad_run_arguments(write_spec, runner, tmp_path, args, message) -> None:
+    db = tmp_path / "args.db"
+    result = invoke(runner, "run", write_spec(small_spec()), "--storage", f"sqlite:///{db}", *args)
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("url,message", [
+    ("nosuchdb://x/y", "unknown database kind"),
+    ("not a url", "not a valid storage URL"),
+    ("sqlite:////no/such/folder/x.db", "folder /no/such/folder does not exist"),
+    ("postgresql://user:s3cret@127.0.0.1:1/db", "cannot open storage postgresql://user:***@127.0.0.1:1/db"),
+])
+def test_bad_storage_urls(write_spec, runner, url, message) -> None:
+    result = invoke(runner, "run", write_spec(small_spec()), "--storage", url)
+    assert result.exit_code == 1
+    assert message in result.output and "s3cret" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_storage_is_a_directory(write_spec, runner, tmp_path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    result = invoke(runner, "run", write_spec(small_spec()), "--storage", f"sqlite:///{tmp_path / 'dir.db'}")
+    assert result.exit_code == 1 and "is a directory, not a database file" in result.output
+
+
+def test_python_dash_m_entry_point(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "hpo", "--help"], capture_output=True, text=True, check=True)
+    assert "Usage: hpo" in out.stdout or "Usage: python -m hpo" in out.stdout

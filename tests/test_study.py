@@ -1,0 +1,220 @@
+"""Whole studies on real SQLite: pruning, resuming, interrupts, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import env_without_storage, invoke, small_spec
+
+
+def load(url: str, name: str = "small") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def test_study_prunes_and_reports_every_epoch(write_spec, runner, storage_url) -> None:
+    spec = small_spec(
+        budget={"n_trials": 14, "epochs": 6},
+        pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+        sampler={"name": "random"},  # random proposals give the pruner bad trials to cut
+    )
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
+    assert result.exit_code == 0, result.output
+    trials = load(storage_url).trials
+    assert len(trials) == 14
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned, "median pruning should stop some of 14 random trials"
+    assert all(len(t.intermediate_values) < 6 for t in pruned)
+    assert all(sorted(t.intermediate_values) == list(range(6)) for t in complete)
+    assert all(t.user_attrs["reason"].startswith("pruned by the median rule") for t in pruned)
+    for t in complete:
+        assert len(t.user_attrs["train_loss"]) == 6 and len(t.user_attrs["epoch_seconds"]) == 6
+        assert t.user_attrs["device"] == "cpu" and t.user_attrs["n_params"] > 0
+    # The summary the user sees, and the test score stored on the study.
+    assert "Study small: 14 trials" in result.stdout
+    assert "Best trial #" in result.stdout and "Test accuracy of the best model" in result.stdout
+    test = load(storage_url).user_attrs["test"]
+    assert 0.0 <= test["value"] <= 1.0 and Path(test["model_path"]).is_file()
+    assert load(storage_url).user_attrs["spec"]["name"] == "small"
+
+
+def test_rerun_resumes_and_runs_only_missing_trials(write_spec, runner, storage_url) -> None:
+    path = write_spec(small_spec(budget={"n_trials": 3, "epochs": 2}))
+    assert invoke(runner, "run", path, "--storage", storage_url).exit_code == 0
+    first = [(t.number, t.params) for t in load(storage_url).trials]
+    assert len(first) == 3
+    again = invoke(runner, "run", path, "--storage", storage_url)
+    assert again.exit_code == 0 and len(load(storage_url).trials) == 3  # budget met: nothing runs
+    more = invoke(runner, "run", path, "--storage", storage_url, "--n-trials", "5")
+    assert more.exit_code == 0
+    trials = load(storage_url).trials
+    assert len(trials) == 5
+    assert [(t.number, t.params) for t in trials[:3]] == first  # the old trials are untouched
+
+
+def test_changed_search_space_is_refused_but_budget_may_grow(write_spec, runner, storage_url) -> None:
+    assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 2, "epochs": 1})),
+                  "--storage", storage_url).exit_code == 0
+    changed = small_spec(budget={"n_trials": 2, "epochs": 1}, space={"lr": {"low": 0.001, "high": 0.5, "log": True}})
+    result = invoke(runner, "run", write_spec(changed, "changed.yaml"), "--storage", storage_url)
+    assert result.exit_code == 1
+    assert "already exists with a different spec (first difference: space" in result.output
+    assert len(load(storage_url).trials) == 2
+
+
+def test_same_spec_same_trials(write_spec, runner, tmp_path) -> None:
+    path = write_spec(small_spec(budget={"n_trials": 6, "epochs": 3}))
+    runs = []
+    for i in range(2):
+        url = f"sqlite:///{tmp_path / f'r{i}.db'}"
+        assert invoke(runner, "run", path, "--storage", url).exit_code == 0
+        study = load(url)
+        runs.append([(t.params, t.state, t.value, dict(t.intermediate_values)) for t in study.trials])
+        runs[-1].append(study.best_value)
+    assert runs[0] == runs[1]
+
+
+def test_stock_optuna_cli_reads_the_study(write_spec, runner, storage_url) -> None:
+    assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 3, "epochs": 2})),
+                  "--storage", storage_url).exit_code == 0
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    out = subprocess.run(
+        [str(optuna_cli), "trials", "--storage", storage_url, "--study-name", "small", "-f", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    rows = json.loads(out.stdout)
+    assert len(rows) == 3 and {"params", "value", "state", "user_attrs"} <= set(rows[0])
+    best = subprocess.run(
+        [str(optuna_cli), "best-trial", "--storage", storage_url, "--study-name", "small", "-f", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    assert json.loads(best.stdout)["value"] == load(storage_url).best_value
+
+
+def _wait_for(predicate, what: str, limit: float = 120.0) -> None:
+    """Poll a condition in the storage (not a timing assumption): fail if it never comes."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path) -> None:
+    spec = small_spec(
+        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256, "depth": 2},
+        pruner={"name": "none"},
+        budget={"n_trials": 2, "epochs": 8},
+    )
+    path = write_spec(spec)
+    url = f"sqlite:///{tmp_path / 'int.db'}"
+    cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_without_storage(), cwd=tmp_path)
+
+    def two_epochs_reported() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"hpo exited early: {proc.communicate()}")
+        try:
+            ts = load(url).trials
+        except Exception:
+            return False  # study not created yet
+        return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2 for t in ts)
+
+    _wait_for(two_epochs_reported, "a running trial with 2 epochs")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted: trial 0 is queued and resumes from epoch" in err
+    assert "Traceback" not in err
+    states = [t.state for t in load(url).trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env_without_storage(), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = load(url).trials
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 2 and not [t for t in trials if t.state == TrialState.RUNNING]
+    retried = trials[1]
+    assert retried.system_attrs["retry_history"] == [0]
+    assert retried.user_attrs["resumed_from_epoch"] >= 2
+    assert sorted(retried.intermediate_values) == list(range(8))  # earlier epochs kept
+    assert len(retried.user_attrs["train_loss"]) == 8
+    assert "resuming from its checkpoint at epoch" in rerun.stderr
+
+
+def test_sigterm_is_handled_like_ctrl_c(write_spec, tmp_path) -> None:
+    spec = small_spec(
+        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
+        budget={"n_trials": 1, "epochs": 50},
+    )
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_without_storage(), cwd=tmp_path)
+
+    def one_epoch() -> bool:
+        try:
+            return any(len(t.intermediate_values) >= 1 for t in load(url).trials)
+        except Exception:
+            return False
+
+    _wait_for(one_epoch, "the first epoch")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "is queued and resumes from epoch" in err
+    assert [t.state for t in load(url).trials] == [TrialState.FAIL, TrialState.WAITING]
+
+
+@pytest.mark.parametrize("sampler", ["random", "cmaes", "gp", "qmc"])
+def test_other_samplers_run(write_spec, runner, tmp_path, sampler) -> None:
+    spec = small_spec(sampler={"name": sampler}, budget={"n_trials": 3, "epochs": 1})
+    url = f"sqlite:///{tmp_path / 'samplers.db'}"
+    result = invoke(runner, "run", write_spec(spec), "--storage", url)
+    assert result.exit_code == 0, result.output
+    assert len(load(url).trials) == 3
+
+
+def test_grid_sampler_stops_at_the_grid_size(write_spec, runner, storage_url) -> None:
+    spec = small_spec(
+        space={"lr": [0.01, 0.05], "batch_size": [32, 64]},
+        sampler={"name": "grid"},
+        budget={"n_trials": 50, "epochs": 1},
+    )
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    trials = load(storage_url).trials
+    assert len(trials) == 4
+    assert {(t.params["lr"], t.params["batch_size"]) for t in trials} == {
+        (0.01, 32), (0.01, 64), (0.05, 32), (0.05, 64)
+    }
+
+
+@pytest.mark.parametrize("pruner", [
+    {"name": "hyperband"}, {"name": "successive_halving"}, {"name": "patient", "patience": 1},
+    {"name": "percentile", "percentile": 25.0}, {"name": "none"},
+])
+def test_pruners_run(write_spec, runner, tmp_path, pruner) -> None:
+    spec = small_spec(pruner=pruner, budget={"n_trials": 4, "epochs": 3})
+    url = f"sqlite:///{tmp_path / 'pruners.db'}"
+    assert invoke(runner, "run", write_spec(spec), "--storage", url).exit_code == 0
+    assert len(load(url).trials) == 4
+
+
+def test_trial_timeout_stops_and_records(write_spec, runner, storage_url) -> None:
+    spec = small_spec(budget={"n_trials": 2, "epochs": 1000, "trial_timeout": 0.3})
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    for t in load(storage_url).trials:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["reason"].startswith("trial_timeout: stopped after 0.3 s")
+        assert len(t.intermediate_values) < 1000
