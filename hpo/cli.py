@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import signal
 import sys
 import time
@@ -73,19 +72,11 @@ def main() -> None:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _open(url: str | None, *, create: bool) -> tuple[Any, str]:
-    from hpo.storage import open_storage, resolve_url
+def _open(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any, str]:
+    from hpo.storage import Heartbeat, open_storage, resolve_url
 
     resolved = resolve_url(url)
-    return open_storage(resolved, create=create), resolved
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
+    return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat()), resolved
 
 
 def _sigterm_as_interrupt() -> None:
@@ -95,82 +86,6 @@ def _sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
-
-
-class _Progress:
-    """Trial n/N, the epoch in flight, best so far, pruned and failed so far."""
-
-    def __init__(self, total: int, metric: str, direction: str, epochs: int, quiet: bool) -> None:
-        self.total, self.metric, self.epochs, self.quiet = total, metric, epochs, quiet
-        self.maximize = direction == "maximize"
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.status = ""
-
-    def _line(self, text: str, final: bool) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            click.echo("\r\033[K" + text, nl=final, err=True)
-        elif final:
-            click.echo(text, err=True)
-
-    def _head(self, study: Any) -> str:
-        from hpo.study import budget_status, summarize
-
-        s = summarize(study)
-        b = budget_status(study, self.total)
-        done = b.finished + b.failed
-        best = f"best {_fmt(s.best_value)} (#{s.best_number})" if s.best_number is not None else "best -"
-        pruned, failed = s.counts.get("PRUNED", 0), b.failed
-        elapsed = time.monotonic() - self.start
-        return f"[{done}/{self.total}] {best} | pruned {pruned} failed {failed} | {elapsed:5.0f}s"
-
-    # Listener interface
-    def trial_started(self, number: int, params: Any, resumed_epoch: int) -> None:
-        self.resumed = resumed_epoch
-        if resumed_epoch:
-            self._line(f"trial {number}: resuming from its checkpoint at epoch {resumed_epoch}", True)
-
-    def epoch_done(self, number: int, result: Any, value: float) -> None:
-        self._line(
-            f"{self.status} | trial {number} epoch {result.epoch + 1}/{self.epochs} "
-            f"{self.metric} {_fmt(value)}",
-            False,
-        )
-
-    def trial_finished(self, study: Any, trial: Any) -> None:
-        self.status = self._head(study)
-        value = _fmt(trial.value) if trial.value is not None else "-"
-        reason = trial.user_attrs.get("reason", "")
-        line = f"trial {trial.number:>4} {trial.state.name:<8} {self.metric} {value:<8}"
-        epochs = len(trial.intermediate_values)
-        line += f" epochs {epochs:>3}"
-        if trial.state.name == "FAIL" and reason:
-            line += f"  ({reason[:100]})"
-        if self.tty:
-            self._line(self.status, False)
-        else:
-            self._line(f"{line}  {self.status}", True)
-
-
-def _print_summary(summary: Any, elapsed: float | None = None) -> None:
-    c = summary.counts
-    parts = [f"{c.get(k, 0)} {k.lower()}" for k in ("COMPLETE", "PRUNED", "FAIL") if c.get(k)]
-    total = sum(c.values())
-    took = f" in {elapsed:.1f} s" if elapsed is not None else ""
-    click.echo(f"\nStudy {summary.name}: {total} trials ({', '.join(parts) or 'none finished'}){took}")
-    if summary.best_number is None:
-        click.echo("No trial has completed yet.")
-        return
-    click.echo(f"Best trial #{summary.best_number}: {summary.metric} {_fmt(summary.best_value)}")
-    width = max((len(k) for k in summary.best_params), default=0)
-    for key, value in summary.best_params.items():
-        click.echo(f"  {key:<{width}}  {_fmt(value)}")
-    if summary.test:
-        t = summary.test
-        click.echo(f"Test {t['metric'].removeprefix('test_')} of the best model: {_fmt(t['value'])}")
-        click.echo(f"Best model: {t['model_path']}")
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -196,6 +111,22 @@ def validate(spec_file: str) -> None:
     )
 
 
+def heartbeat_options(f: F) -> F:
+    f = click.option("--grace-period", type=click.IntRange(min=1), default=None, metavar="S",
+                     help="Seconds without a heartbeat before a trial counts as dead [default 30].")(f)
+    f = click.option("--heartbeat-interval", type=click.IntRange(min=1), default=None, metavar="S",
+                     help="Seconds between a running trial's heartbeats [default 10].")(f)
+    return f
+
+
+def _heartbeat(interval: int | None, grace: int | None) -> Any:
+    from hpo.storage import Heartbeat
+
+    base = Heartbeat()
+    interval = interval or base.interval
+    return Heartbeat(interval=interval, grace=grace or max(base.grace, 3 * interval))
+
+
 @cli.command()
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True))
 @storage_option
@@ -204,7 +135,12 @@ def validate(spec_file: str) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop starting trials after this many seconds (overrides budget.timeout).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes (needs a server storage when > 1) [default 1, or one per --gpus].")
+@click.option("--gpus", default=None, metavar="0,1,...",
+              help="One worker per listed GPU, each pinned with CUDA_VISIBLE_DEVICES.")
 @artifacts_option
+@heartbeat_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines, only the summary.")
 def run(
     spec_file: str,
@@ -212,7 +148,11 @@ def run(
     n_trials: int | None,
     timeout: float | None,
     device: str,
+    workers: int | None,
+    gpus: str | None,
     artifacts: str | None,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
     quiet: bool,
 ) -> None:
     """Run (or resume) the study described in SPEC.
@@ -223,61 +163,157 @@ def run(
     \b
     Example:
       hpo run studies/quickstart.yaml
-      hpo run studies/digits_mlp.yaml --storage postgresql://user@db/hpo --n-trials 200
+      hpo run studies/digits_mlp.yaml --storage postgresql://user@db/hpo --workers 2
+      hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
     """
+    from hpo.data import DataCache
     from hpo.spec import load_spec
-    from hpo.study import Interrupted, choose_device, finalize, open_for_spec, run_worker, summarize
+    from hpo.storage import resolve_url
+    from hpo.study import choose_device, open_for_spec
+    from hpo.workers import check_parallel_storage, parse_gpus
 
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
-    dev = choose_device(device)
-    from hpo.data import DataCache
-
+    gpu_ids = parse_gpus(gpus) if gpus is not None else None
+    n_workers = workers or (len(gpu_ids) if gpu_ids else 1)
+    check_parallel_storage(resolve_url(storage), n_workers)
+    dev = choose_device("cuda" if gpu_ids else device)
     data = DataCache(spec.data, spec.seed, dev)  # data errors surface before storage is touched
-    store, url = _open(storage, create=True)
+    hb = _heartbeat(heartbeat_interval, grace_period)
+    store, url = _open(storage, create=True, heartbeat=hb)
     handle = open_for_spec(spec, store, url, artifacts)
-    _execute(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url)
+    if n_workers == 1 and not gpu_ids:
+        _work(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url)
+    else:
+        _work_in_processes(handle, url, n_workers, gpu_ids, device, timeout, hb, quiet)
 
 
-def _execute(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: int | None,
-             quiet: bool, storage_url: str) -> None:
+def _work(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: int | None,
+          quiet: bool, storage_url: str, summary: bool = True) -> None:
+    """Run trials in this process, then score the best model and print the summary."""
+    from hpo.progress import Progress, render_summary
     from hpo.samplers import effective_n_trials
     from hpo.storage import mask
     from hpo.study import Interrupted, finalize, run_worker, summarize
 
     spec = handle.spec
-    total = effective_n_trials(spec)
-    if not quiet:
-        click.echo(
-            f"Study {spec.name}: {total} trials x {spec.budget.epochs} epochs on {dev}, "
-            f"storage {mask(storage_url)}",
-            err=True,
-        )
-    progress = _Progress(total, spec.metric, spec.direction, spec.budget.epochs, quiet)
+    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
+    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {dev}, "
+                 f"storage {mask(storage_url)}")
     _sigterm_as_interrupt()
     start = time.monotonic()
     try:
         result = run_worker(handle, device=dev, n_trials=n_trials, timeout=timeout,
-                            listener=progress, data=data)  # type: ignore[arg-type]
+                            listener=progress, data=data)
     except Interrupted as e:
+        progress.close()
         r = e.result
-        click.echo("", err=True)
         if r.interrupted_trial is not None:
-            click.echo(
-                f"Interrupted: trial {r.interrupted_trial} is queued and resumes from epoch "
-                f"{r.resumes_from_epoch} on the next run.",
-                err=True,
-            )
+            click.echo(f"Interrupted: trial {r.interrupted_trial} is queued and resumes from epoch "
+                       f"{r.resumes_from_epoch} on the next run.", err=True)
         else:
             click.echo("Interrupted.", err=True)
         sys.exit(130)
-    if progress.tty and not quiet:
-        click.echo("", err=True)
+    progress.close()
     finalize(handle, dev, data)
-    _print_summary(summarize(handle.study), time.monotonic() - start)
-    if not quiet and result.stopped:
-        click.echo(f"Stopped: {result.stopped}.", err=True)
+    if summary:
+        click.echo(render_summary(summarize(handle.study), time.monotonic() - start))
+    progress.say(f"Stopped: {result.stopped}.")
+
+
+def _work_in_processes(handle: Any, url: str, n_workers: int, gpu_ids: list[int] | None,
+                       device: str, timeout: float | None, hb: Any, quiet: bool) -> None:
+    """Start local `hpo worker` processes, show their progress from the storage, then summarize."""
+    from hpo.progress import Progress, render_summary
+    from hpo.samplers import effective_n_trials
+    from hpo.storage import mask
+    from hpo.study import finalize, summarize
+    from hpo.workers import launch, plan, supervise
+
+    spec, study = handle.spec, handle.study
+    plans = plan(n_workers, gpu_ids, device)
+    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
+    where = f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids else f"{plans[0].device}, {plans[0].threads} threads each"
+    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
+                 f"{n_workers} workers ({where}), storage {mask(url)}")
+    extra = ["--heartbeat-interval", str(hb.interval), "--grace-period", str(hb.grace)]
+    if timeout is not None:
+        extra += ["--timeout", str(timeout)]
+    seen: set[int] = set()
+
+    def tick() -> None:
+        for t in study.get_trials(deepcopy=False):
+            if t.state.is_finished() and t.number not in seen:
+                seen.add(t.number)
+                progress.trial_finished(study, t)
+
+    _sigterm_as_interrupt()
+    start = time.monotonic()
+    procs = launch(spec.name, url, str(handle.artifacts.path.resolve()), plans, extra)
+    try:
+        codes = supervise(procs, tick)
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("Interrupted: every worker queued its trial; the next run resumes them.", err=True)
+        sys.exit(130)
+    progress.close()
+    from hpo.study import choose_device
+
+    finalize(handle, choose_device("cuda" if gpu_ids else device))
+    click.echo(render_summary(summarize(study), time.monotonic() - start))
+    if any(codes):
+        raise HpoError(f"{sum(1 for c in codes if c)} of {n_workers} workers exited with an error "
+                       f"(exit codes {codes})")
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Run at most this many trials here (the study's total still applies).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after this many seconds.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
+@artifacts_option
+@heartbeat_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines and no summary.")
+def worker(
+    study: str,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    device: str,
+    threads: int | None,
+    artifacts: str | None,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    quiet: bool,
+) -> None:
+    """Join an existing study as one more worker, from the spec stored in the study.
+
+    A worker needs only the study name and the storage: no spec file. It stops when the
+    study's total budget is reached, counted across all workers.
+
+    \b
+    Example:
+      HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
+      hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
+    """
+    from hpo.data import DataCache
+    from hpo.study import choose_device, open_existing
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    dev = choose_device(device)
+    store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
+    handle = open_existing(study, store, url, artifacts)
+    data = DataCache(handle.spec.data, handle.spec.seed, dev)
+    _work(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet, storage_url=url,
+          summary=not quiet)
 
 
 @cli.command()
@@ -296,9 +332,11 @@ def studies(storage: str | None) -> None:
     if not summaries:
         click.echo("No studies.")
         return
+    from hpo.progress import fmt
+
     rows = [["study", "trials", "direction", "best", "created"]]
     for s in summaries:
-        best = _fmt(s.best_trial.value) if s.best_trial is not None else "-"
+        best = fmt(s.best_trial.value) if s.best_trial is not None else "-"
         created = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
         rows.append([s.study_name, str(s.n_trials), s.direction.name.lower(), best, created])
     _table(rows)
@@ -336,6 +374,7 @@ def best(study: str, storage: str | None, fmt: str) -> None:
     Example:
       hpo best quickstart
     """
+    from hpo.progress import render_summary
     from hpo.study import summarize
 
     s = summarize(_load(study, storage))
@@ -346,7 +385,7 @@ def best(study: str, storage: str | None, fmt: str) -> None:
             "params": s.best_params, "test": s.test, "counts": s.counts,
         }, indent=2))
         return
-    _print_summary(s)
+    click.echo(render_summary(s))
 
 
 @cli.command()
@@ -387,11 +426,12 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
         if not records:
             click.echo("No trials.")
             return
+        from hpo.progress import fmt
+
         head = ["#", "state", "value", "epochs", "seconds", *param_names]
         rows = [head] + [
-            [str(r["number"]), r["state"], _fmt(r["value"]) if r["value"] is not None else "-",
-             str(r["epochs"]), _fmt(r["seconds"]) if r["seconds"] is not None else "-",
-             *[_fmt(r[f"params_{k}"]) if r[f"params_{k}"] is not None else "-" for k in param_names]]
+            [str(r["number"]), r["state"], fmt(r["value"]), str(r["epochs"]), fmt(r["seconds"]),
+             *[fmt(r[f"params_{k}"]) for k in param_names]]
             for r in records
         ]
         _table(rows)

@@ -8,15 +8,21 @@ the file is busy. Server databases get `pool_pre_ping`, which Optuna sets only f
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from hpo.errors import StorageError
+
+_log = logging.getLogger("hpo.storage")
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 ENV_STORAGE = "HPO_STORAGE"
@@ -82,6 +88,70 @@ def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
         raise StorageError(f"cannot write to storage {shown}: {path} is read-only")
 
 
+# RDBStorage methods that touch the database, including the private ones _CachedStorage and the
+# heartbeat thread call directly.
+_DB_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+    "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
+    "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
+    "get_best_trial", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
+)
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """A dropped or refused connection (server restart, network blip, SQLite busy), as opposed
+    to a bad query or a constraint violation, which retrying cannot fix."""
+    from sqlalchemy import exc
+
+    while e is not None:
+        if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
+            return True
+        if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
+            return True
+        e = e.__cause__  # Optuna wraps SQLAlchemy errors in StorageInternalError
+    return False
+
+
+class ResilientRDBStorage(RDBStorage):
+    """RDBStorage that waits out a database restart (retrying with backoff) instead of failing.
+
+    The heartbeat thread's writes are retried too: otherwise one failed heartbeat would end the
+    thread and the healthy trial would later be declared stale.
+    """
+
+    retry_for: float = 300.0  # seconds of outage tolerated before the error is raised
+
+
+def _retrying(name: str) -> Any:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        delay, deadline, warned = 0.25, time.monotonic() + self.retry_for, False
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not is_connection_error(e) or time.monotonic() > deadline:
+                    raise
+                if not warned:
+                    _log.warning("storage unreachable (%s); retrying for up to %.0f s",
+                                 type(e).__name__, deadline - time.monotonic())
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
+
+
+for _name in _DB_METHODS:
+    setattr(ResilientRDBStorage, _name, _retrying(_name))
+
+
 def open_storage(
     url: str, *, create: bool = True, heartbeat: Heartbeat | None = Heartbeat()
 ) -> BaseStorage:
@@ -93,7 +163,11 @@ def open_storage(
     if scheme.startswith("sqlite"):
         engine_kwargs: dict[str, object] = {"connect_args": {"timeout": 60}}
     else:
-        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 3600}
+        # pre_ping replaces connections the server dropped while a long trial ran; a connect
+        # timeout turns an unreachable host into an error in seconds, not minutes.
+        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 4, "max_overflow": 8}
+        if scheme.startswith(("postgresql", "mysql", "mariadb")):
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
     hb: dict[str, object] = {}
     try:
         with warnings.catch_warnings():
@@ -106,7 +180,7 @@ def open_storage(
                         max_retry=heartbeat.max_retry, inherit_intermediate_values=True
                     ),
                 }
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
+            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
     except ImportError as e:
         raise StorageError(f"cannot open storage {mask(url)}: driver not installed ({e.name or e})") from None
     except Exception as e:  # SQLAlchemy reports bad URLs, refused connections, auth failures
