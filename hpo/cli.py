@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -268,6 +269,34 @@ def _work_in_processes(handle: Any, url: str, n_workers: int, gpu_ids: list[int]
 
 
 @cli.command()
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True))
+@storage_option
+@artifacts_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="The study's total number of trials (overrides budget.n_trials).")
+def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials: int | None) -> None:
+    """Create (or update the budget of) the study in SPEC without running a trial.
+
+    For clusters: create the study once, then start any number of `hpo worker` processes.
+
+    \b
+    Example:
+      hpo create studies/digits_mlp.yaml --storage postgresql://user@db/hpo
+    """
+    from hpo.spec import load_spec
+    from hpo.storage import mask
+    from hpo.study import open_for_spec
+
+    spec = load_spec(spec_file)
+    if n_trials is not None:
+        spec = spec.with_budget(n_trials=n_trials)
+    store, url = _open(storage, create=True)
+    open_for_spec(spec, store, url, artifacts)
+    click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.n_trials} trials); "
+               f"start workers with: hpo worker {spec.name}")
+
+
+@cli.command()
 @click.argument("study")
 @storage_option
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
@@ -455,3 +484,66 @@ def delete(study: str, storage: str | None, yes: bool) -> None:
         raise click.UsageError(f"this deletes study {study!r} and all its trials; add --yes to confirm")
     removed = delete_study(loaded)
     click.echo(f"Deleted study {study!r} ({removed} artifact files removed).")
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=13000, show_default=True)
+def proxy(storage: str | None, host: str, port: int) -> None:
+    """Serve a storage to many workers through Optuna's gRPC storage proxy.
+
+    Hundreds of workers then share one database connection pool; they connect with
+    --storage grpc://HOST:PORT.
+
+    \b
+    Example:
+      hpo proxy --storage postgresql://user@db/hpo --host 0.0.0.0 --port 13000
+      hpo worker digits_mlp --storage grpc://proxy-host:13000
+    """
+    import optuna
+
+    from hpo.storage import mask
+
+    store, url = _open(storage, create=True)
+    click.echo(f"Serving {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", err=True)
+    _sigterm_as_interrupt()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.run_grpc_proxy_server(store, host=host, port=port)
+    except ImportError as e:
+        raise HpoError(f"hpo proxy needs grpcio and protobuf ({e.name} is missing): pip install 'hpo[grpc]'") from None
+    except KeyboardInterrupt:
+        click.echo("Proxy stopped.", err=True)
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes the dashboard to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@artifacts_option
+def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) -> None:
+    """Serve optuna-dashboard over the storage: live trials, learning curves, artifacts.
+
+    \b
+    Example:
+      hpo dashboard                                   # sqlite:///hpo.db on http://127.0.0.1:8080
+      hpo dashboard --storage postgresql://user@db/hpo --port 8081
+    """
+    from hpo.dashboard import artifact_folder, make_server_for
+    from hpo.storage import mask, open_storage, resolve_url
+
+    url = resolve_url(storage)
+    store = open_storage(url, create=False, heartbeat=None)
+    folder = artifact_folder(store, url, artifacts)
+    server = make_server_for(store, folder, host, port)
+    click.echo(f"Dashboard for {mask(url)} on http://{host}:{server.server_port} (Ctrl-C to stop)", err=True)
+    _sigterm_as_interrupt()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("Dashboard stopped.", err=True)
+    finally:
+        server.server_close()

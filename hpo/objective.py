@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -59,8 +60,12 @@ class Objective:
     artifacts: Artifacts
     listener: Listener
     checkpoint_every: int = 1
+    # Called first thing in every trial: the trial now exists in the storage (the worker
+    # releases its budget lock here).
+    on_start: Callable[[], None] = lambda: None
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.on_start()
         params = suggest(trial, self.spec)
         number = original_number(trial)
         try:

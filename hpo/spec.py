@@ -401,6 +401,8 @@ class _Validator:
         for key in ("n_samples", "n_features", "n_classes", "n_informative"):
             if key in raw:
                 kwargs[key] = self.integer(raw[key], f"data.{key}", minimum=2)
+        if "n_features" in kwargs and "n_informative" not in kwargs:
+            kwargs["n_informative"] = min(DataSpec.n_informative, kwargs["n_features"])
         spec = DataSpec(dataset=dataset, split=split, **kwargs)
         if dataset == "synthetic":
             if spec.n_informative > spec.n_features:

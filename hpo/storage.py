@@ -126,24 +126,29 @@ class ResilientRDBStorage(RDBStorage):
     retry_for: float = 300.0  # seconds of outage tolerated before the error is raised
 
 
+def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, **kwargs: Any) -> Any:
+    """Call `fn`, retrying with backoff while the database is unreachable."""
+    delay, deadline, warned = 0.25, time.monotonic() + retry_for, False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_connection_error(e) or time.monotonic() > deadline:
+                raise
+            if not warned:
+                _log.warning("storage unreachable (%s); retrying for up to %.0f s",
+                             type(e).__name__, deadline - time.monotonic())
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def _retrying(name: str) -> Any:
     method = getattr(RDBStorage, name)
 
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        delay, deadline, warned = 0.25, time.monotonic() + self.retry_for, False
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except Exception as e:
-                if not is_connection_error(e) or time.monotonic() > deadline:
-                    raise
-                if not warned:
-                    _log.warning("storage unreachable (%s); retrying for up to %.0f s",
-                                 type(e).__name__, deadline - time.monotonic())
-                    warned = True
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return call_with_retry(method, self, *args, retry_for=self.retry_for, **kwargs)
 
     return wrapper
 
@@ -152,10 +157,57 @@ for _name in _DB_METHODS:
     setattr(ResilientRDBStorage, _name, _retrying(_name))
 
 
+def _open_redis(url: str) -> BaseStorage:
+    """redis://host:port/db[?prefix=name]: Optuna's journal on Redis (no heartbeats)."""
+    from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+    from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+    parts = urlsplit(url)
+    prefix = parse_qs(parts.query).get("prefix", [""])[0]
+    plain = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    try:
+        import redis
+
+        redis.Redis.from_url(plain, socket_connect_timeout=10).ping()
+        return JournalStorage(JournalRedisBackend(plain, prefix=prefix))
+    except ImportError:
+        raise StorageError("redis:// storage needs the redis package: pip install 'hpo[redis]'") from None
+    except Exception as e:
+        raise StorageError(f"cannot open storage {mask(url)}: {_reason(e)}") from None
+
+
+def _open_grpc(url: str) -> BaseStorage:
+    """grpc://host:port: a storage proxy started with `hpo proxy` (Optuna's gRPC server)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 13000
+        host = parts.hostname or "localhost"
+    except ValueError:
+        raise StorageError(f"cannot open storage {url}: bad port") from None
+    try:
+        import grpc
+
+        channel = grpc.insecure_channel(f"{host}:{port}")
+        grpc.channel_ready_future(channel).result(timeout=10)
+        channel.close()
+        return optuna.storages.GrpcStorageProxy(host=host, port=port)
+    except ImportError:
+        raise StorageError("grpc:// storage needs grpcio: pip install 'hpo[grpc]'") from None
+    except Exception:
+        raise StorageError(f"cannot open storage {url}: no storage proxy answers there (start one with hpo proxy)") from None
+
+
 def open_storage(
     url: str, *, create: bool = True, heartbeat: Heartbeat | None = Heartbeat()
 ) -> BaseStorage:
     """Open the storage; `create=False` refuses to create a new SQLite file (read-only commands)."""
+    if url.startswith(("redis://", "rediss://")):
+        return _open_redis(url)
+    if url.startswith("grpc://"):
+        return _open_grpc(url)
     path = sqlite_path(url)
     if path is not None:
         _check_sqlite_file(path, url, create)
@@ -182,12 +234,60 @@ def open_storage(
                 }
             storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
     except ImportError as e:
-        raise StorageError(f"cannot open storage {mask(url)}: driver not installed ({e.name or e})") from None
+        missing = getattr(e.__cause__, "name", None) or e.name or "a database driver"
+        extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(scheme.split("+")[0])
+        hint = f"; pip install 'hpo[{extra}]'" if extra else ""
+        raise StorageError(f"cannot open storage {mask(url)}: {missing} is not installed{hint}") from None
     except Exception as e:  # SQLAlchemy reports bad URLs, refused connections, auth failures
         raise StorageError(f"cannot open storage {mask(url)}: {_reason(e)}") from None
     if path is not None:
         _enable_wal(storage)
     return storage
+
+
+class BudgetLock:
+    """A database lock held from "is there budget left?" until the new trial exists.
+
+    Without it two workers can both see one trial left and both start one. PostgreSQL and MySQL
+    have named locks for this; for other storages it is a no-op (SQLite runs one worker).
+    """
+
+    def __init__(self, storage: BaseStorage, study_id: int) -> None:
+        backend = getattr(storage, "_backend", storage)  # unwrap Optuna's _CachedStorage
+        self.engine = backend.engine if isinstance(backend, RDBStorage) else None
+        self.dialect = self.engine.dialect.name if self.engine is not None else ""
+        self.key = 0x6870_6F00_0000 + study_id  # "hpo" + study id: one lock per study
+        self.conn: Any = None
+
+    def acquire(self) -> None:
+        if self.dialect in ("postgresql", "mysql", "mariadb"):
+            call_with_retry(self._acquire)
+
+    def _acquire(self) -> None:
+        conn = self.engine.connect()  # type: ignore[union-attr]
+        try:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({self.key})")
+            else:
+                conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-{self.key}', 60)")
+        except Exception:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def release(self) -> None:
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        try:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.key})")
+            else:
+                conn.exec_driver_sql(f"SELECT RELEASE_LOCK('hpo-{self.key}')")
+        except Exception:
+            pass  # a dropped connection released the lock with it
+        finally:
+            conn.close()
 
 
 def _enable_wal(storage: RDBStorage) -> None:

@@ -29,7 +29,7 @@ from hpo.objective import Listener, Objective
 from hpo.params import Params
 from hpo.samplers import effective_n_trials, make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_from_mapping
-from hpo.storage import mask
+from hpo.storage import BudgetLock, mask
 from hpo.train import configure_device, evaluate
 
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
@@ -260,6 +260,8 @@ def run_worker(
             gc.collect()
             torch.cuda.empty_cache()
 
+    lock = BudgetLock(study._storage, study._study_id)
+    objective.on_start = lock.release
     while True:
         if n_trials is not None and result.ran >= n_trials:
             result.stopped = f"ran the {n_trials} trials asked of this worker"
@@ -267,8 +269,10 @@ def run_worker(
         if deadline is not None and time.monotonic() >= deadline:
             result.stopped = f"timeout of {timeout:g} s reached"
             break
+        lock.acquire()  # held until the next trial exists, so workers never overshoot
         status = budget_status(study, total)
         if status.remaining <= 0 and status.waiting == 0:
+            lock.release()
             if status.running and wait_for_others and _heartbeat_enabled(study):
                 # Running elsewhere, or a dead worker's trial that will go stale and come back
                 # as a retry: wait for either rather than leave it behind.
@@ -282,6 +286,7 @@ def run_worker(
         try:
             study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=[after_trial])
         except KeyboardInterrupt:
+            lock.release()  # before the storage writes below
             if tracker.current is not None:
                 trial_id = study._storage.get_trial_id_from_study_id_trial_number(
                     study._study_id, tracker.current
@@ -290,6 +295,8 @@ def run_worker(
                     result.interrupted_trial = tracker.current
                     result.resumes_from_epoch = tracker.epoch
             raise Interrupted(result) from None
+        finally:
+            lock.release()
         result.ran += 1
     return result
 

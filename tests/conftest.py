@@ -73,3 +73,42 @@ def env_without_storage() -> dict[str, str]:
     env.pop("HPO_STORAGE", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(**PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:  # a new connection: a test may have restarted the server
+        with psycopg.connect(**PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def mysql_url():
+    """A fresh database on the local MariaDB server (root, empty password), dropped afterwards."""
+    import uuid
+
+    pymysql = pytest.importorskip("pymysql")
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}`")
+    conn.close()
+    try:
+        yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+    finally:
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()

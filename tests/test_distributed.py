@@ -1,0 +1,191 @@
+"""Many workers on one study over real PostgreSQL and Redis: exact budgets and crash recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import env_without_storage, invoke, small_spec
+
+pytestmark = pytest.mark.postgres
+
+FAST = small_spec(
+    space={"lr": {"low": 1e-3, "high": 5e-2, "log": True}, "width": {"low": 8, "high": 32}},
+    data={"dataset": "synthetic", "n_samples": 300, "n_features": 8, "n_classes": 2},
+    pruner={"name": "none"},
+)
+
+
+def worker_cmd(study: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "hpo", "worker", study, "--quiet", "--threads", "1", *args]
+
+
+def env_for(url: str, artifacts: Path) -> dict[str, str]:
+    env = env_without_storage()
+    env.update(HPO_STORAGE=url, HPO_ARTIFACTS=str(artifacts), OMP_NUM_THREADS="1")
+    return env
+
+
+def create(runner, write_spec, url: str, spec: dict, tmp_path: Path) -> None:
+    """Create the study and store its spec without running a trial, as `hpo run` would."""
+    from hpo.spec import load_spec
+    from hpo.storage import open_storage
+    from hpo.study import open_for_spec
+
+    open_for_spec(load_spec(write_spec(spec)), open_storage(url), url, str(tmp_path / "artifacts"))
+
+
+def _wait_for(predicate, what: str, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_four_workers_share_one_exact_budget(pg_url, write_spec, runner, tmp_path) -> None:
+    spec = dict(FAST, name="four", budget={"n_trials": 100, "epochs": 2})
+    create(runner, write_spec, pg_url, spec, tmp_path)
+    env = env_for(pg_url, tmp_path / "artifacts")
+    procs = [subprocess.Popen(worker_cmd("four", "--n-trials", "25"), env=env, cwd=tmp_path,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    trials = optuna.load_study(study_name="four", storage=pg_url).trials
+    assert len(trials) == 100
+    assert sorted(t.number for t in trials) == list(range(100))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def test_run_with_workers_never_overshoots_the_budget(pg_url, write_spec, runner) -> None:
+    spec = dict(FAST, name="overshoot", budget={"n_trials": 30, "epochs": 1})
+    result = invoke(runner, "run", write_spec(spec), "--storage", pg_url, "--workers", "3")
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="overshoot", storage=pg_url).trials
+    assert len(trials) == 30 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert "Study overshoot: 30 trials (30 complete)" in result.stdout
+
+
+def test_sqlite_refuses_several_workers(write_spec, runner, storage_url) -> None:
+    result = invoke(runner, "run", write_spec(FAST), "--storage", storage_url, "--workers", "2")
+    assert result.exit_code == 1
+    assert "2 workers need a server storage: SQLite is not safe for several writers" in result.output
+    assert "postgresql://" in result.output
+
+
+def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, runner, tmp_path) -> None:
+    spec = dict(
+        FAST, name="killed",
+        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
+        budget={"n_trials": 3, "epochs": 8},
+    )
+    create(runner, write_spec, pg_url, spec, tmp_path)
+    env = env_for(pg_url, tmp_path / "artifacts")
+    hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
+    victim = subprocess.Popen(worker_cmd("killed", *hb), env=env, cwd=tmp_path)
+    study = optuna.load_study(study_name="killed", storage=pg_url)
+
+    def running_with_two_epochs() -> bool:
+        return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2
+                   for t in study.get_trials(deepcopy=False))
+
+    _wait_for(running_with_two_epochs, "the victim's trial to report 2 epochs")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # A worker started with only the study name and the storage (HPO_STORAGE) takes over.
+    rescuer = subprocess.run(worker_cmd("killed", *hb), env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert rescuer.returncode == 0, rescuer.stderr
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.COMPLETE) == 3
+    assert states.count(TrialState.FAIL) == 1  # the killed attempt, superseded by its retry
+    retry = next(t for t in trials if t.system_attrs.get("retry_history"))
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from_epoch"] > 0
+    assert sorted(retry.intermediate_values) == list(range(8))
+
+
+def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -> None:
+    spec = dict(FAST, name="restart", budget={"n_trials": 40, "epochs": 3},
+                data={"dataset": "synthetic", "n_samples": 3000, "n_features": 16, "n_classes": 2})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--workers", "2", "--quiet"],
+        env=env_for(pg_url, tmp_path / "artifacts"), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def some_done() -> bool:
+        try:
+            ts = optuna.load_study(study_name="restart", storage=pg_url).get_trials(deepcopy=False)
+        except Exception:
+            return False
+        return sum(t.state.is_finished() for t in ts) >= 5
+
+    _wait_for(some_done, "5 finished trials")
+    version = os.listdir("/etc/postgresql")[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    trials = optuna.load_study(study_name="restart", storage=pg_url).trials
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 40
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_redis_journal_two_workers(write_spec, runner, tmp_path) -> None:
+    redis = pytest.importorskip("redis")
+    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
+    url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    spec = dict(FAST, name="journal", budget={"n_trials": 12, "epochs": 2})
+    try:
+        result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
+        assert result.exit_code == 0, result.output
+        from hpo.storage import open_storage
+
+        trials = optuna.load_study(study_name="journal", storage=open_storage(url)).trials
+        assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
+    finally:
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+
+
+def test_grpc_proxy_serves_workers(write_spec, runner, tmp_path, storage_url) -> None:
+    pytest.importorskip("grpc")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = subprocess.Popen([sys.executable, "-m", "hpo", "proxy", "--storage", storage_url,
+                              "--port", str(port)], env=env_without_storage(), cwd=tmp_path,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"grpc://127.0.0.1:{port}"
+        spec = dict(FAST, name="viaproxy", budget={"n_trials": 6, "epochs": 1})
+        result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
+        assert result.exit_code == 0, result.output
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        proxy.communicate(timeout=30)
+    trials = optuna.load_study(study_name="viaproxy", storage=storage_url).trials
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_mysql_two_workers(mysql_url, write_spec, runner) -> None:
+    spec = dict(FAST, name="maria", budget={"n_trials": 10, "epochs": 1})
+    result = invoke(runner, "run", write_spec(spec), "--storage", mysql_url, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="maria", storage=mysql_url).trials
+    assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
