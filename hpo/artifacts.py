@@ -108,7 +108,11 @@ class Artifacts:
             file = Path(tmp) / filename
             torch.save(state, file)
             return upload_artifact(
-                artifact_store=self.store, file_path=str(file), study_or_trial=target, storage=storage
+                artifact_store=self.store,
+                file_path=str(file),
+                study_or_trial=target,
+                storage=storage,
+                mimetype="application/octet-stream",  # a PyTorch file, whatever .pt guesses as
             )
 
     def read(self, artifact_id: str) -> dict[str, Any]:

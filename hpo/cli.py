@@ -180,7 +180,7 @@ def run(
     n_workers = workers or (len(gpu_ids) if gpu_ids else 1)
     check_parallel_storage(resolve_url(storage), n_workers)
     dev = choose_device("cuda" if gpu_ids else device)
-    data = DataCache(spec.data, spec.seed, dev)  # data errors surface before storage is touched
+    data = DataCache(spec.data, spec.seed, dev, spec.model)  # data errors come before storage
     hb = _heartbeat(heartbeat_interval, grace_period)
     store, url = _open(storage, create=True, heartbeat=hb)
     handle = open_for_spec(spec, store, url, artifacts)
@@ -340,7 +340,7 @@ def worker(
     dev = choose_device(device)
     store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
     handle = open_existing(study, store, url, artifacts)
-    data = DataCache(handle.spec.data, handle.spec.seed, dev)
+    data = DataCache(handle.spec.data, handle.spec.seed, dev, handle.spec.model)
     _work(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet, storage_url=url,
           summary=not quiet)
 
@@ -547,3 +547,27 @@ def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) 
         click.echo("Dashboard stopped.", err=True)
     finally:
         server.server_close()
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the PNG plots and summary.md (created if missing).")
+def report(study: str, storage: str | None, out_dir: str) -> None:
+    """Write PNG plots and a Markdown summary of a study, for reading without a browser.
+
+    \b
+    Example:
+      hpo report quickstart --out reports/quickstart
+    """
+    from pathlib import Path
+
+    from hpo.report import write_report
+
+    try:
+        written = write_report(_load(study, storage), Path(out_dir))
+    except OSError as e:
+        raise HpoError(f"cannot write the report to {out_dir}: {e.strerror}") from None
+    for path in written:
+        click.echo(str(path))

@@ -1,9 +1,13 @@
-"""Datasets -> seeded, stratified train/val/test splits -> scaled tensors on the training device.
+"""Splits, scaling and device placement: a dataset source -> per-fold tensors on the device.
+
+Test is carved first (or is the dataset's own test split) and is never seen by the search. The
+rest is split into train/val by the spec's fractions, or into k stratified folds when
+`data.cv_folds` is set. Scaling statistics (and, for regression, the target's) come from each
+fold's train part only, so nothing of val or test leaks into training.
 
 Whole splits live on the device and the training loop draws batches with a permutation index:
 DataLoader collation of in-memory tensors costs 1.2x-2.3x per epoch on CPU and far more on GPU
-(torch issue #106704). Scaling statistics come from the train split only, so nothing of val or
-test leaks into training.
+(torch issue #106704).
 """
 
 from __future__ import annotations
@@ -14,26 +18,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpo.datasets import Source, load_source
 from hpo.errors import DataError
 from hpo.spec import DataSpec
 
 
 @dataclass(frozen=True)
-class RawSplits:
-    """Unscaled numpy splits; `x` keeps its natural shape (N, features) or (N, C, H, W)."""
+class RawData:
+    """Unscaled arrays: the development pool (train + val), the test split, and the folds."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    x_dev: np.ndarray
+    y_dev: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    n_outputs: int  # classes, or 1 for regression
+    folds: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train indices, val indices) into dev
+    n_outputs: int
     task: str
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return tuple(self.x_dev.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Split:
 
 @dataclass(frozen=True)
 class Data:
+    """One fold, scaled and on the device."""
+
     train: Split
     val: Split
     test: Split
@@ -55,56 +61,35 @@ class Data:
     task: str
 
 
-def _stratified_split(
-    x: np.ndarray, y: np.ndarray, spec: DataSpec, seed: int, stratify: bool = True
-) -> tuple[np.ndarray, ...]:
-    from sklearn.model_selection import train_test_split
+def split(source: Source, spec: DataSpec, seed: int) -> RawData:
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
-    s = spec.split
-    strat = y if stratify else None
+    classify = source.task == "classification"
     try:
-        x_rest, x_test, y_rest, y_test = train_test_split(
-            x, y, test_size=s.test, random_state=seed, stratify=strat
-        )
-        x_train, x_val, y_train, y_val = train_test_split(
-            x_rest,
-            y_rest,
-            test_size=s.val / (s.train + s.val),
-            random_state=seed,
-            stratify=y_rest if stratify else None,
-        )
+        if source.x_test is not None:
+            x_dev, y_dev, x_test, y_test = source.x, source.y, source.x_test, source.y_test
+        else:
+            x_dev, x_test, y_dev, y_test = train_test_split(
+                source.x, source.y, test_size=spec.split.test, random_state=seed,
+                stratify=source.y if classify else None,
+            )
+        index = np.arange(len(x_dev))
+        if spec.cv_folds:
+            kind = StratifiedKFold if classify else KFold
+            folds = tuple(kind(spec.cv_folds, shuffle=True, random_state=seed).split(x_dev, y_dev))
+        else:
+            val_share = spec.split.val / (spec.split.train + spec.split.val)
+            tr, va = train_test_split(index, test_size=val_share, random_state=seed,
+                                      stratify=y_dev if classify else None)
+            folds = ((np.sort(tr), np.sort(va)),)
     except ValueError as e:
-        raise DataError(f"data.split: cannot split {len(x)} samples this way: {e}") from None
-    return x_train, y_train, x_val, y_val, x_test, y_test
+        raise DataError(f"data.split: cannot split {len(source.x)} samples this way ({e})") from None
+    return RawData(x_dev, y_dev, x_test, y_test, folds, source.n_outputs, source.task)
 
 
-def load_raw(spec: DataSpec, seed: int) -> RawSplits:
+def load_raw(spec: DataSpec, seed: int) -> RawData:
     """Load and split a dataset; nothing is downloaded."""
-    if spec.dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch: Any = load_digits()
-        x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
-        return RawSplits(*_stratified_split(x, y, spec, seed), n_outputs=10, task="classification")
-    if spec.dataset == "synthetic":
-        from sklearn.datasets import make_classification
-
-        n_redundant = min(2, spec.n_features - spec.n_informative)
-        clusters = 2 if spec.n_classes * 2 <= 2**spec.n_informative else 1
-        x, y = make_classification(
-            n_samples=spec.n_samples,
-            n_features=spec.n_features,
-            n_informative=spec.n_informative,
-            n_redundant=n_redundant,
-            n_classes=spec.n_classes,
-            n_clusters_per_class=clusters,
-            random_state=seed,
-        )
-        x, y = x.astype(np.float32), y.astype(np.int64)
-        return RawSplits(
-            *_stratified_split(x, y, spec, seed), n_outputs=spec.n_classes, task="classification"
-        )
-    raise DataError(f"data.dataset: unknown dataset {spec.dataset!r}")
+    return split(load_source(spec, seed), spec, seed)
 
 
 def _scaler(x_train: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -121,21 +106,25 @@ def _scaler(x_train: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(shift, np.float32), np.asarray(scale, np.float32)
 
 
-def to_device(raw: RawSplits, scaling: str, device: torch.device) -> Data:
-    shift, scale = _scaler(raw.x_train, scaling)
-    y_dtype = torch.int64 if raw.task == "classification" else torch.float32
+def to_device(raw: RawData, fold: int, scaling: str, device: torch.device) -> Data:
+    tr, va = raw.folds[fold]
+    x_train = raw.x_dev[tr]
+    shift, scale = _scaler(x_train, scaling)
+    regression = raw.task == "regression"
+    if regression:  # train on a standardized target: val_mse 1.0 means "no better than the mean"
+        y_shift, y_scale = float(raw.y_dev[tr].mean()), float(raw.y_dev[tr].std() or 1.0)
+    y_dtype = torch.float32 if regression else torch.int64
 
-    def split(x: np.ndarray, y: np.ndarray) -> Split:
+    def place(x: np.ndarray, y: np.ndarray) -> Split:
         xs = ((x - shift) / scale).astype(np.float32)
-        return Split(
-            torch.as_tensor(xs).to(device).contiguous(),
-            torch.as_tensor(y).to(device=device, dtype=y_dtype),
-        )
+        ys = ((y - y_shift) / y_scale).astype(np.float32) if regression else y
+        return Split(torch.as_tensor(xs).to(device).contiguous(),
+                     torch.as_tensor(ys).to(device=device, dtype=y_dtype))
 
     return Data(
-        train=split(raw.x_train, raw.y_train),
-        val=split(raw.x_val, raw.y_val),
-        test=split(raw.x_test, raw.y_test),
+        train=place(x_train, raw.y_dev[tr]),
+        val=place(raw.x_dev[va], raw.y_dev[va]),
+        test=place(raw.x_test, raw.y_test),
         input_shape=raw.input_shape,
         n_outputs=raw.n_outputs,
         task=raw.task,
@@ -145,12 +134,24 @@ def to_device(raw: RawSplits, scaling: str, device: torch.device) -> Data:
 class DataCache:
     """Loads a dataset once per worker and keeps one scaled copy per scaling on the device."""
 
-    def __init__(self, spec: DataSpec, seed: int, device: torch.device) -> None:
+    def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp") -> None:
         self.raw = load_raw(spec, seed)
+        if model == "cnn" and len(self.raw.input_shape) != 3:
+            raise DataError(
+                f"model: cnn needs images (N x H x W or N x C x H x W), but the data is {self.raw.x_dev.shape}"
+            )
         self.device = device
-        self._scaled: dict[str, Data] = {}
+        self._scaled: dict[str, list[Data]] = {}
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.raw.folds)
+
+    def folds(self, scaling: str) -> list[Data]:
+        if scaling not in self._scaled:
+            self._scaled[scaling] = [to_device(self.raw, k, scaling, self.device) for k in range(self.n_folds)]
+        return self._scaled[scaling]
 
     def get(self, scaling: str) -> Data:
-        if scaling not in self._scaled:
-            self._scaled[scaling] = to_device(self.raw, scaling, self.device)
-        return self._scaled[scaling]
+        """The first (without CV: the only) fold."""
+        return self.folds(scaling)[0]

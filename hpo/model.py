@@ -1,4 +1,5 @@
-"""Model builders driven by `Params`: depth, width, dropout, norm, residual, init."""
+"""Model builders driven by `Params`: an MLP for tables, a CNN for images (depth, width,
+dropout, norm, residual and init mean the same in both; kernel size and pooling are CNN-only)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,59 @@ class MLP(nn.Module):
         return self.head(self.blocks(x.flatten(1)))
 
 
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # LayerNorm over (C, H, W), batch-size independent
+    return nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """Conv -> norm -> ReLU (+ skip) -> dropout -> 2x2 pooling while the image is >= 4 pixels."""
+
+    def __init__(self, c_in: int, c_out: int, p: Params, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, p.kernel_size, padding=p.kernel_size // 2)
+        self.norm = _norm2d(p.norm, c_out)
+        self.act = nn.ReLU()
+        self.residual = p.residual and c_in == c_out
+        self.drop = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
+        if not pool:
+            self.pool: nn.Module = nn.Identity()
+        elif p.pooling == "avg":
+            self.pool = nn.AvgPool2d(2)
+        else:
+            self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm(self.conv(x)))
+        if self.residual:
+            y = y + x
+        return self.pool(self.drop(y))
+
+
+class CNN(nn.Module):
+    """depth conv blocks of `width` channels, then a linear classifier over the last feature map."""
+
+    def __init__(self, input_shape: tuple[int, ...], n_out: int, p: Params) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        blocks = []
+        c_in = channels
+        for _ in range(p.depth):
+            pool = min(height, width) >= 4
+            blocks.append(ConvBlock(c_in, p.width, p, pool))
+            if pool:
+                height, width = height // 2, width // 2
+            c_in = p.width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(p.width * height * width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).flatten(1))
+
+
 def init_weights(model: nn.Module, scheme: str) -> None:
     """Apply the init scheme to every linear and conv layer; 'default' keeps PyTorch's."""
     if scheme == "default":
@@ -61,8 +115,6 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 def build_model(family: str, p: Params, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
     if family == "cnn":
-        from hpo.cnn import CNN
-
         model: nn.Module = CNN(input_shape, n_outputs, p)
     else:
         model = MLP(math.prod(input_shape), n_outputs, p)

@@ -22,7 +22,7 @@ from hpo.model import build_model, count_parameters
 from hpo.params import Params
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.train import Diverged, EpochResult, TimeLimit, Trainer, metric_value
+from hpo.train import Diverged, TimeLimit, Trainer, metric_value
 
 
 class Listener:
@@ -93,56 +93,70 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, params: Params, number: int) -> float:
         seed = trial_seed(self.spec.seed, number)
+        trainers = []
+        for k, data in enumerate(self.data.folds(params.scaling)):  # one fold unless cv_folds
+            torch.manual_seed(fold_seed(seed, k))
+            model = build_model(self.spec.model, params, data.input_shape, data.n_outputs)
+            trainers.append(Trainer(model, params, data, self.spec.budget.epochs, self.device, fold_seed(seed, k)))
         torch.manual_seed(seed)
-        data = self.data.get(params.scaling)
-        model = build_model(self.spec.model, params, data.input_shape, data.n_outputs)
-        trainer = Trainer(model, params, data, self.spec.budget.epochs, self.device, seed)
         checkpoint = self.artifacts.load_checkpoint(number)
         if checkpoint is not None:
-            trainer.load_state_dict(checkpoint)
-            trial.set_user_attr("resumed_from_epoch", trainer.epoch)
-        self.listener.trial_started(trial.number, params, trainer.epoch)
+            for t, state in zip(trainers, checkpoint["folds"]):
+                t.load_state_dict(state)
+            trial.set_user_attr("resumed_from_epoch", trainers[0].epoch)
+        self.listener.trial_started(trial.number, params, trainers[0].epoch)
         limit = self.spec.budget.trial_timeout
-        trainer.deadline = time.monotonic() + limit if limit else None
+        for t in trainers:
+            t.deadline = time.monotonic() + limit if limit else None
+        epochs = self.spec.budget.epochs
         value = float("nan")
-
-        def on_epoch(r: EpochResult) -> None:
-            nonlocal value
-            value = metric_value(self.spec.metric, r.val)
-            trial.report(value, r.epoch)
-            if trainer.epoch % self.checkpoint_every == 0 and trainer.epoch < trainer.epochs:
-                self.artifacts.save_checkpoint(number, trainer.state_dict())
-            self.listener.epoch_done(trial.number, r, value)
-            if trial.should_prune():
-                trial.set_user_attr(
-                    "reason", f"pruned by the {self.spec.pruner.name} rule at epoch {r.epoch}"
-                )
-                raise optuna.TrialPruned(f"pruned at epoch {r.epoch}")
-
         try:
-            trainer.fit(on_epoch)
+            while trainers[0].epoch < epochs:
+                results = [t.run_epoch() for t in trainers]
+                # Cross-validation: the mean over folds is what is reported and pruned on.
+                value = sum(metric_value(self.spec.metric, r.val) for r in results) / len(results)
+                epoch = results[0].epoch
+                trial.report(value, epoch)
+                if trainers[0].epoch % self.checkpoint_every == 0 and trainers[0].epoch < epochs:
+                    self.artifacts.save_checkpoint(
+                        number, {"epoch": trainers[0].epoch, "folds": [t.state_dict() for t in trainers]}
+                    )
+                self.listener.epoch_done(trial.number, results[0], value)
+                # Pruning after the last epoch would save nothing and throw a finished result away.
+                if trainers[0].epoch < epochs and trial.should_prune():
+                    trial.set_user_attr("reason", f"pruned by the {self.spec.pruner.name} rule at epoch {epoch}")
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
         except Diverged as e:
             trial.set_user_attr("reason", f"diverged: {e}")
             raise optuna.TrialPruned(f"diverged: {e}") from None
         except TimeLimit:
             trial.set_user_attr(
-                "reason", f"trial_timeout: stopped after {limit:g} s in epoch {trainer.epoch}"
+                "reason", f"trial_timeout: stopped after {limit:g} s in epoch {trainers[0].epoch}"
             )
             raise optuna.TrialPruned("trial_timeout") from None
         finally:
-            _record(trial, trainer, self.device)
-        state = {"model": trainer.model.state_dict(), "params": params.to_dict()}
+            _record(trial, trainers, self.device)
+        state = {"models": [t.model.state_dict() for t in trainers], "params": params.to_dict()}
         self.artifacts.upload(trial, "model.pt", state)
         self.artifacts.remove_checkpoint(number)
         return value
 
 
-def _record(trial: optuna.Trial, trainer: Trainer, device: torch.device) -> None:
+def fold_seed(seed: int, fold: int) -> int:
+    return seed if fold == 0 else (seed * 1009 + fold) % (2**63)
+
+
+def _record(trial: optuna.Trial, trainers: list[Trainer], device: torch.device) -> None:
     """Curves and facts a user looks at on the trial's page; written once, at the end."""
-    trial.set_user_attr("train_loss", [round(v, 6) for v in trainer.train_losses])
-    trial.set_user_attr("epoch_seconds", [round(v, 4) for v in trainer.epoch_seconds])
+    n = len(trainers)
+    losses = [sum(vals) / n for vals in zip(*(t.train_losses for t in trainers))]
+    seconds = [sum(vals) for vals in zip(*(t.epoch_seconds for t in trainers))]
+    trial.set_user_attr("train_loss", [round(v, 6) for v in losses])
+    trial.set_user_attr("epoch_seconds", [round(v, 4) for v in seconds])
     trial.set_user_attr("device", str(device))
-    trial.set_user_attr("n_params", count_parameters(trainer.model))
+    trial.set_user_attr("n_params", count_parameters(trainers[0].model))
+    if n > 1:
+        trial.set_user_attr("cv_folds", n)
 
 
 def _is_storage_error(e: BaseException) -> bool:

@@ -31,11 +31,16 @@ METRICS: dict[str, tuple[str, str]] = {
 MODELS = ("mlp", "cnn")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
 PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "patient", "none")
-# dataset -> (task, options it accepts beyond `split`)
-DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "digits": ("classification", ()),
-    "synthetic": ("classification", ("n_samples", "n_features", "n_classes", "n_informative")),
+# dataset -> (task, or None when data.task says; options it accepts; options it requires)
+DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
+    "digits": ("classification", ("cv_folds",), ()),
+    "synthetic": ("classification", ("n_samples", "n_features", "n_classes", "n_informative", "cv_folds"), ()),
+    "diabetes": ("regression", ("cv_folds",), ()),
+    "fashion_mnist": ("classification", ("path", "n_train", "cv_folds"), ()),
+    "csv": (None, ("path", "label", "task", "categorical", "cv_folds"), ("path", "label")),
+    "npz": (None, ("path", "task", "cv_folds"), ("path",)),
 }
+OWN_TEST_SPLIT = ("fashion_mnist",)  # these bring a test split; the spec splits only train/val
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -98,18 +103,22 @@ class DataSpec:
     n_features: int = 20
     n_classes: int = 4
     n_informative: int = 10
-
-    @property
-    def task(self) -> str:
-        return DATASETS[self.dataset][0]
+    path: str | None = None  # csv/npz file, or the Fashion-MNIST folder (absolute once loaded)
+    label: str | None = None  # csv: the label column
+    task: str = "classification"  # csv/npz: classification or regression
+    categorical: str = "onehot"  # csv: text columns are one-hot encoded, or refused
+    cv_folds: int | None = None  # k-fold cross-validation over train + val
+    n_train: int | None = None  # fashion_mnist: a stratified subsample of the training set
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "dataset": self.dataset,
-            "split": {"train": self.split.train, "val": self.split.val, "test": self.split.test},
-        }
+        out: dict[str, Any] = {"dataset": self.dataset}
+        if self.dataset in OWN_TEST_SPLIT:
+            out["split"] = {"train": self.split.train, "val": self.split.val}
+        else:
+            out["split"] = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
         for key in DATASETS[self.dataset][1]:
-            out[key] = getattr(self, key)
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -368,8 +377,9 @@ class _Validator:
         model = self.choice(top.get("model", "mlp"), "model", MODELS)
         data = self.data(top["data"])
         if data.task != task:
+            hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
             raise self.fail(
-                "metric", f"{metric} is a {task} metric but dataset {data.dataset} is {data.task}"
+                "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
             )
         space = self.space(top["space"])
         budget = self.budget(top.get("budget", {}))
@@ -386,23 +396,34 @@ class _Validator:
     def data(self, value: Any) -> DataSpec:
         raw = self.mapping(value, "data", ["dataset", "split", *_all_dataset_options()], ["dataset"])
         dataset = self.choice(raw["dataset"], "data.dataset", DATASETS)
-        options = DATASETS[dataset][1]
+        task, options, required = DATASETS[dataset]
         for key in raw:
             if key not in ("dataset", "split") and key not in options:
                 raise self.fail(f"data.{key}", f"is not an option of dataset {dataset}")
-        split = SplitSpec()
-        if "split" in raw:
-            s = self.mapping(raw["split"], "data.split", ["train", "val", "test"], ["train", "val", "test"])
-            fr = {k: self.number(s[k], f"data.split.{k}", positive=True) for k in ("train", "val", "test")}
-            if abs(sum(fr.values()) - 1.0) > 1e-6:
-                raise self.fail("data.split", f"fractions must add up to 1 (they add up to {sum(fr.values()):g})")
-            split = SplitSpec(**fr)
+        for key in required:
+            if key not in raw:
+                raise self.fail(f"data.{key}", f"is required for dataset {dataset}")
+        split = self.split(raw.get("split"), dataset)
         kwargs: dict[str, Any] = {}
-        for key in ("n_samples", "n_features", "n_classes", "n_informative"):
+        for key in ("n_samples", "n_features", "n_classes", "n_informative", "cv_folds", "n_train"):
             if key in raw:
                 kwargs[key] = self.integer(raw[key], f"data.{key}", minimum=2)
         if "n_features" in kwargs and "n_informative" not in kwargs:
             kwargs["n_informative"] = min(DataSpec.n_informative, kwargs["n_features"])
+        if "path" in raw:
+            if not isinstance(raw["path"], str) or not raw["path"].strip():
+                raise self.fail("data.path", "must be a file path")
+            kwargs["path"] = self.resolve_path(raw["path"])
+        if "label" in raw:
+            if not isinstance(raw["label"], str) or not raw["label"]:
+                raise self.fail("data.label", "must be a column name")
+            kwargs["label"] = raw["label"]
+        kwargs["task"] = task or self.choice(raw.get("task", "classification"), "data.task",
+                                             ["classification", "regression"])
+        if "categorical" in raw:
+            kwargs["categorical"] = self.choice(raw["categorical"], "data.categorical", ["onehot", "refuse"])
+        if kwargs.get("cv_folds", 0) > 20:
+            raise self.fail("data.cv_folds", "must be <= 20")
         spec = DataSpec(dataset=dataset, split=split, **kwargs)
         if dataset == "synthetic":
             if spec.n_informative > spec.n_features:
@@ -415,6 +436,29 @@ class _Validator:
             if smallest < spec.n_classes:
                 raise self.fail("data.n_samples", "too few samples for a stratified split of every class")
         return spec
+
+    def split(self, value: Any, dataset: str) -> SplitSpec:
+        if value is None:
+            return SplitSpec(0.9, 0.1, 0.0) if dataset in OWN_TEST_SPLIT else SplitSpec()
+        if dataset in OWN_TEST_SPLIT:
+            s = self.mapping(value, "data.split", ["train", "val", "test"], ["train", "val"])
+            if "test" in s:
+                raise self.fail("data.split.test", f"{dataset} has its own test split; give only train and val")
+            fr = {k: self.number(s[k], f"data.split.{k}", positive=True) for k in ("train", "val")}
+            fr["test"] = 0.0
+        else:
+            s = self.mapping(value, "data.split", ["train", "val", "test"], ["train", "val", "test"])
+            fr = {k: self.number(s[k], f"data.split.{k}", positive=True) for k in ("train", "val", "test")}
+        if abs(sum(fr.values()) - 1.0) > 1e-6:
+            raise self.fail("data.split", f"fractions must add up to 1 (they add up to {sum(fr.values()):g})")
+        return SplitSpec(**fr)
+
+    def resolve_path(self, text: str) -> str:
+        """Relative to the study file's folder, so a spec runs from any working directory."""
+        path = Path(text).expanduser()
+        if not path.is_absolute() and Path(self.source).is_file():
+            path = Path(self.source).resolve().parent / path
+        return str(path)
 
     def budget(self, value: Any) -> BudgetSpec:
         raw = self.mapping(value, "budget", ["n_trials", "epochs", "timeout", "trial_timeout"])
@@ -534,8 +578,8 @@ class _Validator:
                     f"is never used: it applies only when {controller} is one of "
                     f"{', '.join(map(str, values))}",
                 )
-        if spec.model == "cnn" and spec.data.task != "classification":
-            raise self.fail("model", "cnn needs image classification data")
+        if spec.model == "cnn" and spec.data.dataset in ("digits", "synthetic", "diabetes", "csv"):
+            raise self.fail("model", f"cnn needs image data; {spec.data.dataset} is tabular (use mlp)")
         if spec.budget.n_trials > 1_000_000:
             raise self.fail("budget.n_trials", "must be <= 1000000")
         from hpo.samplers import check_strategy  # imported late: it imports optuna
@@ -547,7 +591,7 @@ class _Validator:
 
 
 def _all_dataset_options() -> list[str]:
-    return sorted({o for _, opts in DATASETS.values() for o in opts})
+    return sorted({o for _, opts, _ in DATASETS.values() for o in opts})
 
 
 def _kind(value: Any) -> str:

@@ -30,7 +30,7 @@ from hpo.params import Params
 from hpo.samplers import effective_n_trials, make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_from_mapping
 from hpo.storage import BudgetLock, mask
-from hpo.train import configure_device, evaluate
+from hpo.train import configure_device, evaluate_ensemble
 
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score
@@ -144,7 +144,18 @@ def open_for_spec(
             )
     if stored != spec.to_dict():
         study.set_user_attr(SPEC_ATTR, spec.to_dict())  # first run, or a changed budget
+    if stored is None:
+        _name_objective(study, spec.metric)
     return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
+
+
+def _name_objective(study: optuna.Study, metric: str) -> None:
+    """The dashboard then labels its axes val_accuracy instead of "Objective 0"."""
+    try:
+        from optuna_dashboard import set_objective_names
+    except ImportError:  # pragma: no cover - optuna-dashboard is a dependency
+        return
+    set_objective_names(study, [metric])
 
 
 def open_existing(
@@ -247,7 +258,7 @@ def run_worker(
     study, spec = handle.study, handle.spec
     configure_device(device)
     tracker = _Tracker(listener or Listener())
-    data = data or DataCache(spec.data, spec.seed, device)
+    data = data or DataCache(spec.data, spec.seed, device, spec.model)
     objective = Objective(spec, data, device, handle.artifacts, tracker)
     total = effective_n_trials(spec)
     timeout = timeout if timeout is not None else spec.budget.timeout
@@ -333,19 +344,22 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
         return None
     saved = handle.artifacts.read(model_id)
     params = Params.from_mapping(saved["params"])
-    data = data or DataCache(spec.data, spec.seed, device)
-    split_data = data.get(params.scaling)
-    model = build_model(spec.model, params, split_data.input_shape, split_data.n_outputs)
-    model.load_state_dict(saved["model"])
-    model.to(device)
-    scores = evaluate(model, split_data.test, split_data.task, device)
+    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    folds = data.folds(params.scaling)
+    models = []
+    for fold, state in zip(folds, saved["models"]):
+        model = build_model(spec.model, params, fold.input_shape, fold.n_outputs)
+        model.load_state_dict(state)
+        models.append(model.to(device))
+    # With cross-validation the best model is the ensemble of its k fold models.
+    scores = evaluate_ensemble(models, [f.test for f in folds], folds[0].task, device)
     metric = spec.metric.replace("val_", "test_")
     bundle = {
-        "model": model.state_dict(),
+        "models": [m.state_dict() for m in models],
         "params": params.to_dict(),
         "model_family": spec.model,
-        "input_shape": list(split_data.input_shape),
-        "n_outputs": split_data.n_outputs,
+        "input_shape": list(folds[0].input_shape),
+        "n_outputs": folds[0].n_outputs,
         "spec": spec.to_dict(),
         "trial": best.number,
         "test": scores,

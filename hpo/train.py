@@ -21,7 +21,7 @@ from hpo.data import Data, Split
 from hpo.optim import Schedule, eval_mode, make_optimizer, train_mode
 from hpo.params import Params
 
-EVAL_BATCH = 8192  # evaluation needs no gradients, so big batches are cheap and fast
+EVAL_BATCH = 4096  # evaluation needs no gradients, so big batches are cheap and fast
 
 
 @dataclass(frozen=True)
@@ -60,25 +60,49 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, task: str, device: torch.device) -> dict[str, float]:
-    """Mean loss and accuracy (or MSE) over a whole split, read back in one host sync."""
+def predict(model: nn.Module, split: Split, device: torch.device) -> torch.Tensor:
+    """Float32 outputs for a whole split, computed in large batches."""
     model.eval()
     autocast = device.type == "cuda"
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    outs = []
     for start in range(0, len(split), EVAL_BATCH):
-        xb = split.x[start : start + EVAL_BATCH]
-        yb = split.y[start : start + EVAL_BATCH]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(xb)
-        loss += _loss(task, out, yb) * yb.shape[0]
-        if task == "classification":
-            correct += (out.argmax(1) == yb).sum()
-    n = max(1, len(split))
-    mean_loss = float(loss) / n
-    if task == "classification":
-        return {"loss": mean_loss, "accuracy": int(correct) / n}
-    return {"loss": mean_loss, "mse": mean_loss}
+            outs.append(model(split.x[start : start + EVAL_BATCH]).float())
+    return torch.cat(outs) if outs else torch.zeros((0,), device=device)
+
+
+@torch.inference_mode()
+def score(outputs: torch.Tensor, y: torch.Tensor, task: str, probabilities: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy (or MSE), read back in one host sync."""
+    n = max(1, int(y.shape[0]))
+    if task == "regression":
+        mse = float(F.mse_loss(outputs.squeeze(-1), y, reduction="sum")) / n
+        return {"loss": mse, "mse": mse}
+    if probabilities:
+        loss = F.nll_loss(outputs.clamp_min(1e-12).log(), y, reduction="sum")
+    else:
+        loss = F.cross_entropy(outputs, y, reduction="sum")
+    correct = (outputs.argmax(1) == y).sum()
+    values = torch.stack([loss, correct.to(loss.dtype)]).tolist()
+    return {"loss": values[0] / n, "accuracy": values[1] / n}
+
+
+def evaluate(model: nn.Module, split: Split, task: str, device: torch.device) -> dict[str, float]:
+    return score(predict(model, split, device), split.y, task)
+
+
+def evaluate_ensemble(
+    models: list[nn.Module], splits: list[Split], task: str, device: torch.device
+) -> dict[str, float]:
+    """Score the mean prediction of several models (the k fold models of a cross-validated
+    trial); each model sees the split scaled with its own fold's statistics."""
+    if len(models) == 1:
+        return evaluate(models[0], splits[0], task, device)
+    outs = [predict(m, s, device) for m, s in zip(models, splits)]
+    if task == "regression":
+        return score(torch.stack(outs).mean(0), splits[0].y, task)
+    probs = torch.stack([o.softmax(-1) for o in outs]).mean(0)
+    return score(probs, splits[0].y, task, probabilities=True)
 
 
 class Trainer:

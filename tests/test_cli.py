@@ -55,7 +55,7 @@ def test_best_shows_params_test_score_and_model(finished, runner) -> None:
     import torch
 
     bundle = torch.load(model, weights_only=True)
-    assert bundle["trial"] == study.best_trial.number and "model" in bundle and "params" in bundle
+    assert bundle["trial"] == study.best_trial.number and len(bundle["models"]) == 1 and "params" in bundle
 
 
 def test_trials_in_three_formats(finished, runner) -> None:

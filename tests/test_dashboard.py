@@ -1,0 +1,210 @@
+"""The dashboard over HTTP and in a real headless browser, and `hpo report`'s plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import env_without_storage, invoke, small_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Dashboard:
+    """`hpo dashboard --port 0` in a subprocess; the port is read from its first line."""
+
+    def __init__(self, storage: str, cwd: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpo", "dashboard", "--storage", storage, "--port", "0", *args],
+            stderr=subprocess.PIPE, text=True, env=env_without_storage(), cwd=cwd,
+        )
+        assert self.proc.stderr is not None
+        self.banner = self.proc.stderr.readline()
+        match = re.search(r"http://([\d.]+):(\d+)", self.banner)
+        assert match, f"no address in {self.banner!r}"
+        self.host, self.port = match.group(1), int(match.group(2))
+        self.url = f"http://{self.host}:{self.port}"
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read().decode()
+
+    def close(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=30)
+        return self.banner + err
+
+
+@pytest.fixture
+def finished(write_spec, runner, storage_url) -> str:
+    spec = small_spec(budget={"n_trials": 8, "epochs": 4}, sampler={"name": "random"},
+                      pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1})
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    return storage_url
+
+
+def test_dashboard_json_api_shows_trials_curves_and_attrs(finished, tmp_path) -> None:
+    dash = Dashboard(finished, tmp_path)
+    try:
+        assert dash.host == "127.0.0.1"  # never exposed unless asked
+        studies = dash.get("/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["small"]
+        detail = dash.get(f"/api/studies/{studies[0]['study_id']}")
+        study = optuna.load_study(study_name="small", storage=finished)
+        assert len(detail["trials"]) == len(study.trials) == 8
+        by_number = {t["number"]: t for t in detail["trials"]}
+        for t in study.trials:
+            shown = by_number[t.number]
+            assert shown["state"].upper() == t.state.name
+            assert len(shown["intermediate_values"]) == len(t.intermediate_values)
+            attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
+            assert {"train_loss", "epoch_seconds", "device", "n_params"} <= set(attrs)
+            if t.state == TrialState.PRUNED:
+                assert "pruned by the median rule" in attrs["reason"]
+            if t.state == TrialState.COMPLETE:
+                assert [a["filename"] for a in shown["artifacts"]] == ["model.pt"]
+        assert "best_model.pt" in [a["filename"] for a in detail["artifacts"]]
+        # An artifact is served from the store the study recorded.
+        artifact = detail["artifacts"][0]
+        with urllib.request.urlopen(f"{dash.url}/artifacts/{studies[0]['study_id']}/{artifact['artifact_id']}") as r:
+            assert len(r.read()) > 1000
+    finally:
+        dash.close()
+
+
+def test_dashboard_never_shows_the_password(pg_url, write_spec, runner, tmp_path) -> None:
+    secret = "hunter2-secret"
+    url = pg_url.replace("postgres@", f"postgres:{secret}@")  # trust auth ignores it; we must hide it
+    assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 2, "epochs": 1})),
+                  "--storage", url).exit_code == 0
+    dash = Dashboard(url, tmp_path)
+    try:
+        pages = [dash.text("/api/studies"), dash.text("/api/studies/1"), dash.text("/api/meta")]
+    finally:
+        log = dash.close()
+    assert "postgres:***@" in log
+    assert all(secret not in page for page in pages) and secret not in log
+
+
+def test_live_study_shows_up_and_reading_never_locks_sqlite(write_spec, tmp_path) -> None:
+    """A dashboard polls a SQLite study that another process is writing (optuna-dashboard#545)."""
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    invoke_env = env_without_storage()
+    from hpo.storage import open_storage
+
+    open_storage(url)  # the storage exists, but not the study, when the dashboard starts
+    dash = Dashboard(url, tmp_path)
+    spec = small_spec(name="live", budget={"n_trials": 25, "epochs": 3}, pruner={"name": "none"})
+    run = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=invoke_env, cwd=tmp_path)
+    seen_counts = []
+    try:
+        while run.poll() is None:
+            studies = dash.get("/api/studies")["study_summaries"]
+            if studies:
+                detail = dash.get(f"/api/studies/{studies[0]['study_id']}")
+                seen_counts.append(len(detail["trials"]))
+        out, err = run.communicate(timeout=60)
+        study_id = dash.get("/api/studies")["study_summaries"][0]["study_id"]
+        deadline = time.monotonic() + 30  # the dashboard re-reads trials every 2 s (its cache TTL)
+        final = dash.get(f"/api/studies/{study_id}")
+        while time.monotonic() < deadline and (
+            len(final["trials"]) < 25 or {t["state"] for t in final["trials"]} != {"Complete"}
+        ):
+            final = dash.get(f"/api/studies/{study_id}")
+    finally:
+        dash.close()
+    assert run.returncode == 0, err
+    assert "locked" not in err
+    assert len(set(seen_counts)) > 2, "the dashboard should have seen the study grow"
+    states = {t["state"] for t in final["trials"]}
+    assert len(final["trials"]) == 25 and states == {"Complete"}
+
+
+def _chrome_driver():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("chromium and chromedriver are not installed: apt-get install chromium chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
+def test_browser_shows_trial_table_and_learning_curve(finished, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    study = optuna.load_study(study_name="small", storage=finished)
+    driver = _chrome_driver()
+    dash = Dashboard(finished, tmp_path)
+    try:
+        study_id = dash.get("/api/studies")["study_summaries"][0]["study_id"]
+        wait = WebDriverWait(driver, 60)
+        # The study page's learning-curve chart: plotly draws one trace per trial.
+        driver.get(f"{dash.url}/dashboard/studies/{study_id}")
+        curves = wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#graph-intermediate-values .scatterlayer .trace") or False
+        )
+        assert len(curves) == len(study.trials)
+        assert "Intermediate values" in driver.find_element(By.TAG_NAME, "body").text
+        time.sleep(1)  # let plotly finish drawing before the picture (no assertion depends on it)
+        shot = tmp_path / "study.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000
+        if os.environ.get("HPO_SAVE_SCREENSHOT"):
+            shutil.copy(shot, ROOT / "docs" / "dashboard-study.png")
+        # The trial table (this dashboard version lists trials with their state on /trials).
+        driver.get(f"{dash.url}/dashboard/studies/{study_id}/trials")
+        wait.until(lambda d: f"{len(study.trials)} Trials" in d.find_element(By.TAG_NAME, "body").text)
+        text = driver.find_element(By.TAG_NAME, "body").text
+        for t in study.trials:
+            assert f"Trial {t.number}" in text
+        assert "Pruned" in text and "Complete" in text
+    finally:
+        driver.quit()
+        dash.close()
+
+
+def test_report_writes_plots_matching_the_study(finished, runner, tmp_path) -> None:
+    from hpo.report import figures
+
+    out = tmp_path / "report"
+    result = invoke(runner, "report", "small", "--storage", finished, "--out", out)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"history.png", "learning_curves.png", "importances.png", "parallel_coordinate.png", "summary.md"} <= names
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    study = optuna.load_study(study_name="small", storage=finished)
+    figs, skipped = figures(study)
+    assert not skipped
+    curves = [ln for ln in figs["learning_curves"].axes[0].get_lines() if len(ln.get_xdata())]
+    assert len(curves) == len(study.trials)  # one curve per trial
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert sorted(len(ln.get_xdata()) for ln in curves) == sorted(len(t.intermediate_values) for t in study.trials)
+    assert pruned and min(len(ln.get_xdata()) for ln in curves) < 4  # pruned curves are cut short
+    summary = (out / "summary.md").read_text()
+    assert f"best trial: #{study.best_trial.number}" in summary and "test accuracy of the best model" in summary
