@@ -112,6 +112,13 @@ def validate(spec_file: str) -> None:
     )
 
 
+def fuse_option(f: F) -> F:
+    return click.option(
+        "--fuse", type=click.IntRange(min=2, max=1024), default=None, metavar="K",
+        help="Train K trials at once as one batched model (overrides execution in the spec).",
+    )(f)
+
+
 def heartbeat_options(f: F) -> F:
     f = click.option("--grace-period", type=click.IntRange(min=1), default=None, metavar="S",
                      help="Seconds without a heartbeat before a trial counts as dead [default 30].")(f)
@@ -140,6 +147,7 @@ def _heartbeat(interval: int | None, grace: int | None) -> Any:
               help="Local worker processes (needs a server storage when > 1) [default 1, or one per --gpus].")
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="One worker per listed GPU, each pinned with CUDA_VISIBLE_DEVICES.")
+@fuse_option
 @artifacts_option
 @heartbeat_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines, only the summary.")
@@ -151,6 +159,7 @@ def run(
     device: str,
     workers: int | None,
     gpus: str | None,
+    fuse: int | None,
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
@@ -176,6 +185,8 @@ def run(
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
+    if fuse is not None:
+        spec = spec.fused(fuse)
     gpu_ids = parse_gpus(gpus) if gpus is not None else None
     n_workers = workers or (len(gpu_ids) if gpu_ids else 1)
     check_parallel_storage(resolve_url(storage), n_workers)
@@ -200,13 +211,20 @@ def _work(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: 
 
     spec = handle.spec
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
-    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {dev}, "
+    fused = f", fused in groups of {spec.execution.group_size}" if spec.execution.mode == "fused" else ""
+    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {dev}{fused}, "
                  f"storage {mask(storage_url)}")
     _sigterm_as_interrupt()
     start = time.monotonic()
     try:
-        result = run_worker(handle, device=dev, n_trials=n_trials, timeout=timeout,
-                            listener=progress, data=data)
+        if spec.execution.mode == "fused":
+            from hpo.fused_study import run_fused_worker
+
+            result = run_fused_worker(handle, device=dev, group_size=spec.execution.group_size,
+                                      n_trials=n_trials, timeout=timeout, listener=progress, data=data)
+        else:
+            result = run_worker(handle, device=dev, n_trials=n_trials, timeout=timeout,
+                                listener=progress, data=data)
     except Interrupted as e:
         progress.close()
         r = e.result
@@ -239,6 +257,8 @@ def _work_in_processes(handle: Any, url: str, n_workers: int, gpu_ids: list[int]
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
                  f"{n_workers} workers ({where}), storage {mask(url)}")
     extra = ["--heartbeat-interval", str(hb.interval), "--grace-period", str(hb.grace)]
+    if spec.execution.mode == "fused":
+        extra += ["--fuse", str(spec.execution.group_size)]
     if timeout is not None:
         extra += ["--timeout", str(timeout)]
     seen: set[int] = set()
@@ -305,6 +325,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
               help="Stop starting trials after this many seconds.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
+@fuse_option
 @artifacts_option
 @heartbeat_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines and no summary.")
@@ -315,6 +336,7 @@ def worker(
     timeout: float | None,
     device: str,
     threads: int | None,
+    fuse: int | None,
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
@@ -340,6 +362,8 @@ def worker(
     dev = choose_device(device)
     store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
     handle = open_existing(study, store, url, artifacts)
+    if fuse is not None:
+        handle.spec = handle.spec.fused(fuse)
     data = DataCache(handle.spec.data, handle.spec.seed, dev, handle.spec.model)
     _work(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet, storage_url=url,
           summary=not quiet)

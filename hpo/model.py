@@ -24,7 +24,9 @@ class DenseBlock(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, p: Params) -> None:
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out)
+        # BatchNorm subtracts the batch mean, so a bias before it has no effect on the output; its
+        # gradient is pure rounding noise, which Adam would turn into lr-sized random steps.
+        self.linear = nn.Linear(n_in, n_out, bias=p.norm != "batch")
         self.norm = _norm1d(p.norm, n_out)
         self.act = nn.ReLU()
         self.drop = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
@@ -59,7 +61,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, p: Params, pool: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, p.kernel_size, padding=p.kernel_size // 2)
+        self.conv = nn.Conv2d(c_in, c_out, p.kernel_size, padding=p.kernel_size // 2, bias=p.norm != "batch")
         self.norm = _norm2d(p.norm, c_out)
         self.act = nn.ReLU()
         self.residual = p.residual and c_in == c_out

@@ -100,7 +100,7 @@ class Objective:
             trainers.append(Trainer(model, params, data, self.spec.budget.epochs, self.device, fold_seed(seed, k)))
         torch.manual_seed(seed)
         checkpoint = self.artifacts.load_checkpoint(number)
-        if checkpoint is not None:
+        if checkpoint is not None and "folds" in checkpoint:  # (a fused run's checkpoint restarts)
             for t, state in zip(trainers, checkpoint["folds"]):
                 t.load_state_dict(state)
             trial.set_user_attr("resumed_from_epoch", trainers[0].epoch)

@@ -143,6 +143,14 @@ class BudgetSpec:
 
 
 @dataclass(frozen=True)
+class ExecutionSpec:
+    """How trials run, not what they search: one at a time, or K fused into one batched model."""
+
+    mode: str = "sequential"  # or "fused"
+    group_size: int = 8
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     metric: str
@@ -155,6 +163,7 @@ class StudySpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
     source: str = field(default="<spec>", compare=False)
 
     @property
@@ -169,6 +178,12 @@ class StudySpec:
         values = {k: getattr(self.budget, k) for k in BudgetSpec.__dataclass_fields__}
         values.update({k: v for k, v in changes.items() if v is not None})
         return replace(self, budget=BudgetSpec(**values))
+
+    def fused(self, group_size: int) -> StudySpec:
+        """A copy that runs fused groups of `group_size` (the CLI's --fuse K), checked like the file."""
+        spec = replace(self, execution=ExecutionSpec("fused", group_size))
+        _Validator(self.source).check_fusable(spec, "--fuse")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, stored in the study so a worker needs no file."""
@@ -189,13 +204,14 @@ class StudySpec:
                 "timeout": self.budget.timeout,
                 "trial_timeout": self.budget.trial_timeout,
             },
+            "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size},
         }
 
     def search_definition(self) -> dict[str, Any]:
         """What makes two specs the same study: everything but the budget and the prose."""
         d = self.to_dict()
-        d.pop("budget")
-        d.pop("description")
+        for key in ("budget", "description", "execution"):
+            d.pop(key)
         return d
 
 
@@ -353,7 +369,7 @@ class _Validator:
             doc,
             "",
             ["name", "description", "metric", "direction", "seed", "model", "data", "space",
-             "sampler", "pruner", "budget"],
+             "sampler", "pruner", "budget", "execution"],
             required=["name", "data", "space"],
         )
         name = top["name"]
@@ -385,13 +401,35 @@ class _Validator:
         budget = self.budget(top.get("budget", {}))
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
         pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": "median"}), "pruner", PRUNERS))
+        execution = self.execution(top.get("execution", {}))
         spec = StudySpec(
             name=name, description=description, metric=metric, direction=direction, seed=seed,
             model=model, data=data, space=space, sampler=sampler, pruner=pruner, budget=budget,
-            source=self.source,
+            execution=execution, source=self.source,
         )
         self.cross_checks(spec)
+        if execution.mode == "fused":
+            self.check_fusable(spec, "execution.mode")
         return spec
+
+    def execution(self, value: Any) -> ExecutionSpec:
+        raw = self.mapping(value, "execution", ["mode", "group_size"])
+        mode = self.choice(raw.get("mode", "sequential"), "execution.mode", ["sequential", "fused"])
+        size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
+        if size > 1024:
+            raise self.fail("execution.group_size", "must be <= 1024")
+        return ExecutionSpec(mode, size)
+
+    def check_fusable(self, spec: StudySpec, where: str) -> None:
+        """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""
+        if spec.model != "mlp":
+            raise self.fail(where, "fused training supports model: mlp only")
+        if spec.data.cv_folds:
+            raise self.fail(where, "fused training does not combine with data.cv_folds")
+        opt = spec.param("optimizer")
+        names = opt.possible_values() if opt else (P.DEFAULTS["optimizer"],)
+        if names and "schedulefree_adamw" in names:
+            raise self.fail(where, "schedulefree_adamw cannot be fused; drop it from space.optimizer")
 
     def data(self, value: Any) -> DataSpec:
         raw = self.mapping(value, "data", ["dataset", "split", *_all_dataset_options()], ["dataset"])

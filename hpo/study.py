@@ -151,11 +151,9 @@ def open_for_spec(
 
 def _name_objective(study: optuna.Study, metric: str) -> None:
     """The dashboard then labels its axes val_accuracy instead of "Objective 0"."""
-    try:
-        from optuna_dashboard import set_objective_names
-    except ImportError:  # pragma: no cover - optuna-dashboard is a dependency
-        return
-    set_objective_names(study, [metric])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
 
 
 def open_existing(
@@ -206,6 +204,21 @@ def _heartbeat_enabled(study: optuna.Study) -> bool:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
     return is_heartbeat_enabled(study._storage)
+
+
+def wait_for_running(study: optuna.Study) -> bool:
+    """With the budget used up but trials still RUNNING (elsewhere, or a dead worker's that will
+    go stale and come back as a retry), wait a moment and say so, rather than leave one behind.
+    Without heartbeats a dead worker's trial can never be told apart, so there is no waiting."""
+    if not _heartbeat_enabled(study):
+        return False
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    time.sleep(min(2.0, max(0.2, study._storage.get_heartbeat_interval() / 4)))  # type: ignore[attr-defined]
+    return True
 
 
 def requeue(study: optuna.Study, trial_id: int) -> FrozenTrial | None:
@@ -284,13 +297,7 @@ def run_worker(
         status = budget_status(study, total)
         if status.remaining <= 0 and status.waiting == 0:
             lock.release()
-            if status.running and wait_for_others and _heartbeat_enabled(study):
-                # Running elsewhere, or a dead worker's trial that will go stale and come back
-                # as a retry: wait for either rather than leave it behind.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-                time.sleep(min(2.0, max(0.2, study._storage.get_heartbeat_interval() / 4)))  # type: ignore[attr-defined]
+            if wait_for_others and wait_for_running(study):
                 continue
             result.stopped = f"study budget of {total} trials reached"
             break

@@ -1,0 +1,96 @@
+"""Shared helpers for the benchmark scripts: machine facts, timing and RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        import optuna
+
+        optuna_version = optuna.__version__
+    except ImportError:
+        optuna_version = "not installed"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu_model()}, {cores} cores, {gpu}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), optuna {optuna_version}, Python {platform.python_version()}"
+    )
+
+
+def command() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(title: str, body: str, notes: str = "", save: bool = True) -> None:
+    """Print the result and append it, with date, machine and command, to RESULTS.md."""
+    text = (
+        f"\n## {title}\n\n"
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"- machine: {machine()}\n"
+        f"- command: `{command()}`\n\n{body}\n"
+    )
+    if notes:
+        text += f"\n{notes}\n"
+    print(text)
+    if save:
+        with RESULTS.open("a") as f:
+            f.write(text)
+
+
+def alternate(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+    """Run each variant `repeats` times, interleaved (A B A B ...), so drift hits all alike."""
+    out: dict[str, list[Any]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            out[name].append(fn())
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> Callable[[], tuple[float, Any]]:
+    def run() -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        value = fn()
+        return time.perf_counter() - t0, value
+
+    return run
+
+
+median = statistics.median

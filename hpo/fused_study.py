@@ -1,0 +1,300 @@
+"""The fused worker: Optuna trials in groups of K, trained as one batched model (hpo.fused).
+
+The worker asks Optuna for a group leader, then for members whose structural parameters are fixed
+to the leader's (PartialFixedSampler). Every epoch each member reports to its own trial; a member
+that is pruned, diverges or finishes leaves the batched model at once, and a pruned member's slot
+is refilled from the sampler (continuous batching) until the group has run 2K trials, after which
+the group drains and the next one samples a new structure.
+
+Everything the one-at-a-time worker guarantees holds here too: the study's budget (under the same
+lock), heartbeats for every member, per-epoch checkpoints (a retried member resumes, fused), and
+Ctrl-C requeues every member in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+import warnings
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from hpo.data import DataCache
+from hpo.fused import STRUCTURAL, FusedGroup, Member
+from hpo.objective import Listener, is_oom, trial_seed
+from hpo.params import Params
+from hpo.samplers import effective_n_trials
+from hpo.space import suggest
+from hpo.storage import BudgetLock
+from hpo.study import (
+    Interrupted,
+    StudyHandle,
+    WorkerResult,
+    budget_status,
+    requeue,
+    wait_for_running,
+)
+from hpo.train import EpochResult, configure_device, metric_value
+
+
+class _Heartbeats:
+    """Records a heartbeat for every member in flight (Optuna does this only inside optimize)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = study._storage
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.storage = storage
+        self.ids: set[int] = set()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if self.interval:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            for trial_id in list(self.ids):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:
+                    pass  # the next beat retries; a dead worker is what staleness is for
+
+    def add(self, trial_id: int) -> None:
+        self.ids.add(trial_id)
+        if self.interval:
+            self.storage.record_heartbeat(trial_id)
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def _structure(params: Params) -> dict[str, Any]:
+    return {k: getattr(params, k) for k in STRUCTURAL}
+
+
+def run_fused_worker(
+    handle: StudyHandle,
+    *,
+    device: torch.device,
+    group_size: int,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    listener: Listener | None = None,
+    data: DataCache | None = None,
+) -> WorkerResult:
+    study, spec = handle.study, handle.spec
+    configure_device(device)
+    listener = listener or Listener()
+    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    total = effective_n_trials(spec)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    deadline = time.monotonic() + timeout if timeout else None
+    epochs = spec.budget.epochs
+    base_sampler = study.sampler
+    lock = BudgetLock(study._storage, study._study_id)
+    beats = _Heartbeats(study)
+    result = WorkerResult()
+    group: FusedGroup | None = None
+    started_in_group = 0
+    started_at: dict[int, float] = {}
+
+    def can_start() -> bool:
+        if n_trials is not None and result.ran >= n_trials:
+            result.stopped = f"ran the {n_trials} trials asked of this worker"
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            result.stopped = f"timeout of {timeout:g} s reached"
+            return False
+        return True
+
+    def ask(fixed: dict[str, Any] | None) -> tuple[optuna.Trial, Params] | None:
+        lock.acquire()
+        try:
+            status = budget_status(study, total)
+            if status.remaining <= 0 and status.waiting == 0:
+                result.stopped = f"study budget of {total} trials reached"
+                return None
+            if fixed is not None and status.waiting:
+                # A queued retry comes out of ask() first; it may not fit this group's structure.
+                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[0]
+                if any(waiting.params.get(k, v) != v for k, v in fixed.items()):
+                    return None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if fixed:
+                    study.sampler = optuna.samplers.PartialFixedSampler(fixed, base_sampler)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
+                        optuna.storages.fail_stale_trials(study)
+                        trial = study.ask()
+                    # Suggest while the partial-fixed sampler is in place: it fixes the structure.
+                    return trial, suggest(trial, spec)
+                finally:
+                    study.sampler = base_sampler
+        finally:
+            lock.release()
+
+    def fill() -> None:
+        nonlocal group, started_in_group
+        while can_start():
+            fresh = group is None or len(group) == 0
+            if not fresh and (len(group) >= group_size or started_in_group >= 2 * group_size):
+                return
+            fixed = None if fresh else {k: v for k, v in _structure(group.structure).items()}
+            asked = ask(fixed)
+            if asked is None:
+                return
+            trial, params = asked
+            number = _original_number(trial)
+            if fresh:
+                split = data.folds(params.scaling)[0]
+                group = FusedGroup(split, device)
+                started_in_group = 0
+            elif _structure(params) != _structure(group.structure):
+                _fail(trial, "could not join a fused group of another structure; queued again")
+                continue
+            member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
+            _resume(group, len(group) - 1, handle.artifacts.load_checkpoint(number), trial)
+            beats.add(trial._trial_id)
+            started_in_group += 1
+            result.ran += 1
+            started_at[trial.number] = time.monotonic()
+            trial.set_user_attr("fused_group_size", group_size)
+            listener.trial_started(trial.number, params, member.epoch)
+
+    def _fail(trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, trial._trial_id)
+
+    def finish(member: Member, state: TrialState, value: float | None, reason: str | None, index: int) -> None:
+        trial: optuna.Trial = member.key
+        trial.set_user_attr("train_loss", [round(v, 6) for v in member.train_losses])
+        trial.set_user_attr("epoch_seconds", [round(v, 4) for v in member.epoch_seconds])
+        trial.set_user_attr("device", str(device))
+        trial.set_user_attr("n_params", group.layout[-1][3] if group else 0)
+        if reason:
+            trial.set_user_attr("reason", reason)
+        if state == TrialState.COMPLETE:
+            handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
+                                                        "params": member.params.to_dict()})
+        handle.artifacts.remove_checkpoint(member.number)
+        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        beats.ids.discard(trial._trial_id)
+        listener.trial_finished(study, frozen)
+
+    try:
+        while True:
+            fill()
+            if group is None or len(group) == 0:
+                if result.stopped.startswith("study budget") and wait_for_running(study):
+                    result.stopped = ""
+                    continue  # a trial running elsewhere may still come back as a retry
+                if not result.stopped:
+                    result.stopped = "nothing left to run"
+                break
+            try:
+                t0 = time.perf_counter()
+                losses = group.train_epoch().tolist()
+                vals = group.evaluate(group.data.val)
+                group.after_epoch([v["loss"] for v in vals])
+                seconds = time.perf_counter() - t0
+            except Exception as e:
+                reason = (f"out of memory on {device} in a fused group of {len(group)}" if is_oom(e)
+                          else f"{type(e).__name__}: {e}")
+                for m in list(group.members):
+                    m.key.set_user_attr("traceback", traceback.format_exc()[-4000:])
+                    finish(m, TrialState.FAIL, None, reason, group.members.index(m))
+                group.remove(list(range(len(group))))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            done: list[int] = []
+            for i, (m, loss, val) in enumerate(zip(group.members, losses, vals)):
+                trial: optuna.Trial = m.key
+                m.train_losses.append(loss)
+                m.epoch_seconds.append(seconds)
+                epoch = m.epoch
+                m.epoch += 1
+                if not (math.isfinite(loss) and math.isfinite(val["loss"])):
+                    finish(m, TrialState.PRUNED, None, f"diverged: loss is {loss} at epoch {epoch}", i)
+                    done.append(i)
+                    continue
+                value = metric_value(spec.metric, val)
+                trial.report(value, epoch)
+                listener.epoch_done(trial.number, EpochResult(epoch, loss, val, seconds), value)
+                limit = spec.budget.trial_timeout
+                if m.epoch >= m.epochs:
+                    finish(m, TrialState.COMPLETE, value, None, i)
+                    done.append(i)
+                elif limit and time.monotonic() - started_at[trial.number] > limit:
+                    finish(m, TrialState.PRUNED, None, f"trial_timeout: stopped after {limit:g} s in epoch {m.epoch}", i)
+                    done.append(i)
+                elif trial.should_prune():
+                    finish(m, TrialState.PRUNED, None, f"pruned by the {spec.pruner.name} rule at epoch {epoch}", i)
+                    done.append(i)
+                else:
+                    handle.artifacts.save_checkpoint(m.number, _member_state(group, i))
+            group.remove(done)
+    except KeyboardInterrupt:
+        if group is not None and len(group):
+            for m in group.members:
+                study.tell(m.key, state=TrialState.FAIL)
+                requeue(study, m.key._trial_id)
+            result.interrupted_trial = group.members[0].key.number
+            result.resumes_from_epoch = group.members[0].epoch
+        raise Interrupted(result) from None
+    finally:
+        beats.close()
+        study.sampler = base_sampler
+    return result
+
+
+def _original_number(trial: optuna.Trial) -> int:
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+    return int(history[0]) if history else trial.number
+
+
+def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:
+    m = group.members[i]
+    return {
+        "fused": True,
+        "epoch": m.epoch,
+        "model": group.member_state_dict(i),
+        "optimizer": {name: s[i].detach().cpu().clone() for name, s in group.state.items()},
+        "steps": float(group.steps[i]),
+        "schedule": m.schedule.state_dict(),
+        "generator": m.generator.get_state(),
+        "train_losses": list(m.train_losses),
+        "epoch_seconds": list(m.epoch_seconds),
+    }
+
+
+def _resume(group: FusedGroup, i: int, state: dict[str, Any] | None, trial: optuna.Trial) -> None:
+    """Put a retried member back where its last (fused) checkpoint left it."""
+    if not state or not state.get("fused"):
+        return
+    m = group.members[i]
+    assert group.flat is not None
+    with torch.no_grad():
+        for name, _shape, a, b in group.layout:
+            group.flat[i, a:b] = state["model"][name].reshape(-1).to(group.device)
+        for name, buf in group.buffers.items():
+            buf[i] = state["model"][name].to(group.device)
+        for name, value in state["optimizer"].items():
+            if name not in group.state:
+                group.state[name] = torch.zeros_like(group.flat)
+            group.state[name][i] = value.to(group.device)
+        group.steps[i] = state["steps"]
+    m.schedule.load_state_dict(state["schedule"])
+    m.generator.set_state(state["generator"].cpu())
+    m.epoch = int(state["epoch"])
+    m.train_losses = list(state["train_losses"])
+    m.epoch_seconds = list(state["epoch_seconds"])
+    trial.set_user_attr("resumed_from_epoch", m.epoch)

@@ -1,0 +1,159 @@
+"""Fused trials: each member trains exactly as it would alone, and the study machinery holds."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from hpo.data import DataCache
+from hpo.errors import SpecError
+from hpo.fused import FusedGroup
+from hpo.model import build_model
+from hpo.params import Params
+from hpo.spec import DataSpec, load_spec
+from hpo.train import Trainer
+from tests.conftest import invoke, small_spec
+
+CPU = torch.device("cpu")
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataCache:
+    return DataCache(DataSpec("digits"), seed=0, device=CPU)
+
+
+def unfused_curve(cache: DataCache, p: Params, seed: int, epochs: int = EPOCHS) -> list[dict[str, float]]:
+    torch.manual_seed(seed)
+    data = cache.get(p.scaling)
+    t = Trainer(build_model("mlp", p, data.input_shape, data.n_outputs), p, data, epochs, CPU, seed)
+    return [r.val for r in t.fit()]
+
+
+def fused_curves(cache: DataCache, members: list[tuple[Params, int]], epochs: int = EPOCHS,
+                 remove_after: dict[int, int] | None = None) -> dict[int, list[dict[str, float]]]:
+    """Train members fused; `remove_after` {member: epoch} drops a member after that epoch."""
+    group = FusedGroup(cache.get(members[0][0].scaling), CPU)
+    for i, (p, seed) in enumerate(members):
+        group.add(i, p, seed, epochs)
+    curves: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(members))}
+    for epoch in range(epochs):
+        group.train_epoch()
+        vals = group.evaluate(group.data.val)
+        group.after_epoch([v["loss"] for v in vals])
+        for m, v in zip(group.members, vals):
+            curves[m.key].append(v)
+        drop = [j for j, m in enumerate(group.members) if (remove_after or {}).get(m.key) == epoch]
+        group.remove(drop)
+    return curves
+
+
+def assert_same(fused: list[dict[str, float]], alone: list[dict[str, float]]) -> None:
+    assert len(fused) == len(alone)
+    for f, a in zip(fused, alone):
+        assert f["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert f["accuracy"] == pytest.approx(a["accuracy"], rel=1e-4)
+
+
+GROUPS = {
+    "adam": [Params(optimizer="adam", lr=3e-3, beta1=0.85, width=32, depth=2),
+             Params(optimizer="adam", lr=1e-3, weight_decay=1e-3, beta2=0.99, width=32, depth=2, scheduler="cosine"),
+             Params(optimizer="adam", lr=5e-3, width=32, depth=2, scheduler="onecycle", init="kaiming")],
+    "adamw": [Params(optimizer="adamw", lr=2e-3, weight_decay=0.05, norm="batch", width=32, depth=2),
+              Params(optimizer="adamw", lr=4e-3, weight_decay=0.0, norm="batch", width=32, depth=2, scheduler="step",
+                     step_gamma=0.5)],
+    "momentum": [Params(optimizer="momentum", lr=0.05, momentum=0.9, norm="layer", residual=True, width=32, depth=3),
+                 Params(optimizer="momentum", lr=0.02, momentum=0.8, weight_decay=1e-4, norm="layer", residual=True,
+                        width=32, depth=3, scheduler="plateau")],
+    "nesterov": [Params(optimizer="nesterov", lr=0.03, momentum=0.95, width=32, depth=2, init="xavier"),
+                 Params(optimizer="nesterov", lr=0.01, momentum=0.85, width=32, depth=2)],
+    "sgd": [Params(optimizer="sgd", lr=0.1, width=32, depth=1), Params(optimizer="sgd", lr=0.05, width=32, depth=1,
+                                                                        weight_decay=1e-3)],
+    "rmsprop": [Params(optimizer="rmsprop", lr=1e-3, width=32, depth=2), Params(optimizer="rmsprop", lr=3e-4, width=32, depth=2)],
+    "adagrad": [Params(optimizer="adagrad", lr=0.03, width=32, depth=2), Params(optimizer="adagrad", lr=0.01, width=32, depth=2)],
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_fused_members_match_their_unfused_runs(digits: DataCache, name: str) -> None:
+    members = [(p, 100 + i) for i, p in enumerate(GROUPS[name])]
+    curves = fused_curves(digits, members)
+    for i, (p, seed) in enumerate(members):
+        assert_same(curves[i], unfused_curve(digits, p, seed))
+
+
+def test_removing_a_member_leaves_the_others_unchanged(digits: DataCache) -> None:
+    members = [(Params(optimizer="adam", lr=lr, width=32, depth=2, norm="batch"), 7 + i)
+               for i, lr in enumerate([1e-3, 3e-3, 5e-3])]
+    full = fused_curves(digits, members)
+    cut = fused_curves(digits, members, remove_after={1: 0})  # member 1 pruned after epoch 0
+    assert len(cut[1]) == 1
+    for i in (0, 2):
+        assert_same(cut[i], full[i])
+
+
+def test_a_diverging_member_does_not_spoil_the_others(digits: DataCache) -> None:
+    good = Params(optimizer="sgd", lr=0.01, width=256, depth=3, scaling="none")
+    bad = Params(optimizer="sgd", lr=10.0, width=256, depth=3, scaling="none")  # diverges to NaN
+    group = FusedGroup(digits.get("none"), CPU)
+    group.add("good", good, 1, EPOCHS)
+    group.add("bad", bad, 2, EPOCHS)
+    curve = []
+    for _ in range(EPOCHS):
+        losses = group.train_epoch()
+        vals = group.evaluate(group.data.val)
+        curve.append(vals[0])
+    assert not torch.isfinite(losses[1])
+    assert_same(curve, unfused_curve(digits, good, 1))
+
+
+def test_structure_must_match(digits: DataCache) -> None:
+    group = FusedGroup(digits.get("standard"), CPU)
+    group.add(0, Params(width=32), 1, 2)
+    with pytest.raises(ValueError, match="share the group's structure"):
+        group.add(1, Params(width=64), 2, 2)
+
+
+def test_fused_study_end_to_end(write_spec, runner, storage_url) -> None:
+    spec = small_spec(
+        name="fused",
+        data={"dataset": "digits"},
+        space={"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+               "width": [32, 64], "depth": [1, 2], "batch_size": 64, "optimizer": ["adam", "momentum"],
+               "momentum": {"low": 0.8, "high": 0.99}},
+        sampler={"name": "random"},
+        pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
+        budget={"n_trials": 14, "epochs": 4},
+    )
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url, "--fuse", "4")
+    assert result.exit_code == 0, result.output
+    assert "fused in groups of 4" in result.stderr
+    study = optuna.load_study(study_name="fused", storage=storage_url)
+    trials = study.trials
+    assert len(trials) == 14  # the budget holds exactly, refills included
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    for t in trials:
+        assert t.user_attrs["fused_group_size"] == 4
+        assert sorted(t.intermediate_values) == list(range(len(t.intermediate_values)))
+        if t.state == TrialState.COMPLETE:
+            assert len(t.intermediate_values) == 4
+    # The first group's members share the leader's structure; their lr differ.
+    first = trials[:4]
+    assert len({(t.params["width"], t.params["depth"], t.params["optimizer"]) for t in first}) == 1
+    assert len({t.params["lr"] for t in first}) == 4
+    assert study.user_attrs["test"]["value"] > 0.5
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model": "cnn", "data": {"dataset": "npz", "path": "x.npz"}}, "fused training supports model: mlp only"),
+    ({"space": {"lr": {"low": 1e-3, "high": 1e-2}, "optimizer": ["adam", "schedulefree_adamw"]}},
+     "schedulefree_adamw cannot be fused"),
+    ({"data": {"dataset": "digits", "cv_folds": 3}}, "does not combine with data.cv_folds"),
+])
+def test_what_cannot_be_fused_is_refused(write_spec, override, message) -> None:
+    doc = small_spec(execution={"mode": "fused", "group_size": 4}, **override)
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(doc))
