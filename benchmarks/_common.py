@@ -94,3 +94,11 @@ def timed(fn: Callable[[], Any]) -> Callable[[], tuple[float, Any]]:
 
 
 median = statistics.median
+
+
+def shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)

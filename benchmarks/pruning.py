@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, median, record, table
+from _common import HERE, median, record, shown, table
 
 import torch
 
@@ -53,7 +53,7 @@ def main() -> None:
                      full[2], pruned[2]])
     body = table(["seed", "epochs (none)", "epochs (median)", "epochs saved", "best val (none)",
                   "best val (median)", "points", "wall s (none)", "wall s (median)"], rows)
-    notes = (f"Spec `{args.spec.relative_to(HERE.parent)}` ({spec.budget.n_trials} trials x {spec.budget.epochs} "
+    notes = (f"Spec `{shown(args.spec)}` ({spec.budget.n_trials} trials x {spec.budget.epochs} "
              f"epochs), pruner {spec.pruner.name} {dict(spec.pruner.kwargs)} vs none. Median over seeds: "
              f"**{median(saved):.0%} of epochs saved** (target >= 50%), best val {median(gaps):+.2f} points "
              f"(target within 0.5).")

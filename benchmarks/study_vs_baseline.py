@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, alternate, median, record, table
+from _common import HERE, alternate, median, record, shown, table
 
 import torch
 
@@ -65,7 +65,7 @@ def main() -> None:
     spec = load_spec(args.spec)
     body = table(["variant", "median wall s", "runs (s)", "best val", "best val per run"], rows)
     notes = (
-        f"Spec `{args.spec.relative_to(HERE.parent)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x "
+        f"Spec `{shown(args.spec)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x "
         f"{spec.budget.epochs} epochs, {spec.sampler.name} seed {spec.seed}, {spec.pruner.name} pruner.\n"
         f"**hpo / script wall time: {ratio:.2f}x** (target <= 0.8x); median best val: hpo is "
         f"{-gap:+.2f} points against the script (target: no worse than -0.3)."

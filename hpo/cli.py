@@ -81,12 +81,17 @@ def _open(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any,
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (docker stop, Slurm, Kubernetes) ends a worker exactly like Ctrl-C."""
+    """SIGTERM (docker stop, Slurm, Kubernetes) ends a worker exactly like Ctrl-C.
+
+    SIGINT gets Python's handler back too: a process started in the background by a shell
+    script inherits SIGINT as *ignored*, and would otherwise shrug off Ctrl-C and `kill -INT`.
+    """
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -116,6 +121,14 @@ def fuse_option(f: F) -> F:
     return click.option(
         "--fuse", type=click.IntRange(min=2, max=1024), default=None, metavar="K",
         help="Train K trials at once as one batched model (overrides execution in the spec).",
+    )(f)
+
+
+def checkpoint_option(f: F) -> F:
+    return click.option(
+        "--checkpoint-interval", type=click.FloatRange(min=0), default=2.0, show_default=True,
+        envvar="HPO_CHECKPOINT_INTERVAL", metavar="S",
+        help="Checkpoint a trial at the end of an epoch once S seconds passed since the last (0: every epoch).",
     )(f)
 
 
@@ -150,6 +163,7 @@ def _heartbeat(interval: int | None, grace: int | None) -> Any:
 @fuse_option
 @artifacts_option
 @heartbeat_options
+@checkpoint_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines, only the summary.")
 def run(
     spec_file: str,
@@ -163,6 +177,7 @@ def run(
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
+    checkpoint_interval: float,
     quiet: bool,
 ) -> None:
     """Run (or resume) the study described in SPEC.
@@ -196,13 +211,14 @@ def run(
     store, url = _open(storage, create=True, heartbeat=hb)
     handle = open_for_spec(spec, store, url, artifacts)
     if n_workers == 1 and not gpu_ids:
-        _work(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url)
+        _work(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
+              checkpoint_interval=checkpoint_interval)
     else:
-        _work_in_processes(handle, url, n_workers, gpu_ids, device, timeout, hb, quiet)
+        _work_in_processes(handle, url, n_workers, gpu_ids, device, timeout, hb, quiet, checkpoint_interval)
 
 
 def _work(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: int | None,
-          quiet: bool, storage_url: str, summary: bool = True) -> None:
+          quiet: bool, storage_url: str, summary: bool = True, checkpoint_interval: float = 2.0) -> None:
     """Run trials in this process, then score the best model and print the summary."""
     from hpo.progress import Progress, render_summary
     from hpo.samplers import effective_n_trials
@@ -221,10 +237,11 @@ def _work(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: 
             from hpo.fused_study import run_fused_worker
 
             result = run_fused_worker(handle, device=dev, group_size=spec.execution.group_size,
-                                      n_trials=n_trials, timeout=timeout, listener=progress, data=data)
+                                      n_trials=n_trials, timeout=timeout, listener=progress, data=data,
+                                      checkpoint_interval=checkpoint_interval)
         else:
             result = run_worker(handle, device=dev, n_trials=n_trials, timeout=timeout,
-                                listener=progress, data=data)
+                                listener=progress, data=data, checkpoint_interval=checkpoint_interval)
     except Interrupted as e:
         progress.close()
         r = e.result
@@ -242,7 +259,8 @@ def _work(handle: Any, dev: Any, data: Any, *, timeout: float | None, n_trials: 
 
 
 def _work_in_processes(handle: Any, url: str, n_workers: int, gpu_ids: list[int] | None,
-                       device: str, timeout: float | None, hb: Any, quiet: bool) -> None:
+                       device: str, timeout: float | None, hb: Any, quiet: bool,
+                       checkpoint_interval: float) -> None:
     """Start local `hpo worker` processes, show their progress from the storage, then summarize."""
     from hpo.progress import Progress, render_summary
     from hpo.samplers import effective_n_trials
@@ -256,7 +274,8 @@ def _work_in_processes(handle: Any, url: str, n_workers: int, gpu_ids: list[int]
     where = f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids else f"{plans[0].device}, {plans[0].threads} threads each"
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
                  f"{n_workers} workers ({where}), storage {mask(url)}")
-    extra = ["--heartbeat-interval", str(hb.interval), "--grace-period", str(hb.grace)]
+    extra = ["--heartbeat-interval", str(hb.interval), "--grace-period", str(hb.grace),
+             "--checkpoint-interval", str(checkpoint_interval)]
     if spec.execution.mode == "fused":
         extra += ["--fuse", str(spec.execution.group_size)]
     if timeout is not None:
@@ -328,6 +347,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
 @fuse_option
 @artifacts_option
 @heartbeat_options
+@checkpoint_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines and no summary.")
 def worker(
     study: str,
@@ -340,6 +360,7 @@ def worker(
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
+    checkpoint_interval: float,
     quiet: bool,
 ) -> None:
     """Join an existing study as one more worker, from the spec stored in the study.
@@ -366,7 +387,7 @@ def worker(
         handle.spec = handle.spec.fused(fuse)
     data = DataCache(handle.spec.data, handle.spec.seed, dev, handle.spec.model)
     _work(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet, storage_url=url,
-          summary=not quiet)
+          summary=not quiet, checkpoint_interval=checkpoint_interval)
 
 
 @cli.command()

@@ -26,6 +26,7 @@ member's training curve matches its unfused run to float tolerance (tests/test_f
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class Member:
     schedule: Schedule
     lr_holder: torch.optim.Optimizer  # drives `schedule`; its lr is the member's current lr
     number: int = 0  # the trial's original number (names its checkpoint)
+    last_checkpoint: float = field(default_factory=time.monotonic)
+    checkpoint_epoch: int = 0
     epoch: int = 0
     train_losses: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
@@ -80,8 +83,8 @@ class FusedGroup:
         self.steps = torch.zeros(0, device=device)  # optimizer steps taken, per member
         self.structure: Params | None = None
         self.autocast = device.type == "cuda"
-        n = len(data.train)
-        self._n = n
+        self._n = len(data.train)
+        self._columns: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class FusedGroup:
         module = build_model("mlp", params, self.data.input_shape, self.data.n_outputs)
         assert isinstance(module, MLP)
         self._append_weights(module)
+        self._columns.clear()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params.lr)
@@ -145,6 +149,7 @@ class FusedGroup:
         """Drop members at once (pruned, diverged or finished): compact every stacked tensor."""
         if not indices:
             return
+        self._columns.clear()
         keep = [i for i in range(len(self.members)) if i not in set(indices)]
         self.members = [self.members[i] for i in keep]
         if not keep:
@@ -178,8 +183,8 @@ class FusedGroup:
         assert p is not None
         h = x.flatten(2)
         k = len(self.members)
-        drop = torch.tensor([m.params.dropout for m in self.members], device=self.device).view(k, 1, 1)
-        any_dropout = train and bool((drop > 0).any())
+        any_dropout = train and any(m.params.dropout > 0 for m in self.members)
+        drop = self._column("dropout").view(k, 1, 1) if any_dropout else None
         for i in range(p.depth):
             pre = f"blocks.{i}"
             w = self._view(f"{pre}.linear.weight")
@@ -260,8 +265,13 @@ class FusedGroup:
     def _lrs(self) -> torch.Tensor:
         return torch.tensor([m.lr for m in self.members], device=self.device, dtype=torch.float64).unsqueeze(1)
 
-    def _column(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, device=self.device, dtype=dtype).unsqueeze(1)
+    def _column(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A member hyperparameter as a (K, 1) column, built once per membership (no per-step copy)."""
+        col = self._columns.get((name, dtype))
+        if col is None:
+            values = [getattr(m.params, name) for m in self.members]
+            col = self._columns[(name, dtype)] = torch.tensor(values, device=self.device, dtype=dtype).unsqueeze(1)
+        return col
 
     @torch.no_grad()
     def _step(self, lr: torch.Tensor) -> None:
@@ -273,16 +283,15 @@ class FusedGroup:
         """
         assert self.flat is not None and self.flat.grad is not None
         p, g = self.flat, self.flat.grad
-        ps = [m.params for m in self.members]
-        opt = ps[0].optimizer
-        wd = self._column([q.weight_decay for q in ps])
+        opt = self.members[0].params.optimizer
+        wd = self._column("weight_decay")
         self.steps += 1
         f32 = torch.float32
         if opt != "adamw":
             g = g.add(p * wd)
         if opt in ("sgd", "momentum", "nesterov"):
             if opt != "sgd":
-                mom = self._column([q.momentum for q in ps])
+                mom = self._column("momentum")
                 buf = self.state.get("momentum_buffer")
                 fresh = (self.steps == 1).unsqueeze(1)
                 buf = g.clone() if buf is None else torch.where(fresh, g, buf * mom + g)
@@ -298,10 +307,10 @@ class FusedGroup:
             acc.addcmul_(g, g, value=1)
             p.addcdiv_(g * (-lr).to(f32), acc.sqrt().add_(1e-10))
         else:  # adam, adamw
-            b1 = self._column([q.beta1 for q in ps], torch.float64)
-            b2 = self._column([q.beta2 for q in ps], torch.float64)
+            b1 = self._column("beta1", torch.float64)
+            b2 = self._column("beta2", torch.float64)
             if opt == "adamw":
-                p.mul_((1 - lr * self._column([q.weight_decay for q in ps], torch.float64)).to(f32))
+                p.mul_((1 - lr * self._column("weight_decay", torch.float64)).to(f32))
             m = self.state.setdefault("exp_avg", torch.zeros_like(p))
             v = self.state.setdefault("exp_avg_sq", torch.zeros_like(p))
             m.lerp_(g, (1 - b1).to(f32))

@@ -73,6 +73,35 @@ class _Heartbeats:
         self.stop.set()
 
 
+class _Snapshot:
+    """The study as read once this epoch, for the pruner.
+
+    Optuna's Trial.should_prune() re-reads every unfinished trial of the study; for K fused
+    members that is K reads of K running trials per epoch. The pruners only need the trials as
+    they stand after this epoch's reports, so one read serves the whole group.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._trials = study.get_trials(deepcopy=False)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        import copy
+
+        trials = [t for t in self._trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    @property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.get_trials()
+
+    def frozen(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        return next(t for t in self._trials if t._trial_id == trial_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
 def _structure(params: Params) -> dict[str, Any]:
     return {k: getattr(params, k) for k in STRUCTURAL}
 
@@ -86,6 +115,7 @@ def run_fused_worker(
     timeout: float | None = None,
     listener: Listener | None = None,
     data: DataCache | None = None,
+    checkpoint_interval: float = 2.0,
 ) -> WorkerResult:
     study, spec = handle.study, handle.spec
     configure_device(device)
@@ -102,6 +132,7 @@ def run_fused_worker(
     group: FusedGroup | None = None
     started_in_group = 0
     started_at: dict[int, float] = {}
+    cost = 0.0  # seconds one member checkpoint took, last time
 
     def can_start() -> bool:
         if n_trials is not None and result.ran >= n_trials:
@@ -216,19 +247,25 @@ def run_fused_worker(
                     torch.cuda.empty_cache()
                 continue
             done: list[int] = []
+            values: dict[int, float] = {}
             for i, (m, loss, val) in enumerate(zip(group.members, losses, vals)):
                 trial: optuna.Trial = m.key
                 m.train_losses.append(loss)
                 m.epoch_seconds.append(seconds)
-                epoch = m.epoch
                 m.epoch += 1
-                if not (math.isfinite(loss) and math.isfinite(val["loss"])):
+                if math.isfinite(loss) and math.isfinite(val["loss"]):
+                    values[i] = metric_value(spec.metric, val)
+                    trial.report(values[i], m.epoch - 1)
+                    listener.epoch_done(trial.number, EpochResult(m.epoch - 1, loss, val, seconds), values[i])
+            snapshot = _Snapshot(study)
+            for i, (m, loss) in enumerate(zip(group.members, losses)):
+                trial = m.key
+                epoch = m.epoch - 1
+                if i not in values:
                     finish(m, TrialState.PRUNED, None, f"diverged: loss is {loss} at epoch {epoch}", i)
                     done.append(i)
                     continue
-                value = metric_value(spec.metric, val)
-                trial.report(value, epoch)
-                listener.epoch_done(trial.number, EpochResult(epoch, loss, val, seconds), value)
+                value = values[i]
                 limit = spec.budget.trial_timeout
                 if m.epoch >= m.epochs:
                     finish(m, TrialState.COMPLETE, value, None, i)
@@ -236,19 +273,27 @@ def run_fused_worker(
                 elif limit and time.monotonic() - started_at[trial.number] > limit:
                     finish(m, TrialState.PRUNED, None, f"trial_timeout: stopped after {limit:g} s in epoch {m.epoch}", i)
                     done.append(i)
-                elif trial.should_prune():
+                elif study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
                     finish(m, TrialState.PRUNED, None, f"pruned by the {spec.pruner.name} rule at epoch {epoch}", i)
                     done.append(i)
-                else:
+                elif time.monotonic() - m.last_checkpoint >= max(checkpoint_interval, 20 * cost * len(group)):
+                    # K members' checkpoints together take at most ~5% of the group's time.
+                    t0 = time.monotonic()
                     handle.artifacts.save_checkpoint(m.number, _member_state(group, i))
+                    m.last_checkpoint = time.monotonic()
+                    cost = m.last_checkpoint - t0
+                    m.checkpoint_epoch = m.epoch
             group.remove(done)
     except KeyboardInterrupt:
         if group is not None and len(group):
             for m in group.members:
-                study.tell(m.key, state=TrialState.FAIL)
+                try:
+                    study.tell(m.key, state=TrialState.FAIL)
+                except Exception:
+                    pass  # already told (the interrupt came while it was being finished)
                 requeue(study, m.key._trial_id)
             result.interrupted_trial = group.members[0].key.number
-            result.resumes_from_epoch = group.members[0].epoch
+            result.resumes_from_epoch = group.members[0].checkpoint_epoch
         raise Interrupted(result) from None
     finally:
         beats.close()
@@ -294,7 +339,7 @@ def _resume(group: FusedGroup, i: int, state: dict[str, Any] | None, trial: optu
         group.steps[i] = state["steps"]
     m.schedule.load_state_dict(state["schedule"])
     m.generator.set_state(state["generator"].cpu())
-    m.epoch = int(state["epoch"])
+    m.epoch = m.checkpoint_epoch = int(state["epoch"])
     m.train_losses = list(state["train_losses"])
     m.epoch_seconds = list(state["epoch_seconds"])
     trial.set_user_attr("resumed_from_epoch", m.epoch)

@@ -59,7 +59,10 @@ class Objective:
     device: torch.device
     artifacts: Artifacts
     listener: Listener
-    checkpoint_every: int = 1
+    # A checkpoint at the end of an epoch once this many seconds passed since the last one: every
+    # epoch of real workloads, but tiny epochs do not pay a file write each (0 = every epoch).
+    checkpoint_interval: float = 2.0
+    checkpointed_epoch: int = 0  # where the trial in flight would resume from
     # Called first thing in every trial: the trial now exists in the storage (the worker
     # releases its budget lock here).
     on_start: Callable[[], None] = lambda: None
@@ -91,6 +94,13 @@ class Objective:
             raise TrialError(reason) from None
         # KeyboardInterrupt (Ctrl-C, SIGTERM) passes through: the checkpoint stays for the retry.
 
+    _checkpoint_cost: float = 0.0
+
+    def _due(self) -> float:
+        """Seconds between checkpoints: the configured interval, stretched so that writing them
+        never takes more than ~5% of the time (a big model's state on a fast epoch)."""
+        return max(self.checkpoint_interval, 20 * self._checkpoint_cost)
+
     def _train(self, trial: optuna.Trial, params: Params, number: int) -> float:
         seed = trial_seed(self.spec.seed, number)
         trainers = []
@@ -104,12 +114,14 @@ class Objective:
             for t, state in zip(trainers, checkpoint["folds"]):
                 t.load_state_dict(state)
             trial.set_user_attr("resumed_from_epoch", trainers[0].epoch)
+        self.checkpointed_epoch = trainers[0].epoch
         self.listener.trial_started(trial.number, params, trainers[0].epoch)
         limit = self.spec.budget.trial_timeout
         for t in trainers:
             t.deadline = time.monotonic() + limit if limit else None
         epochs = self.spec.budget.epochs
         value = float("nan")
+        last_checkpoint = time.monotonic()
         try:
             while trainers[0].epoch < epochs:
                 results = [t.run_epoch() for t in trainers]
@@ -117,10 +129,14 @@ class Objective:
                 value = sum(metric_value(self.spec.metric, r.val) for r in results) / len(results)
                 epoch = results[0].epoch
                 trial.report(value, epoch)
-                if trainers[0].epoch % self.checkpoint_every == 0 and trainers[0].epoch < epochs:
+                if trainers[0].epoch < epochs and time.monotonic() - last_checkpoint >= self._due():
+                    t0 = time.monotonic()
                     self.artifacts.save_checkpoint(
                         number, {"epoch": trainers[0].epoch, "folds": [t.state_dict() for t in trainers]}
                     )
+                    last_checkpoint = time.monotonic()
+                    self._checkpoint_cost = last_checkpoint - t0
+                    self.checkpointed_epoch = trainers[0].epoch
                 self.listener.epoch_done(trial.number, results[0], value)
                 # Pruning after the last epoch would save nothing and throw a finished result away.
                 if trainers[0].epoch < epochs and trial.should_prune():

@@ -291,7 +291,18 @@ class BudgetLock:
 
 
 def _enable_wal(storage: RDBStorage) -> None:
-    # WAL is a property of the file, so setting it once per open is enough and cheap.
+    """WAL (a property of the file) so readers never block the writer, and synchronous=NORMAL
+    (per connection): in WAL mode a commit then needs no fsync, and the database stays
+    consistent through a crash of the process; only a power cut can lose the last commits."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened before the listener existed are replaced
     with storage.engine.connect() as conn:
         conn.exec_driver_sql("PRAGMA journal_mode=WAL")
 

@@ -262,6 +262,7 @@ def run_worker(
     listener: Listener | None = None,
     data: DataCache | None = None,
     wait_for_others: bool = True,
+    checkpoint_interval: float = 2.0,
 ) -> WorkerResult:
     """Run trials until the study's budget is met, `n_trials` ran here, or `timeout` passed.
 
@@ -272,7 +273,7 @@ def run_worker(
     configure_device(device)
     tracker = _Tracker(listener or Listener())
     data = data or DataCache(spec.data, spec.seed, device, spec.model)
-    objective = Objective(spec, data, device, handle.artifacts, tracker)
+    objective = Objective(spec, data, device, handle.artifacts, tracker, checkpoint_interval)
     total = effective_n_trials(spec)
     timeout = timeout if timeout is not None else spec.budget.timeout
     deadline = time.monotonic() + timeout if timeout else None
@@ -311,7 +312,7 @@ def run_worker(
                 )
                 if requeue(study, trial_id) is not None:
                     result.interrupted_trial = tracker.current
-                    result.resumes_from_epoch = tracker.epoch
+                    result.resumes_from_epoch = objective.checkpointed_epoch
             raise Interrupted(result) from None
         finally:
             lock.release()

@@ -31,7 +31,7 @@ def worker_cmd(study: str, *args: str) -> list[str]:
 
 def env_for(url: str, artifacts: Path) -> dict[str, str]:
     env = env_without_storage()
-    env.update(HPO_STORAGE=url, HPO_ARTIFACTS=str(artifacts), OMP_NUM_THREADS="1")
+    env.update(HPO_STORAGE=url, HPO_ARTIFACTS=str(artifacts), OMP_NUM_THREADS="1", HPO_CHECKPOINT_INTERVAL="0")
     return env
 
 

@@ -157,3 +157,47 @@ def test_what_cannot_be_fused_is_refused(write_spec, override, message) -> None:
     doc = small_spec(execution={"mode": "fused", "group_size": 4}, **override)
     with pytest.raises(SpecError, match=message):
         load_spec(write_spec(doc))
+
+
+def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import env_without_storage
+    from tests.test_study import _wait_for
+
+    spec = small_spec(
+        name="fusedint",
+        data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
+        pruner={"name": "none"},
+        budget={"n_trials": 3, "epochs": 6},
+    )
+    url = f"sqlite:///{tmp_path / 'fi.db'}"
+    cmd = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--fuse", "3",
+           "--checkpoint-interval", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_without_storage(), cwd=tmp_path)
+
+    def two_epochs() -> bool:
+        try:
+            ts = optuna.load_study(study_name="fusedint", storage=url).trials
+        except Exception:
+            return False
+        return len(ts) == 3 and all(len(t.intermediate_values) >= 2 for t in ts)
+
+    _wait_for(two_epochs, "three fused members with 2 epochs each")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    states = [t.state for t in optuna.load_study(study_name="fusedint", storage=url).trials]
+    assert states.count(TrialState.FAIL) == 3 and states.count(TrialState.WAITING) == 3
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env_without_storage(), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = optuna.load_study(study_name="fusedint", storage=url).trials
+    retried = [t for t in trials if t.system_attrs.get("retry_history")]
+    assert len(retried) == 3 and all(t.state == TrialState.COMPLETE for t in retried)
+    for t in retried:
+        assert t.user_attrs["resumed_from_epoch"] >= 2
+        assert sorted(t.intermediate_values) == list(range(6))

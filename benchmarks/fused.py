@@ -1,0 +1,83 @@
+"""Issue 7: trials per hour, fused groups vs one trial at a time, on the same study and budget.
+
+Both variants run the same spec (same sampler seed, pruner, trial budget) in this process,
+alternately; reported: wall time, trials per hour, their ratio, and the best validation score of
+each (fusion constrains each group to one structure, so the search itself differs a little).
+Targets: >= 2.5x on a 2-core CPU for the digits MLP study; >= 10x on a GPU for Fashion-MNIST MLP.
+
+    python benchmarks/fused.py                                  # digits, CPU
+    python benchmarks/fused.py --spec benchmarks/specs/fashion_fused.yaml --group-size 32   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+from _common import HERE, alternate, median, record, shown, table
+
+import optuna
+import torch
+
+from hpo.data import DataCache
+from hpo.fused_study import run_fused_worker
+from hpo.spec import load_spec
+from hpo.storage import open_storage
+from hpo.study import open_for_spec, run_worker
+
+
+def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, int]:
+    name = f"{spec.name}-{'fused' if group else 'seq'}-{time.monotonic_ns()}"
+    spec = dataclasses.replace(spec, name=name)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/hpo.db"
+        handle = open_for_spec(spec, open_storage(url), url, f"{tmp}/artifacts")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if group:
+            run_fused_worker(handle, device=device, group_size=group, data=data)
+        else:
+            run_worker(handle, device=device, data=data)
+        wall = time.perf_counter() - t0
+        return wall, handle.study.best_value, len(handle.study.trials)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", type=Path, default=HERE / "specs" / "digits_fused.yaml")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n-trials", type=int, default=None, help="override the spec's budget")
+    ap.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    spec = load_spec(args.spec).with_budget(n_trials=args.n_trials, epochs=args.epochs)
+    device = torch.device(args.device)
+    data = DataCache(spec.data, spec.seed, device, spec.model)
+    data.folds("standard")  # load and place the data once, outside the clocks
+    res = alternate({
+        "one at a time": lambda: run(spec, device, data, None),  # noqa: E731
+        f"fused x{args.group_size}": lambda: run(spec, device, data, args.group_size),
+    }, args.repeats)
+    rows = []
+    for name, runs in res.items():
+        print(name, runs, flush=True)
+        wall = median([r[0] for r in runs])
+        rows.append([name, wall, runs[0][2] / wall * 3600, max(r[1] for r in runs), " ".join(f"{r[0]:.1f}" for r in runs)])
+    speedup = rows[0][1] / rows[1][1]
+    body = table(["variant", "median wall s", "trials / hour", "best val", "runs (s)"], rows)
+    notes = (f"Spec `{shown(args.spec)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x "
+             f"{spec.budget.epochs} epochs, {spec.sampler.name} seed {spec.seed}, {spec.pruner.name} pruner, on {device}.\n"
+             f"**Fused / one at a time: {speedup:.2f}x trials per hour**; best val {rows[1][3]:.4f} fused vs "
+             f"{rows[0][3]:.4f} one at a time.")
+    record(f"Fused trials vs one at a time ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()

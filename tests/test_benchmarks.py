@@ -1,0 +1,36 @@
+"""Every benchmark script runs (tiny settings, nothing saved); timings are never asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "benchmarks" / "specs" / "smoke.yaml")
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("data_path.py", ["--repeats", "1", "--batch-sizes", "64"], "hpo / pure"),
+    ("study_vs_baseline.py", ["--repeats", "1", "--spec", SMOKE], "hpo / script wall time"),
+    ("pruning.py", ["--seeds", "0", "--spec", SMOKE], "of epochs saved"),
+    ("storage_overhead.py", ["--trials", "6", "--storages", "memory,sqlite,postgres"], "hpo adds"),
+    ("workers.py", ["--repeats", "1", "--trials", "4"], "2 workers / 1 worker"),
+    ("fused.py", ["--repeats", "1", "--spec", SMOKE, "--group-size", "2"], "Fused / one at a time"),
+])
+def test_benchmark_script_runs(script: str, args: list[str], expect: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout
+    assert "| " in out.stdout  # a table was printed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks/gpu.py needs a CUDA GPU")
+def test_gpu_benchmark_runs() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--epochs", "1",
+                          "--study-trials", "2", "--no-save"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
