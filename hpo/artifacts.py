@@ -81,6 +81,8 @@ class Artifacts:
         """The newest readable checkpoint of a trial (by original number), or None."""
         best: dict[str, Any] | None = None
         for slot in self._slots(number):
+            if isinstance(self.store, FileSystemArtifactStore) and not (self.path / slot).is_file():
+                continue  # missing, or not a regular file (a device would be read forever)
             try:
                 with self.store.open_reader(slot) as f:
                     state = _deserialize(f.read())

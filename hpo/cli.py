@@ -26,13 +26,46 @@ STORAGE_HELP = "Storage URL [env HPO_STORAGE; default sqlite:///hpo.db]."
 
 
 class _Group(click.Group):
-    """Turns the project's own errors into `Error: <one line>` and exit status 1."""
+    """Every error a user can cause ends as one line, `Error: ...`, and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HpoError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            if not _is_storage_failure(e):
+                raise  # a bug in hpo: keep the traceback
+            from hpo.storage import reason
+
+            raise click.ClickException(f"storage error: {reason(e)}") from None
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click prints usage errors as a usage block plus the error; we print the error alone
+        (with where to look), so every mistake is one line."""
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+
+
+def _is_storage_failure(e: BaseException) -> bool:
+    """The database refused a write or a query (read-only file, lost server past the retries)."""
+    try:
+        from optuna.exceptions import StorageInternalError
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, (SQLAlchemyError, StorageInternalError))
 
 
 def storage_option(f: F) -> F:

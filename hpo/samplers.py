@@ -48,17 +48,41 @@ def grid_size(spec: StudySpec) -> int:
     return n
 
 
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _check_type(path: str, annotation: Any, value: Any) -> None:
+    """Optuna stores most options without checking them; a wrong type would only fail later,
+    inside a running study. Check against the constructor's annotation now."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = [part.strip().strip("'\"") for part in str(text).split("|")]
+    kinds = [_KINDS[n] for n in names if n in _KINDS]
+    if not kinds or kinds == [type(None)]:  # a callable or an object: not expressible in YAML
+        raise SpecError(f"{path}: cannot be set from a study file")
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ok = int in kinds or float in kinds
+    else:
+        ok = any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds)
+    if not ok:
+        wanted = " or ".join(n for n in names if n in _KINDS).replace("None", "null")
+        raise SpecError(f"{path}: must be {wanted}, not {value!r}")
+
+
 def _construct(
     cls: Callable[..., Any], path: str, kwargs: dict[str, Any], fixed: dict[str, Any]
 ) -> Any:
-    accepted = [k for k in inspect.signature(cls).parameters if k not in ("self", "args", "kwargs")]
-    for key in kwargs:
+    params = inspect.signature(cls).parameters
+    accepted = [k for k in params if k not in ("self", "args", "kwargs")]
+    for key, value in kwargs.items():
         if key in fixed:
             raise SpecError(f"{path}.{key}: is set by hpo (seed comes from the top-level seed)")
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise SpecError(f"{path}.{key}: unknown option{hint}")
+        _check_type(f"{path}.{key}", params[key].annotation, value)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental-feature warnings are not the user's fault

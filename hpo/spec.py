@@ -318,7 +318,9 @@ class _Validator:
         self.source = source
 
     def fail(self, path: str, message: str) -> SpecError:
-        return SpecError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+        text = f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
+        # Keys come from the user's file: escape control characters so the error stays one line.
+        return SpecError(text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text)
 
     def mapping(
         self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()

@@ -102,16 +102,29 @@ _DB_METHODS = (
 )
 
 
-def is_connection_error(e: BaseException) -> bool:
+# What drivers say when the server or the connection is the problem (and waiting can fix it);
+# "attempt to write a readonly database" or a missing table is also an OperationalError, but
+# waiting would only delay the error.
+_TRANSIENT = (
+    "database is locked", "could not connect", "connection refused", "server closed",
+    "terminating connection", "connection reset", "broken pipe", "lost connection",
+    "gone away", "timed out", "timeout expired", "connection is closed", "connection was closed",
+    "ssl syscall", "the database system is", "can't connect", "connection to server",
+    "no connection to the server", "consuming input failed",
+)
+
+
+def is_connection_error(e: BaseException | None) -> bool:
     """A dropped or refused connection (server restart, network blip, SQLite busy), as opposed
-    to a bad query or a constraint violation, which retrying cannot fix."""
+    to a bad query, a read-only file or a constraint violation, which retrying cannot fix."""
     from sqlalchemy import exc
 
     while e is not None:
-        if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
-            return True
         if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
             return True
+        if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
+            text = str(e.orig if e.orig is not None else e).lower()
+            return any(marker in text for marker in _TRANSIENT)
         e = e.__cause__  # Optuna wraps SQLAlchemy errors in StorageInternalError
     return False
 
@@ -191,7 +204,7 @@ def _open_grpc(url: str) -> BaseStorage:
         import grpc
 
         channel = grpc.insecure_channel(f"{host}:{port}")
-        grpc.channel_ready_future(channel).result(timeout=10)
+        grpc.channel_ready_future(channel).result(timeout=5)
         channel.close()
         return optuna.storages.GrpcStorageProxy(host=host, port=port)
     except ImportError:
@@ -305,6 +318,13 @@ def _enable_wal(storage: RDBStorage) -> None:
     storage.engine.dispose()  # connections opened before the listener existed are replaced
     with storage.engine.connect() as conn:
         conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
+def reason(e: BaseException) -> str:
+    """One line describing a storage failure, for users."""
+    while getattr(e, "__cause__", None) is not None and not getattr(e, "orig", None):
+        e = e.__cause__  # type: ignore[assignment]
+    return _reason(e)
 
 
 def _reason(e: BaseException) -> str:
