@@ -75,6 +75,16 @@ def record(title: str, body: str, notes: str = "", save: bool = True) -> None:
             f.write(text)
 
 
+def warm_up() -> None:
+    """First-use costs off the clock: torch.optim's first import pulls in torch._dynamo (~1 s)."""
+    import torch
+
+    w = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.Adam([w])
+    (w * 2).sum().backward()
+    opt.step()
+
+
 def alternate(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
     """Run each variant `repeats` times, interleaved (A B A B ...), so drift hits all alike."""
     out: dict[str, list[Any]] = {name: [] for name in variants}

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import alternate, median, record, table
-
 import torch
 import torch.nn.functional as F
+from _common import alternate, median, record, table
 
 from hpo.data import DataCache
 from hpo.model import build_model

@@ -17,16 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, alternate, median, record, shown, table
-
 import optuna
 import torch
+from _common import HERE, alternate, median, record, shown, table, warm_up
 
 from hpo.data import DataCache
 from hpo.fused_study import run_fused_worker
 from hpo.spec import load_spec
 from hpo.storage import open_storage
-from hpo.study import open_for_spec, run_worker
+from hpo.study import open_for_spec
+from hpo.worker import run_worker
 
 
 def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, int]:
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    warm_up()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_spec(args.spec).with_budget(n_trials=args.n_trials, epochs=args.epochs)
     device = torch.device(args.device)

@@ -15,9 +15,8 @@ import dataclasses
 import tempfile
 import time
 
-from _common import HERE, record, table
-
 import torch
+from _common import HERE, record, table
 
 from hpo.data import DataCache
 from hpo.model import build_model, count_parameters
@@ -88,7 +87,8 @@ def epoch_stats(family: str, p: Params, data: DataCache, device: torch.device, e
 
 def study_rate(spec_path, n_trials: int, epochs: int, device: torch.device, data: DataCache) -> tuple[float, float]:
     from hpo.storage import open_storage
-    from hpo.study import open_for_spec, run_worker
+    from hpo.study import open_for_spec
+    from hpo.worker import run_worker
 
     spec = load_spec(spec_path).with_budget(n_trials=n_trials, epochs=epochs, timeout=None)
     spec = dataclasses.replace(spec, name=f"{spec.name}-gpu-{time.monotonic_ns()}")

@@ -1,7 +1,9 @@
 """Question 3: what does the median pruner save, and what does it cost in result quality?
 
-The same spec run with the median pruner and with none, same sampler seed and trial budget, for
-several seeds. Reported: epochs trained, wall time and best validation score of each.
+The same spec run with hpo's default pruner (`pruner: median`, Optuna's MedianPruner defaults:
+5 startup trials, no warm-up steps) and with none, same sampler seed and trial budget, for several
+seeds. `--spec-pruner` uses the spec's own pruner settings instead. Reported: epochs trained,
+wall time and best validation score of each.
 Target: >= 50% of epochs saved, best score within 0.5 points.
 
     python benchmarks/pruning.py [--seeds 0,1,2] [--spec benchmarks/specs/digits_bench.yaml]
@@ -15,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, median, record, shown, table
-
 import torch
+from _common import HERE, median, record, shown, table, warm_up
 
 from hpo.spec import PrunerSpec, load_spec
 from hpo.storage import open_storage
-from hpo.study import open_for_spec, run_worker
+from hpo.study import open_for_spec
+from hpo.worker import run_worker
 
 
 def run(spec, pruner: PrunerSpec, seed: int) -> tuple[int, float, float]:
@@ -40,9 +42,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--spec", type=Path, default=HERE / "specs" / "digits_bench.yaml")
+    ap.add_argument("--spec-pruner", action="store_true", help="the spec's pruner settings, not the defaults")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    warm_up()
     spec = load_spec(args.spec)
+    if not args.spec_pruner:
+        spec = dataclasses.replace(spec, pruner=PrunerSpec("median"))
     rows, saved, gaps = [], [], []
     for seed in map(int, args.seeds.split(",")):
         pruned = run(spec, spec.pruner, seed)

@@ -16,23 +16,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, alternate, median, record, shown, table
-
 import torch
+from _common import HERE, alternate, median, record, shown, table, warm_up
 
+from hpo.results import finalize
 from hpo.spec import load_spec
 from hpo.storage import open_storage
-from hpo.study import finalize, open_for_spec, run_worker
+from hpo.study import open_for_spec
+from hpo.worker import run_worker
 
 
-def run_hpo(spec_path: Path) -> tuple[float, float]:
+def run_hpo(spec_path: Path, fuse: int | None = None) -> tuple[float, float]:
     spec = load_spec(spec_path)
+    if fuse:
+        spec = spec.fused(fuse)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/hpo.db"
         t0 = time.perf_counter()
         handle = open_for_spec(spec, open_storage(url), url, f"{tmp}/artifacts")
         device = torch.device("cpu")
-        run_worker(handle, device=device)
+        if fuse:
+            from hpo.fused_study import run_fused_worker
+
+            run_fused_worker(handle, device=device, group_size=fuse)
+        else:
+            run_worker(handle, device=device)
         finalize(handle, device)
         return time.perf_counter() - t0, handle.study.best_value
 
@@ -50,12 +58,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--spec", type=Path, default=HERE / "specs" / "digits_bench.yaml")
+    ap.add_argument("--fuse", type=int, default=8, help="also run hpo with fused groups of this size (0: no)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    warm_up()
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    results = alternate({"hpo": lambda: run_hpo(args.spec), "script": lambda: run_baseline(args.spec)}, args.repeats)
+    variants = {"hpo": lambda: run_hpo(args.spec), "script": lambda: run_baseline(args.spec)}
+    if args.fuse:
+        variants[f"hpo --fuse {args.fuse}"] = lambda: run_hpo(args.spec, args.fuse)
+    results = alternate(variants, args.repeats)
     rows = []
     for name, runs in results.items():
         rows.append([name, median([r[0] for r in runs]), " ".join(f"{r[0]:.1f}" for r in runs),
@@ -70,6 +83,12 @@ def main() -> None:
         f"**hpo / script wall time: {ratio:.2f}x** (target <= 0.8x); median best val: hpo is "
         f"{-gap:+.2f} points against the script (target: no worse than -0.3)."
     )
+    if args.fuse:
+        fused = results[f"hpo --fuse {args.fuse}"]
+        f_ratio = median([r[0] for r in fused]) / median([r[0] for r in results["script"]])
+        f_gap = (median([r[1] for r in fused]) - median([r[1] for r in results["script"]])) * 100
+        notes += (f"\n**hpo --fuse {args.fuse} / script: {f_ratio:.2f}x**, best val {f_gap:+.2f} points "
+                  "against the script.")
     record("Whole study: hpo vs the hand-written Optuna script", body, notes, save=not args.no_save)
 
 

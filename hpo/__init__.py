@@ -5,8 +5,10 @@ Describe a study in YAML, run it with `hpo run`, watch it with `hpo dashboard`, 
 """
 
 from hpo.errors import DataError, HpoError, SpecError, StorageError
+from hpo.results import finalize, summarize
 from hpo.spec import StudySpec, load_spec
-from hpo.study import finalize, open_existing, open_for_spec, run_worker, summarize
+from hpo.study import open_existing, open_for_spec
+from hpo.worker import run_worker
 
 __version__ = "0.1.0"
 

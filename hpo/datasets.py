@@ -274,7 +274,7 @@ def _npz(spec: DataSpec, seed: int) -> Source:
         raise DataError(f"data.path: X has {len(x)} rows but y has {len(y)}")
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise DataError(f"data.path: X has NaN or infinite values")
+        raise DataError("data.path: X has NaN or infinite values")
     if x.ndim == 3:
         x = x[:, None]  # N x H x W images -> one channel
     y_fixed, n_out, classes = _labels(y, spec.task, "data.path: y")

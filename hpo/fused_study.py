@@ -24,22 +24,17 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from hpo.budget import budget_status, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.fused import STRUCTURAL, FusedGroup, Member
-from hpo.objective import Listener, is_oom, trial_seed
+from hpo.objective import Listener, improves, is_oom, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
 from hpo.storage import BudgetLock
-from hpo.study import (
-    Interrupted,
-    StudyHandle,
-    WorkerResult,
-    budget_status,
-    requeue,
-    wait_for_running,
-)
+from hpo.study import StudyHandle
 from hpo.train import EpochResult, configure_device, metric_value
+from hpo.worker import Interrupted, WorkerResult
 
 
 class _Heartbeats:
@@ -212,7 +207,7 @@ def run_fused_worker(
         trial.set_user_attr("n_params", group.layout[-1][3] if group else 0)
         if reason:
             trial.set_user_attr("reason", reason)
-        if state == TrialState.COMPLETE:
+        if state == TrialState.COMPLETE and value is not None and improves(study, value):
             handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
                                                         "params": member.params.to_dict()})
         handle.artifacts.remove_checkpoint(member.number)

@@ -22,7 +22,7 @@ from hpo.model import build_model, count_parameters
 from hpo.params import Params
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.train import Diverged, TimeLimit, Trainer, metric_value
+from hpo.train import Diverged, EpochResult, TimeLimit, Trainer, metric_value
 
 
 class Listener:
@@ -152,10 +152,21 @@ class Objective:
             raise optuna.TrialPruned("trial_timeout") from None
         finally:
             _record(trial, trainers, self.device)
-        state = {"models": [t.model.state_dict() for t in trainers], "params": params.to_dict()}
-        self.artifacts.upload(trial, "model.pt", state)
+        if improves(trial.study, value):  # only a model that may be the best is worth keeping
+            state = {"models": [t.model.state_dict() for t in trainers], "params": params.to_dict()}
+            self.artifacts.upload(trial, "model.pt", state)
         self.artifacts.remove_checkpoint(number)
         return value
+
+
+def improves(study: optuna.Study, value: float) -> bool:
+    """Whether `value` beats every completed trial so far (ties included), so its weights must be
+    kept for the final test scoring; the others' weights are not saved."""
+    try:
+        best = study.best_value
+    except ValueError:  # no completed trial yet
+        return True
+    return value >= best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
 
 
 def fold_seed(seed: int, fold: int) -> int:

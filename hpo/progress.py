@@ -14,9 +14,10 @@ from typing import Any, TextIO
 
 import optuna
 
+from hpo.budget import budget_status
 from hpo.objective import Listener
 from hpo.params import Params
-from hpo.study import Summary, budget_status, summarize
+from hpo.results import Summary, summarize
 from hpo.train import EpochResult
 
 

@@ -68,6 +68,17 @@ def invoke(runner: CliRunner, *args: str):
     return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def wait_for(predicate, what: str, limit: float = 120.0) -> None:
+    """Poll a condition in the storage (not a timing assumption); fail if it never comes."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def env_without_storage() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("HPO_STORAGE", None)

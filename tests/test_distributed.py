@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, small_spec
+from tests.conftest import env_without_storage, invoke, small_spec, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -42,14 +41,6 @@ def create(runner, write_spec, url: str, spec: dict, tmp_path: Path) -> None:
     from hpo.study import open_for_spec
 
     open_for_spec(load_spec(write_spec(spec)), open_storage(url), url, str(tmp_path / "artifacts"))
-
-
-def _wait_for(predicate, what: str, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_four_workers_share_one_exact_budget(pg_url, write_spec, runner, tmp_path) -> None:
@@ -99,7 +90,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, 
         return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2
                    for t in study.get_trials(deepcopy=False))
 
-    _wait_for(running_with_two_epochs, "the victim's trial to report 2 epochs")
+    wait_for(running_with_two_epochs, "the victim's trial to report 2 epochs")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     # A worker started with only the study name and the storage (HPO_STORAGE) takes over.
@@ -133,7 +124,7 @@ def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -
             return False
         return sum(t.state.is_finished() for t in ts) >= 5
 
-    _wait_for(some_done, "5 finished trials")
+    wait_for(some_done, "5 finished trials")
     version = os.listdir("/etc/postgresql")[0]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
     out, err = proc.communicate(timeout=600)

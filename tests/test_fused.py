@@ -164,8 +164,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
     import subprocess
     import sys
 
-    from tests.conftest import env_without_storage
-    from tests.test_study import _wait_for
+    from tests.conftest import env_without_storage, wait_for
 
     spec = small_spec(
         name="fusedint",
@@ -187,7 +186,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
             return False
         return len(ts) == 3 and all(len(t.intermediate_values) >= 2 for t in ts)
 
-    _wait_for(two_epochs, "three fused members with 2 epochs each")
+    wait_for(two_epochs, "three fused members with 2 epochs each")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

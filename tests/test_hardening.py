@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
@@ -257,9 +255,9 @@ def test_loading_never_executes_code() -> None:
     assert loads and all("weights_only=True" in line for line in loads)
     assert "yaml.load(" not in sources.replace("yaml.load(text, Loader=_Loader)", "")
     assert "allow_pickle=False" in sources
-    from hpo.spec import _Loader
-
     import yaml as _yaml
+
+    from hpo.spec import _Loader
 
     assert issubclass(_Loader, _yaml.SafeLoader)
 
@@ -311,7 +309,8 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     from hpo.objective import Listener
     from hpo.spec import load_spec
     from hpo.storage import open_storage
-    from hpo.study import open_for_spec, run_worker
+    from hpo.study import open_for_spec
+    from hpo.worker import run_worker
 
     class Flaky(Listener):
         def epoch_done(self, number, result, value):

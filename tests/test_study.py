@@ -6,14 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, small_spec
+from tests.conftest import env_without_storage, invoke, small_spec, wait_for
 
 
 def load(url: str, name: str = "small") -> optuna.Study:
@@ -101,15 +100,6 @@ def test_stock_optuna_cli_reads_the_study(write_spec, runner, storage_url) -> No
     assert json.loads(best.stdout)["value"] == {"val_accuracy": load(storage_url).best_value}
 
 
-def _wait_for(predicate, what: str, limit: float = 120.0) -> None:
-    """Poll a condition in the storage (not a timing assumption): fail if it never comes."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path) -> None:
     spec = small_spec(
         data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
@@ -132,7 +122,7 @@ def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path
             return False  # study not created yet
         return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2 for t in ts)
 
-    _wait_for(two_epochs_reported, "a running trial with 2 epochs")
+    wait_for(two_epochs_reported, "a running trial with 2 epochs")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -172,7 +162,7 @@ def test_sigterm_is_handled_like_ctrl_c(write_spec, tmp_path) -> None:
         except Exception:
             return False
 
-    _wait_for(one_epoch, "the first epoch")
+    wait_for(one_epoch, "the first epoch")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "is queued and resumes from epoch" in err

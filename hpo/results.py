@@ -1,0 +1,134 @@
+"""After the search: the best model scored once on the test split, summaries, deletion."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from hpo.artifacts import find_artifact
+from hpo.data import DataCache
+from hpo.model import build_model
+from hpo.params import Params
+from hpo.study import (
+    ARTIFACTS_ATTR,
+    SPEC_ATTR,
+    TEST_ATTR,
+    UID_ATTR,
+    StudyHandle,
+    system_attrs,
+)
+from hpo.train import evaluate_ensemble
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
+    """Score the best trial's model once on the test split and save it as the study's model."""
+    study, spec = handle.study, handle.spec
+    best = best_trial(study)
+    if best is None:
+        return None
+    recorded = study.user_attrs.get(TEST_ATTR)
+    if recorded and recorded.get("trial") == best.number:
+        return recorded
+    model_id = find_artifact(best, "model.pt", study._storage)
+    if model_id is None:
+        return None
+    saved = handle.artifacts.read(model_id)
+    params = Params.from_mapping(saved["params"])
+    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    folds = data.folds(params.scaling)
+    models = []
+    for fold, state in zip(folds, saved["models"]):
+        model = build_model(spec.model, params, fold.input_shape, fold.n_outputs)
+        model.load_state_dict(state)
+        models.append(model.to(device))
+    # With cross-validation the best model is the ensemble of its k fold models.
+    scores = evaluate_ensemble(models, [f.test for f in folds], folds[0].task, device)
+    metric = spec.metric.replace("val_", "test_")
+    bundle = {
+        "models": [m.state_dict() for m in models],
+        "params": params.to_dict(),
+        "model_family": spec.model,
+        "input_shape": list(folds[0].input_shape),
+        "n_outputs": folds[0].n_outputs,
+        "spec": spec.to_dict(),
+        "trial": best.number,
+        "test": scores,
+    }
+    artifact_id = handle.artifacts.upload(study, "best_model.pt", bundle)
+    record = {
+        "trial": best.number,
+        "metric": metric,
+        "value": scores[metric.removeprefix("test_")],
+        "scores": scores,
+        "val_value": best.value,
+        "model_artifact": artifact_id,
+        "model_path": str(handle.artifacts.file_of(artifact_id).resolve()),
+    }
+    study.set_user_attr(TEST_ATTR, record)
+    return record
+
+
+def delete_study(study: optuna.Study) -> int:
+    """Delete a study and the files it put in its artifact store; returns files removed."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    system = system_attrs(study)
+    removed = 0
+    if (folder := system.get(ARTIFACTS_ATTR)) and Path(folder).is_dir():
+        ids = {m.artifact_id for m in get_all_artifact_meta(study)}
+        for t in study.get_trials(deepcopy=False):
+            ids.update(m.artifact_id for m in get_all_artifact_meta(t, storage=study._storage))
+        paths = [Path(folder) / i for i in ids]
+        if uid := system.get(UID_ATTR):
+            paths += list(Path(folder).glob(f"{uid}-trial*.ckpt"))
+        for path in paths:
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    return removed
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    direction: str
+    metric: str
+    counts: dict[str, int]
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    test: dict[str, Any] | None
+    n_trials_budget: int | None
+
+
+def summarize(study: optuna.Study) -> Summary:
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    best = best_trial(study)
+    attrs = study.user_attrs
+    spec = attrs.get(SPEC_ATTR) or {}
+    return Summary(
+        name=study.study_name,
+        direction=study.direction.name.lower(),
+        metric=spec.get("metric", "value"),
+        counts=dict(counts),
+        best_number=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        test=attrs.get(TEST_ATTR),
+        n_trials_budget=(spec.get("budget") or {}).get("n_trials"),
+    )

@@ -1,0 +1,130 @@
+"""One worker running trials one at a time until the study's budget is met."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.budget import budget_status, requeue, wait_for_running
+from hpo.data import DataCache
+from hpo.errors import TrialError
+from hpo.objective import Listener, Objective
+from hpo.params import Params
+from hpo.samplers import effective_n_trials
+from hpo.storage import BudgetLock
+from hpo.study import StudyHandle
+from hpo.train import configure_device
+
+
+@dataclass
+class WorkerResult:
+    ran: int = 0
+    stopped: str = ""
+    interrupted_trial: int | None = None
+    resumes_from_epoch: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _Tracker(Listener):
+    """Remembers the trial in flight (to requeue it on Ctrl-C) and forwards to the front end."""
+
+    def __init__(self, inner: Listener) -> None:
+        self.inner = inner
+        self.current: int | None = None
+        self.epoch = 0
+
+    def trial_started(self, number: int, params: Params, resumed_epoch: int) -> None:
+        self.current, self.epoch = number, resumed_epoch
+        self.inner.trial_started(number, params, resumed_epoch)
+
+    def epoch_done(self, number: int, result: Any, value: float) -> None:
+        self.epoch = result.epoch + 1
+        self.inner.epoch_done(number, result, value)
+
+    def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.current = None
+        self.inner.trial_finished(study, trial)
+
+
+def run_worker(
+    handle: StudyHandle,
+    *,
+    device: torch.device,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    listener: Listener | None = None,
+    data: DataCache | None = None,
+    wait_for_others: bool = True,
+    checkpoint_interval: float = 2.0,
+) -> WorkerResult:
+    """Run trials until the study's budget is met, `n_trials` ran here, or `timeout` passed.
+
+    KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it by the CLI) ends the trial in flight as
+    FAIL, queues its retry and re-raises: the next run resumes it from its last checkpoint.
+    """
+    study, spec = handle.study, handle.spec
+    configure_device(device)
+    tracker = _Tracker(listener or Listener())
+    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    objective = Objective(spec, data, device, handle.artifacts, tracker, checkpoint_interval)
+    total = effective_n_trials(spec)
+    timeout = timeout if timeout is not None else spec.budget.timeout
+    deadline = time.monotonic() + timeout if timeout else None
+    result = WorkerResult()
+
+    def after_trial(s: optuna.Study, t: FrozenTrial) -> None:
+        tracker.trial_finished(s, t)
+        if t.state == TrialState.FAIL and device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    lock = BudgetLock(study._storage, study._study_id)
+    objective.on_start = lock.release
+    while True:
+        if n_trials is not None and result.ran >= n_trials:
+            result.stopped = f"ran the {n_trials} trials asked of this worker"
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            result.stopped = f"timeout of {timeout:g} s reached"
+            break
+        lock.acquire()  # held until the next trial exists, so workers never overshoot
+        status = budget_status(study, total)
+        if status.remaining <= 0 and status.waiting == 0:
+            lock.release()
+            if wait_for_others and wait_for_running(study):
+                continue
+            result.stopped = f"study budget of {total} trials reached"
+            break
+        try:
+            # The callback costs a storage read per trial: only when someone listens (or on a GPU,
+            # where a failed trial's memory is handed back).
+            callbacks = [after_trial] if listener is not None or device.type == "cuda" else None
+            study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=callbacks)
+        except KeyboardInterrupt:
+            lock.release()  # before the storage writes below
+            if tracker.current is not None:
+                trial_id = study._storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, tracker.current
+                )
+                if requeue(study, trial_id) is not None:
+                    result.interrupted_trial = tracker.current
+                    result.resumes_from_epoch = objective.checkpointed_epoch
+            raise Interrupted(result) from None
+        finally:
+            lock.release()
+        result.ran += 1
+    return result
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the worker; `result` says which trial will resume where."""
+
+    def __init__(self, result: WorkerResult) -> None:
+        super().__init__()
+        self.result = result
