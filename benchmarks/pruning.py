@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     warm_up()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_spec(args.spec)
     if not args.spec_pruner:
         spec = dataclasses.replace(spec, pruner=PrunerSpec("median"))

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from hpo.budget import budget_status, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.fused import STRUCTURAL, FusedGroup, Member
-from hpo.objective import Listener, improves, is_oom, trial_seed
+from hpo.objective import Listener, improves, is_oom, original_number, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
@@ -138,7 +138,7 @@ def run_fused_worker(
             return False
         return True
 
-    def ask(fixed: dict[str, Any] | None) -> tuple[optuna.Trial, Params] | None:
+    def ask(fixed: dict[str, Any] | None) -> tuple[optuna.Trial, Params, int] | None:
         lock.acquire()
         try:
             status = budget_status(study, total)
@@ -159,8 +159,9 @@ def run_fused_worker(
                         warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
                         optuna.storages.fail_stale_trials(study)
                         trial = study.ask()
+                    number = original_number(trial)  # before suggest(), which fills trial.params
                     # Suggest while the partial-fixed sampler is in place: it fixes the structure.
-                    return trial, suggest(trial, spec)
+                    return trial, suggest(trial, spec), number
                 finally:
                     study.sampler = base_sampler
         finally:
@@ -176,8 +177,7 @@ def run_fused_worker(
             asked = ask(fixed)
             if asked is None:
                 return
-            trial, params = asked
-            number = _original_number(trial)
+            trial, params, number = asked
             if fresh:
                 split = data.folds(params.scaling)[0]
                 group = FusedGroup(split, device)
@@ -294,11 +294,6 @@ def run_fused_worker(
         beats.close()
         study.sampler = base_sampler
     return result
-
-
-def _original_number(trial: optuna.Trial) -> int:
-    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
-    return int(history[0]) if history else trial.number
 
 
 def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:

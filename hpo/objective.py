@@ -37,6 +37,8 @@ class Listener:
 
 def original_number(trial: optuna.Trial) -> int:
     """The number of the first attempt of this trial: retries share its seed and checkpoint."""
+    if not trial.params:  # a retry is created with its parameters; a fresh trial has none yet
+        return trial.number
     attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
     history = attrs.get("retry_history") or []
     return int(history[0]) if history else trial.number
@@ -69,8 +71,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.on_start()
+        number = original_number(trial)  # before suggest(), which fills trial.params
         params = suggest(trial, self.spec)
-        number = original_number(trial)
         try:
             return self._train(trial, params, number)
         except optuna.TrialPruned:

@@ -271,36 +271,47 @@ class BudgetLock:
         self.dialect = self.engine.dialect.name if self.engine is not None else ""
         self.key = 0x6870_6F00_0000 + study_id  # "hpo" + study id: one lock per study
         self.conn: Any = None
+        self.held = False
 
     def acquire(self) -> None:
         if self.dialect in ("postgresql", "mysql", "mariadb"):
             call_with_retry(self._acquire)
 
     def _acquire(self) -> None:
-        conn = self.engine.connect()  # type: ignore[union-attr]
+        # One connection for the worker's lifetime: a checkout per trial would cost a pre-ping.
+        if self.conn is None:
+            self.conn = self.engine.connect()  # type: ignore[union-attr]
         try:
             if self.dialect == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_lock({self.key})")
+                self.conn.exec_driver_sql(f"SELECT pg_advisory_lock({self.key})")
             else:
-                conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-{self.key}', 60)")
+                self.conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-{self.key}', 60)")
+            self.held = True
         except Exception:
-            conn.close()
+            self._drop()
             raise
-        self.conn = conn
 
     def release(self) -> None:
-        if self.conn is None:
+        if not self.held:
             return
-        conn, self.conn = self.conn, None
+        self.held = False
         try:
             if self.dialect == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.key})")
+                self.conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.key})")
             else:
-                conn.exec_driver_sql(f"SELECT RELEASE_LOCK('hpo-{self.key}')")
+                self.conn.exec_driver_sql(f"SELECT RELEASE_LOCK('hpo-{self.key}')")
+            self.conn.commit()
         except Exception:
-            pass  # a dropped connection released the lock with it
-        finally:
-            conn.close()
+            self._drop()  # a dropped connection released the lock with it
+
+    def _drop(self) -> None:
+        conn, self.conn, self.held = self.conn, None, False
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:
+                pass
 
 
 def _enable_wal(storage: RDBStorage) -> None:
