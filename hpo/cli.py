@@ -183,7 +183,8 @@ def _heartbeat(interval: int | None, grace: int | None) -> Any:
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="The study's total number of trials (overrides budget.n_trials).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop starting trials after this many seconds (overrides budget.timeout).")
+              help="Stop after this many seconds (overrides budget.timeout); a trial still running then is "
+                   "queued and resumes from its checkpoint on the next run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes (needs a server storage when > 1) [default 1, or one per --gpus].")
@@ -308,7 +309,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="Run at most this many trials here (the study's total still applies).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop starting trials after this many seconds.")
+              help="Stop after this many seconds; a trial still running then is queued to resume.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
 @fuse_option

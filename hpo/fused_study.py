@@ -31,7 +31,7 @@ from hpo.objective import Listener, improves, is_oom, original_number, trial_see
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
-from hpo.storage import BudgetLock
+from hpo.storage import BudgetLock, set_user_attrs
 from hpo.study import StudyHandle
 from hpo.train import EpochResult, configure_device, metric_value
 from hpo.worker import Interrupted, WorkerResult
@@ -201,12 +201,15 @@ def run_fused_worker(
 
     def finish(member: Member, state: TrialState, value: float | None, reason: str | None, index: int) -> None:
         trial: optuna.Trial = member.key
-        trial.set_user_attr("train_loss", [round(v, 6) for v in member.train_losses])
-        trial.set_user_attr("epoch_seconds", [round(v, 4) for v in member.epoch_seconds])
-        trial.set_user_attr("device", str(device))
-        trial.set_user_attr("n_params", group.layout[-1][3] if group else 0)
+        attrs: dict[str, object] = {
+            "train_loss": [round(v, 6) for v in member.train_losses],
+            "epoch_seconds": [round(v, 4) for v in member.epoch_seconds],
+            "device": str(device),
+            "n_params": group.layout[-1][3] if group else 0,
+        }
         if reason:
-            trial.set_user_attr("reason", reason)
+            attrs["reason"] = reason
+        set_user_attrs(trial, attrs)  # one commit
         if state == TrialState.COMPLETE and value is not None and improves(study, value):
             handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
                                                         "params": member.params.to_dict()})
@@ -224,6 +227,13 @@ def run_fused_worker(
                     continue  # a trial running elsewhere may still come back as a retry
                 if not result.stopped:
                     result.stopped = "nothing left to run"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                # The study's timeout: the group stops at an epoch boundary and every member is
+                # queued to resume from its last checkpoint, as on Ctrl-C.
+                _stop_group(group, result)
+                result.stopped = (f"timeout of {timeout:g} s reached; {len(group)} trials are queued "
+                                  "and resume on the next run")
                 break
             try:
                 t0 = time.perf_counter()
@@ -280,20 +290,28 @@ def run_fused_worker(
                     m.checkpoint_epoch = m.epoch
             group.remove(done)
     except KeyboardInterrupt:
-        if group is not None and len(group):
-            for m in group.members:
-                try:
-                    study.tell(m.key, state=TrialState.FAIL)
-                except Exception:
-                    pass  # already told (the interrupt came while it was being finished)
-                requeue(study, m.key._trial_id)
-            result.interrupted_trial = group.members[0].key.number
-            result.resumes_from_epoch = group.members[0].checkpoint_epoch
+        if group is not None:
+            _stop_group(group, result)
         raise Interrupted(result) from None
     finally:
         beats.close()
         study.sampler = base_sampler
     return result
+
+
+def _stop_group(group: FusedGroup, result: WorkerResult) -> None:
+    """End every member as FAIL and queue its retry (resuming from its last checkpoint)."""
+    for m in group.members:
+        trial: optuna.Trial = m.key
+        study = trial.study
+        try:
+            study.tell(trial, state=TrialState.FAIL)
+        except Exception:
+            pass  # already told (the interrupt came while it was being finished)
+        requeue(study, trial._trial_id)
+    if len(group):
+        result.interrupted_trial = group.members[0].key.number
+        result.resumes_from_epoch = group.members[0].checkpoint_epoch
 
 
 def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from hpo.model import build_model, count_parameters
 from hpo.params import Params
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.train import Diverged, EpochResult, TimeLimit, Trainer, metric_value
+from hpo.storage import set_user_attrs
+from hpo.train import Diverged, EpochResult, StudyTimeout, TimeLimit, Trainer, metric_value
 
 
 class Listener:
@@ -68,6 +69,8 @@ class Objective:
     # Called first thing in every trial: the trial now exists in the storage (the worker
     # releases its budget lock here).
     on_start: Callable[[], None] = lambda: None
+    # The study's deadline (time.monotonic()): a trial still running then raises StudyTimeout.
+    stop_at: float | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.on_start()
@@ -78,8 +81,8 @@ class Objective:
         except optuna.TrialPruned:
             self.artifacts.remove_checkpoint(number)
             raise
-        except TrialError:
-            raise
+        except (TrialError, StudyTimeout):
+            raise  # StudyTimeout: the checkpoint stays; the worker queues the trial to resume
         except Exception as e:
             if _is_storage_error(e):
                 raise  # the worker's problem (retry or stop), not a verdict on the trial
@@ -116,21 +119,29 @@ class Objective:
             for t, state in zip(trainers, checkpoint["folds"]):
                 t.load_state_dict(state)
             trial.set_user_attr("resumed_from_epoch", trainers[0].epoch)
+            # Epochs after the checkpoint that the first attempt reported are trained again; the
+            # retry inherited their values, which Optuna keeps (it warns on a second report).
+            reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
+        else:
+            reported = set()
         self.checkpointed_epoch = trainers[0].epoch
         self.listener.trial_started(trial.number, params, trainers[0].epoch)
         limit = self.spec.budget.trial_timeout
         for t in trainers:
             t.deadline = time.monotonic() + limit if limit else None
+            t.stop_at = self.stop_at
         epochs = self.spec.budget.epochs
         value = float("nan")
         last_checkpoint = time.monotonic()
+        reason = None
         try:
             while trainers[0].epoch < epochs:
                 results = [t.run_epoch() for t in trainers]
                 # Cross-validation: the mean over folds is what is reported and pruned on.
                 value = sum(metric_value(self.spec.metric, r.val) for r in results) / len(results)
                 epoch = results[0].epoch
-                trial.report(value, epoch)
+                if epoch not in reported:
+                    trial.report(value, epoch)
                 if trainers[0].epoch < epochs and time.monotonic() - last_checkpoint >= self._due():
                     t0 = time.monotonic()
                     self.artifacts.save_checkpoint(
@@ -142,18 +153,16 @@ class Objective:
                 self.listener.epoch_done(trial.number, results[0], value)
                 # Pruning after the last epoch would save nothing and throw a finished result away.
                 if trainers[0].epoch < epochs and trial.should_prune():
-                    trial.set_user_attr("reason", f"pruned by the {self.spec.pruner.name} rule at epoch {epoch}")
+                    reason = f"pruned by the {self.spec.pruner.name} rule at epoch {epoch}"
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
         except Diverged as e:
-            trial.set_user_attr("reason", f"diverged: {e}")
-            raise optuna.TrialPruned(f"diverged: {e}") from None
+            reason = f"diverged: {e}"
+            raise optuna.TrialPruned(reason) from None
         except TimeLimit:
-            trial.set_user_attr(
-                "reason", f"trial_timeout: stopped after {limit:g} s in epoch {trainers[0].epoch}"
-            )
+            reason = f"trial_timeout: stopped after {limit:g} s in epoch {trainers[0].epoch}"
             raise optuna.TrialPruned("trial_timeout") from None
         finally:
-            _record(trial, trainers, self.device)
+            _record(trial, trainers, self.device, reason)
         if improves(trial.study, value):  # only a model that may be the best is worth keeping
             state = {"models": [t.model.state_dict() for t in trainers], "params": params.to_dict()}
             self.artifacts.upload(trial, "model.pt", state)
@@ -175,17 +184,23 @@ def fold_seed(seed: int, fold: int) -> int:
     return seed if fold == 0 else (seed * 1009 + fold) % (2**63)
 
 
-def _record(trial: optuna.Trial, trainers: list[Trainer], device: torch.device) -> None:
-    """Curves and facts a user looks at on the trial's page; written once, at the end."""
+def _record(trial: optuna.Trial, trainers: list[Trainer], device: torch.device, reason: str | None) -> None:
+    """Curves and facts a user looks at on the trial's page; written once, at the end, in one
+    commit (with the reason it was stopped early, if it was)."""
     n = len(trainers)
     losses = [sum(vals) / n for vals in zip(*(t.train_losses for t in trainers))]
     seconds = [sum(vals) for vals in zip(*(t.epoch_seconds for t in trainers))]
-    trial.set_user_attr("train_loss", [round(v, 6) for v in losses])
-    trial.set_user_attr("epoch_seconds", [round(v, 4) for v in seconds])
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("n_params", count_parameters(trainers[0].model))
+    attrs: dict[str, object] = {
+        "train_loss": [round(v, 6) for v in losses],
+        "epoch_seconds": [round(v, 4) for v in seconds],
+        "device": str(device),
+        "n_params": count_parameters(trainers[0].model),
+    }
     if n > 1:
-        trial.set_user_attr("cv_folds", n)
+        attrs["cv_folds"] = n
+    if reason is not None:
+        attrs["reason"] = reason
+    set_user_attrs(trial, attrs)
 
 
 def _is_storage_error(e: BaseException) -> bool:

@@ -40,6 +40,11 @@ class TimeLimit(Exception):
     """The run passed its deadline (budget.trial_timeout)."""
 
 
+class StudyTimeout(Exception):
+    """The study's timeout passed while a trial ran: the trial stops now and is queued to resume
+    from its last checkpoint, so `--timeout` bounds the command's time without losing work."""
+
+
 def metric_value(metric: str, scores: dict[str, float]) -> float:
     """`val_accuracy` -> scores['accuracy'], `val_loss` -> scores['loss'], ..."""
     return scores[metric.removeprefix("val_").removeprefix("test_")]
@@ -140,6 +145,7 @@ class Trainer:
         self.epoch_seconds: list[float] = []
         self.autocast = device.type == "cuda"
         self.deadline: float | None = None  # time.monotonic() value; checked every batch
+        self.stop_at: float | None = None  # the study's deadline, likewise
 
     def train_epoch(self) -> float:
         self.model.train()
@@ -152,6 +158,8 @@ class Trainer:
         for start in self.starts:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 raise TimeLimit(f"deadline passed in epoch {self.epoch}")
+            if self.stop_at is not None and time.monotonic() > self.stop_at:
+                raise StudyTimeout(f"study timeout in epoch {self.epoch}")
             idx = perm[start : start + self.batch_size]
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -19,7 +19,7 @@ from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.storage import BudgetLock
 from hpo.study import StudyHandle
-from hpo.train import configure_device
+from hpo.train import StudyTimeout, configure_device
 
 
 @dataclass
@@ -86,6 +86,7 @@ def run_worker(
 
     lock = BudgetLock(study._storage, study._study_id)
     objective.on_start = lock.release
+    objective.stop_at = deadline
     while True:
         if n_trials is not None and result.ran >= n_trials:
             result.stopped = f"ran the {n_trials} trials asked of this worker"
@@ -106,20 +107,34 @@ def run_worker(
             # where a failed trial's memory is handed back).
             callbacks = [after_trial] if listener is not None or device.type == "cuda" else None
             study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=callbacks)
+        except StudyTimeout:
+            lock.release()
+            _requeue_current(study, tracker, objective, result)
+            result.stopped = f"timeout of {timeout:g} s reached"
+            if result.interrupted_trial is not None:
+                result.stopped += (f"; trial {result.interrupted_trial} is queued and resumes from epoch "
+                                   f"{result.resumes_from_epoch} on the next run")
+            break
         except KeyboardInterrupt:
             lock.release()  # before the storage writes below
-            if tracker.current is not None:
-                trial_id = study._storage.get_trial_id_from_study_id_trial_number(
-                    study._study_id, tracker.current
-                )
-                if requeue(study, trial_id) is not None:
-                    result.interrupted_trial = tracker.current
-                    result.resumes_from_epoch = objective.checkpointed_epoch
+            _requeue_current(study, tracker, objective, result)
             raise Interrupted(result) from None
         finally:
             lock.release()
         result.ran += 1
     return result
+
+
+def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: Objective, result: WorkerResult) -> None:
+    """The trial in flight was stopped from outside (Ctrl-C, the study's timeout): queue its
+    retry, which resumes from the trial's last checkpoint."""
+    if tracker.current is None:
+        return
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, tracker.current)
+    if requeue(study, trial_id) is not None:
+        result.interrupted_trial = tracker.current
+        result.resumes_from_epoch = objective.checkpointed_epoch
+    tracker.current = None
 
 
 class Interrupted(KeyboardInterrupt):

@@ -210,3 +210,37 @@ def test_trial_timeout_stops_and_records(write_spec, runner, storage_url) -> Non
         assert t.state == TrialState.PRUNED
         assert t.user_attrs["reason"].startswith("trial_timeout: stopped after 0.3 s")
         assert len(t.intermediate_values) < 1000
+
+
+def test_study_timeout_stops_the_trial_in_flight_and_the_rerun_resumes_it(write_spec, runner, storage_url) -> None:
+    # Optuna's own timeout only stops new trials; hpo's also stops the one running, keeps its
+    # checkpoint and queues it, so `--timeout` bounds the command and no epoch is lost for good.
+    spec = small_spec(pruner={"name": "none"}, budget={"n_trials": 1, "epochs": 100000})
+    path = write_spec(spec)
+    first = invoke(runner, "run", path, "--storage", storage_url, "--timeout", "4", "--checkpoint-interval", "0")
+    assert first.exit_code == 0, first.output
+    assert "timeout of 4 s reached; trial 0 is queued and resumes from epoch" in first.output
+    trials = load(storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    done = len(trials[0].intermediate_values)
+    assert done >= 1
+
+    second = invoke(runner, "run", path, "--storage", storage_url, "--timeout", "4", "--checkpoint-interval", "0")
+    assert second.exit_code == 0, second.output
+    trials = load(storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    resumed = trials[1]
+    assert resumed.system_attrs["retry_history"] == [0]
+    assert 0 < resumed.user_attrs["resumed_from_epoch"] <= done  # from its last checkpoint
+    assert sorted(resumed.intermediate_values)[:done] == list(range(done))  # earlier epochs kept
+    assert len(resumed.intermediate_values) > done  # and more added
+
+
+def test_study_timeout_queues_every_fused_member(write_spec, runner, storage_url) -> None:
+    spec = small_spec(pruner={"name": "none"}, budget={"n_trials": 3, "epochs": 100000})
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url, "--timeout", "4", "--fuse", "3",
+                    "--checkpoint-interval", "0")
+    assert result.exit_code == 0, result.output
+    assert "timeout of 4 s reached; 3 trials are queued and resume on the next run" in result.output
+    states = [t.state for t in load(storage_url).trials]
+    assert states.count(TrialState.WAITING) == 3 and TrialState.RUNNING not in states
