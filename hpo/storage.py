@@ -141,15 +141,33 @@ class ResilientRDBStorage(RDBStorage):
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one transaction: Optuna's API commits each one apart,
         and a trial's end-of-trial facts were four commits (a few ms each on a server)."""
+        import json
+        import sqlite3
+
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+        table = models.TrialUserAttributeModel
+        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+        dialect = self.engine.name
 
         def write() -> None:
             with _create_scoped_session(self.scoped_session, True) as session:
-                for key, value in attrs.items():
-                    self._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, trial_id, key, value
-                    )
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+                self.check_trial_is_updatable(trial_id, trial.state)
+                # One multi-row upsert, as Optuna's per-key upsert does for a single row.
+                if dialect == "postgresql" or (dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24)):
+                    ins = (postgresql if dialect == "postgresql" else sqlite).insert(table).values(rows)
+                    session.execute(ins.on_conflict_do_update(
+                        index_elements=[table.trial_id, table.key], set_={"value_json": ins.excluded.value_json}
+                    ))
+                elif dialect == "mysql":
+                    my = mysql.insert(table).values(rows)
+                    session.execute(my.on_duplicate_key_update(value_json=my.inserted.value_json))
+                else:
+                    for key, value in attrs.items():
+                        self._set_trial_attr_without_commit(session, table, trial_id, key, value)
 
         call_with_retry(write, retry_for=self.retry_for)
 

@@ -180,3 +180,24 @@ def test_mysql_two_workers(mysql_url, write_spec, runner) -> None:
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="maria", storage=mysql_url).trials
     assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+def test_user_attrs_written_together_upsert_on_every_backend(backend, request, tmp_path) -> None:
+    # A trial's end-of-trial attributes go in one multi-row upsert; a key written twice keeps
+    # the last value, and the trial object sees them, as with Optuna's own set_user_attr.
+    from hpo.storage import open_storage, set_user_attrs
+
+    url = {"sqlite": lambda: f"sqlite:///{tmp_path / 'a.db'}",
+           "postgresql": lambda: request.getfixturevalue("pg_url"),
+           "mysql": lambda: request.getfixturevalue("mysql_url")}[backend]()
+    study = optuna.create_study(storage=open_storage(url), study_name="attrs")
+    trial = study.ask()
+    set_user_attrs(trial, {"reason": "first", "train_loss": [0.5, 0.25], "device": "cpu"})
+    set_user_attrs(trial, {"reason": "second", "n_params": 123})
+    assert trial.user_attrs == {"reason": "second", "train_loss": [0.5, 0.25], "device": "cpu", "n_params": 123}
+    study.tell(trial, 1.0)
+    stored = optuna.load_study(study_name="attrs", storage=url).trials[0].user_attrs
+    assert stored == {"reason": "second", "train_loss": [0.5, 0.25], "device": "cpu", "n_params": 123}
+    with pytest.raises(RuntimeError):  # a finished trial cannot change, as in Optuna
+        set_user_attrs(trial, {"a": 1, "b": 2})
