@@ -122,6 +122,8 @@ def is_connection_error(e: BaseException | None) -> bool:
     while e is not None:
         if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
             return True
+        if isinstance(e, exc.PendingRollbackError):  # a transaction the server dropped
+            return True
         if isinstance(e, (exc.OperationalError, exc.InterfaceError)):
             text = str(e.orig if e.orig is not None else e).lower()
             return any(marker in text for marker in _TRANSIENT)
@@ -169,7 +171,12 @@ class ResilientRDBStorage(RDBStorage):
                     for key, value in attrs.items():
                         self._set_trial_attr_without_commit(session, table, trial_id, key, value)
 
-        call_with_retry(write, retry_for=self.retry_for)
+        call_with_retry(write, retry_for=self.retry_for, on_retry=self.reset_session)
+
+    def reset_session(self) -> None:
+        """Drop this thread's session: after the server dropped a connection mid-transaction
+        (a restart), SQLAlchemy refuses every later use of it until it is rolled back."""
+        self.scoped_session.remove()
 
 
 def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
@@ -186,8 +193,9 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
             trial.set_user_attr(key, value)
 
 
-def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, **kwargs: Any) -> Any:
-    """Call `fn`, retrying with backoff while the database is unreachable."""
+def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, on_retry: Any = None, **kwargs: Any) -> Any:
+    """Call `fn`, retrying with backoff while the database is unreachable; `on_retry` resets
+    what the failed attempt may have left behind (a session stuck in a dead transaction)."""
     delay, deadline, warned = 0.25, time.monotonic() + retry_for, False
     while True:
         try:
@@ -199,6 +207,11 @@ def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, **kwargs: Any
                 _log.warning("storage unreachable (%s); retrying for up to %.0f s",
                              type(e).__name__, deadline - time.monotonic())
                 warned = True
+            if on_retry is not None:
+                try:
+                    on_retry()
+                except Exception:
+                    pass  # the server is still down; the next attempt says so
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -208,7 +221,7 @@ def _retrying(name: str) -> Any:
 
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return call_with_retry(method, self, *args, retry_for=self.retry_for, **kwargs)
+        return call_with_retry(method, self, *args, retry_for=self.retry_for, on_retry=self.reset_session, **kwargs)
 
     return wrapper
 

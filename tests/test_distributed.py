@@ -201,3 +201,28 @@ def test_user_attrs_written_together_upsert_on_every_backend(backend, request, t
     assert stored == {"reason": "second", "train_loss": [0.5, 0.25], "device": "cpu", "n_params": 123}
     with pytest.raises(RuntimeError):  # a finished trial cannot change, as in Optuna
         set_user_attrs(trial, {"a": 1, "b": 2})
+
+
+def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
+    # What a PostgreSQL restart can leave behind (seen once in CI): this thread's session holds
+    # a transaction on a connection the server closed, and SQLAlchemy refuses every later use
+    # ("Can't reconnect until invalid transaction is rolled back"). The storage drops the session
+    # and retries instead of failing the worker.
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from hpo.storage import open_storage
+
+    storage = open_storage(pg_url)
+    backend = getattr(storage, "_backend", storage)
+    optuna.create_study(storage=storage, study_name="heal")
+    session = backend.scoped_session()
+    session.execute(text("SELECT 1"))  # a transaction is open on this thread's connection
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    with pytest.raises(OperationalError):  # the statement that finds the connection gone
+        session.execute(text("SELECT 1"))
+    assert [s.study_name for s in backend.get_all_studies()] == ["heal"]
+    assert backend.get_study_id_from_name("heal") >= 0
