@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from hpo.budget import budget_status, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.fused import STRUCTURAL, FusedGroup, Member
-from hpo.objective import Listener, improves, is_oom, original_number, trial_seed
+from hpo.objective import Listener, improves, is_oom, original_number, record_attrs, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
@@ -201,15 +201,8 @@ def run_fused_worker(
 
     def finish(member: Member, state: TrialState, value: float | None, reason: str | None, index: int) -> None:
         trial: optuna.Trial = member.key
-        attrs: dict[str, object] = {
-            "train_loss": [round(v, 6) for v in member.train_losses],
-            "epoch_seconds": [round(v, 4) for v in member.epoch_seconds],
-            "device": str(device),
-            "n_params": group.layout[-1][3] if group else 0,
-        }
-        if reason:
-            attrs["reason"] = reason
-        set_user_attrs(trial, attrs)  # one commit
+        n_params = group.layout[-1][3] if group else 0
+        set_user_attrs(trial, record_attrs(member.train_losses, member.epoch_seconds, device, n_params, reason))
         if state == TrialState.COMPLETE and value is not None and improves(study, value):
             handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
                                                         "params": member.params.to_dict()})

@@ -184,22 +184,29 @@ def fold_seed(seed: int, fold: int) -> int:
     return seed if fold == 0 else (seed * 1009 + fold) % (2**63)
 
 
+def record_attrs(
+    train_losses: list[float], epoch_seconds: list[float], device: torch.device, n_params: int, reason: str | None
+) -> dict[str, object]:
+    """Curves and facts a user looks at on a trial's page (one at a time or fused), written once,
+    at the end, in one commit, with the reason it was stopped early if it was."""
+    attrs: dict[str, object] = {
+        "train_loss": [round(v, 6) for v in train_losses],
+        "epoch_seconds": [round(v, 4) for v in epoch_seconds],
+        "device": str(device),
+        "n_params": n_params,
+    }
+    if reason:
+        attrs["reason"] = reason
+    return attrs
+
+
 def _record(trial: optuna.Trial, trainers: list[Trainer], device: torch.device, reason: str | None) -> None:
-    """Curves and facts a user looks at on the trial's page; written once, at the end, in one
-    commit (with the reason it was stopped early, if it was)."""
     n = len(trainers)
     losses = [sum(vals) / n for vals in zip(*(t.train_losses for t in trainers))]
     seconds = [sum(vals) for vals in zip(*(t.epoch_seconds for t in trainers))]
-    attrs: dict[str, object] = {
-        "train_loss": [round(v, 6) for v in losses],
-        "epoch_seconds": [round(v, 4) for v in seconds],
-        "device": str(device),
-        "n_params": count_parameters(trainers[0].model),
-    }
+    attrs = record_attrs(losses, seconds, device, count_parameters(trainers[0].model), reason)
     if n > 1:
         attrs["cv_folds"] = n
-    if reason is not None:
-        attrs["reason"] = reason
     set_user_attrs(trial, attrs)
 
 

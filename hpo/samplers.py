@@ -64,7 +64,7 @@ def _check_type(path: str, annotation: Any, value: Any) -> None:
     elif isinstance(value, int) and not isinstance(value, bool):
         ok = int in kinds or float in kinds
     else:
-        ok = any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds)
+        ok = any(isinstance(value, k) for k in kinds)  # a bool here has bool among the kinds
     if not ok:
         wanted = " or ".join(n for n in names if n in _KINDS).replace("None", "null")
         raise SpecError(f"{path}: must be {wanted}, not {value!r}")

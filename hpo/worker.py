@@ -37,14 +37,12 @@ class _Tracker(Listener):
     def __init__(self, inner: Listener) -> None:
         self.inner = inner
         self.current: int | None = None
-        self.epoch = 0
 
     def trial_started(self, number: int, params: Params, resumed_epoch: int) -> None:
-        self.current, self.epoch = number, resumed_epoch
+        self.current = number
         self.inner.trial_started(number, params, resumed_epoch)
 
     def epoch_done(self, number: int, result: Any, value: float) -> None:
-        self.epoch = result.epoch + 1
         self.inner.epoch_done(number, result, value)
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
