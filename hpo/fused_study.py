@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from hpo.budget import budget_status, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.fused import STRUCTURAL, FusedGroup, Member
-from hpo.objective import Listener, improves, is_oom, original_number, record_attrs, trial_seed
+from hpo.objective import Listener, checkpoint_due, improves, is_oom, original_number, record_attrs, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
@@ -274,7 +274,7 @@ def run_fused_worker(
                 elif study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
                     finish(m, TrialState.PRUNED, None, f"pruned by the {spec.pruner.name} rule at epoch {epoch}", i)
                     done.append(i)
-                elif time.monotonic() - m.last_checkpoint >= max(checkpoint_interval, 20 * cost * len(group)):
+                elif time.monotonic() - m.last_checkpoint >= checkpoint_due(checkpoint_interval, cost * len(group)):
                     # K members' checkpoints together take at most ~5% of the group's time.
                     t0 = time.monotonic()
                     handle.artifacts.save_checkpoint(m.number, _member_state(group, i))

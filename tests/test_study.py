@@ -120,9 +120,10 @@ def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path
             ts = load(url).trials
         except Exception:
             return False  # study not created yet
-        return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2 for t in ts)
+        # 3 reported epochs: epoch 2's checkpoint (written after its report) is on disk.
+        return any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 3 for t in ts)
 
-    wait_for(two_epochs_reported, "a running trial with 2 epochs")
+    wait_for(two_epochs_reported, "a running trial with 3 epochs")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
