@@ -56,11 +56,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     ap.add_argument("--seeds", default=None,
                     help="comma-separated study seeds: compare the best score per seed (one run of each)")
+    ap.add_argument("--pad", action="store_true",
+                    help="fused members keep their own width and depth, padded (execution.pad)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     warm_up()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_spec(args.spec).with_budget(n_trials=args.n_trials, epochs=args.epochs)
+    if args.pad:
+        spec = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=True))
+    label = f"fused x{args.group_size}" + (" padded" if args.pad else "")
     device = torch.device(args.device)
     data = DataCache(spec.data, spec.seed, device, spec.model)
     data.folds("standard")  # load and place the data once, outside the clocks
@@ -68,7 +73,7 @@ def main() -> None:
         return by_seed(args, spec, device, data)
     res = alternate({
         "one at a time": lambda: run(spec, device, data, None),  # noqa: E731
-        f"fused x{args.group_size}": lambda: run(spec, device, data, args.group_size),
+        label: lambda: run(spec, device, data, args.group_size),
     }, args.repeats)
     rows = []
     for name, runs in res.items():
@@ -85,23 +90,41 @@ def main() -> None:
 
 
 def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCache) -> None:
-    """Best score at equal trial budget, fused vs one at a time, over several sampler seeds:
-    one seed's comparison is mostly luck."""
-    rows, gaps, ratios = [], [], []
+    """Best score at equal trial budget over several sampler seeds: one at a time, fused with the
+    structure shared per group, and fused with width and depth padded per member. One seed's
+    comparison is mostly luck (a few validation images), so the summary is the mean gap, its
+    standard error and the wins, ties and losses."""
+    shared = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=False))
+    padded = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=True))
+    rows, gaps, ratios = [], {"shared": [], "padded": []}, {"shared": [], "padded": []}
     for seed in [int(x) for x in args.seeds.split(",")]:
-        s = dataclasses.replace(spec, seed=seed)
-        seq = run(s, device, data, None)
-        fused = run(s, device, data, args.group_size)
-        gaps.append((fused[1] - seq[1]) * 100)
-        ratios.append(seq[0] / fused[0])
-        rows.append([seed, seq[0], fused[0], ratios[-1], seq[1], fused[1], f"{gaps[-1]:+.2f}"])
+        seq = run(dataclasses.replace(spec, seed=seed), device, data, None)
+        row = [seed, seq[0], seq[1]]
+        for name, variant in (("shared", shared), ("padded", padded)):
+            fused = run(dataclasses.replace(variant, seed=seed), device, data, args.group_size)
+            gaps[name].append((fused[1] - seq[1]) * 100)
+            ratios[name].append(seq[0] / fused[0])
+            row += [fused[0], ratios[name][-1], fused[1], f"{gaps[name][-1]:+.2f}"]
+        rows.append(row)
         print(rows[-1], flush=True)
-    body = table(["seed", "one at a time s", f"fused x{args.group_size} s", "speed-up", "best val (one at a time)",
-                  "best val (fused)", "points"], rows)
+    k = args.group_size
+    body = table(["seed", "one at a time s", "best val", f"fused x{k} s", "speed-up", "best val", "points",
+                  f"fused x{k} padded s", "speed-up", "best val", "points"], rows)
+
+    def summary(name: str) -> str:
+        g = gaps[name]
+        mean = sum(g) / len(g)
+        se = (sum((x - mean) ** 2 for x in g) / max(1, len(g) - 1) / len(g)) ** 0.5
+        wins, ties = sum(x > 0.005 for x in g), sum(abs(x) <= 0.005 for x in g)
+        return (f"{name}: mean gap {mean:+.2f} points (standard error {se:.2f}), better / equal / worse on "
+                f"{wins} / {ties} / {len(g) - wins - ties} seeds, worst {min(g):+.2f}; median speed-up "
+                f"{median(ratios[name]):.2f}x")
+
+    n_val = len(data.folds("standard")[0].val)
     notes = (f"Spec `{shown(args.spec)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x {spec.budget.epochs} "
              f"epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner, on {device}; the data split is the same "
-             f"for every seed. **Median speed-up {median(ratios):.2f}x; best val fused minus one at a time: median "
-             f"{median(gaps):+.2f} points, worst {min(gaps):+.2f}.**")
+             f"for every seed ({n_val} validation examples: one is {100 / n_val:.2f} points). Fused minus one at a "
+             f"time, **{summary('shared')}; {summary('padded')}.**")
     record(f"Fused trials: best score over seeds ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
 
 

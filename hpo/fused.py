@@ -1,4 +1,4 @@
-"""Fused training: K MLPs with the same structure trained as one batched model.
+"""Fused training: K MLPs trained as one batched model, each with its own width and depth.
 
 A small model cannot fill a GPU (or even two CPU cores): each step is a handful of tiny kernels
 and the time goes to launches and Python. Stacking K models' weights along a leading member
@@ -12,12 +12,29 @@ What is per member, and why it can be:
   dummy optimizer; its current lr feeds a (K, 1) tensor), weight decay, momentum, betas,
   dropout rate, init, BatchNorm statistics.
 
-What the group shares, and why it must: everything that changes tensor shapes or the update
-rule: depth, width, norm, residual, batch size, input scaling and the optimizer algorithm. A
-group's members are therefore sampled with those parameters fixed to the group leader's
-(Optuna's PartialFixedSampler), and the rest sampled freely. The trade-off: the sampler explores
-structure once per group rather than once per trial, in exchange for K-fold cheaper trials;
-`group_size` sets the balance.
+What a group's members always share, because it changes the update rule or the loop itself:
+the optimizer algorithm, batch size (the number of steps), normalisation kind, residual flag and
+input scaling (SHARED).
+
+Width and depth (PADDED) can differ per member, by padding: the group's tensors are sized for
+its widest and deepest member (the envelope), a narrower member's weights sit in the top-left
+corner of each matrix with zeros around them, and a shallower member skips the blocks it does
+not have (its activations pass through them unchanged). Padded weights see only zero activations
+on the way in and zero gradients on the way back (ReLU'(0) = 0, zero columns downstream), so
+they stay exactly zero under every optimizer and weight decay, and each member still follows its
+unfused curve. LayerNorm takes its statistics over the member's own width. The envelope grows
+when a wider or deeper member joins and shrinks when the widest leaves.
+
+How groups are formed is the worker's choice (hpo.fused_study), and a trade-off:
+- shared structure (the default): members are sampled with width and depth fixed to the group
+  leader's too, so no arithmetic is wasted, but the sampler explores width and depth once per
+  group (per 2K trials) instead of once per trial;
+- padded (`execution.pad`): width and depth are sampled per trial, as without fusion, and every
+  member computes at the envelope's size. On a CPU that waste is real (digits, 2 cores: 1.4x
+  instead of 3.3x over one at a time; best score over 16 seeds 0.07 points under one at a time
+  on average against 0.16 shared, both within noise: benchmarks/RESULTS.md); it is meant for a
+  GPU, where a small MLP is launch-bound and a group may hold the whole study, so that a shared
+  structure would be the only one tried.
 
 The update math follows torch.optim's single-tensor implementations line by line, so a fused
 member's training curve matches its unfused run to float tolerance (tests/test_fused.py).
@@ -27,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,9 +56,10 @@ from hpo.model import MLP, build_model
 from hpo.optim import Schedule
 from hpo.params import Params
 
-# Parameters a group shares (they change shapes or the update rule).
-STRUCTURAL = ("optimizer", "batch_size", "depth", "width", "norm", "residual", "scaling",
-              "kernel_size", "pooling")
+# Parameters a group's members share (the update rule, the step count, the layer kinds).
+SHARED = ("optimizer", "batch_size", "norm", "residual", "scaling", "kernel_size", "pooling")
+# Parameters that differ per member: the group pads every member to the largest (the envelope).
+PADDED = ("width", "depth")
 FUSABLE_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam", "adamw")
 BN_MOMENTUM, BN_EPS, LN_EPS = 0.1, 1e-5, 1e-5
 
@@ -58,6 +76,8 @@ class Member:
     schedule: Schedule
     lr_holder: torch.optim.Optimizer  # drives `schedule`; its lr is the member's current lr
     number: int = 0  # the trial's original number (names its checkpoint)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # its own (unpadded) tensors
+    param_names: frozenset[str] = frozenset()  # which of `shapes` are parameters (not buffers)
     last_checkpoint: float = field(default_factory=time.monotonic)
     checkpoint_epoch: int = 0
     epoch: int = 0
@@ -68,9 +88,18 @@ class Member:
     def lr(self) -> float:
         return float(self.lr_holder.param_groups[0]["lr"])
 
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for n, s in self.shapes.items() if n in self.param_names)
+
+
+def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
 
 class FusedGroup:
-    """K same-structure MLPs, their optimizer state and their members, as stacked tensors."""
+    """K MLPs sharing an update rule, padded to one envelope, with their optimizer state, as
+    stacked tensors."""
 
     def __init__(self, data: Data, device: torch.device, steps_per_epoch: int | None = None) -> None:
         self.data = data
@@ -81,10 +110,11 @@ class FusedGroup:
         self.buffers: dict[str, torch.Tensor] = {}  # BN running stats, (K, F) each
         self.state: dict[str, torch.Tensor] = {}  # optimizer state, (K, P) each
         self.steps = torch.zeros(0, device=device)  # optimizer steps taken, per member
-        self.structure: Params | None = None
+        self.structure: Params | None = None  # the first member's: its SHARED values are the group's
+        self.width = self.depth = 0  # the envelope
         self.autocast = device.type == "cuda"
         self._n = len(data.train)
-        self._columns: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._columns: dict[tuple[str, Any], torch.Tensor] = {}
 
     # ---- membership -----------------------------------------------------------------------
 
@@ -105,14 +135,15 @@ class FusedGroup:
         """Append a member initialised exactly as an unfused run with `seed` would be."""
         if self.structure is None:
             self.structure = params
-        elif any(getattr(params, k) != getattr(self.structure, k) for k in STRUCTURAL):
-            raise ValueError("a fused member must share the group's structure")
+        elif any(getattr(params, k) != getattr(self.structure, k) for k in SHARED):
+            raise ValueError("a fused member must share the group's " + ", ".join(SHARED))
         if params.optimizer not in FUSABLE_OPTIMIZERS:
             raise ValueError(f"optimizer {params.optimizer} cannot be fused")
+        self._resize(max(self.width, params.width), max(self.depth, params.depth))
         torch.manual_seed(seed)
         module = build_model("mlp", params, self.data.input_shape, self.data.n_outputs)
         assert isinstance(module, MLP)
-        self._append_weights(module)
+        self._append(module)
         self._columns.clear()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -120,30 +151,78 @@ class FusedGroup:
         schedule = Schedule(params, holder, epochs, len(self.starts))
         holder.step()  # a no-op (no gradient) that tells the scheduler the optimizer has stepped
         member = Member(key, params, seed, epochs, gen, schedule, holder, number=number)
+        member.shapes = {n: tuple(t.shape) for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        member.param_names = frozenset(n for n, _ in module.named_parameters())
         self.members.append(member)
         return member
 
-    def _append_weights(self, module: MLP) -> None:
-        named = list(module.named_parameters())
-        if not self.layout:
-            offset = 0
-            for name, t in named:
-                self.layout.append((name, tuple(t.shape), offset, offset + t.numel()))
-                offset += t.numel()
-        row = torch.cat([t.detach().reshape(-1) for _, t in named]).to(self.device).unsqueeze(0)
-        bufs = {n: b.to(self.device).unsqueeze(0) for n, b in module.named_buffers()}
-        if self.flat is None:
-            self.flat = row.requires_grad_(True)
-            self.buffers = bufs
-            self.state = {}
-            self.steps = torch.zeros(1, device=self.device)
-            return
+    def _append(self, module: MLP) -> None:
+        """Add `module`'s weights as a new row, in the envelope's corner, zeros elsewhere."""
+        assert self.flat is not None
+        row = torch.zeros(1, self.flat.shape[1], device=self.device)
+        own = dict(module.named_parameters())
+        for name, shape, a, b in self.layout:
+            if name in own:
+                row[0, a:b].view(shape)[_corner(own[name].shape)] = own[name].detach().to(self.device)
         self.flat = torch.cat([self.flat.detach(), row]).requires_grad_(True)
-        for name, b in bufs.items():
-            self.buffers[name] = torch.cat([self.buffers[name], b])
+        own_bufs = dict(module.named_buffers())
+        for name, buf in self.buffers.items():
+            new = self._fresh_buffer(name, buf.shape[1:])
+            if name in own_bufs:
+                new[_corner(own_bufs[name].shape)] = own_bufs[name].to(self.device)
+            self.buffers[name] = torch.cat([buf, new.unsqueeze(0)])
         for name, s in self.state.items():
             self.state[name] = torch.cat([s, torch.zeros_like(row)])
         self.steps = torch.cat([self.steps, torch.zeros(1, device=self.device)])
+
+    def _fresh_buffer(self, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        dtype = torch.long if name.endswith("num_batches_tracked") else torch.float32
+        fill = 1.0 if name.endswith("running_var") else 0.0
+        return torch.full(tuple(shape), fill, device=self.device, dtype=dtype)
+
+    def _resize(self, width: int, depth: int) -> None:
+        """Re-lay every stacked tensor for a new envelope, keeping each member's corner as is.
+
+        Growing adds zeros (or fresh BN statistics); shrinking cuts only padding, because the
+        envelope never gets smaller than a member.
+        """
+        if (width, depth) == (self.width, self.depth) and self.flat is not None:
+            return
+        assert self.structure is not None
+        with torch.device("meta"):  # shapes only: no memory, and the global RNG stays untouched
+            template = build_model("mlp", replace(self.structure, width=width, depth=depth),
+                                   self.data.input_shape, self.data.n_outputs)
+        layout, offset = [], 0
+        for name, t in template.named_parameters():
+            layout.append((name, tuple(t.shape), offset, offset + t.numel()))
+            offset += t.numel()
+        k = len(self.members)
+
+        def relay(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(k, offset, device=self.device)
+            if old is not None:
+                before = {n: (shape, a, b) for n, shape, a, b in self.layout}
+                for name, shape, a, b in layout:
+                    if name in before:
+                        o_shape, oa, ob = before[name]
+                        keep = _corner(tuple(min(x, y) for x, y in zip(shape, o_shape)))
+                        new[:, a:b].view(k, *shape)[(slice(None), *keep)] = old[:, oa:ob].view(k, *o_shape)[(slice(None), *keep)]
+            return new
+
+        self.flat = relay(self.flat.detach() if self.flat is not None else None).requires_grad_(True)
+        self.state = {n: relay(s) for n, s in self.state.items()}
+        buffers = {}
+        for name, buf in template.named_buffers():
+            new = self._fresh_buffer(name, buf.shape).unsqueeze(0).repeat(k, *([1] * buf.dim()))
+            if name in self.buffers:
+                old = self.buffers[name]
+                keep = _corner(tuple(min(x, y) for x, y in zip(buf.shape, old.shape[1:])))
+                new[(slice(None), *keep)] = old[(slice(None), *keep)]
+            buffers[name] = new
+        self.buffers = buffers
+        self.layout = layout
+        self.width, self.depth = width, depth
+        self._columns.clear()
 
     def remove(self, indices: list[int]) -> None:
         """Drop members at once (pruned, diverged or finished): compact every stacked tensor."""
@@ -157,6 +236,7 @@ class FusedGroup:
             self.steps = torch.zeros(0, device=self.device)
             self.structure = None
             self.layout = []
+            self.width = self.depth = 0
             return
         idx = torch.tensor(keep, device=self.device)
         assert self.flat is not None
@@ -164,18 +244,52 @@ class FusedGroup:
         self.buffers = {n: b.index_select(0, idx) for n, b in self.buffers.items()}
         self.state = {n: s.index_select(0, idx) for n, s in self.state.items()}
         self.steps = self.steps.index_select(0, idx)
+        self._resize(max(m.params.width for m in self.members), max(m.params.depth for m in self.members))
 
     # ---- the batched model --------------------------------------------------------------------
 
-    def _view(self, name: str) -> torch.Tensor:
+    def _view(self, name: str, source: torch.Tensor | None = None) -> torch.Tensor:
+        """`name`'s (K, *shape) view into the flat parameters (or into an optimizer state)."""
+        source = self.flat if source is None else source
         for n, shape, a, b in self.layout:
             if n == name:
-                assert self.flat is not None
-                return self.flat[:, a:b].reshape(len(self.members), *shape)
+                assert source is not None
+                return source[:, a:b].reshape(len(self.members), *shape)
         raise KeyError(name)
 
-    def _has(self, name: str) -> bool:
-        return any(n == name for n, *_ in self.layout)
+    def _views(self) -> dict[str, torch.Tensor]:
+        """Every parameter's (K, *shape) view, cut from the flat leaf by one split: its backward
+        is one concatenation, where a slice per parameter would zero-fill a whole (K, P)
+        gradient for each (a third of a CPU step, measured)."""
+        assert self.flat is not None
+        k = len(self.members)
+        parts = self.flat.split([b - a for _, _, a, b in self.layout], dim=1)
+        return {name: part.view(k, *shape) for (name, shape, _, _), part in zip(self.layout, parts)}
+
+    def _mask(self, kind: str, block: int = 0) -> torch.Tensor | None:
+        """Per-member masks for a padded group, built once per membership; None where unneeded.
+
+        "active": (K, 1, 1) bool, the member has block `block`; "width": (K, 1, W) 1.0 over the
+        member's own units; "skip0": (K, 1, 1) bool, block 0 has a skip connection (its input
+        width equals the member's width).
+        """
+        key = (kind, block)
+        if key not in self._columns:
+            k, n_in = len(self.members), math.prod(self.data.input_shape)
+            assert self.structure is not None
+            mask: torch.Tensor | None = None
+            if kind == "active" and any(m.params.depth <= block for m in self.members):
+                mask = torch.tensor([m.params.depth > block for m in self.members], device=self.device)
+            elif kind == "width" and any(m.params.width < self.width for m in self.members):
+                widths = torch.tensor([m.params.width for m in self.members], device=self.device)
+                mask = (torch.arange(self.width, device=self.device) < widths.unsqueeze(1)).float()
+            elif kind == "skip0" and self.structure.residual:
+                skips = [m.params.width == n_in for m in self.members]
+                mask = torch.tensor(skips, device=self.device) if any(skips) else None
+            if mask is not None:
+                mask = mask.view(k, 1, -1) if kind == "width" else mask.view(k, 1, 1)
+            self._columns[key] = mask  # type: ignore[assignment]
+        return self._columns[key]
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """x: (K, B, F) in, (K, B, outputs) out; the blocks mirror hpo.model.DenseBlock."""
@@ -185,30 +299,45 @@ class FusedGroup:
         k = len(self.members)
         any_dropout = train and any(m.params.dropout > 0 for m in self.members)
         drop = self._column("dropout").view(k, 1, 1) if any_dropout else None
-        for i in range(p.depth):
+        views = self._views()
+        for i in range(self.depth):
             pre = f"blocks.{i}"
-            w = self._view(f"{pre}.linear.weight")
-            if self._has(f"{pre}.linear.bias"):
-                y = torch.baddbmm(self._view(f"{pre}.linear.bias").unsqueeze(1), h, w.transpose(1, 2))
+            w = views[f"{pre}.linear.weight"]
+            if f"{pre}.linear.bias" in views:
+                y = torch.baddbmm(views[f"{pre}.linear.bias"].unsqueeze(1), h, w.transpose(1, 2))
             else:  # no bias before BatchNorm (see hpo.model.DenseBlock)
                 y = torch.bmm(h, w.transpose(1, 2))
-            y = self._norm(pre, y, train)
+            y = self._norm(pre, y, train, views)
             y = torch.relu(y)
             if any_dropout:
                 keep = (torch.rand_like(y) >= drop).to(y.dtype)
                 y = y * keep / (1 - drop)
-            h = h + y if (p.residual and h.shape[-1] == y.shape[-1]) else y
-        w, b = self._view("head.weight"), self._view("head.bias")
+            if i == 0:
+                skip = self._mask("skip0")
+                if skip is not None:  # only members whose width equals the input's
+                    y = torch.where(skip, y + F.pad(h, (0, y.shape[-1] - h.shape[-1])), y)
+            elif p.residual:
+                y = h + y
+            active = self._mask("active", i)
+            h = y if active is None else torch.where(active, y, h)  # a shallower member skips it
+        w, b = views["head.weight"], views["head.bias"]
         return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
-    def _norm(self, pre: str, y: torch.Tensor, train: bool) -> torch.Tensor:
+    def _norm(self, pre: str, y: torch.Tensor, train: bool, views: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.structure.norm if self.structure else "none"
         if kind == "none":
             return y
-        gamma = self._view(f"{pre}.norm.weight")
-        beta = self._view(f"{pre}.norm.bias")
+        gamma = views[f"{pre}.norm.weight"]
+        beta = views[f"{pre}.norm.bias"]
         if kind == "layer":
-            return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+            mask = self._mask("width")
+            if mask is None:
+                return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+            # Statistics over each member's own units; the padding has gamma = beta = 0.
+            n = mask.sum(-1, keepdim=True)
+            mean = (y * mask).sum(-1, keepdim=True) / n
+            var = ((y - mean) * mask).square().sum(-1, keepdim=True) / n
+            return (y - mean) * torch.rsqrt(var + LN_EPS) * gamma.unsqueeze(1) + beta.unsqueeze(1)
         # BatchNorm1d's own kernel over a (B, K*F) view: every (member, feature) is one channel,
         # so the statistics are computed exactly as K separate BatchNorm1d layers would.
         k, b, f = y.shape
@@ -287,8 +416,8 @@ class FusedGroup:
         wd = self._column("weight_decay")
         self.steps += 1
         f32 = torch.float32
-        if opt != "adamw":
-            g = g.add(p * wd)
+        if opt != "adamw" and any(m.params.weight_decay for m in self.members):
+            g = g.add(p * wd)  # torch.optim skips this too when weight_decay is 0
         if opt in ("sgd", "momentum", "nesterov"):
             if opt != "sgd":
                 mom = self._column("momentum")
@@ -318,7 +447,7 @@ class FusedGroup:
             step = self.steps.to(torch.float64).unsqueeze(1)
             step_size = (lr / (1 - b1**step)).to(f32)
             bc2_sqrt = torch.sqrt(1 - b2**step).to(f32)
-            denom = (v.sqrt() / bc2_sqrt).add_(1e-8)
+            denom = v.sqrt().div_(bc2_sqrt).add_(1e-8)
             p.addcdiv_(m * -step_size, denom)
 
     @torch.no_grad()
@@ -348,10 +477,40 @@ class FusedGroup:
 
     def member_state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's weights in hpo.model.MLP's state_dict format (loadable unfused)."""
-        assert self.flat is not None
-        out = {n: self.flat[i, a:b].detach().reshape(shape).clone().cpu() for n, shape, a, b in self.layout}
-        out.update({n: b[i].clone().cpu() for n, b in self.buffers.items()})
+        return {n: t.clone().cpu() for n, t in self._member_tensors(i).items()}
+
+    def _member_tensors(self, i: int, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Member i's own (unpadded) parameters and buffers, or its slice of an optimizer state."""
+        m = self.members[i]
+        out = {}
+        for name, shape in m.shapes.items():
+            if name in m.param_names:
+                out[name] = self._view(name, source)[i][_corner(shape)].detach()
+            elif source is None:
+                out[name] = self.buffers[name][i][_corner(shape)]
         return out
+
+    def member_optimizer_state(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {s: {n: t.clone().cpu() for n, t in self._member_tensors(i, v).items()} for s, v in self.state.items()}
+
+    @torch.no_grad()
+    def load_member(self, i: int, model: dict[str, torch.Tensor], optimizer: dict[str, dict[str, torch.Tensor]],
+                    steps: float) -> None:
+        """Put member i back where a checkpoint (member_state_dict + member_optimizer_state) left it."""
+        m = self.members[i]
+        assert self.flat is not None
+        for name, shape in m.shapes.items():
+            value = model[name].to(self.device)
+            if name in m.param_names:
+                self._view(name)[i][_corner(shape)] = value
+            else:
+                self.buffers[name][i][_corner(shape)] = value
+        for state_name, tensors in optimizer.items():
+            if state_name not in self.state:
+                self.state[state_name] = torch.zeros_like(self.flat)
+            for name, value in tensors.items():
+                self._view(name, self.state[state_name])[i][_corner(m.shapes[name])] = value.to(self.device)
+        self.steps[i] = steps
 
     def member_module(self, i: int) -> nn.Module:
         m = self.members[i]

@@ -1,10 +1,13 @@
 """The fused worker: Optuna trials in groups of K, trained as one batched model (hpo.fused).
 
-The worker asks Optuna for a group leader, then for members whose structural parameters are fixed
-to the leader's (PartialFixedSampler). Every epoch each member reports to its own trial; a member
-that is pruned, diverges or finishes leaves the batched model at once, and a pruned member's slot
-is refilled from the sampler (continuous batching) until the group has run 2K trials, after which
-the group drains and the next one samples a new structure.
+The worker asks Optuna for a group leader, then for members whose structure is fixed to the
+leader's (PartialFixedSampler): the update rule and loop (optimizer, batch size, norm, residual,
+scaling: hpo.fused.SHARED) and, unless the spec sets `execution.pad`, width and depth too. With
+`pad`, width and depth are sampled per member and the group pads them (hpo.fused). Every epoch
+each member reports to its own trial; a member that is pruned, diverges or finishes leaves the
+batched model at once and its slot is refilled from the sampler (continuous batching). Where the
+space tunes a fixed parameter, a group takes 2K trials and then drains, so that the next group
+samples a new structure; where it tunes none, one group runs the study.
 
 Everything the one-at-a-time worker guarantees holds here too: the study's budget (under the same
 lock), heartbeats for every member, per-epoch checkpoints (a retried member resumes, fused), and
@@ -26,7 +29,7 @@ from optuna.trial import TrialState
 
 from hpo.budget import budget_status, requeue, wait_for_running
 from hpo.data import DataCache
-from hpo.fused import STRUCTURAL, FusedGroup, Member
+from hpo.fused import PADDED, SHARED, FusedGroup, Member
 from hpo.objective import Listener, checkpoint_due, improves, is_oom, original_number, record_attrs, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
@@ -97,8 +100,9 @@ class _Snapshot:
         return getattr(self._study, name)
 
 
-def _structure(params: Params) -> dict[str, Any]:
-    return {k: getattr(params, k) for k in STRUCTURAL}
+def _fixed(params: Params, pad: bool) -> dict[str, Any]:
+    """What a group's members take from its leader."""
+    return {k: getattr(params, k) for k in (SHARED if pad else SHARED + PADDED)}
 
 
 def run_fused_worker(
@@ -127,6 +131,12 @@ def run_fused_worker(
     group: FusedGroup | None = None
     started_in_group = 0
     started_at: dict[int, float] = {}
+    pad = spec.execution.pad
+    # Trials one group takes before it drains, so that the sampler picks a new structure: 2K, so
+    # that pruned members' slots are refilled (with K there are no refills; over 16 digits seeds it
+    # scored within noise of 2K). No limit when the next group could not differ anyway.
+    fixed_names = SHARED if pad else SHARED + PADDED
+    group_limit = 2 * group_size if any(p.tuned for p in spec.space if p.name in fixed_names) else None
     cost = 0.0  # seconds one member checkpoint took, last time
 
     def can_start() -> bool:
@@ -171,9 +181,9 @@ def run_fused_worker(
         nonlocal group, started_in_group
         while can_start():
             fresh = group is None or len(group) == 0
-            if not fresh and (len(group) >= group_size or started_in_group >= 2 * group_size):
+            if not fresh and (len(group) >= group_size or (group_limit is not None and started_in_group >= group_limit)):
                 return
-            fixed = None if fresh else {k: v for k, v in _structure(group.structure).items()}
+            fixed = None if fresh else _fixed(group.structure, pad)
             asked = ask(fixed)
             if asked is None:
                 return
@@ -182,7 +192,7 @@ def run_fused_worker(
                 split = data.folds(params.scaling)[0]
                 group = FusedGroup(split, device)
                 started_in_group = 0
-            elif _structure(params) != _structure(group.structure):
+            elif _fixed(params, pad) != _fixed(group.structure, pad):
                 _fail(trial, "could not join a fused group of another structure; queued again")
                 continue
             member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
@@ -201,8 +211,7 @@ def run_fused_worker(
 
     def finish(member: Member, state: TrialState, value: float | None, reason: str | None, index: int) -> None:
         trial: optuna.Trial = member.key
-        n_params = group.layout[-1][3] if group else 0
-        set_user_attrs(trial, record_attrs(member.train_losses, member.epoch_seconds, device, n_params, reason))
+        set_user_attrs(trial, record_attrs(member.train_losses, member.epoch_seconds, device, member.n_params, reason))
         if state == TrialState.COMPLETE and value is not None and improves(study, value):
             handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
                                                         "params": member.params.to_dict()})
@@ -310,10 +319,10 @@ def _stop_group(group: FusedGroup, result: WorkerResult) -> None:
 def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:
     m = group.members[i]
     return {
-        "fused": True,
+        "fused": 2,  # unpadded tensors per parameter name: resumable in a group of any envelope
         "epoch": m.epoch,
         "model": group.member_state_dict(i),
-        "optimizer": {name: s[i].detach().cpu().clone() for name, s in group.state.items()},
+        "optimizer": group.member_optimizer_state(i),
         "steps": float(group.steps[i]),
         "schedule": m.schedule.state_dict(),
         "generator": m.generator.get_state(),
@@ -324,20 +333,10 @@ def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:
 
 def _resume(group: FusedGroup, i: int, state: dict[str, Any] | None, trial: optuna.Trial) -> None:
     """Put a retried member back where its last (fused) checkpoint left it."""
-    if not state or not state.get("fused"):
-        return
+    if not state or state.get("fused") != 2:
+        return  # none, or one-at-a-time's format: the member starts over
     m = group.members[i]
-    assert group.flat is not None
-    with torch.no_grad():
-        for name, _shape, a, b in group.layout:
-            group.flat[i, a:b] = state["model"][name].reshape(-1).to(group.device)
-        for name, buf in group.buffers.items():
-            buf[i] = state["model"][name].to(group.device)
-        for name, value in state["optimizer"].items():
-            if name not in group.state:
-                group.state[name] = torch.zeros_like(group.flat)
-            group.state[name][i] = value.to(group.device)
-        group.steps[i] = state["steps"]
+    group.load_member(i, state["model"], state["optimizer"], state["steps"])
     m.schedule.load_state_dict(state["schedule"])
     m.generator.set_state(state["generator"].cpu())
     m.epoch = m.checkpoint_epoch = int(state["epoch"])

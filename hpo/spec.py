@@ -145,6 +145,9 @@ class ExecutionSpec:
 
     mode: str = "sequential"  # or "fused"
     group_size: int = 8
+    # Fused only: members keep their own width and depth, padded to the group's largest
+    # (hpo.fused); off, a group's members share the leader's width and depth.
+    pad: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class StudySpec:
         """A copy that runs fused groups of `group_size` (the CLI's --fuse K), checked like the file."""
         from hpo.validate import Validator
 
-        spec = replace(self, execution=ExecutionSpec("fused", group_size))
+        spec = replace(self, execution=replace(self.execution, mode="fused", group_size=group_size))
         Validator(self.source).check_fusable(spec, "--fuse")
         return spec
 
@@ -203,7 +206,8 @@ class StudySpec:
                 "timeout": self.budget.timeout,
                 "trial_timeout": self.budget.trial_timeout,
             },
-            "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size},
+            "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
+                          "pad": self.execution.pad},
         }
 
     def search_definition(self) -> dict[str, Any]:

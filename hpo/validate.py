@@ -151,12 +151,15 @@ class Validator:
         return spec
 
     def execution(self, value: Any) -> ExecutionSpec:
-        raw = self.mapping(value, "execution", ["mode", "group_size"])
+        raw = self.mapping(value, "execution", ["mode", "group_size", "pad"])
         mode = self.choice(raw.get("mode", "sequential"), "execution.mode", ["sequential", "fused"])
         size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
         if size > 1024:
             raise self.fail("execution.group_size", "must be <= 1024")
-        return ExecutionSpec(mode, size)
+        pad = raw.get("pad", False)
+        if not isinstance(pad, bool):
+            raise self.fail("execution.pad", "must be true or false")
+        return ExecutionSpec(mode, size, pad)
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
         """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""

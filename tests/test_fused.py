@@ -73,6 +73,17 @@ GROUPS = {
                                                                         weight_decay=1e-3)],
     "rmsprop": [Params(optimizer="rmsprop", lr=1e-3, width=32, depth=2), Params(optimizer="rmsprop", lr=3e-4, width=32, depth=2)],
     "adagrad": [Params(optimizer="adagrad", lr=0.03, width=32, depth=2), Params(optimizer="adagrad", lr=0.01, width=32, depth=2)],
+    # Width and depth differ per member: padded to the widest and deepest.
+    "padded": [Params(optimizer="adam", lr=3e-3, width=16, depth=1),
+               Params(optimizer="adam", lr=1e-3, width=48, depth=3, weight_decay=1e-3, scheduler="cosine"),
+               Params(optimizer="adam", lr=2e-3, width=32, depth=2, init="kaiming")],
+    # Width 64 equals digits' 64 inputs: only that member has a skip around its first block.
+    "padded layer norm, residual": [
+        Params(optimizer="momentum", lr=0.05, momentum=0.9, norm="layer", residual=True, width=64, depth=2),
+        Params(optimizer="momentum", lr=0.02, momentum=0.8, norm="layer", residual=True, width=24, depth=3),
+        Params(optimizer="momentum", lr=0.03, momentum=0.85, norm="layer", residual=True, width=40, depth=1)],
+    "padded batch norm": [Params(optimizer="adamw", lr=2e-3, weight_decay=0.05, norm="batch", width=32, depth=2),
+                          Params(optimizer="adamw", lr=4e-3, norm="batch", width=48, depth=1, scheduler="onecycle")],
 }
 
 
@@ -109,14 +120,59 @@ def test_a_diverging_member_does_not_spoil_the_others(digits: DataCache) -> None
     assert_same(curve, unfused_curve(digits, good, 1))
 
 
-def test_structure_must_match(digits: DataCache) -> None:
+def test_a_member_joining_or_leaving_resizes_the_group_without_touching_the_others(digits: DataCache) -> None:
+    """Continuous batching across structures: a wider, deeper member joins after epoch 0 (the
+    envelope grows) and leaves after epoch 1 (it shrinks back); the others follow their unfused
+    curves throughout, and the late member follows its own."""
+    narrow = [(Params(optimizer="adam", lr=lr, width=24, depth=1, norm="layer"), 20 + i)
+              for i, lr in enumerate([1e-3, 4e-3])]
+    wide = (Params(optimizer="adam", lr=2e-3, width=56, depth=3, norm="layer"), 30)
     group = FusedGroup(digits.get("standard"), CPU)
-    group.add(0, Params(width=32), 1, 2)
-    with pytest.raises(ValueError, match="share the group's structure"):
-        group.add(1, Params(width=64), 2, 2)
+    for i, (p, seed) in enumerate(narrow):
+        group.add(i, p, seed, EPOCHS)
+    curves: dict[int, list[dict[str, float]]] = {0: [], 1: [], 2: []}
+    for epoch in range(EPOCHS):
+        if epoch == 1:
+            group.add(2, wide[0], wide[1], EPOCHS)
+            assert (group.width, group.depth) == (56, 3)
+        group.train_epoch()
+        vals = group.evaluate(group.data.val)
+        group.after_epoch([v["loss"] for v in vals])
+        for m, v in zip(group.members, vals):
+            curves[m.key].append(v)
+        if epoch == 1:
+            group.remove([2])
+            assert (group.width, group.depth) == (24, 1)
+    for i, (p, seed) in enumerate(narrow):
+        assert_same(curves[i], unfused_curve(digits, p, seed))
+    assert_same(curves[2], unfused_curve(digits, wide[0], wide[1], epochs=1))
 
 
-def test_fused_study_end_to_end(write_spec, runner, storage_url) -> None:
+def test_a_padded_member_exports_its_own_shapes(digits: DataCache) -> None:
+    group = FusedGroup(digits.get("standard"), CPU)
+    group.add(0, Params(width=48, depth=3, norm="batch"), 1, 2)
+    group.add(1, Params(width=16, depth=1, norm="batch"), 2, 2)
+    group.train_epoch()
+    small = group.member_module(1)  # loads into an unfused 16x1 MLP: every shape must fit
+    assert small.state_dict()["blocks.0.linear.weight"].shape == (16, 64)
+    assert group.members[1].n_params == sum(t.numel() for t in small.parameters())
+    # Its padding stayed exactly zero through a training epoch.
+    flat = group.flat.detach()[1]
+    own = sum(t.numel() for t in small.parameters())
+    assert int((flat != 0).sum()) <= own
+
+
+def test_members_must_share_the_update_rule(digits: DataCache) -> None:
+    group = FusedGroup(digits.get("standard"), CPU)
+    group.add(0, Params(width=32, optimizer="adam"), 1, 2)
+    with pytest.raises(ValueError, match="must share the group's optimizer, batch_size"):
+        group.add(1, Params(width=64, optimizer="momentum"), 2, 2)
+    with pytest.raises(ValueError, match="must share the group's optimizer, batch_size"):
+        group.add(1, Params(width=32, batch_size=32), 2, 2)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["shared structure", "padded"])
+def test_fused_study_end_to_end(write_spec, runner, storage_url, pad: bool) -> None:
     spec = small_spec(
         name="fused",
         data={"dataset": "digits"},
@@ -126,6 +182,7 @@ def test_fused_study_end_to_end(write_spec, runner, storage_url) -> None:
         sampler={"name": "random"},
         pruner={"name": "median", "n_startup_trials": 3, "n_warmup_steps": 1},
         budget={"n_trials": 14, "epochs": 4},
+        execution={"pad": pad},
     )
     result = invoke(runner, "run", write_spec(spec), "--storage", storage_url, "--fuse", "4")
     assert result.exit_code == 0, result.output
@@ -140,10 +197,13 @@ def test_fused_study_end_to_end(write_spec, runner, storage_url) -> None:
         assert sorted(t.intermediate_values) == list(range(len(t.intermediate_values)))
         if t.state == TrialState.COMPLETE:
             assert len(t.intermediate_values) == 4
-    # The first group's members share the leader's structure; their lr differ.
+    # The first group's members share the leader's optimizer and, unless padded, its width and
+    # depth; the rest is sampled per member.
     first = trials[:4]
-    assert len({(t.params["width"], t.params["depth"], t.params["optimizer"]) for t in first}) == 1
+    assert len({t.params["optimizer"] for t in first}) == 1
     assert len({t.params["lr"] for t in first}) == 4
+    shapes = {(t.params["width"], t.params["depth"]) for t in first}
+    assert len(shapes) > 1 if pad else len(shapes) == 1
     assert study.user_attrs["test"]["value"] > 0.5
 
 

@@ -61,6 +61,7 @@ MALFORMED = [
     ("missing-name", {k: v for k, v in SMALL.items() if k != "name"}, "name: is required"),
     ("missing-space", {k: v for k, v in SMALL.items() if k != "space"}, "space: is required"),
     ("unknown-top-key", small_spec(budjet={"n_trials": 3}), "budjet: unknown key; did you mean 'budget'?"),
+    ("pad-not-bool", small_spec(execution={"mode": "fused", "pad": "yes"}), "execution.pad: must be true or false"),
     ("unknown-param", _space(learning_rate=0.1), "space.learning_rate: unknown key"),
     ("param-typo-hint", _space(widht=32), "did you mean 'width'?"),
     ("empty-space", small_spec(space={}), "space: is empty"),
