@@ -325,6 +325,9 @@ def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:
         "optimizer": group.member_optimizer_state(i),
         "steps": float(group.steps[i]),
         "schedule": m.schedule.state_dict(),
+        # The scheduler's state holds its step count, not the lr it set: that lives in the
+        # (dummy) optimizer it drives, as an unfused trial's lives in its real optimizer.
+        "lr_holder": m.lr_holder.state_dict(),
         "generator": m.generator.get_state(),
         "train_losses": list(m.train_losses),
         "epoch_seconds": list(m.epoch_seconds),
@@ -337,6 +340,7 @@ def _resume(group: FusedGroup, i: int, state: dict[str, Any] | None, trial: optu
         return  # none, or one-at-a-time's format: the member starts over
     m = group.members[i]
     group.load_member(i, state["model"], state["optimizer"], state["steps"])
+    m.lr_holder.load_state_dict(state["lr_holder"])
     m.schedule.load_state_dict(state["schedule"])
     m.generator.set_state(state["generator"].cpu())
     m.epoch = m.checkpoint_epoch = int(state["epoch"])

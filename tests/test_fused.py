@@ -162,6 +162,33 @@ def test_a_padded_member_exports_its_own_shapes(digits: DataCache) -> None:
     assert int((flat != 0).sum()) <= own
 
 
+def test_a_checkpointed_member_resumes_in_a_group_of_another_envelope(digits: DataCache) -> None:
+    """A retried member joins whatever group is forming: its checkpoint holds its own shapes."""
+    from types import SimpleNamespace
+
+    from hpo.fused_study import _member_state, _resume
+
+    p = Params(optimizer="adam", lr=3e-3, width=16, depth=1, norm="layer", scheduler="cosine")
+    first = FusedGroup(digits.get("standard"), CPU)
+    first.add("me", p, 5, EPOCHS)
+    first.add("wide", Params(optimizer="adam", lr=1e-3, width=48, depth=3, norm="layer"), 6, EPOCHS)
+    for _ in range(2):
+        first.train_epoch()
+        first.after_epoch([v["loss"] for v in first.evaluate(first.data.val)])
+    first.members[0].epoch = 2
+    state = _member_state(first, 0)
+
+    second = FusedGroup(digits.get("standard"), CPU)
+    second.add("other", Params(optimizer="adam", lr=2e-3, width=32, depth=2, norm="layer"), 7, EPOCHS)
+    second.add("me", p, 5, EPOCHS)
+    attrs: dict = {}
+    _resume(second, 1, state, SimpleNamespace(set_user_attr=attrs.__setitem__))
+    assert attrs == {"resumed_from_epoch": 2}
+    second.train_epoch()
+    resumed = second.evaluate(second.data.val)[1]
+    assert_same([resumed], unfused_curve(digits, p, 5)[2:])
+
+
 def test_members_must_share_the_update_rule(digits: DataCache) -> None:
     group = FusedGroup(digits.get("standard"), CPU)
     group.add(0, Params(width=32, optimizer="adam"), 1, 2)
