@@ -31,8 +31,8 @@ How groups are formed is the worker's choice (hpo.fused_study), and a trade-off:
   group (per 2K trials) instead of once per trial;
 - padded (`execution.pad`): width and depth are sampled per trial, as without fusion, and every
   member computes at the envelope's size. On a CPU that waste is real (digits, 2 cores: 1.4x
-  instead of 3.3x over one at a time; best score over 16 seeds 0.07 points under one at a time
-  on average against 0.16 shared, both within noise: benchmarks/RESULTS.md); it is meant for a
+  instead of 3.3x over one at a time; best score over 32 seeds 0.03 points under one at a time
+  on average against 0.09 shared, both within two standard errors: benchmarks/RESULTS.md); it is meant for a
   GPU, where a small MLP is launch-bound and a group may hold the whole study, so that a shared
   structure would be the only one tried.
 

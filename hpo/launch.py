@@ -44,7 +44,10 @@ def run_here(
     """Run trials in this process (fused or one at a time), then score the best model."""
     spec = handle.spec
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
-    fused = f", fused in groups of {spec.execution.group_size}" if spec.execution.mode == "fused" else ""
+    fused = ""
+    if spec.execution.mode == "fused":
+        padded = " (width and depth padded per trial)" if spec.execution.pad else ""
+        fused = f", fused in groups of {spec.execution.group_size}{padded}"
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}, "
                  f"storage {mask(storage_url)}")
     start = time.monotonic()

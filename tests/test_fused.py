@@ -214,6 +214,7 @@ def test_fused_study_end_to_end(write_spec, runner, storage_url, pad: bool) -> N
     result = invoke(runner, "run", write_spec(spec), "--storage", storage_url, "--fuse", "4")
     assert result.exit_code == 0, result.output
     assert "fused in groups of 4" in result.stderr
+    assert ("width and depth padded per trial" in result.stderr) == pad
     study = optuna.load_study(study_name="fused", storage=storage_url)
     trials = study.trials
     assert len(trials) == 14  # the budget holds exactly, refills included
