@@ -97,11 +97,17 @@ def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
+def _copy_overlap(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy the corner two (K, *shape) tensors share: growing pads, shrinking cuts padding."""
+    keep = (slice(None), *_corner(tuple(min(x, y) for x, y in zip(dst.shape[1:], src.shape[1:]))))
+    dst[keep] = src[keep]
+
+
 class FusedGroup:
     """K MLPs sharing an update rule, padded to one envelope, with their optimizer state, as
     stacked tensors."""
 
-    def __init__(self, data: Data, device: torch.device, steps_per_epoch: int | None = None) -> None:
+    def __init__(self, data: Data, device: torch.device) -> None:
         self.data = data
         self.device = device
         self.members: list[Member] = []
@@ -186,7 +192,7 @@ class FusedGroup:
         Growing adds zeros (or fresh BN statistics); shrinking cuts only padding, because the
         envelope never gets smaller than a member.
         """
-        if (width, depth) == (self.width, self.depth) and self.flat is not None:
+        if (width, depth) == (self.width, self.depth):
             return
         assert self.structure is not None
         with torch.device("meta"):  # shapes only: no memory, and the global RNG stays untouched
@@ -197,28 +203,24 @@ class FusedGroup:
             layout.append((name, tuple(t.shape), offset, offset + t.numel()))
             offset += t.numel()
         k = len(self.members)
+        before = {n: (shape, a, b) for n, shape, a, b in self.layout}
 
         def relay(old: torch.Tensor | None) -> torch.Tensor:
             new = torch.zeros(k, offset, device=self.device)
             if old is not None:
-                before = {n: (shape, a, b) for n, shape, a, b in self.layout}
                 for name, shape, a, b in layout:
                     if name in before:
                         o_shape, oa, ob = before[name]
-                        keep = _corner(tuple(min(x, y) for x, y in zip(shape, o_shape)))
-                        new[:, a:b].view(k, *shape)[(slice(None), *keep)] = old[:, oa:ob].view(k, *o_shape)[(slice(None), *keep)]
+                        _copy_overlap(new[:, a:b].view(k, *shape), old[:, oa:ob].view(k, *o_shape))
             return new
 
         self.flat = relay(self.flat.detach() if self.flat is not None else None).requires_grad_(True)
         self.state = {n: relay(s) for n, s in self.state.items()}
         buffers = {}
         for name, buf in template.named_buffers():
-            new = self._fresh_buffer(name, buf.shape).unsqueeze(0).repeat(k, *([1] * buf.dim()))
+            buffers[name] = self._fresh_buffer(name, buf.shape).unsqueeze(0).repeat(k, *([1] * buf.dim()))
             if name in self.buffers:
-                old = self.buffers[name]
-                keep = _corner(tuple(min(x, y) for x, y in zip(buf.shape, old.shape[1:])))
-                new[(slice(None), *keep)] = old[(slice(None), *keep)]
-            buffers[name] = new
+                _copy_overlap(buffers[name], self.buffers[name])
         self.buffers = buffers
         self.layout = layout
         self.width, self.depth = width, depth

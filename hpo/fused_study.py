@@ -100,9 +100,9 @@ class _Snapshot:
         return getattr(self._study, name)
 
 
-def _fixed(params: Params, pad: bool) -> dict[str, Any]:
+def _fixed(params: Params, names: tuple[str, ...]) -> dict[str, Any]:
     """What a group's members take from its leader."""
-    return {k: getattr(params, k) for k in (SHARED if pad else SHARED + PADDED)}
+    return {k: getattr(params, k) for k in names}
 
 
 def run_fused_worker(
@@ -131,11 +131,10 @@ def run_fused_worker(
     group: FusedGroup | None = None
     started_in_group = 0
     started_at: dict[int, float] = {}
-    pad = spec.execution.pad
     # Trials one group takes before it drains, so that the sampler picks a new structure: 2K, so
     # that pruned members' slots are refilled (with K there are no refills; over 16 digits seeds it
     # scored within noise of 2K). No limit when the next group could not differ anyway.
-    fixed_names = SHARED if pad else SHARED + PADDED
+    fixed_names = SHARED if spec.execution.pad else SHARED + PADDED
     group_limit = 2 * group_size if any(p.tuned for p in spec.space if p.name in fixed_names) else None
     cost = 0.0  # seconds one member checkpoint took, last time
 
@@ -183,7 +182,7 @@ def run_fused_worker(
             fresh = group is None or len(group) == 0
             if not fresh and (len(group) >= group_size or (group_limit is not None and started_in_group >= group_limit)):
                 return
-            fixed = None if fresh else _fixed(group.structure, pad)
+            fixed = None if fresh else _fixed(group.structure, fixed_names)
             asked = ask(fixed)
             if asked is None:
                 return
@@ -192,7 +191,7 @@ def run_fused_worker(
                 split = data.folds(params.scaling)[0]
                 group = FusedGroup(split, device)
                 started_in_group = 0
-            elif _fixed(params, pad) != _fixed(group.structure, pad):
+            elif _fixed(params, fixed_names) != _fixed(group.structure, fixed_names):
                 _fail(trial, "could not join a fused group of another structure; queued again")
                 continue
             member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
