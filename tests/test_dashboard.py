@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, small_spec
+from tests.conftest import env_without_storage, invoke, missing, need_module, small_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,11 +139,11 @@ def test_live_study_shows_up_and_reading_never_locks_sqlite(write_spec, tmp_path
 
 
 def _chrome_driver():
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = need_module("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     chromedriver = shutil.which("chromedriver")
     if not chromium or not chromedriver:
-        pytest.skip("chromium and chromedriver are not installed: apt-get install chromium chromium-driver")
+        missing("chromium and chromedriver are not installed: apt-get install chromium chromium-driver")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

@@ -13,7 +13,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, small_spec, wait_for
+from tests.conftest import (
+    env_without_storage,
+    invoke,
+    need_module,
+    small_spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -135,7 +141,7 @@ def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -
 
 
 def test_redis_journal_two_workers(write_spec, runner, tmp_path) -> None:
-    redis = pytest.importorskip("redis")
+    redis = need_module("redis")
     prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
     url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
     spec = dict(FAST, name="journal", budget={"n_trials": 12, "epochs": 2})
@@ -153,7 +159,7 @@ def test_redis_journal_two_workers(write_spec, runner, tmp_path) -> None:
 
 
 def test_grpc_proxy_serves_workers(write_spec, runner, tmp_path, storage_url) -> None:
-    pytest.importorskip("grpc")
+    need_module("grpc")
     import socket
 
     with socket.socket() as s:
