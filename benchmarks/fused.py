@@ -2,7 +2,8 @@
 
 Both variants run the same spec (same sampler seed, pruner, trial budget) in this process,
 alternately; reported: wall time, trials per hour, their ratio, and the best validation score of
-each (fusion constrains each group to one structure, so the search itself differs a little).
+each (the fused worker has K trials in flight, as K parallel workers would, so each is sampled
+with a little less feedback; `--seeds` measures what that costs).
 Targets: >= 2.5x on a 2-core CPU for the digits MLP study; >= 10x on a GPU for Fashion-MNIST MLP.
 
     python benchmarks/fused.py                                  # digits, CPU
@@ -56,21 +57,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the spec's epochs")
     ap.add_argument("--seeds", default=None,
                     help="comma-separated study seeds: compare the best score per seed (one run of each)")
-    ap.add_argument("--pad", action="store_true",
-                    help="fused members keep their own width and depth, padded (execution.pad)")
+    ap.add_argument("--pad", choices=["auto", "true", "false"], default="auto",
+                    help="group trials of other widths and depths together, padded (execution.pad; "
+                         "auto: on a GPU only)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     warm_up()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = load_spec(args.spec).with_budget(n_trials=args.n_trials, epochs=args.epochs)
-    if args.pad:
-        spec = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=True))
-    label = f"fused x{args.group_size}" + (" padded" if args.pad else "")
+    pad = {"auto": None, "true": True, "false": False}[args.pad]
+    spec = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=pad))
     device = torch.device(args.device)
+    label = f"fused x{args.group_size}" + (" padded" if spec.execution.pads(device.type) else "")
     data = DataCache(spec.data, spec.seed, device, spec.model)
     data.folds("standard")  # load and place the data once, outside the clocks
     if args.seeds:
-        return by_seed(args, spec, device, data)
+        return by_seed(args, spec, device, data, label)
     res = alternate({
         "one at a time": lambda: run(spec, device, data, None),  # noqa: E731
         label: lambda: run(spec, device, data, args.group_size),
@@ -89,42 +91,31 @@ def main() -> None:
     record(f"Fused trials vs one at a time ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
 
 
-def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCache) -> None:
-    """Best score at equal trial budget over several sampler seeds: one at a time, fused with the
-    structure shared per group, and fused with width and depth padded per member. One seed's
-    comparison is mostly luck (a few validation images), so the summary is the mean gap, its
-    standard error and the wins, ties and losses."""
-    shared = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=False))
-    padded = dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, pad=True))
-    rows, gaps, ratios = [], {"shared": [], "padded": []}, {"shared": [], "padded": []}
+def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCache, label: str) -> None:
+    """Best score at equal trial budget over several sampler seeds, one at a time vs fused. One
+    seed's comparison is mostly luck (a few validation images), so the summary is the mean gap,
+    its standard error and the wins, ties and losses."""
+    rows, gaps, ratios = [], [], []
     for seed in [int(x) for x in args.seeds.split(",")]:
         seq = run(dataclasses.replace(spec, seed=seed), device, data, None)
-        row = [seed, seq[0], seq[1]]
-        for name, variant in (("shared", shared), ("padded", padded)):
-            fused = run(dataclasses.replace(variant, seed=seed), device, data, args.group_size)
-            gaps[name].append((fused[1] - seq[1]) * 100)
-            ratios[name].append(seq[0] / fused[0])
-            row += [fused[0], ratios[name][-1], fused[1], f"{gaps[name][-1]:+.2f}"]
-        rows.append(row)
+        fused = run(dataclasses.replace(spec, seed=seed), device, data, args.group_size)
+        gaps.append((fused[1] - seq[1]) * 100)
+        ratios.append(seq[0] / fused[0])
+        rows.append([seed, seq[0], seq[1], fused[0], ratios[-1], fused[1], f"{gaps[-1]:+.2f}"])
         print(rows[-1], flush=True)
-    k = args.group_size
-    body = table(["seed", "one at a time s", "best val", f"fused x{k} s", "speed-up", "best val", "points",
-                  f"fused x{k} padded s", "speed-up", "best val", "points"], rows)
-
-    def summary(name: str) -> str:
-        g = gaps[name]
-        mean = sum(g) / len(g)
-        se = (sum((x - mean) ** 2 for x in g) / max(1, len(g) - 1) / len(g)) ** 0.5
-        wins, ties = sum(x > 0.005 for x in g), sum(abs(x) <= 0.005 for x in g)
-        return (f"{name}: mean gap {mean:+.2f} points (standard error {se:.2f}), better / equal / worse on "
-                f"{wins} / {ties} / {len(g) - wins - ties} seeds, worst {min(g):+.2f}; median speed-up "
-                f"{median(ratios[name]):.2f}x")
-
+    body = table(["seed", "one at a time s", "best val", f"{label} s", "speed-up", "best val", "points"], rows)
+    mean = sum(gaps) / len(gaps)
+    se = (sum((x - mean) ** 2 for x in gaps) / max(1, len(gaps) - 1) / len(gaps)) ** 0.5
+    wins, ties = sum(x > 0.005 for x in gaps), sum(abs(x) <= 0.005 for x in gaps)
+    seq_total, fused_total = sum(r[1] for r in rows), sum(r[3] for r in rows)
     n_val = len(data.folds("standard")[0].val)
     notes = (f"Spec `{shown(args.spec)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x {spec.budget.epochs} "
              f"epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner, on {device}; the data split is the same "
-             f"for every seed ({n_val} validation examples: one is {100 / n_val:.2f} points). Fused minus one at a "
-             f"time, **{summary('shared')}; {summary('padded')}.**")
+             f"for every seed ({n_val} validation examples: one is {100 / n_val:.2f} points). {label} minus one at a "
+             f"time: **mean gap {mean:+.2f} points (standard error {se:.2f}), better / equal / worse on {wins} / "
+             f"{ties} / {len(gaps) - wins - ties} seeds, worst {min(gaps):+.2f}; speed-up median {median(ratios):.2f}x, "
+             f"range {min(ratios):.2f}-{max(ratios):.2f}x, {seq_total / fused_total:.2f}x on the summed time "
+             f"({seq_total:.0f} s vs {fused_total:.0f} s).**")
     record(f"Fused trials: best score over seeds ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
 
 

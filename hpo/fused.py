@@ -25,16 +25,13 @@ they stay exactly zero under every optimizer and weight decay, and each member s
 unfused curve. LayerNorm takes its statistics over the member's own width. The envelope grows
 when a wider or deeper member joins and shrinks when the widest leaves.
 
-How groups are formed is the worker's choice (hpo.fused_study), and a trade-off:
-- shared structure (the default): members are sampled with width and depth fixed to the group
-  leader's too, so no arithmetic is wasted, but the sampler explores width and depth once per
-  group (per 2K trials) instead of once per trial;
-- padded (`execution.pad`): width and depth are sampled per trial, as without fusion, and every
-  member computes at the envelope's size. On a CPU that waste is real (digits, 2 cores: 1.4x
-  instead of 3.3x over one at a time; best score over 32 seeds 0.03 points under one at a time
-  on average against 0.09 shared, both within two standard errors: benchmarks/RESULTS.md); it is meant for a
-  GPU, where a small MLP is launch-bound and a group may hold the whole study, so that a shared
-  structure would be the only one tried.
+How groups are formed is the worker's choice (hpo.fused_study): it samples every trial freely
+and groups the trials in flight by structure. By default a group's members share width and depth
+too, so no arithmetic is wasted but a group is only as large as the number of trials in flight
+with that exact structure; with `execution.pad` they share only SHARED and every member computes
+at the envelope's size. On a CPU that waste is real (a 128-wide member in a 256-wide envelope
+does four times its own work); on a GPU, where a small MLP is launch-bound, fewer and fuller
+groups are what pays.
 
 The update math follows torch.optim's single-tensor implementations line by line, so a fused
 member's training curve matches its unfused run to float tolerance (tests/test_fused.py).

@@ -46,8 +46,8 @@ def run_here(
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
     fused = ""
     if spec.execution.mode == "fused":
-        padded = " (width and depth padded per trial)" if spec.execution.pad else ""
-        fused = f", fused in groups of {spec.execution.group_size}{padded}"
+        grouped = "width and depth padded per trial" if spec.execution.pads(device.type) else "grouped by structure"
+        fused = f", fused {spec.execution.group_size} trials at a time ({grouped})"
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}, "
                  f"storage {mask(storage_url)}")
     start = time.monotonic()

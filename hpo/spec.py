@@ -145,9 +145,14 @@ class ExecutionSpec:
 
     mode: str = "sequential"  # or "fused"
     group_size: int = 8
-    # Fused only: members keep their own width and depth, padded to the group's largest
-    # (hpo.fused); off, a group's members share the leader's width and depth.
-    pad: bool = False
+    # Fused only: trials of other widths and depths share a group, padded to its largest
+    # (hpo.fused); off, only trials of the same width and depth share one. None ("auto"): pad
+    # on a GPU, where a small MLP is launch-bound and padding is nearly free, not on a CPU,
+    # where the padded arithmetic is real.
+    pad: bool | None = None
+
+    def pads(self, device_type: str) -> bool:
+        return self.pad if self.pad is not None else device_type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,7 @@ class StudySpec:
                 "trial_timeout": self.budget.trial_timeout,
             },
             "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
-                          "pad": self.execution.pad},
+                          "pad": "auto" if self.execution.pad is None else self.execution.pad},
         }
 
     def search_definition(self) -> dict[str, Any]:

@@ -156,10 +156,10 @@ class Validator:
         size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
         if size > 1024:
             raise self.fail("execution.group_size", "must be <= 1024")
-        pad = raw.get("pad", False)
-        if not isinstance(pad, bool):
-            raise self.fail("execution.pad", "must be true or false")
-        return ExecutionSpec(mode, size, pad)
+        pad = raw.get("pad", "auto")
+        if pad != "auto" and not isinstance(pad, bool):
+            raise self.fail("execution.pad", "must be true, false or auto")
+        return ExecutionSpec(mode, size, None if pad == "auto" else pad)
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
         """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""

@@ -41,12 +41,21 @@ def test_list_shorthand_is_categorical(write_spec) -> None:
     assert bs is not None and bs.kind == "categorical" and bs.choices == (32, 64)
 
 
-def test_spec_round_trips_through_its_stored_form(write_spec) -> None:
+@pytest.mark.parametrize("execution", [{}, {"mode": "fused", "pad": True}, {"mode": "fused", "pad": False},
+                                       {"mode": "fused", "pad": "auto"}])
+def test_spec_round_trips_through_its_stored_form(write_spec, execution) -> None:
     from hpo.spec import spec_from_mapping
 
-    spec = load_spec(write_spec(small_spec()))
+    spec = load_spec(write_spec(small_spec(execution=execution)))
     again = spec_from_mapping(spec.to_dict(), "stored")
     assert again == spec
+
+
+def test_fused_padding_follows_the_device_unless_set(write_spec) -> None:
+    auto = load_spec(write_spec(small_spec(execution={"mode": "fused"}))).execution
+    assert auto.pads("cuda") and not auto.pads("cpu")  # launch-bound GPU: padding is nearly free
+    off = load_spec(write_spec(small_spec(execution={"mode": "fused", "pad": False}))).execution
+    assert not off.pads("cuda") and not off.pads("cpu")
 
 
 def _space(**params):
@@ -61,7 +70,7 @@ MALFORMED = [
     ("missing-name", {k: v for k, v in SMALL.items() if k != "name"}, "name: is required"),
     ("missing-space", {k: v for k, v in SMALL.items() if k != "space"}, "space: is required"),
     ("unknown-top-key", small_spec(budjet={"n_trials": 3}), "budjet: unknown key; did you mean 'budget'?"),
-    ("pad-not-bool", small_spec(execution={"mode": "fused", "pad": "yes"}), "execution.pad: must be true or false"),
+    ("pad-not-bool", small_spec(execution={"mode": "fused", "pad": "yes"}), "execution.pad: must be true, false or auto"),
     ("unknown-param", _space(learning_rate=0.1), "space.learning_rate: unknown key"),
     ("param-typo-hint", _space(widht=32), "did you mean 'width'?"),
     ("empty-space", small_spec(space={}), "space: is empty"),
