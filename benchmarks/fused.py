@@ -23,10 +23,14 @@ import torch
 from _common import HERE, alternate, median, record, shown, table, warm_up
 
 from hpo.data import DataCache
+from hpo.fused import FusedGroup
 from hpo.fused_study import run_fused_worker
+from hpo.model import build_model
+from hpo.params import Params
 from hpo.spec import load_spec
 from hpo.storage import open_storage
 from hpo.study import open_for_spec
+from hpo.train import Trainer
 from hpo.worker import run_worker
 
 
@@ -60,6 +64,8 @@ def main() -> None:
     ap.add_argument("--pad", choices=["auto", "true", "false"], default="auto",
                     help="group trials of other widths and depths together, padded (execution.pad; "
                          "auto: on a GPU only)")
+    ap.add_argument("--group-scaling", action="store_true",
+                    help="epoch time of one fused group by size and structure, against one unfused model")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     warm_up()
@@ -71,6 +77,8 @@ def main() -> None:
     label = f"fused x{args.group_size}" + (" padded" if spec.execution.pads(device.type) else "")
     data = DataCache(spec.data, spec.seed, device, spec.model)
     data.folds("standard")  # load and place the data once, outside the clocks
+    if args.group_scaling:
+        return group_scaling(args, spec, device, data)
     if args.seeds:
         return by_seed(args, spec, device, data, label)
     res = alternate({
@@ -117,6 +125,47 @@ def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCach
              f"range {min(ratios):.2f}-{max(ratios):.2f}x, {seq_total / fused_total:.2f}x on the summed time "
              f"({seq_total:.0f} s vs {fused_total:.0f} s).**")
     record(f"Fused trials: best score over seeds ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
+
+
+def group_scaling(args: argparse.Namespace, spec, device: torch.device, data: DataCache) -> None:
+    """What a fused group gains by size, per structure: an epoch (train and validation) of K
+    members against K epochs of one unfused model. Fusion's speed-up in a study is bounded by
+    these ratios for the structures the sampler picks."""
+    split = data.folds("standard")[0]
+    widths = next((p.possible_values() for p in spec.space if p.name == "width"), None) or [128]
+    depths = next((p.possible_values() for p in spec.space if p.name == "depth"), None) or [2]
+    sizes = [k for k in (1, 2, 4, 8, 16, 32) if k <= args.group_size]
+    reps = 15
+    rows = []
+    for width in widths:
+        for depth in depths:
+            p = Params(optimizer="adam", lr=1e-3, width=int(width), depth=int(depth), dropout=0.2, batch_size=64)
+            torch.manual_seed(0)
+            trainer = Trainer(build_model("mlp", p, split.input_shape, split.n_outputs), p, split, reps + 1, device, 0)
+            alone = median([r.seconds for r in trainer.fit()[1:]])
+            row = [f"{width} x {depth}", alone]
+            for k in sizes:
+                group = FusedGroup(split, device)
+                for i in range(k):
+                    group.add(i, p, i, reps + 1)
+                times = []
+                for _ in range(reps + 1):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    group.train_epoch()
+                    group.after_epoch([v["loss"] for v in group.evaluate(split.val)])
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                row.append(f"{k * alone / median(times[1:]):.2f}x")
+            rows.append(row)
+            print(rows[-1], flush=True)
+    body = table(["width x depth", "unfused epoch s", *[f"K={k}" for k in sizes]], rows)
+    notes = (f"Trials per hour of one fused group of K members against one unfused model, per structure "
+             f"({spec.data.dataset} train split, batch 64, Adam, dropout 0.2, median of {reps} epochs, on {device}).")
+    record(f"Fused group speed-up by size and structure ({spec.data.dataset}, {device})", body, notes,
+           save=not args.no_save)
 
 
 if __name__ == "__main__":

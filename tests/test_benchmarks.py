@@ -21,6 +21,7 @@ SMOKE = str(ROOT / "benchmarks" / "specs" / "smoke.yaml")
     ("workers.py", ["--repeats", "1", "--trials", "4"], "2 workers / 1 worker"),
     ("fused.py", ["--repeats", "1", "--spec", SMOKE, "--group-size", "2"], "Fused / one at a time"),
     ("fused.py", ["--seeds", "0,1", "--spec", SMOKE, "--group-size", "2", "--pad", "true"], "padded minus one at a time"),
+    ("fused.py", ["--group-scaling", "--spec", SMOKE, "--group-size", "2"], "one fused group of K members"),
 ])
 def test_benchmark_script_runs(script: str, args: list[str], expect: str) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
