@@ -6,10 +6,10 @@ that share a structure train together as one fused group; the structure is every
 changes the update rule or the loop (optimizer, batch size, norm, residual, scaling:
 hpo.fused.SHARED) and, unless padding is on (`execution.pad`; by default on a GPU only), width
 and depth too. Padded, members of other widths and depths share a group, sized for its largest
-(hpo.fused). The groups
-take turns, one epoch each per round. Every epoch each member reports to its own trial; a member
-that is pruned, diverges or finishes leaves its group at once and its slot is refilled from the
-sampler (continuous batching), into whichever group fits the new trial's structure.
+(hpo.fused). The groups take turns, one epoch each per round. Every epoch each member reports to
+its own trial; a member that is pruned, diverges or finishes leaves its group at once and its slot
+is refilled from the sampler (continuous batching), into whichever group fits the new trial's
+structure.
 
 The trade-off is speed, not search: a group is as large as the number of trials in flight that
 share its structure, so fusion gains most once the sampler settles on a few structures, and
