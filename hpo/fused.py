@@ -33,14 +33,18 @@ at the envelope's size. On a CPU that waste is real (a 128-wide member in a 256-
 does four times its own work); on a GPU, where a small MLP is launch-bound, fewer and fuller
 groups are what pays.
 
-The update math follows torch.optim's single-tensor implementations line by line, so a fused
-member's training curve matches its unfused run to float tolerance (tests/test_fused.py).
+The update is torch.optim's own: on a CPU its fused kernels (what `Adam(fused=True)` runs, and
+what hpo's unfused trainer uses there too), one call per member; on a GPU, and for RMSprop, one
+stacked update over all members that follows torch.optim's single-tensor formulas line by line.
+Either way a fused member's training curve matches its unfused run to float tolerance
+(tests/test_fused.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,6 +98,19 @@ def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
+def _shaped(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A (K, n) slice of the flat tensors as (K, *shape), the module's orientation (a view).
+
+    A matrix is stored transposed, (in, out), as baddbmm takes it: its weight gradient then
+    lands contiguous in the flat gradient, where the module's (out, in) orientation would cost a
+    transposing copy and a slow concatenation of every gradient, every step (a fifth of a
+    K = 7, 256 x 2 step on 2 CPU cores).
+    """
+    if len(shape) == 2:
+        return part.view(-1, shape[1], shape[0]).transpose(1, 2)
+    return part.view(-1, *shape)
+
+
 def _copy_overlap(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy the corner two (K, *shape) tensors share: growing pads, shrinking cuts padding."""
     keep = (slice(None), *_corner(tuple(min(x, y) for x, y in zip(dst.shape[1:], src.shape[1:]))))
@@ -104,9 +121,11 @@ class FusedGroup:
     """K MLPs sharing an update rule, padded to one envelope, with their optimizer state, as
     stacked tensors."""
 
-    def __init__(self, data: Data, device: torch.device) -> None:
+    def __init__(self, data: Data, device: torch.device, kernels: bool | None = None) -> None:
         self.data = data
         self.device = device
+        # torch.optim's fused kernels, a call per member (default: on a CPU), or one stacked update.
+        self.kernels = device.type == "cpu" if kernels is None else kernels
         self.members: list[Member] = []
         self.flat: torch.Tensor | None = None  # (K, P) every member's parameters, one leaf
         self.layout: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, start, end
@@ -118,8 +137,14 @@ class FusedGroup:
         self.autocast = device.type == "cuda"
         self._n = len(data.train)
         self._columns: dict[tuple[str, Any], torch.Tensor] = {}
+        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}  # per-member views, for _kernel_step
 
     # ---- membership -----------------------------------------------------------------------
+
+    def _forget(self) -> None:
+        """Drop what was built for this membership and these tensors (columns, masks, row views)."""
+        self._columns.clear()
+        self._rows.clear()
 
     def __len__(self) -> int:
         return len(self.members)
@@ -147,7 +172,7 @@ class FusedGroup:
         module = build_model("mlp", params, self.data.input_shape, self.data.n_outputs)
         assert isinstance(module, MLP)
         self._append(module)
-        self._columns.clear()
+        self._forget()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params.lr)
@@ -166,7 +191,7 @@ class FusedGroup:
         own = dict(module.named_parameters())
         for name, shape, a, b in self.layout:
             if name in own:
-                row[0, a:b].view(shape)[_corner(own[name].shape)] = own[name].detach().to(self.device)
+                _shaped(row[:, a:b], shape)[0][_corner(own[name].shape)] = own[name].detach().to(self.device)
         self.flat = torch.cat([self.flat.detach(), row]).requires_grad_(True)
         own_bufs = dict(module.named_buffers())
         for name, buf in self.buffers.items():
@@ -208,7 +233,7 @@ class FusedGroup:
                 for name, shape, a, b in layout:
                     if name in before:
                         o_shape, oa, ob = before[name]
-                        _copy_overlap(new[:, a:b].view(k, *shape), old[:, oa:ob].view(k, *o_shape))
+                        _copy_overlap(_shaped(new[:, a:b], shape), _shaped(old[:, oa:ob], o_shape))
             return new
 
         self.flat = relay(self.flat.detach() if self.flat is not None else None).requires_grad_(True)
@@ -221,13 +246,13 @@ class FusedGroup:
         self.buffers = buffers
         self.layout = layout
         self.width, self.depth = width, depth
-        self._columns.clear()
+        self._forget()
 
     def remove(self, indices: list[int]) -> None:
         """Drop members at once (pruned, diverged or finished): compact every stacked tensor."""
         if not indices:
             return
-        self._columns.clear()
+        self._forget()
         keep = [i for i in range(len(self.members)) if i not in set(indices)]
         self.members = [self.members[i] for i in keep]
         if not keep:
@@ -253,7 +278,7 @@ class FusedGroup:
         for n, shape, a, b in self.layout:
             if n == name:
                 assert source is not None
-                return source[:, a:b].reshape(len(self.members), *shape)
+                return _shaped(source[:, a:b], shape)
         raise KeyError(name)
 
     def _views(self) -> dict[str, torch.Tensor]:
@@ -263,7 +288,10 @@ class FusedGroup:
         assert self.flat is not None
         k = len(self.members)
         parts = self.flat.split([b - a for _, _, a, b in self.layout], dim=1)
-        return {name: part.view(k, *shape) for (name, shape, _, _), part in zip(self.layout, parts)}
+        # A matrix comes as stored, (K, in, out), baddbmm's second operand; a vector (bias, norm
+        # scale) as (K, 1, F), ready to broadcast over the batch.
+        return {name: part.view(k, shape[1], shape[0]) if len(shape) > 1 else part.view(k, 1, *shape)
+                for (name, shape, _, _), part in zip(self.layout, parts)}
 
     def _mask(self, kind: str, block: int = 0) -> torch.Tensor | None:
         """Per-member masks for a padded group, built once per membership; None where unneeded.
@@ -297,20 +325,23 @@ class FusedGroup:
         h = x.flatten(2)
         k = len(self.members)
         any_dropout = train and any(m.params.dropout > 0 for m in self.members)
-        drop = self._column("dropout").view(k, 1, 1) if any_dropout else None
+        if any_dropout:
+            drop = self._column("dropout").view(k, 1, 1)
+            scale = self._columns.get(("1 / (1 - dropout)", None))
+            if scale is None:  # once per membership: every op counts in a small group's step
+                scale = self._columns[("1 / (1 - dropout)", None)] = 1 / (1 - drop)
         views = self._views()
         for i in range(self.depth):
             pre = f"blocks.{i}"
             w = views[f"{pre}.linear.weight"]
             if f"{pre}.linear.bias" in views:
-                y = torch.baddbmm(views[f"{pre}.linear.bias"].unsqueeze(1), h, w.transpose(1, 2))
+                y = torch.baddbmm(views[f"{pre}.linear.bias"], h, w)
             else:  # no bias before BatchNorm (see hpo.model.DenseBlock)
-                y = torch.bmm(h, w.transpose(1, 2))
+                y = torch.bmm(h, w)
             y = self._norm(pre, y, train, views)
             y = torch.relu(y)
             if any_dropout:
-                keep = (torch.rand_like(y) >= drop).to(y.dtype)
-                y = y * keep / (1 - drop)
+                y = y * ((torch.rand_like(y) >= drop) * scale)
             if i == 0:
                 skip = self._mask("skip0")
                 if skip is not None:  # only members whose width equals the input's
@@ -320,7 +351,7 @@ class FusedGroup:
             active = self._mask("active", i)
             h = y if active is None else torch.where(active, y, h)  # a shallower member skips it
         w, b = views["head.weight"], views["head.bias"]
-        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        return torch.baddbmm(b, h, w)
 
     def _norm(self, pre: str, y: torch.Tensor, train: bool, views: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.structure.norm if self.structure else "none"
@@ -331,12 +362,12 @@ class FusedGroup:
         if kind == "layer":
             mask = self._mask("width")
             if mask is None:
-                return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+                return F.layer_norm(y, (y.shape[-1],), eps=LN_EPS) * gamma + beta
             # Statistics over each member's own units; the padding has gamma = beta = 0.
             n = mask.sum(-1, keepdim=True)
             mean = (y * mask).sum(-1, keepdim=True) / n
             var = ((y - mean) * mask).square().sum(-1, keepdim=True) / n
-            return (y - mean) * torch.rsqrt(var + LN_EPS) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+            return (y - mean) * torch.rsqrt(var + LN_EPS) * gamma + beta
         # BatchNorm1d's own kernel over a (B, K*F) view: every (member, feature) is one channel,
         # so the statistics are computed exactly as K separate BatchNorm1d layers would.
         k, b, f = y.shape
@@ -368,12 +399,12 @@ class FusedGroup:
         """One pass over the train split for every member; returns per-member mean loss (K,)."""
         x, y = self.data.train.x, self.data.train.y
         perms = torch.stack([torch.randperm(self._n, device=self.device, generator=m.generator) for m in self.members])
-        total = torch.zeros(len(self.members), device=self.device)
-        seen = 0
+        losses = []
         bs = self.batch_size
-        lrs = self._lrs()
+        starts = self.starts
         per_batch = any(m.params.scheduler == "onecycle" for m in self.members)
-        for start in self.starts:
+        step = self._stepper(1 if per_batch else len(starts))
+        for j, start in enumerate(starts):
             idx = perms[:, start : start + bs]
             xb, yb = x[idx], y[idx]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -381,14 +412,14 @@ class FusedGroup:
             assert self.flat is not None
             self.flat.grad = None
             loss.sum().backward()  # members' parameters are disjoint: each gets its own gradient
-            self._step(lrs)
-            total += loss.detach() * idx.shape[1]
-            seen += idx.shape[1]
+            step(0 if per_batch else j)
+            losses.append(loss.detach())
             if per_batch:
                 for m in self.members:
                     m.schedule.after_batch()
-                lrs = self._lrs()
-        return total / max(1, seen)
+                step = self._stepper(1)
+        sizes = torch.tensor([min(bs, self._n - s) for s in starts], device=self.device, dtype=torch.float32)
+        return (torch.stack(losses) * sizes.unsqueeze(1)).sum(0) / sizes.sum()
 
     def _lrs(self) -> torch.Tensor:
         return torch.tensor([m.lr for m in self.members], device=self.device, dtype=torch.float64).unsqueeze(1)
@@ -401,53 +432,123 @@ class FusedGroup:
             col = self._columns[(name, dtype)] = torch.tensor(values, device=self.device, dtype=dtype).unsqueeze(1)
         return col
 
-    @torch.no_grad()
-    def _step(self, lr: torch.Tensor) -> None:
-        """One update of every member, following torch.optim's single-tensor formulas.
+    def _stepper(self, n: int) -> Callable[[int], None]:
+        """The update of the next `n` steps: step(j) applies the j-th.
 
-        Scalars derived from hyperparameters (1 - beta, bias corrections, step sizes) are
-        computed in float64 and rounded once, as torch.optim does with Python floats; computing
-        them in float32 would shift every step by a rounding error that Adam amplifies.
+        On a CPU, torch.optim's own fused kernel (what Adam(fused=True) runs) updates each member
+        in one pass over its memory; the stacked formulas of _step take a dozen passes over the
+        whole (K, P) block, which for a wide member is most of its step (K = 4, 256 x 2: 2.1 ms
+        against 0.12 ms). The kernel takes hyperparameters as scalars, hence a call per member:
+        on a GPU, where launches are what costs, the stacked update's dozen launches for any K
+        win, and RMSprop has no fused kernel.
         """
+        opt = self.members[0].params.optimizer
+        if self.kernels and opt != "rmsprop":
+            lrs = [m.lr for m in self.members]
+            return lambda j: self._kernel_step(lrs)
+        plan = self._plan(self._lrs(), n)
+        return lambda j: self._step({k: v if v.dim() < 3 else v[j] for k, v in plan.items()})
+
+    @torch.no_grad()
+    def _kernel_step(self, lrs: list[float]) -> None:
+        """One update of every member by torch.optim's fused CPU kernels, with its own lr."""
+        assert self.flat is not None and self.flat.grad is not None
+        opt = self.members[0].params.optimizer
+        grads = self.flat.grad.unbind(0)
+        first = (self.steps == 0).tolist() if opt in ("momentum", "nesterov") else None
+        self.steps += 1
+        rows = self._row_views(opt)
+        for i, m in enumerate(self.members):
+            p, lr = m.params, lrs[i]
+            own = {name: [r[i]] for name, r in rows.items()}
+            if opt in ("adam", "adamw"):
+                kernel = torch._fused_adam_ if opt == "adam" else torch._fused_adamw_
+                kernel(own["param"], [grads[i]], own["exp_avg"], own["exp_avg_sq"], [], own["steps"], lr=lr,
+                       beta1=p.beta1, beta2=p.beta2, weight_decay=p.weight_decay, eps=1e-8, amsgrad=False,
+                       maximize=False)
+            elif opt == "adagrad":
+                torch._fused_adagrad_(own["param"], [grads[i]], own["sum"], own["steps"], lr=lr, lr_decay=0.0,
+                                      weight_decay=p.weight_decay, eps=1e-10, maximize=False)
+            else:  # sgd, momentum, nesterov
+                torch._fused_sgd_(own["param"], [grads[i]], own.get("momentum_buffer", []),
+                                  weight_decay=p.weight_decay, momentum=0.0 if opt == "sgd" else p.momentum, lr=lr,
+                                  dampening=0.0, nesterov=opt == "nesterov", maximize=False,
+                                  is_first_step=bool(first and first[i]))
+
+    def _row_views(self, opt: str) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each member's row of the parameters, optimizer state and step count, as views."""
+        if not self._rows:
+            assert self.flat is not None
+            states = {"adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum",),
+                      "momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer",)}.get(opt, ())
+            self._rows = {"param": self.flat.detach().unbind(0), "steps": self.steps.unbind(0),
+                          **{name: self._state(name).unbind(0) for name in states}}
+        return self._rows
+
+    def _plan(self, lr: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """Every per-member scalar of the next `n` steps, as (K, 1) columns or (n, K, 1) per step.
+
+        They are computed in float64 and rounded once, as torch.optim does with Python floats
+        (float32 would shift every step by a rounding error that Adam amplifies), and ahead of
+        the epoch, because on a CPU a small group's step costs per operation, not per element:
+        an update that rebuilt them would take twice the operations.
+        """
+        f32, f64 = torch.float32, torch.float64
+        opt = self.members[0].params.optimizer
+        plan = {"-lr": (-lr).to(f32), "wd": self._column("weight_decay")}
+        if opt in ("momentum", "nesterov"):
+            plan["momentum"] = self._column("momentum")
+        if opt in ("adam", "adamw"):
+            b1, b2 = self._column("beta1", f64), self._column("beta2", f64)
+            step = self.steps.to(f64).view(1, -1, 1) + torch.arange(1, n + 1, device=self.device, dtype=f64).view(-1, 1, 1)
+            plan["1-b1"], plan["b2"], plan["1-b2"] = (1 - b1).to(f32), b2.to(f32), (1 - b2).to(f32)
+            plan["-step_size"] = -(lr / (1 - b1**step)).to(f32)
+            plan["bc2_sqrt"] = torch.sqrt(1 - b2**step).to(f32)
+            if opt == "adamw":
+                plan["decay"] = (1 - lr * self._column("weight_decay", f64)).to(f32)
+        return plan
+
+    @torch.no_grad()
+    def _step(self, c: dict[str, torch.Tensor]) -> None:
+        """One update of every member, following torch.optim's single-tensor formulas, with the
+        per-member scalars `c` of this step (from _plan)."""
         assert self.flat is not None and self.flat.grad is not None
         p, g = self.flat, self.flat.grad
         opt = self.members[0].params.optimizer
-        wd = self._column("weight_decay")
         self.steps += 1
-        f32 = torch.float32
         if opt != "adamw" and any(m.params.weight_decay for m in self.members):
-            g = g.add(p * wd)  # torch.optim skips this too when weight_decay is 0
+            g = g.addcmul(p, c["wd"])  # torch.optim skips this too when weight_decay is 0
         if opt in ("sgd", "momentum", "nesterov"):
             if opt != "sgd":
-                mom = self._column("momentum")
+                mom = c["momentum"]
                 buf = self.state.get("momentum_buffer")
                 fresh = (self.steps == 1).unsqueeze(1)
                 buf = g.clone() if buf is None else torch.where(fresh, g, buf * mom + g)
                 self.state["momentum_buffer"] = buf
                 g = g + buf * mom if opt == "nesterov" else buf
-            p.add_(g * (-lr).to(f32))
+            p.add_(g * c["-lr"])
         elif opt == "rmsprop":
-            sq = self.state.setdefault("square_avg", torch.zeros_like(p))
+            sq = self._state("square_avg")
             sq.mul_(0.99).addcmul_(g, g, value=1 - 0.99)
-            p.addcdiv_(g * (-lr).to(f32), sq.sqrt().add_(1e-8))
+            p.addcdiv_(g * c["-lr"], sq.sqrt().add_(1e-8))
         elif opt == "adagrad":
-            acc = self.state.setdefault("sum", torch.zeros_like(p))
+            acc = self._state("sum")
             acc.addcmul_(g, g, value=1)
-            p.addcdiv_(g * (-lr).to(f32), acc.sqrt().add_(1e-10))
+            p.addcdiv_(g * c["-lr"], acc.sqrt().add_(1e-10))
         else:  # adam, adamw
-            b1 = self._column("beta1", torch.float64)
-            b2 = self._column("beta2", torch.float64)
             if opt == "adamw":
-                p.mul_((1 - lr * self._column("weight_decay", torch.float64)).to(f32))
-            m = self.state.setdefault("exp_avg", torch.zeros_like(p))
-            v = self.state.setdefault("exp_avg_sq", torch.zeros_like(p))
-            m.lerp_(g, (1 - b1).to(f32))
-            v.mul_(b2.to(f32)).addcmul_(g, g * (1 - b2).to(f32))
-            step = self.steps.to(torch.float64).unsqueeze(1)
-            step_size = (lr / (1 - b1**step)).to(f32)
-            bc2_sqrt = torch.sqrt(1 - b2**step).to(f32)
-            denom = v.sqrt().div_(bc2_sqrt).add_(1e-8)
-            p.addcdiv_(m * -step_size, denom)
+                p.mul_(c["decay"])
+            m, v = self._state("exp_avg"), self._state("exp_avg_sq")
+            m.lerp_(g, c["1-b1"])
+            v.mul_(c["b2"]).addcmul_(g, g * c["1-b2"])
+            denom = v.sqrt().div_(c["bc2_sqrt"]).add_(1e-8)
+            p.addcdiv_(m * c["-step_size"], denom)
+
+    def _state(self, name: str) -> torch.Tensor:
+        if name not in self.state:  # (not setdefault: that would build a (K, P) zeros every step)
+            assert self.flat is not None
+            self.state[name] = torch.zeros_like(self.flat)
+        return self.state[name]
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> list[dict[str, float]]:
@@ -476,7 +577,7 @@ class FusedGroup:
 
     def member_state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's weights in hpo.model.MLP's state_dict format (loadable unfused)."""
-        return {n: t.clone().cpu() for n, t in self._member_tensors(i).items()}
+        return {n: t.clone(memory_format=torch.contiguous_format).cpu() for n, t in self._member_tensors(i).items()}
 
     def _member_tensors(self, i: int, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Member i's own (unpadded) parameters and buffers, or its slice of an optimizer state."""
@@ -490,7 +591,7 @@ class FusedGroup:
         return out
 
     def member_optimizer_state(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        return {s: {n: t.clone().cpu() for n, t in self._member_tensors(i, v).items()} for s, v in self.state.items()}
+        return {s: {n: t.clone(memory_format=torch.contiguous_format).cpu() for n, t in self._member_tensors(i, v).items()} for s, v in self.state.items()}
 
     @torch.no_grad()
     def load_member(self, i: int, model: dict[str, torch.Tensor], optimizer: dict[str, dict[str, torch.Tensor]],

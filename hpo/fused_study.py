@@ -15,10 +15,11 @@ The trade-off is speed, not search: a group is as large as the number of trials 
 share its structure, so fusion gains most once the sampler settles on a few structures, and
 little while it spreads K trials over K structures. An earlier design fixed each group's structure
 to its first member's (Optuna's PartialFixedSampler) to keep groups full: on 2 CPU cores it was
-faster (median 2.0x over one at a time against 1.5x, digits, 32 seeds), but it explored width and
-depth once per 2K trials instead of once per trial, and its best score at equal budget was 0.09
-points under one at a time on average (standard error 0.05) where this design's is 0.01 under
-(0.06): benchmarks/RESULTS.md. A tool whose speed-up changes what it finds is not one to trust
+faster at the time (median 2.0x over one at a time against this design's 1.5x, digits, 32
+seeds; 1.9x now, after the update kernels), but it explored width and depth once per 2K trials
+instead of once per trial, and its best score at equal budget was 0.09 points under one at a
+time on average (standard error 0.05) where this design's is 0.01 under (0.06) and, with the
+round-based pruning reads, 0.19 over (0.12, 12 seeds): benchmarks/RESULTS.md. A tool whose speed-up changes what it finds is not one to trust
 by default.
 
 Everything the one-at-a-time worker guarantees holds here too: the study's budget (under the same
@@ -143,7 +144,6 @@ def run_fused_worker(
     # One fused group per structure among the trials in flight; at most `group_size` trials in
     # flight in all, as `group_size` parallel workers would have.
     groups: dict[tuple[Any, ...], FusedGroup] = {}
-    turns: list[tuple[Any, ...]] = []  # the groups still to train an epoch this round
     key_names = SHARED if spec.execution.pads(device.type) else SHARED + PADDED
     started_at: dict[int, float] = {}
     cost = 0.0  # seconds one member checkpoint took, last time
@@ -207,9 +207,9 @@ def run_fused_worker(
         beats.ids.discard(trial._trial_id)
         listener.trial_finished(study, frozen)
 
-    def run_epoch(group: FusedGroup) -> None:
-        """One epoch of one group: train, report, and end the members that are done."""
-        nonlocal cost
+    def train(group: FusedGroup) -> dict[int, float] | None:
+        """One epoch of one group, each member reporting to its trial: {member index: value} for
+        the members whose loss is finite. A group that raises (out of memory, say) ends at once."""
         try:
             t0 = time.perf_counter()
             losses = group.train_epoch().tolist()
@@ -225,8 +225,7 @@ def run_fused_worker(
             group.remove(list(range(len(group))))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            return
-        done: list[int] = []
+            return None
         values: dict[int, float] = {}
         for i, (m, loss, val) in enumerate(zip(group.members, losses, vals)):
             trial: optuna.Trial = m.key
@@ -237,12 +236,17 @@ def run_fused_worker(
                 values[i] = metric_value(spec.metric, val)
                 trial.report(values[i], m.epoch - 1)
                 listener.epoch_done(trial.number, EpochResult(m.epoch - 1, loss, val, seconds), values[i])
-        snapshot = _Snapshot(study)
-        for i, (m, loss) in enumerate(zip(group.members, losses)):
-            trial = m.key
+        return values
+
+    def decide(group: FusedGroup, values: dict[int, float], snapshot: _Snapshot) -> None:
+        """End the members that are done (diverged, finished, out of time, pruned); checkpoint the rest."""
+        nonlocal cost
+        done: list[int] = []
+        for i, m in enumerate(group.members):
+            trial: optuna.Trial = m.key
             epoch = m.epoch - 1
             if i not in values:
-                finish(group, i, TrialState.PRUNED, None, f"diverged: loss is {loss} at epoch {epoch}")
+                finish(group, i, TrialState.PRUNED, None, f"diverged: loss is {m.train_losses[-1]} at epoch {epoch}")
                 done.append(i)
                 continue
             value = values[i]
@@ -283,10 +287,18 @@ def run_fused_worker(
                 queued = _stop_groups(groups.values(), result)
                 result.stopped = f"timeout of {timeout:g} s reached; {queued} trials are queued and resume on the next run"
                 break
-            # Round robin: every group trains one epoch per round; a group formed during a round
-            # waits for the next, so no trial runs ahead of the others.
-            turns = [k for k in turns if k in groups] or list(groups)
-            run_epoch(groups[turns.pop(0)])
+            # One round: every group trains one epoch and reports, then one read of the study serves
+            # every member's pruning decision, as for K workers in step. A group formed by the
+            # refill after a round trains from the next, so no trial runs ahead of the others.
+            trained = []
+            for group in list(groups.values()):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                trained.append((group, train(group)))
+            snapshot = _Snapshot(study)
+            for group, values in trained:
+                if values is not None:
+                    decide(group, values, snapshot)
     except KeyboardInterrupt:
         _stop_groups(groups.values(), result)
         raise Interrupted(result) from None

@@ -33,9 +33,10 @@ def unfused_curve(cache: DataCache, p: Params, seed: int, epochs: int = EPOCHS) 
 
 
 def fused_curves(cache: DataCache, members: list[tuple[Params, int]], epochs: int = EPOCHS,
-                 remove_after: dict[int, int] | None = None) -> dict[int, list[dict[str, float]]]:
+                 remove_after: dict[int, int] | None = None, kernels: bool | None = None
+                 ) -> dict[int, list[dict[str, float]]]:
     """Train members fused; `remove_after` {member: epoch} drops a member after that epoch."""
-    group = FusedGroup(cache.get(members[0][0].scaling), CPU)
+    group = FusedGroup(cache.get(members[0][0].scaling), CPU, kernels)
     for i, (p, seed) in enumerate(members):
         group.add(i, p, seed, epochs)
     curves: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(members))}
@@ -96,9 +97,12 @@ GROUPS = {
 
 
 @pytest.mark.parametrize("name", list(GROUPS))
-def test_fused_members_match_their_unfused_runs(digits: DataCache, name: str) -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused kernels", "stacked update"])
+def test_fused_members_match_their_unfused_runs(digits: DataCache, name: str, kernels: bool) -> None:
+    """Both updates: torch.optim's fused kernels per member (the CPU default) and the stacked
+    update over all members (the GPU default, run here on the CPU)."""
     members = [(p, 100 + i) for i, p in enumerate(GROUPS[name])]
-    curves = fused_curves(digits, members)
+    curves = fused_curves(digits, members, kernels=kernels)
     for i, (p, seed) in enumerate(members):
         assert_same(curves[i], unfused_curve(digits, p, seed))
 
