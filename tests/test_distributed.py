@@ -169,6 +169,12 @@ def test_grpc_proxy_serves_workers(write_spec, runner, tmp_path, storage_url) ->
                               "--port", str(port)], env=env_without_storage(), cwd=tmp_path,
                              stderr=subprocess.PIPE, text=True)
     try:
+        # Wait for the proxy to listen: it imports torch and optuna first, which on a loaded CI
+        # machine outlasts the 5 s a worker gives an unanswering proxy.
+        import grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
         url = f"grpc://127.0.0.1:{port}"
         spec = dict(FAST, name="viaproxy", budget={"n_trials": 6, "epochs": 1})
         result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
