@@ -48,7 +48,7 @@ from hpo.objective import Listener, checkpoint_due, improves, is_oom, original_n
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
-from hpo.storage import BudgetLock, set_user_attrs
+from hpo.storage import BudgetLock, report_all, set_user_attrs
 from hpo.study import StudyHandle
 from hpo.train import EpochResult, configure_device, metric_value
 from hpo.worker import Interrupted, WorkerResult
@@ -207,9 +207,9 @@ def run_fused_worker(
         beats.ids.discard(trial._trial_id)
         listener.trial_finished(study, frozen)
 
-    def train(group: FusedGroup) -> dict[int, float] | None:
-        """One epoch of one group, each member reporting to its trial: {member index: value} for
-        the members whose loss is finite. A group that raises (out of memory, say) ends at once."""
+    def train(group: FusedGroup, reports: list[tuple[optuna.Trial, float, int]]) -> dict[int, float] | None:
+        """One epoch of one group: {member index: value} for the members whose loss is finite, each
+        added to `reports` for its trial. A group that raises (out of memory, say) ends at once."""
         try:
             t0 = time.perf_counter()
             losses = group.train_epoch().tolist()
@@ -234,7 +234,7 @@ def run_fused_worker(
             m.epoch += 1
             if math.isfinite(loss) and math.isfinite(val["loss"]):
                 values[i] = metric_value(spec.metric, val)
-                trial.report(values[i], m.epoch - 1)
+                reports.append((trial, values[i], m.epoch - 1))
                 listener.epoch_done(trial.number, EpochResult(m.epoch - 1, loss, val, seconds), values[i])
         return values
 
@@ -287,14 +287,15 @@ def run_fused_worker(
                 queued = _stop_groups(groups.values(), result)
                 result.stopped = f"timeout of {timeout:g} s reached; {queued} trials are queued and resume on the next run"
                 break
-            # One round: every group trains one epoch and reports, then one read of the study serves
-            # every member's pruning decision, as for K workers in step. A group formed by the
-            # refill after a round trains from the next, so no trial runs ahead of the others.
-            trained = []
+            # One round: every group trains one epoch, the round's reports go in one commit, then one
+            # read of the study serves every member's pruning decision, as for K workers in step. A
+            # group formed by the refill after a round trains from the next, so no trial runs ahead.
+            trained, reports = [], []
             for group in list(groups.values()):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                trained.append((group, train(group)))
+                trained.append((group, train(group, reports)))
+            report_all(reports)
             snapshot = _Snapshot(study)
             for group, values in trained:
                 if values is not None:

@@ -144,32 +144,67 @@ class ResilientRDBStorage(RDBStorage):
         """Several user attributes in one transaction: Optuna's API commits each one apart,
         and a trial's end-of-trial facts were four commits (a few ms each on a server)."""
         import json
+
+        from optuna.storages._rdb import models
+
+        table = models.TrialUserAttributeModel
+        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+
+        def one_by_one(session: Any) -> None:
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(session, table, trial_id, key, value)
+
+        self._upsert(table, rows, [table.trial_id, table.key], one_by_one)
+
+    def set_trials_intermediate_values(self, reports: list[tuple[int, int, float]]) -> None:
+        """(trial id, step, value) of several trials in one statement: a fused round reports K
+        trials at once, and Optuna's API takes two queries and a commit for each (~1.7 ms)."""
+        from optuna.storages._rdb import models
+
+        table = models.TrialIntermediateValueModel
+        rows = []
+        for trial_id, step, value in reports:
+            stored, kind = table.intermediate_value_to_stored_repr(value)
+            rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored,
+                         "intermediate_value_type": kind})
+
+        def one_by_one(session: Any) -> None:
+            for trial_id, step, value in reports:
+                self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+
+        self._upsert(table, rows, [table.trial_id, table.step], one_by_one)
+
+    def _upsert(self, table: Any, rows: list[dict[str, Any]], keys: list[Any], one_by_one: Any) -> None:
+        """One multi-row upsert into a trial's child table, as Optuna's per-row writes do one
+        row at a time, after the same check that every trial is still running."""
         import sqlite3
 
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import select
         from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-        table = models.TrialUserAttributeModel
-        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
         dialect = self.engine.name
+        ids = sorted({r["trial_id"] for r in rows})
+        update = [c for c in rows[0] if c not in {k.key for k in keys}]
 
         def write() -> None:
             with _create_scoped_session(self.scoped_session, True) as session:
-                trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-                self.check_trial_is_updatable(trial_id, trial.state)
-                # One multi-row upsert, as Optuna's per-key upsert does for a single row.
+                trials = models.TrialModel
+                states = dict(session.execute(select(trials.trial_id, trials.state).where(trials.trial_id.in_(ids))).all())
+                for trial_id in ids:
+                    if trial_id not in states:
+                        raise KeyError(f"No trial with trial_id {trial_id} exists.")
+                    self.check_trial_is_updatable(trial_id, states[trial_id])
                 if dialect == "postgresql" or (dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24)):
                     ins = (postgresql if dialect == "postgresql" else sqlite).insert(table).values(rows)
                     session.execute(ins.on_conflict_do_update(
-                        index_elements=[table.trial_id, table.key], set_={"value_json": ins.excluded.value_json}
-                    ))
+                        index_elements=keys, set_={c: ins.excluded[c] for c in update}))
                 elif dialect == "mysql":
                     my = mysql.insert(table).values(rows)
-                    session.execute(my.on_duplicate_key_update(value_json=my.inserted.value_json))
+                    session.execute(my.on_duplicate_key_update({c: my.inserted[c] for c in update}))
                 else:
-                    for key, value in attrs.items():
-                        self._set_trial_attr_without_commit(session, table, trial_id, key, value)
+                    one_by_one(session)
 
         call_with_retry(write, retry_for=self.retry_for, on_retry=self.reset_session)
 
@@ -191,6 +226,24 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     else:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+
+
+def report_all(reports: list[tuple[Any, float, int]]) -> None:
+    """Trial.report for several (trial, value, step) in one commit where the storage can. As
+    Trial.report, a step already reported (a retry's inherited values) is left as it was."""
+    fresh = [(t, float(v), int(s)) for t, v, s in reports if int(s) not in t._cached_frozen_trial.intermediate_values]
+    backend = getattr(fresh[0][0].storage, "_backend", fresh[0][0].storage) if fresh else None
+    if isinstance(backend, ResilientRDBStorage) and len(fresh) > 1:
+        try:
+            backend.set_trials_intermediate_values([(t._trial_id, s, v) for t, v, s in fresh])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # one was ended elsewhere (failed as stale): report one by one, so it raises alone
+        else:
+            for t, v, s in fresh:
+                t._cached_frozen_trial.intermediate_values[s] = v
+            return
+    for t, v, s in fresh:
+        t.report(v, s)
 
 
 def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, on_retry: Any = None, **kwargs: Any) -> Any:

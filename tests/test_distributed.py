@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -213,6 +214,32 @@ def test_user_attrs_written_together_upsert_on_every_backend(backend, request, t
     assert stored == {"reason": "second", "train_loss": [0.5, 0.25], "device": "cpu", "n_params": 123}
     with pytest.raises(RuntimeError):  # a finished trial cannot change, as in Optuna
         set_user_attrs(trial, {"a": 1, "b": 2})
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+def test_a_rounds_reports_land_as_trial_report_would_on_every_backend(backend, request, tmp_path) -> None:
+    # A fused round writes its members' reports in one upsert: what lands is what Trial.report
+    # would have written (infinities and NaN included), a step already reported keeps its first
+    # value, the pruner sees them, and a finished trial refuses as in Optuna.
+    from hpo.storage import open_storage, report_all
+
+    url = {"sqlite": lambda: f"sqlite:///{tmp_path / 'a.db'}",
+           "postgresql": lambda: request.getfixturevalue("pg_url"),
+           "mysql": lambda: request.getfixturevalue("mysql_url")}[backend]()
+    study = optuna.create_study(storage=open_storage(url), study_name="reports", direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    a, b, c = study.ask(), study.ask(), study.ask()
+    report_all([(a, 0.5, 0), (b, 0.25, 0), (c, float("inf"), 0)])
+    report_all([(a, 0.75, 1), (b, float("nan"), 1), (a, 0.0, 0)])  # (a, step 0) is already in
+    study.tell(a, 0.75)
+    stored = {t.number: t.intermediate_values for t in optuna.load_study(study_name="reports", storage=url).trials}
+    assert stored[0] == {0: 0.5, 1: 0.75} and stored[2] == {0: float("inf")}
+    assert stored[1][0] == 0.25 and math.isnan(stored[1][1])
+    assert b._cached_frozen_trial.intermediate_values[0] == 0.25
+    assert not c.should_prune() and b.should_prune()  # c's inf beats a's 0.5; b's NaN is pruned
+    with pytest.raises(RuntimeError):
+        report_all([(a, 0.9, 2), (b, 0.5, 2)])
+    assert optuna.load_study(study_name="reports", storage=url).trials[1].intermediate_values.keys() == {0, 1}
 
 
 def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
