@@ -102,9 +102,8 @@ def _shaped(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A (K, n) slice of the flat tensors as (K, *shape), the module's orientation (a view).
 
     A matrix is stored transposed, (in, out), as baddbmm takes it: its weight gradient then
-    lands contiguous in the flat gradient, where the module's (out, in) orientation would cost a
-    transposing copy and a slow concatenation of every gradient, every step (a fifth of a
-    K = 7, 256 x 2 step on 2 CPU cores).
+    comes out of the matmul in the parameter's own layout, where the module's (out, in)
+    orientation would cost a transposing copy of every gradient, every step.
     """
     if len(shape) == 2:
         return part.view(-1, shape[1], shape[0]).transpose(1, 2)
@@ -127,7 +126,7 @@ class FusedGroup:
         # torch.optim's fused kernels, a call per member (default: on a CPU), or one stacked update.
         self.kernels = device.type == "cpu" if kernels is None else kernels
         self.members: list[Member] = []
-        self.flat: torch.Tensor | None = None  # (K, P) every member's parameters, one leaf
+        self.flat: torch.Tensor | None = None  # (K, P) every member's parameters
         self.layout: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, start, end
         self.buffers: dict[str, torch.Tensor] = {}  # BN running stats, (K, F) each
         self.state: dict[str, torch.Tensor] = {}  # optimizer state, (K, P) each
@@ -137,13 +136,15 @@ class FusedGroup:
         self.autocast = device.type == "cuda"
         self._n = len(data.train)
         self._columns: dict[tuple[str, Any], torch.Tensor] = {}
-        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}  # per-member views, for _kernel_step
+        self._leaves: dict[str, torch.Tensor] = {}  # per-parameter autograd leaves into flat (_views)
+        self._rows: list[dict[str, list[torch.Tensor]]] = []  # per-member views, for _kernel_step
 
     # ---- membership -----------------------------------------------------------------------
 
     def _forget(self) -> None:
-        """Drop what was built for this membership and these tensors (columns, masks, row views)."""
+        """Drop what was built for this membership and these tensors (columns, masks, views)."""
         self._columns.clear()
+        self._leaves.clear()
         self._rows.clear()
 
     def __len__(self) -> int:
@@ -192,7 +193,7 @@ class FusedGroup:
         for name, shape, a, b in self.layout:
             if name in own:
                 _shaped(row[:, a:b], shape)[0][_corner(own[name].shape)] = own[name].detach().to(self.device)
-        self.flat = torch.cat([self.flat.detach(), row]).requires_grad_(True)
+        self.flat = torch.cat([self.flat, row])
         own_bufs = dict(module.named_buffers())
         for name, buf in self.buffers.items():
             new = self._fresh_buffer(name, buf.shape[1:])
@@ -236,7 +237,7 @@ class FusedGroup:
                         _copy_overlap(_shaped(new[:, a:b], shape), _shaped(old[:, oa:ob], o_shape))
             return new
 
-        self.flat = relay(self.flat.detach() if self.flat is not None else None).requires_grad_(True)
+        self.flat = relay(self.flat)
         self.state = {n: relay(s) for n, s in self.state.items()}
         buffers = {}
         for name, buf in template.named_buffers():
@@ -264,7 +265,7 @@ class FusedGroup:
             return
         idx = torch.tensor(keep, device=self.device)
         assert self.flat is not None
-        self.flat = self.flat.detach().index_select(0, idx).requires_grad_(True)
+        self.flat = self.flat.index_select(0, idx)
         self.buffers = {n: b.index_select(0, idx) for n, b in self.buffers.items()}
         self.state = {n: s.index_select(0, idx) for n, s in self.state.items()}
         self.steps = self.steps.index_select(0, idx)
@@ -282,14 +283,21 @@ class FusedGroup:
         raise KeyError(name)
 
     def _views(self) -> dict[str, torch.Tensor]:
-        """Every parameter's (K, *shape) view, cut from the flat leaf by one split: its backward
-        is one concatenation, where a slice per parameter would zero-fill a whole (K, P)
-        gradient for each (a third of a CPU step, measured)."""
-        assert self.flat is not None
+        """Every parameter's (K, *shape) view into the flat tensor, each its own autograd leaf,
+        built once per membership. Views of one flat leaf would have a backward that concatenates
+        every gradient into a (K, P) one, every step (a tenth of a wide group's CPU step); leaves
+        take their gradients as the matmuls produce them."""
+        if not self._leaves:
+            assert self.flat is not None
+            self._leaves = {name: t.requires_grad_(True) for name, t in self._split(self.flat).items()}
+        return self._leaves
+
+    def _split(self, source: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A (K, P) tensor (the parameters, an optimizer state) as per-parameter views in stored
+        orientation: a matrix (K, in, out), baddbmm's second operand; a vector (bias, norm scale)
+        (K, 1, F), ready to broadcast over the batch."""
         k = len(self.members)
-        parts = self.flat.split([b - a for _, _, a, b in self.layout], dim=1)
-        # A matrix comes as stored, (K, in, out), baddbmm's second operand; a vector (bias, norm
-        # scale) as (K, 1, F), ready to broadcast over the batch.
+        parts = source.split([b - a for _, _, a, b in self.layout], dim=1)
         return {name: part.view(k, shape[1], shape[0]) if len(shape) > 1 else part.view(k, 1, *shape)
                 for (name, shape, _, _), part in zip(self.layout, parts)}
 
@@ -325,11 +333,6 @@ class FusedGroup:
         h = x.flatten(2)
         k = len(self.members)
         any_dropout = train and any(m.params.dropout > 0 for m in self.members)
-        if any_dropout:
-            drop = self._column("dropout").view(k, 1, 1)
-            scale = self._columns.get(("1 / (1 - dropout)", None))
-            if scale is None:  # once per membership: every op counts in a small group's step
-                scale = self._columns[("1 / (1 - dropout)", None)] = 1 / (1 - drop)
         views = self._views()
         for i in range(self.depth):
             pre = f"blocks.{i}"
@@ -341,7 +344,7 @@ class FusedGroup:
             y = self._norm(pre, y, train, views)
             y = torch.relu(y)
             if any_dropout:
-                y = y * ((torch.rand_like(y) >= drop) * scale)
+                y = y * self._dropout_mask(y)
             if i == 0:
                 skip = self._mask("skip0")
                 if skip is not None:  # only members whose width equals the input's
@@ -352,6 +355,26 @@ class FusedGroup:
             h = y if active is None else torch.where(active, y, h)  # a shallower member skips it
         w, b = views["head.weight"], views["head.bias"]
         return torch.baddbmm(b, h, w)
+
+    def _dropout_mask(self, y: torch.Tensor) -> torch.Tensor:
+        """Each member's inverted-dropout mask for `y` (K, B, F): 0 with its own probability p,
+        else 1 / (1 - p).
+
+        On a CPU torch.rand_like draws one number per element, serially: a sixth of a wide
+        group's step. Here each 64-bit draw gives four 16-bit integers compared against
+        p * 2^16 (p rounded by at most 2^-17): a third of the time. A GPU's rand_like is one
+        fast kernel, so it stays."""
+        cols, k = self._columns, len(self.members)
+        if ("dropout mask", None) not in cols:  # once per membership: every op counts in a small step
+            drop = self._column("dropout", torch.float64).view(k, 1, 1)
+            cols[("1 / (1 - dropout)", None)] = (1 / (1 - drop)).float()
+            cols[("dropout mask", None)] = ((drop * 65536).round() - 32768).clamp(max=32767).to(torch.int16)
+        scale = cols[("1 / (1 - dropout)", None)]
+        if y.device.type != "cpu":
+            return (torch.rand_like(y) >= self._column("dropout").view(k, 1, 1)) * scale
+        n = y.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=y.device).random_(-(2**63), None)
+        return (bits.view(torch.int16)[:n].view(y.shape) >= cols[("dropout mask", None)]) * scale
 
     def _norm(self, pre: str, y: torch.Tensor, train: bool, views: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.structure.norm if self.structure else "none"
@@ -409,8 +432,8 @@ class FusedGroup:
             xb, yb = x[idx], y[idx]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self._loss(self.forward(xb, train=True), yb)
-            assert self.flat is not None
-            self.flat.grad = None
+            for leaf in self._views().values():
+                leaf.grad = None
             loss.sum().backward()  # members' parameters are disjoint: each gets its own gradient
             step(0 if per_batch else j)
             losses.append(loss.detach())
@@ -452,37 +475,39 @@ class FusedGroup:
     @torch.no_grad()
     def _kernel_step(self, lrs: list[float]) -> None:
         """One update of every member by torch.optim's fused CPU kernels, with its own lr."""
-        assert self.flat is not None and self.flat.grad is not None
         opt = self.members[0].params.optimizer
-        grads = self.flat.grad.unbind(0)
+        grads = [leaf.grad for leaf in self._views().values()]
         first = (self.steps == 0).tolist() if opt in ("momentum", "nesterov") else None
         self.steps += 1
-        rows = self._row_views(opt)
-        for i, m in enumerate(self.members):
+        for i, (m, own) in enumerate(zip(self.members, self._row_views(opt))):
             p, lr = m.params, lrs[i]
-            own = {name: [r[i]] for name, r in rows.items()}
+            grad = [g[i] for g in grads]
             if opt in ("adam", "adamw"):
                 kernel = torch._fused_adam_ if opt == "adam" else torch._fused_adamw_
-                kernel(own["param"], [grads[i]], own["exp_avg"], own["exp_avg_sq"], [], own["steps"], lr=lr,
+                kernel(own["param"], grad, own["exp_avg"], own["exp_avg_sq"], [], own["steps"], lr=lr,
                        beta1=p.beta1, beta2=p.beta2, weight_decay=p.weight_decay, eps=1e-8, amsgrad=False,
                        maximize=False)
             elif opt == "adagrad":
-                torch._fused_adagrad_(own["param"], [grads[i]], own["sum"], own["steps"], lr=lr, lr_decay=0.0,
+                torch._fused_adagrad_(own["param"], grad, own["sum"], own["steps"], lr=lr, lr_decay=0.0,
                                       weight_decay=p.weight_decay, eps=1e-10, maximize=False)
             else:  # sgd, momentum, nesterov
-                torch._fused_sgd_(own["param"], [grads[i]], own.get("momentum_buffer", []),
+                torch._fused_sgd_(own["param"], grad, own.get("momentum_buffer", []),
                                   weight_decay=p.weight_decay, momentum=0.0 if opt == "sgd" else p.momentum, lr=lr,
                                   dampening=0.0, nesterov=opt == "nesterov", maximize=False,
                                   is_first_step=bool(first and first[i]))
 
-    def _row_views(self, opt: str) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Each member's row of the parameters, optimizer state and step count, as views."""
+    def _row_views(self, opt: str) -> list[dict[str, list[torch.Tensor]]]:
+        """Per member: its parameters and optimizer state as per-parameter views, and its step
+        count once per parameter (the kernels read it; torch.optim increments it beforehand)."""
         if not self._rows:
             assert self.flat is not None
             states = {"adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum",),
                       "momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer",)}.get(opt, ())
-            self._rows = {"param": self.flat.detach().unbind(0), "steps": self.steps.unbind(0),
-                          **{name: self._state(name).unbind(0) for name in states}}
+            tensors = {"param": self.flat, **{name: self._state(name) for name in states}}
+            split = {name: list(self._split(t).values()) for name, t in tensors.items()}
+            self._rows = [{"steps": [step] * len(self.layout), **{name: [v[i] for v in views]
+                                                                   for name, views in split.items()}}
+                          for i, step in enumerate(self.steps.unbind(0))]
         return self._rows
 
     def _plan(self, lr: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
@@ -512,8 +537,9 @@ class FusedGroup:
     def _step(self, c: dict[str, torch.Tensor]) -> None:
         """One update of every member, following torch.optim's single-tensor formulas, with the
         per-member scalars `c` of this step (from _plan)."""
-        assert self.flat is not None and self.flat.grad is not None
-        p, g = self.flat, self.flat.grad
+        assert self.flat is not None
+        k = len(self.members)
+        p, g = self.flat, torch.cat([leaf.grad.reshape(k, -1) for leaf in self._views().values()], dim=1)
         opt = self.members[0].params.optimizer
         self.steps += 1
         if opt != "adamw" and any(m.params.weight_decay for m in self.members):

@@ -107,6 +107,21 @@ def test_fused_members_match_their_unfused_runs(digits: DataCache, name: str, ke
         assert_same(curves[i], unfused_curve(digits, p, seed))
 
 
+def test_each_member_drops_units_at_its_own_rate(digits: DataCache) -> None:
+    # Dropout masks are drawn for all members at once; each keeps its own rate and scales the
+    # units it keeps by 1 / (1 - p), so the expected activation is unchanged (inverted dropout).
+    rates = [0.0, 0.1, 0.5, 0.9]
+    group = FusedGroup(digits.get("standard"), CPU)
+    for i, rate in enumerate(rates):
+        group.add(i, Params(optimizer="adam", width=32, depth=1, dropout=rate), i, EPOCHS)
+    mask = group._dropout_mask(torch.empty(len(rates), 256, 1024))
+    for i, rate in enumerate(rates):
+        kept = mask[i][mask[i] != 0]
+        assert (mask[i] == 0).float().mean().item() == pytest.approx(rate, abs=0.005)
+        assert torch.allclose(kept, torch.tensor(1 / (1 - rate)))
+    assert not torch.equal(mask[2, 0], mask[2, 1])  # not one pattern repeated
+
+
 def test_removing_a_member_leaves_the_others_unchanged(digits: DataCache) -> None:
     members = [(Params(optimizer="adam", lr=lr, width=32, depth=2, norm="batch"), 7 + i)
                for i, lr in enumerate([1e-3, 3e-3, 5e-3])]
