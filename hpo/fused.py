@@ -332,7 +332,9 @@ class FusedGroup:
         assert p is not None
         h = x.flatten(2)
         k = len(self.members)
-        any_dropout = train and any(m.params.dropout > 0 for m in self.members)
+        masks = None
+        if train and any(m.params.dropout > 0 for m in self.members):
+            masks = self._dropout_masks((k, h.shape[1], self.width), self.depth)
         views = self._views()
         for i in range(self.depth):
             pre = f"blocks.{i}"
@@ -343,8 +345,8 @@ class FusedGroup:
                 y = torch.bmm(h, w)
             y = self._norm(pre, y, train, views)
             y = torch.relu(y)
-            if any_dropout:
-                y = y * self._dropout_mask(y)
+            if masks is not None:
+                y = y * masks[i]
             if i == 0:
                 skip = self._mask("skip0")
                 if skip is not None:  # only members whose width equals the input's
@@ -356,9 +358,9 @@ class FusedGroup:
         w, b = views["head.weight"], views["head.bias"]
         return torch.baddbmm(b, h, w)
 
-    def _dropout_mask(self, y: torch.Tensor) -> torch.Tensor:
-        """Each member's inverted-dropout mask for `y` (K, B, F): 0 with its own probability p,
-        else 1 / (1 - p).
+    def _dropout_masks(self, shape: tuple[int, int, int], n: int) -> torch.Tensor:
+        """`n` inverted-dropout masks of `shape` (K, B, F), as (n, K, B, F): each member's
+        entries are 0 with its own probability p, else 1 / (1 - p). One draw for all blocks.
 
         On a CPU torch.rand_like draws one number per element, serially: a sixth of a wide
         group's step. Here each 64-bit draw gives four 16-bit integers compared against
@@ -370,11 +372,11 @@ class FusedGroup:
             cols[("1 / (1 - dropout)", None)] = (1 / (1 - drop)).float()
             cols[("dropout mask", None)] = ((drop * 65536).round() - 32768).clamp(max=32767).to(torch.int16)
         scale = cols[("1 / (1 - dropout)", None)]
-        if y.device.type != "cpu":
-            return (torch.rand_like(y) >= self._column("dropout").view(k, 1, 1)) * scale
-        n = y.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=y.device).random_(-(2**63), None)
-        return (bits.view(torch.int16)[:n].view(y.shape) >= cols[("dropout mask", None)]) * scale
+        if self.device.type != "cpu":
+            return (torch.rand(n, *shape, device=self.device) >= self._column("dropout").view(k, 1, 1)) * scale
+        size = n * math.prod(shape)
+        bits = torch.empty((size + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        return (bits.view(torch.int16)[:size].view(n, *shape) >= cols[("dropout mask", None)]) * scale
 
     def _norm(self, pre: str, y: torch.Tensor, train: bool, views: dict[str, torch.Tensor]) -> torch.Tensor:
         kind = self.structure.norm if self.structure else "none"

@@ -114,7 +114,7 @@ def test_each_member_drops_units_at_its_own_rate(digits: DataCache) -> None:
     group = FusedGroup(digits.get("standard"), CPU)
     for i, rate in enumerate(rates):
         group.add(i, Params(optimizer="adam", width=32, depth=1, dropout=rate), i, EPOCHS)
-    mask = group._dropout_mask(torch.empty(len(rates), 256, 1024))
+    mask = group._dropout_masks((len(rates), 256, 1024), 2)[1]
     for i, rate in enumerate(rates):
         kept = mask[i][mask[i] != 0]
         assert (mask[i] == 0).float().mean().item() == pytest.approx(rate, abs=0.005)
