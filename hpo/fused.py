@@ -285,7 +285,7 @@ class FusedGroup:
     def _views(self) -> dict[str, torch.Tensor]:
         """Every parameter's (K, *shape) view into the flat tensor, each its own autograd leaf,
         built once per membership. Views of one flat leaf would have a backward that concatenates
-        every gradient into a (K, P) one, every step (a tenth of a wide group's CPU step); leaves
+        every gradient into a (K, P) one, every step (an eighth of a wide group's CPU step); leaves
         take their gradients as the matmuls produce them."""
         if not self._leaves:
             assert self.flat is not None
@@ -363,9 +363,9 @@ class FusedGroup:
         entries are 0 with its own probability p, else 1 / (1 - p). One draw for all blocks.
 
         On a CPU torch.rand_like draws one number per element, serially: a sixth of a wide
-        group's step. Here each 64-bit draw gives four 16-bit integers compared against
-        p * 2^16 (p rounded by at most 2^-17): a third of the time. A GPU's rand_like is one
-        fast kernel, so it stays."""
+        group's step (K = 8, 256 x 2). Here each 64-bit draw gives four 16-bit integers, compared
+        against p * 2^16 (p rounded by at most 2^-17): the mask in about half the time. A GPU's
+        rand_like is one fast kernel, so it stays."""
         cols, k = self._columns, len(self.members)
         if ("dropout mask", None) not in cols:  # once per membership: every op counts in a small step
             drop = self._column("dropout", torch.float64).view(k, 1, 1)
