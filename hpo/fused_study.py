@@ -15,12 +15,12 @@ The trade-off is speed, not search: a group is as large as the number of trials 
 share its structure, so fusion gains most once the sampler settles on a few structures, and
 little while it spreads K trials over K structures. An earlier design fixed each group's structure
 to its first member's (Optuna's PartialFixedSampler) to keep groups full: on 2 CPU cores it was
-faster at the time (median 2.0x over one at a time against this design's 1.5x, digits, 32
-seeds; 1.9x now, after the update kernels), but it explored width and depth once per 2K trials
-instead of once per trial, and its best score at equal budget was 0.09 points under one at a
-time on average (standard error 0.05) where this design's is 0.01 under (0.06) and, with the
-round-based pruning reads, 0.19 over (0.12, 12 seeds): benchmarks/RESULTS.md. A tool whose speed-up changes what it finds is not one to trust
-by default.
+faster at the time (median 2.0x over one at a time against this design's 1.5x, digits, 32 seeds;
+2.1x now, after the update kernels and leaner steps), but it explored width and depth once per
+2K trials instead of once per trial, and its best score at equal budget was 0.09 points under
+one at a time on average (standard error 0.05) where this design's is 0.01 under (0.06, 32
+seeds) and 0.06 over (0.10, 12 seeds) now: benchmarks/RESULTS.md. A tool whose speed-up changes
+what it finds is not one to trust by default.
 
 Everything the one-at-a-time worker guarantees holds here too: the study's budget (under the same
 lock), heartbeats for every member, per-epoch checkpoints (a retried member resumes, fused), and
@@ -255,7 +255,8 @@ def run_fused_worker(
                 finish(group, i, TrialState.COMPLETE, value, None)
                 done.append(i)
             elif limit and time.monotonic() - started_at[trial.number] > limit:
-                finish(group, i, TrialState.PRUNED, None, f"trial_timeout: stopped after {limit:g} s in epoch {m.epoch}")
+                reason = f"trial_timeout: stopped after {limit:g} s in epoch {m.epoch}"
+                finish(group, i, TrialState.PRUNED, None, reason)
                 done.append(i)
             elif study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
                 finish(group, i, TrialState.PRUNED, None, f"pruned by the {spec.pruner.name} rule at epoch {epoch}")
@@ -285,7 +286,8 @@ def run_fused_worker(
                 # The study's timeout: the groups stop at an epoch boundary and every member is
                 # queued to resume from its last checkpoint, as on Ctrl-C.
                 queued = _stop_groups(groups.values(), result)
-                result.stopped = f"timeout of {timeout:g} s reached; {queued} trials are queued and resume on the next run"
+                result.stopped = (f"timeout of {timeout:g} s reached; {queued} trials are queued and resume on "
+                                  "the next run")
                 break
             # One round: every group trains one epoch, the round's reports go in one commit, then one
             # read of the study serves every member's pruning decision, as for K workers in step. A
