@@ -110,6 +110,11 @@ def _shaped(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return part.view(-1, *shape)
 
 
+def _export(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies in the module's orientation (a stored matrix's view is transposed)."""
+    return {n: t.clone(memory_format=torch.contiguous_format).cpu() for n, t in tensors.items()}
+
+
 def _copy_overlap(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy the corner two (K, *shape) tensors share: growing pads, shrinking cuts padding."""
     keep = (slice(None), *_corner(tuple(min(x, y) for x, y in zip(dst.shape[1:], src.shape[1:]))))
@@ -527,7 +532,8 @@ class FusedGroup:
             plan["momentum"] = self._column("momentum")
         if opt in ("adam", "adamw"):
             b1, b2 = self._column("beta1", f64), self._column("beta2", f64)
-            step = self.steps.to(f64).view(1, -1, 1) + torch.arange(1, n + 1, device=self.device, dtype=f64).view(-1, 1, 1)
+            ahead = torch.arange(1, n + 1, device=self.device, dtype=f64).view(-1, 1, 1)
+            step = self.steps.to(f64).view(1, -1, 1) + ahead
             plan["1-b1"], plan["b2"], plan["1-b2"] = (1 - b1).to(f32), b2.to(f32), (1 - b2).to(f32)
             plan["-step_size"] = -(lr / (1 - b1**step)).to(f32)
             plan["bc2_sqrt"] = torch.sqrt(1 - b2**step).to(f32)
@@ -605,7 +611,7 @@ class FusedGroup:
 
     def member_state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's weights in hpo.model.MLP's state_dict format (loadable unfused)."""
-        return {n: t.clone(memory_format=torch.contiguous_format).cpu() for n, t in self._member_tensors(i).items()}
+        return _export(self._member_tensors(i))
 
     def _member_tensors(self, i: int, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Member i's own (unpadded) parameters and buffers, or its slice of an optimizer state."""
@@ -619,7 +625,7 @@ class FusedGroup:
         return out
 
     def member_optimizer_state(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        return {s: {n: t.clone(memory_format=torch.contiguous_format).cpu() for n, t in self._member_tensors(i, v).items()} for s, v in self.state.items()}
+        return {s: _export(self._member_tensors(i, v)) for s, v in self.state.items()}
 
     @torch.no_grad()
     def load_member(self, i: int, model: dict[str, torch.Tensor], optimizer: dict[str, dict[str, torch.Tensor]],

@@ -191,7 +191,8 @@ class ResilientRDBStorage(RDBStorage):
         def write() -> None:
             with _create_scoped_session(self.scoped_session, True) as session:
                 trials = models.TrialModel
-                states = dict(session.execute(select(trials.trial_id, trials.state).where(trials.trial_id.in_(ids))).all())
+                found = select(trials.trial_id, trials.state).where(trials.trial_id.in_(ids))
+                states = dict(session.execute(found).all())
                 for trial_id in ids:
                     if trial_id not in states:
                         raise KeyError(f"No trial with trial_id {trial_id} exists.")
