@@ -98,16 +98,21 @@ def _corner(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
 
 
-def _shaped(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A (K, n) slice of the flat tensors as (K, *shape), the module's orientation (a view).
+def _stored(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A (K, n) slice of the flat tensors, for a parameter of the module's `shape`, as stored
+    (a view): a matrix (K, in, out), baddbmm's second operand; a vector (K, 1, F), ready to
+    broadcast over the batch.
 
-    A matrix is stored transposed, (in, out), as baddbmm takes it: its weight gradient then
-    comes out of the matmul in the parameter's own layout, where the module's (out, in)
-    orientation would cost a transposing copy of every gradient, every step.
+    A matrix is stored transposed, (in, out): its weight gradient then comes out of the matmul
+    in the parameter's own layout, where the module's (out, in) orientation would cost a
+    transposing copy of every gradient, every step.
     """
-    if len(shape) == 2:
-        return part.view(-1, shape[1], shape[0]).transpose(1, 2)
-    return part.view(-1, *shape)
+    return part.view(-1, shape[1], shape[0]) if len(shape) == 2 else part.view(-1, 1, *shape)
+
+
+def _shaped(part: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A (K, n) slice of the flat tensors as (K, *shape), the module's orientation (a view)."""
+    return _stored(part, shape).transpose(1, 2) if len(shape) == 2 else part.view(-1, *shape)
 
 
 def _export(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -298,13 +303,10 @@ class FusedGroup:
         return self._leaves
 
     def _split(self, source: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A (K, P) tensor (the parameters, an optimizer state) as per-parameter views in stored
-        orientation: a matrix (K, in, out), baddbmm's second operand; a vector (bias, norm scale)
-        (K, 1, F), ready to broadcast over the batch."""
-        k = len(self.members)
+        """A (K, P) tensor (the parameters, an optimizer state) as per-parameter views, as stored
+        (_stored), cut by one split."""
         parts = source.split([b - a for _, _, a, b in self.layout], dim=1)
-        return {name: part.view(k, shape[1], shape[0]) if len(shape) > 1 else part.view(k, 1, *shape)
-                for (name, shape, _, _), part in zip(self.layout, parts)}
+        return {name: _stored(part, shape) for (name, shape, _, _), part in zip(self.layout, parts)}
 
     def _mask(self, kind: str, block: int = 0) -> torch.Tensor | None:
         """Per-member masks for a padded group, built once per membership; None where unneeded.
