@@ -215,11 +215,17 @@ class ResilientRDBStorage(RDBStorage):
         self.scoped_session.remove()
 
 
+def _batching(trial: Any) -> ResilientRDBStorage | None:
+    """The storage under `trial` (Optuna wraps an RDBStorage in a cache) where it can write
+    several rows in one statement; None where writes go one by one through Optuna's API."""
+    backend = getattr(trial.storage, "_backend", trial.storage)
+    return backend if isinstance(backend, ResilientRDBStorage) else None
+
+
 def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     """Write a trial's user attributes in one commit where the storage can, else one by one."""
-    storage = trial.storage
-    backend = getattr(storage, "_backend", storage)
-    if isinstance(backend, ResilientRDBStorage) and len(attrs) > 1:
+    backend = _batching(trial)
+    if backend is not None and len(attrs) > 1:
         backend.set_trial_user_attrs(trial._trial_id, attrs)
         cached = getattr(trial, "_cached_frozen_trial", None)  # what trial.user_attrs returns
         if cached is not None:
@@ -233,8 +239,8 @@ def report_all(reports: list[tuple[Any, float, int]]) -> None:
     """Trial.report for several (trial, value, step) in one commit where the storage can. As
     Trial.report, a step already reported (a retry's inherited values) is left as it was."""
     fresh = [(t, float(v), int(s)) for t, v, s in reports if int(s) not in t._cached_frozen_trial.intermediate_values]
-    backend = getattr(fresh[0][0].storage, "_backend", fresh[0][0].storage) if fresh else None
-    if isinstance(backend, ResilientRDBStorage) and len(fresh) > 1:
+    backend = _batching(fresh[0][0]) if fresh else None
+    if backend is not None and len(fresh) > 1:
         try:
             backend.set_trials_intermediate_values([(t._trial_id, s, v) for t, v, s in fresh])
         except optuna.exceptions.UpdateFinishedTrialError:
