@@ -38,7 +38,10 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
 
 
 def budget_status(study: optuna.Study, total: int) -> BudgetStatus:
-    trials = study.get_trials(deepcopy=False)
+    return count_budget(study.get_trials(deepcopy=False), total)
+
+
+def count_budget(trials: list[FrozenTrial], total: int) -> BudgetStatus:
     counts = Counter(t.state for t in trials)
     retried = retried_numbers(trials)
     failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
@@ -49,6 +52,20 @@ def budget_status(study: optuna.Study, total: int) -> BudgetStatus:
         running=counts[TrialState.RUNNING],
         waiting=counts[TrialState.WAITING],
     )
+
+
+# A gRPC proxy refuses to create a trial past the budget (hpo.proxy); the worker sees this text in
+# the error that comes back and stops as it would have had it seen the budget spent itself.
+NO_BUDGET_LEFT = "hpo: no trial budget left in this study"
+
+
+class BudgetSpent(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(NO_BUDGET_LEFT)
+
+
+def is_budget_spent(error: BaseException) -> bool:
+    return NO_BUDGET_LEFT in str(error)
 
 
 def _heartbeat_enabled(study: optuna.Study) -> bool:

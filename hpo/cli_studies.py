@@ -172,6 +172,7 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     """
     import optuna
 
+    from hpo.proxy import BudgetedStorage
     from hpo.storage import mask
 
     store, url = _open(storage, create=True)
@@ -180,7 +181,7 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.run_grpc_proxy_server(store, host=host, port=port)
+            optuna.storages.run_grpc_proxy_server(BudgetedStorage(store), host=host, port=port)  # type: ignore[arg-type]
     except ImportError as e:
         raise HpoError(f"hpo proxy needs grpcio and protobuf ({e.name} is missing): pip install 'hpo[grpc]'") from None
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hpo.budget import budget_status, requeue, wait_for_running
+from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.fused import PADDED, SHARED, FusedGroup
 from hpo.objective import Listener, checkpoint_due, improves, is_oom, original_number, record_attrs, trial_seed
@@ -170,7 +170,13 @@ def run_fused_worker(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
                 optuna.storages.fail_stale_trials(study)
-                trial = study.ask()
+                try:
+                    trial = study.ask()
+                except Exception as e:
+                    if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
+                        raise
+                    result.stopped = f"study budget of {total} trials reached"
+                    return None
             number = original_number(trial)  # before suggest(), which fills trial.params
             return trial, suggest(trial, spec), number
         finally:

@@ -379,23 +379,31 @@ def open_storage(
 
 
 class BudgetLock:
-    """A database lock held from "is there budget left?" until the new trial exists.
+    """A lock held from "is there budget left?" until the new trial exists.
 
     Without it two workers can both see one trial left and both start one. PostgreSQL and MySQL
-    have named locks for this; for other storages it is a no-op (SQLite runs one worker).
+    have named locks for this, and Redis (the journal's server) a lock key; SQLite runs one worker,
+    and behind a gRPC proxy the proxy checks the budget itself (hpo.proxy).
     """
 
     def __init__(self, storage: BaseStorage, study_id: int) -> None:
-        backend = getattr(storage, "_backend", storage)  # unwrap Optuna's _CachedStorage
+        backend = getattr(storage, "_backend", storage)  # unwrap Optuna's _CachedStorage, JournalStorage
         self.engine = backend.engine if isinstance(backend, RDBStorage) else None
         self.dialect = self.engine.dialect.name if self.engine is not None else ""
         self.key = 0x6870_6F00_0000 + study_id  # "hpo" + study id: one lock per study
         self.conn: Any = None
         self.held = False
+        self.redis_lock: Any = None
+        client = getattr(backend, "_redis", None)  # Optuna's JournalRedisBackend
+        if client is not None:
+            # Expires on its own if the holder dies; a holder frees it as soon as its trial exists.
+            self.redis_lock = client.lock(f"{getattr(backend, '_prefix', '')}:hpo-budget-{study_id}", timeout=60)
 
     def acquire(self) -> None:
         if self.dialect in ("postgresql", "mysql", "mariadb"):
             call_with_retry(self._acquire)
+        elif self.redis_lock is not None:
+            self.held = bool(self.redis_lock.acquire())
 
     def _acquire(self) -> None:
         # One connection for the worker's lifetime: a checkout per trial would cost a pre-ping.
@@ -415,6 +423,12 @@ class BudgetLock:
         if not self.held:
             return
         self.held = False
+        if self.redis_lock is not None:
+            try:
+                self.redis_lock.release()
+            except Exception:
+                pass  # it expired: another worker may hold it now, and keeps it
+            return
         try:
             if self.dialect == "postgresql":
                 self.conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.key})")

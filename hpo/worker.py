@@ -11,7 +11,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.budget import budget_status, requeue, wait_for_running
+from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.errors import TrialError
 from hpo.objective import Listener, Objective
@@ -117,6 +117,10 @@ def run_worker(
             lock.release()  # before the storage writes below
             _requeue_current(study, tracker, objective, result)
             raise Interrupted(result) from None
+        except Exception as e:
+            if not is_budget_spent(e):  # a gRPC proxy refused the trial: another worker took the last
+                raise
+            continue  # the budget check above now says why this worker stops
         finally:
             lock.release()
         result.ran += 1

@@ -159,9 +159,40 @@ def test_redis_journal_two_workers(write_spec, runner, tmp_path) -> None:
             client.delete(key)
 
 
-def test_grpc_proxy_serves_workers(write_spec, runner, tmp_path, storage_url) -> None:
+def test_redis_workers_take_turns_at_the_budget() -> None:
+    # Two workers on a Redis journal check the budget and create their trial one at a time.
+    import threading
+
+    redis = need_module("redis")
+    from hpo.storage import BudgetLock, open_storage
+
+    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
+    url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    try:
+        study_id = optuna.create_study(storage=open_storage(url), study_name="turns")._study_id
+        first, second = (BudgetLock(open_storage(url), study_id) for _ in range(2))
+        first.acquire()
+        got_it = threading.Event()
+        waiter = threading.Thread(target=lambda: (second.acquire(), got_it.set()))
+        waiter.start()
+        assert not got_it.wait(0.5), "the second worker took the lock the first one holds"
+        first.release()
+        assert got_it.wait(30), "the second worker never got the lock the first one gave up"
+        waiter.join()
+        second.release()
+    finally:
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+
+
+@pytest.fixture
+def proxy_url(tmp_path, storage_url):
+    """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
     need_module("grpc")
     import socket
+
+    import grpc
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,19 +203,47 @@ def test_grpc_proxy_serves_workers(write_spec, runner, tmp_path, storage_url) ->
     try:
         # Wait for the proxy to listen: it imports torch and optuna first, which on a loaded CI
         # machine outlasts the 5 s a worker gives an unanswering proxy.
-        import grpc
-
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
-        url = f"grpc://127.0.0.1:{port}"
-        spec = dict(FAST, name="viaproxy", budget={"n_trials": 6, "epochs": 1})
-        result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
-        assert result.exit_code == 0, result.output
+        yield f"grpc://127.0.0.1:{port}"
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=30)
+
+
+def test_grpc_proxy_serves_workers(write_spec, runner, proxy_url, storage_url) -> None:
+    spec = dict(FAST, name="viaproxy", budget={"n_trials": 6, "epochs": 1})
+    result = invoke(runner, "run", write_spec(spec), "--storage", proxy_url, "--workers", "2")
+    assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="viaproxy", storage=storage_url).trials
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_grpc_proxy_gives_the_last_trial_to_one_worker(write_spec, runner, proxy_url, storage_url) -> None:
+    # Behind a proxy a worker cannot lock the database: two workers that both see one trial left
+    # both ask for it, and the proxy, which creates every trial, hands it to one only.
+    from hpo.budget import budget_status, is_budget_spent, requeue
+    from hpo.storage import open_storage
+
+    spec = dict(FAST, name="lastone", budget={"n_trials": 1, "epochs": 1})
+    assert invoke(runner, "run", write_spec(spec), "--storage", proxy_url).exit_code == 0
+    direct = optuna.load_study(study_name="lastone", storage=storage_url)
+    stored = direct.user_attrs["spec"]
+    stored["budget"]["n_trials"] = 2  # the budget grows by one trial
+    direct.set_user_attr("spec", stored)
+
+    first, second = (optuna.load_study(study_name="lastone", storage=open_storage(proxy_url)) for _ in range(2))
+    assert budget_status(first, 2).remaining == budget_status(second, 2).remaining == 1
+    trial = first.ask()
+    with pytest.raises(Exception) as refused:
+        second.ask()
+    assert is_budget_spent(refused.value), refused.value
+    assert len(direct.get_trials()) == 2
+
+    # A retry of an interrupted trial is queued work, not a new trial: the proxy lets it through.
+    first.tell(trial, state=TrialState.FAIL)
+    assert requeue(first, trial._trial_id) is not None
+    assert [t.state for t in direct.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
 
 
 def test_mysql_two_workers(mysql_url, write_spec, runner) -> None:
