@@ -161,45 +161,55 @@ def run_fused_worker(
         return True
 
     def ask() -> tuple[optuna.Trial, Params, int] | None:
+        try:
+            trial = study.ask()
+        except Exception as e:
+            if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
+                raise
+            result.stopped = f"study budget of {total} trials reached"
+            return None
+        number = original_number(trial)  # before suggest(), which fills trial.params
+        return trial, suggest(trial, spec), number
+
+    def fill() -> None:
+        """Refill every free slot from the sampler; each trial joins the group of its structure.
+
+        One budget read serves every trial this fill starts: under the lock no other worker
+        starts one, and none of the changes others can make (a trial finishing, failing, or
+        coming back as a retry) changes what is left."""
+        if in_flight() >= group_size or not can_start():
+            return
         lock.acquire()
         try:
             status = budget_status(study, total)
-            if status.remaining <= 0 and status.waiting == 0:
-                result.stopped = f"study budget of {total} trials reached"
-                return None
+            left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
                 optuna.storages.fail_stale_trials(study)
-                try:
-                    trial = study.ask()
-                except Exception as e:
-                    if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
-                        raise
+            while in_flight() < group_size and can_start():
+                if left <= 0:
                     result.stopped = f"study budget of {total} trials reached"
-                    return None
-            number = original_number(trial)  # before suggest(), which fills trial.params
-            return trial, suggest(trial, spec), number
+                    return
+                asked = ask()
+                if asked is None:
+                    return
+                left -= 1
+                start(*asked)
         finally:
             lock.release()
 
-    def fill() -> None:
-        """Refill every free slot from the sampler; each trial joins the group of its structure."""
-        while in_flight() < group_size and can_start():
-            asked = ask()
-            if asked is None:
-                return
-            trial, params, number = asked
-            key = _structure(params, key_names)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = FusedGroup(data.folds(params.scaling)[0], device)
-            member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
-            _resume(group, len(group) - 1, handle.artifacts.load_checkpoint(number), trial)
-            beats.add(trial._trial_id)
-            result.ran += 1
-            started_at[trial.number] = time.monotonic()
-            trial.set_user_attr("fused_group_size", group_size)
-            listener.trial_started(trial.number, params, member.epoch)
+    def start(trial: optuna.Trial, params: Params, number: int) -> None:
+        key = _structure(params, key_names)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = FusedGroup(data.folds(params.scaling)[0], device)
+        member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
+        _resume(group, len(group) - 1, handle.artifacts.load_checkpoint(number), trial)
+        beats.add(trial._trial_id)
+        result.ran += 1
+        started_at[trial.number] = time.monotonic()
+        trial.set_user_attr("fused_group_size", group_size)
+        listener.trial_started(trial.number, params, member.epoch)
 
     def finish(group: FusedGroup, index: int, state: TrialState, value: float | None, reason: str | None) -> None:
         member = group.members[index]
