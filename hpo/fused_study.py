@@ -162,7 +162,9 @@ def run_fused_worker(
 
     def ask() -> tuple[optuna.Trial, Params, int] | None:
         try:
-            trial = study.ask()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
+                trial = study.ask()
         except Exception as e:
             if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
                 raise
@@ -184,7 +186,7 @@ def run_fused_worker(
             status = budget_status(study, total)
             left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
+                warnings.simplefilter("ignore")  # experimental
                 optuna.storages.fail_stale_trials(study)
             while in_flight() < group_size and can_start():
                 if left <= 0:

@@ -316,6 +316,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
     assert states.count(TrialState.FAIL) == 3 and states.count(TrialState.WAITING) == 3
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env_without_storage(), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
+    assert "Warning" not in rerun.stderr, rerun.stderr  # no library noise in the worker's output
     trials = optuna.load_study(study_name="fusedint", storage=url).trials
     retried = [t for t in trials if t.system_attrs.get("retry_history")]
     assert len(retried) == 3 and all(t.state == TrialState.COMPLETE for t in retried)
