@@ -3,7 +3,9 @@
 Both variants run the same spec (same sampler seed, pruner, trial budget) in this process,
 alternately; reported: wall time, trials per hour, their ratio, and the best validation score of
 each (the fused worker has K trials in flight, as K parallel workers would, so each is sampled
-with a little less feedback; `--seeds` measures what that costs).
+with a little less feedback; `--seeds` measures what that costs, and what each run trained:
+K trials in flight lead the sampler to other widths and depths, so the same trial budget is not
+the same work, and the sweep reports the speed-up at equal work too).
 Targets: >= 2.5x on a 2-core CPU for the digits MLP study; >= 10x on a GPU for Fashion-MNIST MLP.
 
     python benchmarks/fused.py                                  # digits, CPU
@@ -23,7 +25,7 @@ import torch
 from _common import HERE, alternate, median, record, shown, table, warm_up
 
 from hpo.data import DataCache
-from hpo.fused import FusedGroup
+from hpo.fused import PADDED, SHARED, FusedGroup
 from hpo.fused_study import run_fused_worker
 from hpo.model import build_model
 from hpo.params import Params
@@ -34,7 +36,7 @@ from hpo.train import Trainer
 from hpo.worker import run_worker
 
 
-def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, int]:
+def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, int, list]:
     name = f"{spec.name}-{'fused' if group else 'seq'}-{time.monotonic_ns()}"
     spec = dataclasses.replace(spec, name=name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +50,29 @@ def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple
         else:
             run_worker(handle, device=device, data=data)
         wall = time.perf_counter() - t0
-        return wall, handle.study.best_value, len(handle.study.trials)
+        trials = handle.study.trials
+        return wall, handle.study.best_value, len(trials), trials
+
+
+def structure(trial: optuna.trial.FrozenTrial) -> tuple:
+    """What sets an epoch's cost: the values a fused group's members share, width and depth."""
+    return tuple(trial.params.get(k) for k in (*SHARED, *PADDED))
+
+
+def epoch_prices(runs: list[list[optuna.trial.FrozenTrial]]) -> dict[tuple, float]:
+    """Median seconds of one unfused epoch per structure, from one-at-a-time runs' trials."""
+    seconds: dict[tuple, list[float]] = {}
+    for trials in runs:
+        for t in trials:
+            seconds.setdefault(structure(t), []).extend(t.user_attrs.get("epoch_seconds", []))
+    return {k: median(v) for k, v in seconds.items() if v}
+
+
+def work(trials: list[optuna.trial.FrozenTrial], prices: dict[tuple, float]) -> float:
+    """The unfused training seconds these trials' epochs would take: how much the sampler chose
+    to train, whatever ran it (K trials in flight pick other widths than one at a time do)."""
+    fallback = median(list(prices.values()))
+    return sum(len(t.intermediate_values) * prices.get(structure(t), fallback) for t in trials)
 
 
 def main() -> None:
@@ -87,7 +111,7 @@ def main() -> None:
     }, args.repeats)
     rows = []
     for name, runs in res.items():
-        print(name, runs, flush=True)
+        print(name, [r[:3] for r in runs], flush=True)
         wall = median([r[0] for r in runs])
         rows.append([name, wall, runs[0][2] / wall * 3600, max(r[1] for r in runs), " ".join(f"{r[0]:.1f}" for r in runs)])
     speedup = rows[0][1] / rows[1][1]
@@ -103,15 +127,25 @@ def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCach
     """Best score at equal trial budget over several sampler seeds, one at a time vs fused. One
     seed's comparison is mostly luck (a few validation images), so the summary is the mean gap,
     its standard error and the wins, ties and losses."""
-    rows, gaps, ratios = [], [], []
+    rows, gaps, ratios, pairs = [], [], [], []
     for seed in [int(x) for x in args.seeds.split(",")]:
         seq = run(dataclasses.replace(spec, seed=seed), device, data, None)
         fused = run(dataclasses.replace(spec, seed=seed), device, data, args.group_size)
+        pairs.append((seq, fused))
         gaps.append((fused[1] - seq[1]) * 100)
         ratios.append(seq[0] / fused[0])
         rows.append([seed, seq[0], seq[1], fused[0], ratios[-1], fused[1], f"{gaps[-1]:+.2f}"])
         print(rows[-1], flush=True)
-    body = table(["seed", "one at a time s", "best val", f"{label} s", "speed-up", "best val", "points"], rows)
+    # The same trial budget is not the same work: priced at unfused epoch times, what each run
+    # trained; the speed-up at equal work is the time ratio scaled by fused work / sequential work.
+    prices = epoch_prices([seq[3] for seq, _ in pairs])
+    fair = []
+    for row, (seq, fused) in zip(rows, pairs):
+        w_seq, w_fused = work(seq[3], prices), work(fused[3], prices)
+        fair.append(row[4] * w_fused / w_seq)
+        row[4:5] = [row[4], w_fused / w_seq, fair[-1]]
+    body = table(["seed", "one at a time s", "best val", f"{label} s", "speed-up", "work fused / one",
+                  "speed-up at equal work", "best val", "points"], rows)
     mean = sum(gaps) / len(gaps)
     se = (sum((x - mean) ** 2 for x in gaps) / max(1, len(gaps) - 1) / len(gaps)) ** 0.5
     wins, ties = sum(x > 0.005 for x in gaps), sum(abs(x) <= 0.005 for x in gaps)
@@ -123,7 +157,10 @@ def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCach
              f"time: **mean gap {mean:+.2f} points (standard error {se:.2f}), better / equal / worse on {wins} / "
              f"{ties} / {len(gaps) - wins - ties} seeds, worst {min(gaps):+.2f}; speed-up median {median(ratios):.2f}x, "
              f"range {min(ratios):.2f}-{max(ratios):.2f}x, {seq_total / fused_total:.2f}x on the summed time "
-             f"({seq_total:.0f} s vs {fused_total:.0f} s).**")
+             f"({seq_total:.0f} s vs {fused_total:.0f} s).** The runs do not train the same things: work is each run's "
+             f"epochs priced at the one-at-a-time runs' median unfused epoch time for their width and depth "
+             f"({', '.join(f'{k[-2]} x {k[-1]}: {v * 1000:.0f} ms' for k, v in sorted(prices.items(), key=str))}); at "
+             f"equal work the speed-up is median {median(fair):.2f}x, range {min(fair):.2f}-{max(fair):.2f}x.")
     record(f"Fused trials: best score over seeds ({spec.data.dataset}, {device})", body, notes, save=not args.no_save)
 
 
