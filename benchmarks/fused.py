@@ -36,7 +36,7 @@ from hpo.train import Trainer
 from hpo.worker import run_worker
 
 
-def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, int, list]:
+def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, list]:
     name = f"{spec.name}-{'fused' if group else 'seq'}-{time.monotonic_ns()}"
     spec = dataclasses.replace(spec, name=name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +50,7 @@ def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple
         else:
             run_worker(handle, device=device, data=data)
         wall = time.perf_counter() - t0
-        trials = handle.study.trials
-        return wall, handle.study.best_value, len(trials), trials
+        return wall, handle.study.best_value, handle.study.trials
 
 
 def structure(trial: optuna.trial.FrozenTrial) -> tuple:
@@ -111,9 +110,9 @@ def main() -> None:
     }, args.repeats)
     rows = []
     for name, runs in res.items():
-        print(name, [r[:3] for r in runs], flush=True)
+        print(name, [(r[0], r[1], len(r[2])) for r in runs], flush=True)
         wall = median([r[0] for r in runs])
-        rows.append([name, wall, runs[0][2] / wall * 3600, max(r[1] for r in runs), " ".join(f"{r[0]:.1f}" for r in runs)])
+        rows.append([name, wall, len(runs[0][2]) / wall * 3600, max(r[1] for r in runs), " ".join(f"{r[0]:.1f}" for r in runs)])
     speedup = rows[0][1] / rows[1][1]
     body = table(["variant", "median wall s", "trials / hour", "best val", "runs (s)"], rows)
     notes = (f"Spec `{shown(args.spec)}`: {spec.data.dataset}, {spec.budget.n_trials} trials x "
@@ -127,23 +126,23 @@ def by_seed(args: argparse.Namespace, spec, device: torch.device, data: DataCach
     """Best score at equal trial budget over several sampler seeds, one at a time vs fused. One
     seed's comparison is mostly luck (a few validation images), so the summary is the mean gap,
     its standard error and the wins, ties and losses."""
-    rows, gaps, ratios, pairs = [], [], [], []
-    for seed in [int(x) for x in args.seeds.split(",")]:
+    seeds = [int(x) for x in args.seeds.split(",")]
+    pairs = []
+    for seed in seeds:
         seq = run(dataclasses.replace(spec, seed=seed), device, data, None)
         fused = run(dataclasses.replace(spec, seed=seed), device, data, args.group_size)
         pairs.append((seq, fused))
-        gaps.append((fused[1] - seq[1]) * 100)
-        ratios.append(seq[0] / fused[0])
-        rows.append([seed, seq[0], seq[1], fused[0], ratios[-1], fused[1], f"{gaps[-1]:+.2f}"])
-        print(rows[-1], flush=True)
+        print(seed, seq[:2], fused[:2], flush=True)
     # The same trial budget is not the same work: priced at unfused epoch times, what each run
     # trained; the speed-up at equal work is the time ratio scaled by fused work / sequential work.
-    prices = epoch_prices([seq[3] for seq, _ in pairs])
-    fair = []
-    for row, (seq, fused) in zip(rows, pairs):
-        w_seq, w_fused = work(seq[3], prices), work(fused[3], prices)
-        fair.append(row[4] * w_fused / w_seq)
-        row[4:5] = [row[4], w_fused / w_seq, fair[-1]]
+    prices = epoch_prices([seq[2] for seq, _ in pairs])
+    rows, gaps, ratios, fair = [], [], [], []
+    for seed, (seq, fused) in zip(seeds, pairs):
+        gaps.append((fused[1] - seq[1]) * 100)
+        ratios.append(seq[0] / fused[0])
+        more = work(fused[2], prices) / work(seq[2], prices)
+        fair.append(ratios[-1] * more)
+        rows.append([seed, seq[0], seq[1], fused[0], ratios[-1], more, fair[-1], fused[1], f"{gaps[-1]:+.2f}"])
     body = table(["seed", "one at a time s", "best val", f"{label} s", "speed-up", "work fused / one",
                   "speed-up at equal work", "best val", "points"], rows)
     mean = sum(gaps) / len(gaps)
