@@ -1,27 +1,41 @@
 """hpo: hyperparameter optimization for PyTorch on Optuna.
 
 Describe a study in YAML, run it with `hpo run`, watch it with `hpo dashboard`, add workers with
-`hpo worker`. The library API below is what the CLI itself uses.
+`hpo worker`. Your own training code gets an `hpo.Trial` (see hpo.trial); `hpo.run()` runs a
+study from Python. Names are imported on first use, so `import hpo` stays cheap.
 """
 
-from hpo.errors import DataError, HpoError, SpecError, StorageError
-from hpo.results import finalize, summarize
-from hpo.spec import StudySpec, load_spec
-from hpo.study import open_existing, open_for_spec
-from hpo.worker import run_worker
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataError",
-    "HpoError",
-    "SpecError",
-    "StorageError",
-    "StudySpec",
-    "finalize",
-    "load_spec",
-    "open_existing",
-    "open_for_spec",
-    "run_worker",
-    "summarize",
-]
+_EXPORTS = {
+    "Trial": "hpo.trial",
+    "TrialPruned": "hpo.trial",
+    "run": "hpo.api",
+    "RunResult": "hpo.api",
+    "load_spec": "hpo.spec",
+    "StudySpec": "hpo.spec",
+    "HpoError": "hpo.errors",
+    "SpecError": "hpo.errors",
+    "StorageError": "hpo.errors",
+    "DataError": "hpo.errors",
+    "UserCodeError": "hpo.user_code",
+    "open_existing": "hpo.study",
+    "open_for_spec": "hpo.study",
+    "finalize": "hpo.results",
+    "summarize": "hpo.results",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -136,11 +136,15 @@ def validate(spec_file: str) -> None:
       hpo validate studies/digits_mlp.yaml
     """
     from hpo.spec import load_spec
+    from hpo.user_code import load_references
 
     spec = load_spec(spec_file)
+    load_references(spec)
     tuned = [p.name for p in spec.space if p.tuned]
+    what = (f"train function {spec.train}" if spec.train is not None
+            else f"{spec.builtin_data.dataset} data, {spec.model} model")
     click.echo(
-        f"{spec_file}: ok - study {spec.name!r}, {spec.data.dataset} data, {spec.model} model, "
+        f"{spec_file}: ok - study {spec.name!r}, {what}, "
         f"{len(tuned)} tuned parameters ({', '.join(tuned)}), {spec.budget.n_trials} trials x "
         f"{spec.budget.epochs} epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner"
     )
@@ -221,7 +225,6 @@ def run(
       hpo run studies/digits_mlp.yaml --storage postgresql://user@db/hpo --workers 2
       hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
     """
-    from hpo.data import DataCache
     from hpo.spec import load_spec
     from hpo.storage import resolve_url
     from hpo.study import choose_device, open_for_spec
@@ -236,7 +239,7 @@ def run(
     n_workers = workers or (len(gpu_ids) if gpu_ids else 1)
     check_parallel_storage(resolve_url(storage), n_workers)
     dev = choose_device("cuda" if gpu_ids else device)
-    data = DataCache(spec.data, spec.seed, dev, spec.model)  # data errors come before storage
+    data = _prepare(spec, dev)  # user code and data errors come before storage
     hb = _heartbeat(heartbeat_interval, grace_period)
     store, url = _open(storage, create=True, heartbeat=hb)
     handle = open_for_spec(spec, store, url, artifacts)
@@ -254,6 +257,15 @@ def run(
     if outcome.failed_workers:
         raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
                        f"(exit codes {outcome.failed_workers})")
+
+
+def _prepare(spec: Any, device: Any) -> Any:
+    """Import the spec's user code and load the data of hpo's own loop (None for a train function)."""
+    from hpo.data import DataCache
+    from hpo.user_code import load_references
+
+    load_references(spec)
+    return DataCache(spec.builtin_data, spec.seed, device, spec.model) if spec.train is None else None
 
 
 @contextlib.contextmanager
@@ -341,7 +353,6 @@ def worker(
       HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
       hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
     """
-    from hpo.data import DataCache
     from hpo.study import choose_device, open_existing
 
     if threads is not None:
@@ -353,7 +364,7 @@ def worker(
     handle = open_existing(study, store, url, artifacts)
     if fuse is not None:
         handle.spec = handle.spec.fused(fuse)
-    data = DataCache(handle.spec.data, handle.spec.seed, dev, handle.spec.model)
+    data = _prepare(handle.spec, dev)
     from hpo.launch import run_here
 
     _sigterm_as_interrupt()

@@ -81,8 +81,9 @@ class Member:
     param_names: frozenset[str] = frozenset()  # which of `shapes` are parameters (not buffers)
     last_checkpoint: float = field(default_factory=time.monotonic)
     checkpoint_epoch: int = 0
+    resumed_from: int = 0  # the epoch its checkpoint put it back at (0: a fresh start)
     epoch: int = 0
-    train_losses: list[float] = field(default_factory=list)
+    curves: dict[str, list[float]] = field(default_factory=dict)  # reported metrics per epoch
     epoch_seconds: list[float] = field(default_factory=list)
 
     @property

@@ -42,15 +42,17 @@ import torch
 from optuna.trial import TrialState
 
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
+from hpo.checkpoints import Envelope
 from hpo.data import DataCache
+from hpo.endings import CheckpointPolicy, Deadlines, End, Ending, Stop, is_oom
 from hpo.fused import PADDED, SHARED, FusedGroup
-from hpo.objective import Listener, checkpoint_due, improves, is_oom, original_number, record_attrs, trial_seed
 from hpo.params import Params
 from hpo.samplers import effective_n_trials
 from hpo.space import suggest
 from hpo.storage import BudgetLock, report_all, set_user_attrs
 from hpo.study import StudyHandle
-from hpo.train import EpochResult, configure_device, metric_value
+from hpo.train import configure_device, metric_value
+from hpo.trial import Listener, improves, original_number, trial_attributes, trial_seed
 from hpo.worker import Interrupted, WorkerResult
 
 
@@ -133,7 +135,7 @@ def run_fused_worker(
     study, spec = handle.study, handle.spec
     configure_device(device)
     listener = listener or Listener()
-    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
     total = effective_n_trials(spec)
     timeout = timeout if timeout is not None else spec.budget.timeout
     deadline = time.monotonic() + timeout if timeout else None
@@ -145,8 +147,8 @@ def run_fused_worker(
     # flight in all, as `group_size` parallel workers would have.
     groups: dict[tuple[Any, ...], FusedGroup] = {}
     key_names = SHARED if spec.execution.pads(device.type) else SHARED + PADDED
-    started_at: dict[int, float] = {}
-    cost = 0.0  # seconds one member checkpoint took, last time
+    limits: dict[int, Deadlines] = {}  # per trial: budget.trial_timeout, checked every epoch
+    policy = CheckpointPolicy(checkpoint_interval)  # its cost is one member's checkpoint
 
     def in_flight() -> int:
         return sum(len(g) for g in groups.values())
@@ -206,22 +208,22 @@ def run_fused_worker(
         if group is None:
             group = groups[key] = FusedGroup(data.folds(params.scaling)[0], device)
         member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
-        _resume(group, len(group) - 1, handle.artifacts.load_checkpoint(number), trial)
+        _resume(group, len(group) - 1, Envelope.from_dict(handle.artifacts.load_checkpoint(number)))
         beats.add(trial._trial_id)
         result.ran += 1
-        started_at[trial.number] = time.monotonic()
-        trial.set_user_attr("fused_group_size", group_size)
-        listener.trial_started(trial.number, params, member.epoch)
+        limits[trial.number] = Deadlines.start(spec.budget.trial_timeout, None)
+        listener.trial_started(trial.number, params.to_dict(), member.epoch)
 
-    def finish(group: FusedGroup, index: int, state: TrialState, value: float | None, reason: str | None) -> None:
+    def finish(group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
         member = group.members[index]
         trial: optuna.Trial = member.key
-        set_user_attrs(trial, record_attrs(member.train_losses, member.epoch_seconds, device, member.n_params, reason))
-        if state == TrialState.COMPLETE and value is not None and improves(study, value):
-            handle.artifacts.upload(trial, "model.pt", {"models": [group.member_state_dict(index)],
-                                                        "params": member.params.to_dict()})
+        extra = {"n_params": member.n_params, "fused_group_size": group_size}
+        set_user_attrs(trial, trial_attributes(spec.metric, member.curves, member.epoch_seconds, device,
+                                               member.resumed_from, extra, ending.reason))
+        if ending.end is End.COMPLETE and value is not None and improves(study, value):
+            handle.artifacts.upload(trial, "model.pt", _member_state(group, index).state)
         handle.artifacts.remove_checkpoint(member.number)
-        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        frozen = study.tell(trial, value if ending.end is End.COMPLETE else None, state=ending.end.state)
         beats.ids.discard(trial._trial_id)
         listener.trial_finished(study, frozen)
 
@@ -235,11 +237,10 @@ def run_fused_worker(
             group.after_epoch([v["loss"] for v in vals])
             seconds = time.perf_counter() - t0
         except Exception as e:
-            reason = (f"out of memory on {device} in a fused group of {len(group)}" if is_oom(e)
-                      else f"{type(e).__name__}: {e}")
+            ending = Ending.out_of_memory(device, f"a fused group of {len(group)}") if is_oom(e) else Ending.error(e)
             for i, m in enumerate(group.members):
                 m.key.set_user_attr("traceback", traceback.format_exc()[-4000:])
-                finish(group, i, TrialState.FAIL, None, reason)
+                finish(group, i, ending)
             group.remove(list(range(len(group))))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -247,44 +248,40 @@ def run_fused_worker(
         values: dict[int, float] = {}
         for i, (m, loss, val) in enumerate(zip(group.members, losses, vals)):
             trial: optuna.Trial = m.key
-            m.train_losses.append(loss)
+            value = metric_value(spec.metric, val)
+            # The same metrics, under the same names, as hpo's own loop reports one at a time.
+            for name, v in ((spec.metric, value), ("train_loss", loss), ("val_loss", val["loss"])):
+                if name != "val_loss" or spec.metric != "val_loss":
+                    m.curves.setdefault(name, []).append(v)
             m.epoch_seconds.append(seconds)
             m.epoch += 1
             if math.isfinite(loss) and math.isfinite(val["loss"]):
-                values[i] = metric_value(spec.metric, val)
+                values[i] = value
                 reports.append((trial, values[i], m.epoch - 1))
-                listener.epoch_done(trial.number, EpochResult(m.epoch - 1, loss, val, seconds), values[i])
+                listener.epoch_done(trial.number, m.epoch - 1, values[i])
         return values
 
     def decide(group: FusedGroup, values: dict[int, float], snapshot: _Snapshot) -> None:
         """End the members that are done (diverged, finished, out of time, pruned); checkpoint the rest."""
-        nonlocal cost
         done: list[int] = []
         for i, m in enumerate(group.members):
             trial: optuna.Trial = m.key
             epoch = m.epoch - 1
-            if i not in values:
-                finish(group, i, TrialState.PRUNED, None, f"diverged: loss is {m.train_losses[-1]} at epoch {epoch}")
+            if i in values and m.epoch >= m.epochs:
+                ending: Ending | None = Ending(End.COMPLETE)
+            else:
+                ending = _verdict(m, i in values, epoch, limits[trial.number])
+            if ending is None and study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
+                ending = Ending.pruned(spec.pruner.name, epoch)
+            if ending is not None:
+                finish(group, i, ending, values.get(i))
                 done.append(i)
-                continue
-            value = values[i]
-            limit = spec.budget.trial_timeout
-            if m.epoch >= m.epochs:
-                finish(group, i, TrialState.COMPLETE, value, None)
-                done.append(i)
-            elif limit and time.monotonic() - started_at[trial.number] > limit:
-                reason = f"trial_timeout: stopped after {limit:g} s in epoch {m.epoch}"
-                finish(group, i, TrialState.PRUNED, None, reason)
-                done.append(i)
-            elif study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
-                finish(group, i, TrialState.PRUNED, None, f"pruned by the {spec.pruner.name} rule at epoch {epoch}")
-                done.append(i)
-            elif time.monotonic() - m.last_checkpoint >= checkpoint_due(checkpoint_interval, cost * len(group)):
+            elif policy.due(m.last_checkpoint, len(group)):
                 # K members' checkpoints together take at most ~5% of the group's time.
                 t0 = time.monotonic()
-                handle.artifacts.save_checkpoint(m.number, _member_state(group, i))
+                handle.artifacts.save_checkpoint(m.number, _member_state(group, i).to_dict())
                 m.last_checkpoint = time.monotonic()
-                cost = m.last_checkpoint - t0
+                policy.cost = m.last_checkpoint - t0
                 m.checkpoint_epoch = m.epoch
         group.remove(done)
 
@@ -345,34 +342,45 @@ def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult) -> int:
     return len(members)
 
 
-def _member_state(group: FusedGroup, i: int) -> dict[str, Any]:
+def _verdict(m: Any, finite: bool, epoch: int, limit: Deadlines) -> Ending | None:
+    """A member's ending decided by hpo.endings' rules (diverged, its time limit), or None."""
+    if not finite:
+        loss = m.curves["train_loss"][-1]
+        name, value = ("train_loss", loss) if not math.isfinite(loss) else ("val_loss", m.curves["val_loss"][-1])
+        return Ending.diverged(name, value, epoch)
+    try:
+        limit.check(m.epoch)
+    except Stop as e:
+        return e.ending
+    return None
+
+
+def _member_state(group: FusedGroup, i: int) -> Envelope:
+    """Member i's checkpoint in the one format (hpo.checkpoints): its training state in the
+    portable form an unfused Trainer reads too, so it resumes fused or not."""
     m = group.members[i]
-    return {
-        "fused": 2,  # unpadded tensors per parameter name: resumable in a group of any envelope
+    fold = {
         "epoch": m.epoch,
         "model": group.member_state_dict(i),
-        "optimizer": group.member_optimizer_state(i),
-        "steps": float(group.steps[i]),
+        "optimizer": {"steps": float(group.steps[i]), "lr": m.lr, "state": group.member_optimizer_state(i)},
         "schedule": m.schedule.state_dict(),
-        # The scheduler's state holds its step count, not the lr it set: that lives in the
-        # (dummy) optimizer it drives, as an unfused trial's lives in its real optimizer.
-        "lr_holder": m.lr_holder.state_dict(),
         "generator": m.generator.get_state(),
-        "train_losses": list(m.train_losses),
-        "epoch_seconds": list(m.epoch_seconds),
     }
+    return Envelope(m.epoch, {"folds": [fold], "params": m.params.to_dict()}, m.curves, m.epoch_seconds)
 
 
-def _resume(group: FusedGroup, i: int, state: dict[str, Any] | None, trial: optuna.Trial) -> None:
-    """Put a retried member back where its last (fused) checkpoint left it."""
-    if not state or state.get("fused") != 2:
-        return  # none, or one-at-a-time's format: the member starts over
+def _resume(group: FusedGroup, i: int, envelope: Envelope | None) -> None:
+    """Put a retried member back where its last checkpoint (fused or not) left it."""
+    if envelope is None:
+        return
     m = group.members[i]
-    group.load_member(i, state["model"], state["optimizer"], state["steps"])
-    m.lr_holder.load_state_dict(state["lr_holder"])
-    m.schedule.load_state_dict(state["schedule"])
-    m.generator.set_state(state["generator"].cpu())
-    m.epoch = m.checkpoint_epoch = int(state["epoch"])
-    m.train_losses = list(state["train_losses"])
-    m.epoch_seconds = list(state["epoch_seconds"])
-    trial.set_user_attr("resumed_from_epoch", m.epoch)
+    fold = envelope.state["folds"][0]
+    opt = fold["optimizer"]
+    group.load_member(i, fold["model"], opt["state"], opt["steps"])
+    m.schedule.load_state_dict(fold["schedule"])
+    for g in m.lr_holder.param_groups:
+        g["lr"] = float(opt["lr"])
+    m.generator.set_state(fold["generator"].cpu())
+    m.epoch = m.checkpoint_epoch = m.resumed_from = envelope.epoch
+    m.curves = {k: list(v) for k, v in envelope.curves.items()}
+    m.epoch_seconds = list(envelope.epoch_seconds)

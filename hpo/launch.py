@@ -33,7 +33,7 @@ class Stopped(Exception):
 def run_here(
     handle: StudyHandle,
     device: Any,
-    data: DataCache,
+    data: DataCache | None,
     *,
     timeout: float | None,
     n_trials: int | None,

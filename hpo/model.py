@@ -4,6 +4,8 @@ dropout, norm, residual and init mean the same in both; kernel size and pooling 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,12 +117,35 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def build_model(family: str, p: Params, input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
-    if family == "cnn":
-        model: nn.Module = CNN(input_shape, n_outputs, p)
+def mlp(params: Mapping[str, Any], input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """The built-in MLP factory: flattens any input."""
+    p = params if isinstance(params, Params) else Params.from_mapping(params)
+    return MLP(math.prod(input_shape), n_outputs, p)
+
+
+def cnn(params: Mapping[str, Any], input_shape: tuple[int, ...], n_outputs: int) -> nn.Module:
+    """The built-in CNN factory, for images (C x H x W)."""
+    p = params if isinstance(params, Params) else Params.from_mapping(params)
+    return CNN(input_shape, n_outputs, p)
+
+
+FACTORIES = {"mlp": mlp, "cnn": cnn}
+
+
+def build_model(family: str, params: Params | Mapping[str, Any], input_shape: tuple[int, ...],
+                n_outputs: int) -> nn.Module:
+    """A model from a factory: `mlp`, `cnn`, or the user's `module:function` with the same signature
+    `build(params, input_shape, n_outputs) -> nn.Module`. Built-in `init` is applied to every one."""
+    values = params.to_dict() if isinstance(params, Params) else dict(params)
+    if family in FACTORIES:
+        model = FACTORIES[family](params if isinstance(params, Params) else values, input_shape, n_outputs)
     else:
-        model = MLP(math.prod(input_shape), n_outputs, p)
-    init_weights(model, p.init)
+        from hpo.user_code import UserCodeError, load
+
+        model = load(family, "model")(values, tuple(input_shape), n_outputs)
+        if not isinstance(model, nn.Module):
+            raise UserCodeError(f"model: {family} returned a {type(model).__name__}, not a torch.nn.Module")
+    init_weights(model, str(values.get("init", "default")))
     return model
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import optuna
 
 from hpo.budget import budget_status
-from hpo.objective import Listener
-from hpo.params import Params
 from hpo.results import Summary, summarize
-from hpo.train import EpochResult
+from hpo.trial import Listener
 
 
 def fmt(value: Any) -> str:
@@ -67,14 +66,14 @@ class Progress(Listener):
             f"pruned {s.counts.get('PRUNED', 0)} failed {b.failed} | {elapsed:5.0f}s"
         )
 
-    def trial_started(self, number: int, params: Params, resumed_epoch: int) -> None:
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
         if resumed_epoch:
             self.say(f"trial {number}: resuming from its checkpoint at epoch {resumed_epoch}")
 
-    def epoch_done(self, number: int, result: EpochResult, value: float) -> None:
+    def epoch_done(self, number: int, epoch: int, value: float) -> None:
         if self.tty:
             self._write(
-                f"{self.status} | trial {number} epoch {result.epoch + 1}/{self.epochs} "
+                f"{self.status} | trial {number} epoch {epoch + 1}/{self.epochs} "
                 f"{self.metric} {fmt(value)}",
                 final=False,
             )
@@ -113,5 +112,6 @@ def render_summary(summary: Summary, elapsed: float | None = None) -> str:
     if summary.test:
         t = summary.test
         lines.append(f"Test {t['metric'].removeprefix('test_')} of the best model: {fmt(t['value'])}")
-        lines.append(f"Best model: {t['model_path']}")
+        if t.get("model_path"):
+            lines.append(f"Best model: {t['model_path']}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from hpo.artifacts import find_artifact
+from hpo.builtin import fold_models
 from hpo.data import DataCache
 from hpo.model import build_model
 from hpo.params import Params
@@ -34,7 +36,9 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
-    """Score the best trial's model once on the test split and save it as the study's model."""
+    """Score the best trial once on the test data and record it: hpo's own loop scores its saved
+    model on the test split and saves it as the study's model; a user's `test` function is called
+    with the best trial's params and final state."""
     study, spec = handle.study, handle.spec
     best = best_trial(study)
     if best is None:
@@ -42,16 +46,19 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
     recorded = study.user_attrs.get(TEST_ATTR)
     if recorded and recorded.get("trial") == best.number:
         return recorded
+    if spec.train is not None:
+        return _score_with_user_test(handle, best, device) if spec.test is not None else None
     model_id = find_artifact(best, "model.pt", study._storage)
     if model_id is None:
         return None
     saved = handle.artifacts.read(model_id)
-    params = Params.from_mapping(saved["params"])
-    data = data or DataCache(spec.data, spec.seed, device, spec.model)
+    values = dict(saved["params"])
+    params = Params.from_mapping(values)
+    data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
     folds = data.folds(params.scaling)
     models = []
-    for fold, state in zip(folds, saved["models"]):
-        model = build_model(spec.model, params, fold.input_shape, fold.n_outputs)
+    for fold, state in zip(folds, fold_models(saved)):
+        model = build_model(spec.model, values, fold.input_shape, fold.n_outputs)
         model.load_state_dict(state)
         models.append(model.to(device))
     # With cross-validation the best model is the ensemble of its k fold models.
@@ -59,7 +66,7 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
     metric = spec.metric.replace("val_", "test_")
     bundle = {
         "models": [m.state_dict() for m in models],
-        "params": params.to_dict(),
+        "params": values,
         "model_family": spec.model,
         "input_shape": list(folds[0].input_shape),
         "n_outputs": folds[0].n_outputs,
@@ -68,17 +75,52 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
         "test": scores,
     }
     artifact_id = handle.artifacts.upload(study, "best_model.pt", bundle)
+    return _record(handle, best, metric, scores[metric.removeprefix("test_")], scores, artifact_id)
+
+
+def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, scores: dict[str, float],
+            artifact_id: str | None) -> dict[str, Any]:
     record = {
         "trial": best.number,
         "metric": metric,
-        "value": scores[metric.removeprefix("test_")],
+        "value": value,
         "scores": scores,
         "val_value": best.value,
         "model_artifact": artifact_id,
-        "model_path": str(handle.artifacts.file_of(artifact_id).resolve()),
+        "model_path": str(handle.artifacts.file_of(artifact_id).resolve()) if artifact_id else None,
     }
-    study.set_user_attr(TEST_ATTR, record)
+    handle.study.set_user_attr(TEST_ATTR, record)
     return record
+
+
+def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.device) -> dict[str, Any]:
+    """Call the spec's `test` function once, on the best trial: its params and final saved state."""
+    from hpo.space import resolve_values
+    from hpo.trial import Trial, TrialContext, _as_number
+    from hpo.user_code import UserCodeError, load
+
+    spec = handle.spec
+    assert spec.test is not None
+    who = f"test: {spec.test}"
+    test_fn = load(spec.test, "test")
+    model_id = find_artifact(best, "model.pt", handle.study._storage)
+    trial = Trial(TrialContext(spec, handle.artifacts, device, who=who), resolve_values(spec, best.params),
+                  best.number, None)
+    trial.start_epoch = trial.epochs
+    trial._state = handle.artifacts.read(model_id) if model_id is not None else None
+    out = test_fn(trial)
+    name = spec.metric.replace("val_", "test_") if spec.metric.startswith("val_") else f"test_{spec.metric}"
+    raw = out if isinstance(out, Mapping) else {name: out}
+    scores: dict[str, float] = {}
+    for key, value in raw.items():
+        number = _as_number(value)
+        if number is None:
+            raise UserCodeError(f"{who}: returned {key}={value!r}; return a number or a dict of numbers")
+        scores[str(key)] = number
+    if not scores:
+        raise UserCodeError(f"{who}: returned no scores; return a number or a dict of numbers")
+    metric = name if name in scores else next(iter(scores))
+    return _record(handle, best, metric, scores[metric], scores, model_id)
 
 
 def delete_study(study: optuna.Study) -> int:

@@ -7,7 +7,7 @@ Optuna then never records, samples or plots a parameter that had no effect.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -26,27 +26,41 @@ def _suggest_one(trial: optuna.Trial, p: ParamSpec) -> Any:
     return trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
 
 
+def sample(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """Every value of this trial, by name: sampled where tuned and applicable, else fixed (and,
+    for hpo's own loop, the catalogue's defaults). What `hpo.Trial.params` holds."""
+    return _resolve(spec, lambda p: _suggest_one(trial, p))
+
+
 def suggest(trial: optuna.Trial, spec: StudySpec) -> P.Params:
     """Ask the trial for every tuned parameter that applies; fill the rest from spec/defaults."""
-    return _resolve(spec, lambda p: _suggest_one(trial, p))
+    return P.Params.from_mapping(sample(trial, spec))
 
 
 def resolve(spec: StudySpec, sampled: Mapping[str, Any]) -> P.Params:
     """Rebuild a trial's Params from its recorded `params` (e.g. to reload the best model)."""
-    return _resolve(spec, lambda p: sampled[p.name] if p.name in sampled else P.DEFAULTS[p.name])
+    return P.Params.from_mapping(resolve_values(spec, sampled))
 
 
-def _resolve(spec: StudySpec, pick: Any) -> P.Params:
-    by_name = {p.name: p for p in spec.space}
+def resolve_values(spec: StudySpec, sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild every value of a trial from its recorded `params`."""
+    return _resolve(spec, lambda p: sampled[p.name] if p.name in sampled else P.DEFAULTS.get(p.name))
+
+
+def _resolve(spec: StudySpec, pick: Callable[[ParamSpec], Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for info in P.CATALOGUE:
-        p = by_name.get(info.name)
-        if not P.applies(info, values):
-            values[info.name] = P.DEFAULTS[info.name]
-        elif p is None:
-            values[info.name] = P.DEFAULTS[info.name]
-        elif p.kind == "fixed":
-            values[info.name] = p.value
-        else:
-            values[info.name] = pick(p)
-    return P.Params.from_mapping(values)
+    if spec.train is None:  # hpo's own loop: every catalogue value, in catalogue order
+        by_name = {p.name: p for p in spec.space}
+        for info in P.CATALOGUE:
+            p = by_name.get(info.name)
+            if p is None or not P.applies(info, values) or not p.applies(values):
+                values[info.name] = P.DEFAULTS[info.name]
+            elif p.kind == "fixed":
+                values[info.name] = p.value
+            else:
+                values[info.name] = pick(p)
+    for p in spec.space:  # the user's own parameters, in the file's order
+        if p.name in values or not p.applies(values):
+            continue
+        values[p.name] = p.value if p.kind == "fixed" else pick(p)
+    return values

@@ -37,6 +37,8 @@ DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     "csv": (None, ("path", "label", "task", "categorical", "cv_folds"), ("path", "label")),
     "npz": (None, ("path", "task", "cv_folds"), ("path",)),
 }
+# A user's data function (`dataset: module:function`): what hpo needs to know that the data cannot say.
+USER_DATA_OPTIONS = ("task", "cv_folds", "max_resident_mb", "loader_workers")
 OWN_TEST_SPLIT = ("fashion_mnist",)  # these bring a test split; the spec splits only train/val
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -53,6 +55,8 @@ class ParamSpec:
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
+    # Sampled only where every named parameter took one of the listed values (`when:` in the spec).
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     @property
     def tuned(self) -> bool:
@@ -72,16 +76,24 @@ class ParamSpec:
             return tuple(range(int(self.low), int(self.high) + 1))
         return None
 
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        """Whether its `when` conditions hold for the values chosen so far."""
+        return all(name in values and values[name] in allowed for name, allowed in self.when)
+
     def to_dict(self) -> Any:
         if self.kind == "fixed":
             return self.value
+        out: dict[str, Any]
         if self.kind == "categorical":
-            return {"type": "categorical", "choices": list(self.choices)}
-        out: dict[str, Any] = {"type": self.kind, "low": self.low, "high": self.high}
-        if self.log:
-            out["log"] = True
-        if self.step is not None:
-            out["step"] = self.step
+            out = {"type": "categorical", "choices": list(self.choices)}
+        else:
+            out = {"type": self.kind, "low": self.low, "high": self.high}
+            if self.log:
+                out["log"] = True
+            if self.step is not None:
+                out["step"] = self.step
+        if self.when:
+            out["when"] = {name: list(values) for name, values in self.when}
         return out
 
 
@@ -94,7 +106,7 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str
+    dataset: str  # a name above, or the user's `module:function` (hpo.user_data)
     split: SplitSpec = field(default_factory=SplitSpec)
     n_samples: int = 2000
     n_features: int = 20
@@ -106,6 +118,14 @@ class DataSpec:
     categorical: str = "onehot"  # csv: text columns are one-hot encoded, or refused
     cv_folds: int | None = None  # k-fold cross-validation over train + val
     n_train: int | None = None  # fashion_mnist: a stratified subsample of the training set
+    # User data: held on the device while it takes at most this many MiB, else streamed through a
+    # DataLoader (None: a quarter of the GPU's memory, or 2 GiB on a CPU).
+    max_resident_mb: float | None = None
+    loader_workers: int | None = None  # DataLoader worker processes when streamed (None: up to 4)
+
+    @property
+    def is_user(self) -> bool:
+        return ":" in self.dataset
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dataset": self.dataset}
@@ -113,7 +133,7 @@ class DataSpec:
             out["split"] = {"train": self.split.train, "val": self.split.val}
         else:
             out["split"] = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
-        for key in DATASETS[self.dataset][1]:
+        for key in (USER_DATA_OPTIONS if self.is_user else DATASETS[self.dataset][1]):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -160,11 +180,13 @@ class StudySpec:
     name: str
     metric: str
     direction: str
-    data: DataSpec
+    data: DataSpec | None  # None when a `train` function brings its own data
     space: tuple[ParamSpec, ...]
     seed: int = 0
-    model: str = "mlp"
+    model: str = "mlp"  # mlp, cnn, or the user's factory `module:function`
     description: str = ""
+    train: str | None = None  # the user's training function, `module:function` or `file.py:function`
+    test: str | None = None  # the user's test-scoring function, called once on the best trial
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
@@ -173,7 +195,15 @@ class StudySpec:
 
     @property
     def task(self) -> str:
-        return METRICS[self.metric][1]
+        if self.metric in METRICS:
+            return METRICS[self.metric][1]
+        return self.data.task if self.data is not None else "custom"
+
+    @property
+    def builtin_data(self) -> DataSpec:
+        """The data of a study trained by hpo's own loop (every spec without `train`)."""
+        assert self.data is not None, "a study with a train function has no data section"
+        return self.data
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.space if p.name == name), None)
@@ -194,14 +224,21 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, stored in the study so a worker needs no file."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "metric": self.metric,
             "direction": self.direction,
             "seed": self.seed,
-            "model": self.model,
-            "data": self.data.to_dict(),
+        }
+        if self.train is not None:
+            out["train"] = self.train
+        else:
+            out["model"] = self.model
+            out["data"] = self.builtin_data.to_dict()
+        if self.test is not None:
+            out["test"] = self.test
+        return out | {
             "space": {p.name: p.to_dict() for p in self.space},
             "sampler": {"name": self.sampler.name, **self.sampler.kwargs},
             "pruner": {"name": self.pruner.name, **self.pruner.kwargs},

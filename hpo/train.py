@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpo.checkpoints import load_optimizer_by_name, optimizer_by_name
 from hpo.data import Data, Split
+from hpo.endings import Diverged, StudyTimeout, TimeLimit  # noqa: F401  (re-exported)
 from hpo.optim import Schedule, eval_mode, make_optimizer, train_mode
 from hpo.params import Params
 
@@ -30,19 +32,6 @@ class EpochResult:
     train_loss: float
     val: dict[str, float]  # loss, plus accuracy (classification) or mse (regression)
     seconds: float
-
-
-class Diverged(Exception):
-    """The training loss became NaN or infinite."""
-
-
-class TimeLimit(Exception):
-    """The run passed its deadline (budget.trial_timeout)."""
-
-
-class StudyTimeout(Exception):
-    """The study's timeout passed while a trial ran: the trial stops now and is queued to resume
-    from its last checkpoint, so `--timeout` bounds the command's time without losing work."""
 
 
 def metric_value(metric: str, scores: dict[str, float]) -> float:
@@ -144,8 +133,9 @@ class Trainer:
         self.train_losses: list[float] = []
         self.epoch_seconds: list[float] = []
         self.autocast = device.type == "cuda"
-        self.deadline: float | None = None  # time.monotonic() value; checked every batch
-        self.stop_at: float | None = None  # the study's deadline, likewise
+        # Called before every batch with the epoch in flight; raises hpo.endings.Stop to end the
+        # run there (a trial's or the study's time limit: hpo.endings.Deadlines.check).
+        self.check: Callable[[int], None] | None = None
 
     def train_epoch(self) -> float:
         self.model.train()
@@ -155,11 +145,10 @@ class Trainer:
         perm = torch.randperm(n, device=self.device, generator=self.gen)
         total = torch.zeros((), device=self.device)
         seen = 0
+        check = self.check
         for start in self.starts:
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                raise TimeLimit(f"deadline passed in epoch {self.epoch}")
-            if self.stop_at is not None and time.monotonic() > self.stop_at:
-                raise StudyTimeout(f"study timeout in epoch {self.epoch}")
+            if check is not None:
+                check(self.epoch)
             idx = perm[start : start + self.batch_size]
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -180,10 +169,10 @@ class Trainer:
         t0 = time.perf_counter()
         train_loss = self.train_epoch()
         if not math.isfinite(train_loss):
-            raise Diverged(f"train loss is {train_loss} at epoch {self.epoch}")
+            raise Diverged("train_loss", train_loss, self.epoch)
         val = self.evaluate(self.data.val)
         if not math.isfinite(val["loss"]):
-            raise Diverged(f"validation loss is {val['loss']} at epoch {self.epoch}")
+            raise Diverged("val_loss", val["loss"], self.epoch)
         self.schedule.after_epoch(val["loss"])
         seconds = time.perf_counter() - t0
         result = EpochResult(self.epoch, train_loss, val, seconds)
@@ -205,10 +194,11 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The portable training state (hpo.checkpoints): a fused group reads and writes it too."""
         state: dict[str, Any] = {
             "epoch": self.epoch,
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": optimizer_by_name(self.opt, self.model),
             "schedule": self.schedule.state_dict(),
             "generator": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -221,12 +211,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer_by_name(self.opt, self.model, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.gen.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch = int(state["epoch"])
-        self.train_losses = list(state["train_losses"])
-        self.epoch_seconds = list(state["epoch_seconds"])
+        self.train_losses = list(state.get("train_losses", []))
+        self.epoch_seconds = list(state.get("epoch_seconds", []))

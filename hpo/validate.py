@@ -7,6 +7,7 @@ be built with the given options.
 from __future__ import annotations
 
 import difflib
+import re
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 
 from hpo import params as P
 from hpo.errors import SpecError
+from hpo.user_code import absolute_reference, check_reference
 from hpo.spec import (
     DATASETS,
+    USER_DATA_OPTIONS,
     METRICS,
     MODELS,
     NAME_RE,
@@ -31,6 +34,9 @@ from hpo.spec import (
     SplitSpec,
     StudySpec,
 )
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
@@ -107,8 +113,8 @@ class Validator:
             doc,
             "",
             ["name", "description", "metric", "direction", "seed", "model", "data", "space",
-             "sampler", "pruner", "budget", "execution"],
-            required=["name", "data", "space"],
+             "sampler", "pruner", "budget", "execution", "train", "test"],
+            required=["name", "space"],
         )
         name = top["name"]
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -119,23 +125,31 @@ class Validator:
         description = top.get("description", "")
         if not isinstance(description, str):
             raise self.fail("description", "must be text")
-        metric = self.choice(top.get("metric", "val_accuracy"), "metric", METRICS)
-        natural, task = METRICS[metric]
-        direction = top.get("direction", natural)
-        self.choice(direction, "direction", ["maximize", "minimize"])
-        if direction != natural:
-            raise self.fail(
-                "direction", f"{metric} can only be {natural}d; remove direction or set it to {natural}"
-            )
+        train = self.reference(top, "train")
+        test = self.reference(top, "test")
+        metric, direction = self.objective(top, custom=train is not None)
         seed = self.integer(top.get("seed", 0), "seed", minimum=0)
-        model = self.choice(top.get("model", "mlp"), "model", MODELS)
-        data = self.data(top["data"])
-        if data.task != task:
-            hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
-            raise self.fail(
-                "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
-            )
-        space = self.space(top["space"])
+        if train is not None:
+            for key in ("data", "model"):
+                if key in top:
+                    raise self.fail(key, f"does not apply with train: ({train} brings its own {key})")
+            model, data = "mlp", None
+        else:
+            if "data" not in top:
+                raise self.fail("data", "is required (or name your own training function with train:)")
+            model = self.model(top.get("model", "mlp"))
+            data = self.data(top["data"], metric)
+            task = METRICS[metric][1] if metric in METRICS else data.task
+            if data.task != task:
+                hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
+                raise self.fail(
+                    "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
+                )
+            if metric not in METRICS:
+                raise self.fail("metric", f"unknown metric {metric!r} for hpo's own training loop"
+                                          f"{_did_you_mean(metric, METRICS)} (expected one of: {', '.join(METRICS)})")
+        mode = "user" if train is not None else ("factory" if ":" in model else "builtin")
+        space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
         pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": "median"}), "pruner", PRUNERS))
@@ -143,12 +157,46 @@ class Validator:
         spec = StudySpec(
             name=name, description=description, metric=metric, direction=direction, seed=seed,
             model=model, data=data, space=space, sampler=sampler, pruner=pruner, budget=budget,
-            execution=execution, source=self.source,
+            execution=execution, source=self.source, train=train, test=test,
         )
         self.cross_checks(spec)
         if execution.mode == "fused":
             self.check_fusable(spec, "execution.mode")
         return spec
+
+    def reference(self, top: dict[str, Any], key: str) -> str | None:
+        """`module:function` or `file.py:function`; a file is made absolute, relative to the spec."""
+        if key not in top:
+            return None
+        if (problem := check_reference(top[key])) is not None:
+            raise self.fail(key, problem)
+        return absolute_reference(top[key], self.source)
+
+    def objective(self, top: dict[str, Any], custom: bool) -> tuple[str, str]:
+        """The metric and its direction: known metrics bring theirs; a user's metric needs one."""
+        metric = top.get("metric", "val_accuracy")
+        if (isinstance(metric, str) and metric in METRICS) or not custom:
+            metric = self.choice(metric, "metric", METRICS)
+            natural = METRICS[metric][0]
+            direction = top.get("direction", natural)
+            self.choice(direction, "direction", ["maximize", "minimize"])
+            if direction != natural:
+                raise self.fail(
+                    "direction", f"{metric} can only be {natural}d; remove direction or set it to {natural}"
+                )
+            return metric, direction
+        if not isinstance(metric, str) or not _IDENTIFIER.match(metric):
+            raise self.fail("metric", "must be the name of a metric your train function reports, e.g. val_f1")
+        if "direction" not in top:
+            raise self.fail("direction", f"is required for the metric {metric!r} (maximize or minimize)")
+        return metric, self.choice(top["direction"], "direction", ["maximize", "minimize"])
+
+    def model(self, value: Any) -> str:
+        if isinstance(value, str) and ":" in value:
+            if (problem := check_reference(value)) is not None:
+                raise self.fail("model", problem)
+            return absolute_reference(value, self.source)
+        return self.choice(value, "model", MODELS)
 
     def execution(self, value: Any) -> ExecutionSpec:
         raw = self.mapping(value, "execution", ["mode", "group_size", "pad"])
@@ -163,17 +211,23 @@ class Validator:
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
         """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""
+        if spec.train is not None:
+            raise self.fail(where, "fused training runs hpo's own MLP loop; a train function cannot be fused")
         if spec.model != "mlp":
             raise self.fail(where, "fused training supports model: mlp only")
-        if spec.data.cv_folds:
+        if spec.builtin_data.is_user:
+            raise self.fail(where, "fused training does not take user data functions yet")
+        if spec.builtin_data.cv_folds:
             raise self.fail(where, "fused training does not combine with data.cv_folds")
         opt = spec.param("optimizer")
         names = opt.possible_values() if opt else (P.DEFAULTS["optimizer"],)
         if names and "schedulefree_adamw" in names:
             raise self.fail(where, "schedulefree_adamw cannot be fused; drop it from space.optimizer")
 
-    def data(self, value: Any) -> DataSpec:
+    def data(self, value: Any, metric: str = "val_accuracy") -> DataSpec:
         raw = self.mapping(value, "data", ["dataset", "split", *_all_dataset_options()], ["dataset"])
+        if isinstance(raw["dataset"], str) and ":" in raw["dataset"]:
+            return self.user_data(raw, metric)
         dataset = self.choice(raw["dataset"], "data.dataset", DATASETS)
         task, options, required = DATASETS[dataset]
         for key in raw:
@@ -215,6 +269,28 @@ class Validator:
             if smallest < spec.n_classes:
                 raise self.fail("data.n_samples", "too few samples for a stratified split of every class")
         return spec
+
+    def user_data(self, raw: dict[str, Any], metric: str) -> DataSpec:
+        """`dataset: module:function`: the user's Datasets or arrays (hpo.user_data)."""
+        if (problem := check_reference(raw["dataset"])) is not None:
+            raise self.fail("data.dataset", problem)
+        for key in raw:
+            if key not in ("dataset", "split", *USER_DATA_OPTIONS):
+                raise self.fail(f"data.{key}", "is not an option of a data function "
+                                               f"(options: split, {', '.join(USER_DATA_OPTIONS)})")
+        natural = METRICS[metric][1] if metric in METRICS else "classification"
+        kwargs: dict[str, Any] = {
+            "task": self.choice(raw.get("task", natural), "data.task", ["classification", "regression"])}
+        if "cv_folds" in raw:
+            kwargs["cv_folds"] = self.integer(raw["cv_folds"], "data.cv_folds", minimum=2)
+            if kwargs["cv_folds"] > 20:
+                raise self.fail("data.cv_folds", "must be <= 20")
+        if "max_resident_mb" in raw:
+            kwargs["max_resident_mb"] = self.number(raw["max_resident_mb"], "data.max_resident_mb", positive=True)
+        if "loader_workers" in raw:
+            kwargs["loader_workers"] = self.integer(raw["loader_workers"], "data.loader_workers", minimum=0)
+        dataset = absolute_reference(raw["dataset"], self.source)
+        return DataSpec(dataset=dataset, split=self.split(raw.get("split"), dataset), **kwargs)
 
     def split(self, value: Any, dataset: str) -> SplitSpec:
         if value is None:
@@ -267,29 +343,52 @@ class Validator:
                 raise self.fail(f"{path}.{key}", "must be a plain value (number, text, true/false)")
         return name, kwargs
 
-    def space(self, value: Any) -> tuple[ParamSpec, ...]:
+    def space(self, value: Any, mode: str = "builtin") -> tuple[ParamSpec, ...]:
+        """`mode`: builtin (the catalogue only), factory (the catalogue plus any name, for a model
+        factory) or user (any name, none with a built-in meaning, for a train function)."""
         if value is None or value == {}:
             raise self.fail("space", "is empty; give at least one parameter to tune, e.g. lr")
-        raw = self.mapping(value, "space", P.BY_NAME)
-        # Catalogue order, so conditions always refer to parameters already resolved.
-        specs = tuple(self.param(name, raw[name]) for name in P.BY_NAME if name in raw)
+        if mode == "builtin":
+            raw = self.mapping(value, "space", P.BY_NAME)
+        else:
+            raw = self.mapping(value, "space", list(value) if isinstance(value, dict) else [])
+            for key in raw:
+                if not _IDENTIFIER.match(key):
+                    raise self.fail(f"space.{key}", "a parameter name must be a Python identifier")
+        # Catalogue order, so built-in conditions always refer to parameters already resolved;
+        # then the user's own, in the file's order (their `when` may refer to any before them).
+        known = [name for name in P.BY_NAME if name in raw] if mode != "user" else []
+        order = known + [name for name in raw if name not in known]
+        specs: list[ParamSpec] = []
+        for name in order:
+            info = P.BY_NAME.get(name) if mode != "user" else None
+            specs.append(self.param(name, raw[name], info, specs))
         if not any(p.tuned for p in specs):
             raise self.fail("space", "every parameter is fixed; give at least one a range or choices")
-        return specs
+        return tuple(specs)
 
-    def param(self, name: str, value: Any) -> ParamSpec:
-        info = P.BY_NAME[name]
+    def param(self, name: str, value: Any, info: P.ParamInfo | None = None,
+              earlier: list[ParamSpec] | None = None) -> ParamSpec:
         path = f"space.{name}"
         if isinstance(value, list):
             value = {"type": "categorical", "choices": value}
         if not isinstance(value, dict):
-            if problem := P.check_value(info, value):
+            if info is not None and (problem := P.check_value(info, value)):
                 raise self.fail(path, problem)
+            if info is None and not _is_scalar(value):
+                raise self.fail(path, "must be a value, a list of choices or a range")
             return ParamSpec(name, "fixed", value=value)
-        raw = self.mapping(value, path, ["type", "low", "high", "log", "step", "choices"])
+        raw = self.mapping(value, path, ["type", "low", "high", "log", "step", "choices", "when"])
+        when = self.when(raw.get("when"), f"{path}.when", name, earlier or []) if "when" in raw else ()
+        if when and info is not None and info.when is not None:
+            raise self.fail(f"{path}.when", f"{name} already applies only when {info.when[0]} is one of "
+                                            f"{', '.join(map(str, info.when[1]))}")
         kind = raw.get("type")
         if kind is None:
-            kind = "categorical" if "choices" in raw else ("int" if info.kind is int else "float")
+            integer = info.kind is int if info is not None else (
+                isinstance(raw.get("low"), int) and isinstance(raw.get("high"), int) and not raw.get("log")
+                and not isinstance(raw.get("low"), bool))
+            kind = "categorical" if "choices" in raw else ("int" if integer else "float")
         kind = self.choice(kind, f"{path}.type", ["float", "int", "categorical"])
         if kind == "categorical":
             for key in ("low", "high", "log", "step"):
@@ -301,14 +400,16 @@ class Validator:
             if not choices:
                 raise self.fail(f"{path}.choices", "is empty; give at least one value")
             for i, c in enumerate(choices):
-                if problem := P.check_value(info, c):
+                if info is not None and (problem := P.check_value(info, c)):
                     raise self.fail(f"{path}.choices[{i}]", problem)
+                if info is None and not _is_scalar(c):
+                    raise self.fail(f"{path}.choices[{i}]", "must be a plain value (number, text, true/false)")
             if len(set(map(repr, choices))) != len(choices):
                 raise self.fail(f"{path}.choices", "has duplicate values")
-            return ParamSpec(name, "categorical", choices=tuple(choices))
-        if info.kind in (str, bool):
+            return ParamSpec(name, "categorical", choices=tuple(choices), when=when)
+        if info is not None and info.kind in (str, bool):
             raise self.fail(f"{path}.type", f"{name} takes choices, not a {kind} range")
-        if kind == "float" and info.kind is int:
+        if info is not None and kind == "float" and info.kind is int:
             raise self.fail(f"{path}.type", f"{name} is an integer; use type: int")
         if "choices" in raw:
             raise self.fail(f"{path}.choices", f"does not apply to type {kind}")
@@ -328,7 +429,7 @@ class Validator:
         if log and low <= 0:
             raise self.fail(f"{path}.low", "must be > 0 when log is true")
         for key in ("low", "high"):
-            if problem := P.check_value(info, int(raw[key]) if kind == "int" else float(raw[key])):
+            if info is not None and (problem := P.check_value(info, int(raw[key]) if kind == "int" else float(raw[key]))):
                 raise self.fail(f"{path}.{key}", problem)
         step = raw.get("step")
         if step is not None:
@@ -339,14 +440,39 @@ class Validator:
             if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
                 raise self.fail(f"{path}.step", f"{step} does not divide the range {low}..{high}")
         if kind == "int":
-            return ParamSpec(name, "int", low=int(low), high=int(high), log=log, step=step)
-        return ParamSpec(name, "float", low=float(low), high=float(high), log=log, step=step)
+            return ParamSpec(name, "int", low=int(low), high=int(high), log=log, step=step, when=when)
+        return ParamSpec(name, "float", low=float(low), high=float(high), log=log, step=step, when=when)
+
+    def when(self, value: Any, path: str, name: str, earlier: list[ParamSpec]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        """`when: {optimizer: sgd}` or `{optimizer: [sgd, momentum]}`: only parameters listed before
+        this one, and only values they can take."""
+        if not isinstance(value, dict):
+            raise self.fail(path, "must be a mapping, e.g. when: {optimizer: sgd}")
+        names = [p.name for p in earlier]
+        for key in value:
+            if key not in names:
+                raise self.fail(f"{path}.{key}", f"is not a parameter listed before {name} in space "
+                                                 "(conditions refer to earlier parameters)")
+        raw = value
+        if not raw:
+            raise self.fail(path, "is empty; name the parameter and value(s) this one depends on")
+        out = []
+        for ctrl, allowed in raw.items():
+            values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+            if not values or not all(_is_scalar(v) for v in values):
+                raise self.fail(f"{path}.{ctrl}", "must be a value or a list of values")
+            possible = next(p for p in earlier if p.name == ctrl).possible_values()
+            if possible is not None and not any(v in possible for v in values):
+                raise self.fail(f"{path}.{ctrl}", f"{ctrl} never takes {', '.join(map(repr, values))}, "
+                                                  f"so {name} would never be used")
+            out.append((ctrl, values))
+        return tuple(out)
 
     def cross_checks(self, spec: StudySpec) -> None:
         by_name = {p.name: p for p in spec.space}
         for p in spec.space:
-            info = P.BY_NAME[p.name]
-            if info.when is None:
+            info = P.BY_NAME.get(p.name) if spec.train is None else None
+            if info is None or info.when is None:
                 continue
             controller, values = info.when
             ctrl = by_name.get(controller)
@@ -357,7 +483,7 @@ class Validator:
                     f"is never used: it applies only when {controller} is one of "
                     f"{', '.join(map(str, values))}",
                 )
-        if spec.model == "cnn" and spec.data.dataset in ("digits", "synthetic", "diabetes", "csv"):
+        if spec.model == "cnn" and spec.data is not None and spec.data.dataset in ("digits", "synthetic", "diabetes", "csv"):
             raise self.fail("model", f"cnn needs image data; {spec.data.dataset} is tabular (use mlp)")
         if spec.budget.n_trials > 1_000_000:
             raise self.fail("budget.n_trials", "must be <= 1000000")
@@ -370,7 +496,7 @@ class Validator:
 
 
 def _all_dataset_options() -> list[str]:
-    return sorted({o for _, opts, _ in DATASETS.values() for o in opts})
+    return sorted({o for _, opts, _ in DATASETS.values() for o in opts} | set(USER_DATA_OPTIONS))
 
 
 def _kind(value: Any) -> str:

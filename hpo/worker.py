@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -13,13 +14,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.data import DataCache
+from hpo.endings import CheckpointPolicy, Stop
 from hpo.errors import TrialError
-from hpo.objective import Listener, Objective
-from hpo.params import Params
 from hpo.samplers import effective_n_trials
+from hpo.spec import StudySpec
 from hpo.storage import BudgetLock
 from hpo.study import StudyHandle
-from hpo.train import StudyTimeout, configure_device
+from hpo.train import configure_device
+from hpo.trial import Listener, Trial, TrialContext, TrialRunner
 
 
 @dataclass
@@ -38,12 +40,12 @@ class _Tracker(Listener):
         self.inner = inner
         self.current: int | None = None
 
-    def trial_started(self, number: int, params: Params, resumed_epoch: int) -> None:
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
         self.current = number
         self.inner.trial_started(number, params, resumed_epoch)
 
-    def epoch_done(self, number: int, result: Any, value: float) -> None:
-        self.inner.epoch_done(number, result, value)
+    def epoch_done(self, number: int, epoch: int, value: float) -> None:
+        self.inner.epoch_done(number, epoch, value)
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.current = None
@@ -69,11 +71,12 @@ def run_worker(
     study, spec = handle.study, handle.spec
     configure_device(device)
     tracker = _Tracker(listener or Listener())
-    data = data or DataCache(spec.data, spec.seed, device, spec.model)
-    objective = Objective(spec, data, device, handle.artifacts, tracker, checkpoint_interval)
+    train_fn, who = training_function(spec, device, data)
     total = effective_n_trials(spec)
     timeout = timeout if timeout is not None else spec.budget.timeout
     deadline = time.monotonic() + timeout if timeout else None
+    ctx = TrialContext(spec, handle.artifacts, device, tracker, CheckpointPolicy(checkpoint_interval), deadline, who)
+    objective = TrialRunner(ctx, train_fn)
     result = WorkerResult()
 
     def after_trial(s: optuna.Study, t: FrozenTrial) -> None:
@@ -84,7 +87,6 @@ def run_worker(
 
     lock = BudgetLock(study._storage, study._study_id)
     objective.on_start = lock.release
-    objective.stop_at = deadline
     while True:
         if n_trials is not None and result.ran >= n_trials:
             result.stopped = f"ran the {n_trials} trials asked of this worker"
@@ -105,7 +107,9 @@ def run_worker(
             # where a failed trial's memory is handed back).
             callbacks = [after_trial] if listener is not None or device.type == "cuda" else None
             study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=callbacks)
-        except StudyTimeout:
+        except Stop as stop:
+            if not stop.ending.end.requeued:
+                raise
             lock.release()
             _requeue_current(study, tracker, objective, result)
             result.stopped = f"timeout of {timeout:g} s reached"
@@ -127,7 +131,21 @@ def run_worker(
     return result
 
 
-def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: Objective, result: WorkerResult) -> None:
+def training_function(spec: StudySpec, device: torch.device,
+                      data: DataCache | None = None) -> tuple[Callable[[Trial], Any], str]:
+    """The spec's training function and how messages name it: the user's `train`, imported (a
+    one-line error when it cannot be), or hpo's own loop over the spec's model and data."""
+    if spec.train is not None:
+        from hpo.user_code import load
+
+        return load(spec.train, "train"), f"train: {spec.train}"
+    from hpo.builtin import BuiltinTraining
+
+    data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
+    return BuiltinTraining(spec, data), f"model: {spec.model}"
+
+
+def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: TrialRunner, result: WorkerResult) -> None:
     """The trial in flight was stopped from outside (Ctrl-C, the study's timeout): queue its
     retry, which resumes from the trial's last checkpoint."""
     if tracker.current is None:
@@ -135,7 +153,7 @@ def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: Objectiv
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, tracker.current)
     if requeue(study, trial_id) is not None:
         result.interrupted_trial = tracker.current
-        result.resumes_from_epoch = objective.checkpointed_epoch
+        result.resumes_from_epoch = objective.current.checkpointed_epoch if objective.current else 0
     tracker.current = None
 
 

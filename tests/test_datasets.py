@@ -251,7 +251,8 @@ def test_cv_folds_partition_the_development_pool() -> None:
 
 
 def test_cv_reports_the_mean_of_the_folds(write_spec, runner, storage_url) -> None:
-    from hpo.objective import fold_seed, trial_seed
+    from hpo.builtin import fold_seed
+    from hpo.trial import trial_seed
     from hpo.space import resolve
     from hpo.spec import load_spec
 

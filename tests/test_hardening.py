@@ -306,15 +306,15 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     """A progress hook (a user plug-in point) raising mid-trial."""
     import torch
 
-    from hpo.objective import Listener
+    from hpo.trial import Listener
     from hpo.spec import load_spec
     from hpo.storage import open_storage
     from hpo.study import open_for_spec
     from hpo.worker import run_worker
 
     class Flaky(Listener):
-        def epoch_done(self, number, result, value):
-            if number == 1 and result.epoch == 1:
+        def epoch_done(self, number, epoch, value):
+            if number == 1 and epoch == 1:
                 raise ValueError("the hook broke at epoch 1")
 
     spec = load_spec(write_spec(small_spec(budget={"n_trials": 3, "epochs": 3}, pruner={"name": "none"})))

@@ -12,6 +12,7 @@ from hpo.data import DataCache
 from hpo.model import build_model
 from hpo.params import NORMS, OPTIMIZERS, SCHEDULERS, Params
 from hpo.spec import DataSpec
+from hpo.endings import Deadlines
 from hpo.train import Diverged, TimeLimit, Trainer, evaluate
 
 CPU = torch.device("cpu")
@@ -99,7 +100,7 @@ def test_divergence_is_detected(digits: DataCache) -> None:
 
 def test_deadline_stops_inside_an_epoch(digits: DataCache) -> None:
     t = make_trainer(digits, Params(batch_size=16), epochs=50)
-    t.deadline = 0.0  # already passed: the very next batch must stop
+    t.check = Deadlines(trial_limit=1.0, trial_deadline=0.0).check  # passed: the very next batch must stop
     with pytest.raises(TimeLimit):
         t.fit()
     assert t.epoch == 0

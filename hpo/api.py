@@ -1,0 +1,80 @@
+"""`hpo.run()`: a study from Python (a script or a notebook), the same run as `hpo run`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpo.results import Summary, summarize
+
+
+@dataclass(frozen=True)
+class RunResult:
+    summary: Summary  # counts, best trial, its parameters and test score
+    stopped: str  # why the run ended ("study budget of 30 trials reached", ...)
+
+    @property
+    def best_value(self) -> float | None:
+        return self.summary.best_value
+
+    @property
+    def best_params(self) -> dict[str, Any]:
+        return self.summary.best_params
+
+    @property
+    def test(self) -> dict[str, Any] | None:
+        return self.summary.test
+
+
+def run(
+    spec: str | Path | Mapping[str, Any],
+    *,
+    train: Callable[..., Any] | None = None,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    device: str = "auto",
+    artifacts: str | None = None,
+    quiet: bool = False,
+    checkpoint_interval: float = 2.0,
+) -> RunResult:
+    """Create or resume the study in `spec` (a file, or the same keys as a dict) and run it here.
+
+    `train` passes the training function as an object (a notebook's `def train(trial)`); the spec
+    then needs no `train:` key. Workers in other processes import the function by the reference
+    stored in the study, so a function defined in a notebook runs here only.
+    """
+    from hpo.launch import run_here
+    from hpo.spec import load_spec, spec_from_mapping
+    from hpo.storage import Heartbeat, open_storage, resolve_url
+    from hpo.study import choose_device, open_for_spec
+    from hpo.user_code import _cache, load_references
+
+    if isinstance(spec, Mapping):
+        doc = dict(spec)
+        if train is not None:
+            doc.setdefault("train", f"{train.__module__}:{train.__qualname__}")
+        loaded = spec_from_mapping(doc, "<spec>")
+    else:
+        loaded = load_spec(spec)
+        if train is not None and loaded.train is None:
+            raise ValueError("train= needs a spec with train: (or pass the spec as a dict)")
+    if train is not None:
+        assert loaded.train is not None
+        _cache[loaded.train] = train  # this object, not a re-import, runs here
+    if n_trials is not None:
+        loaded = loaded.with_budget(n_trials=n_trials)
+    dev = choose_device(device)
+    load_references(loaded)
+    data = None
+    if loaded.train is None:
+        from hpo.data import DataCache
+
+        data = DataCache(loaded.builtin_data, loaded.seed, dev, loaded.model)
+    url = resolve_url(storage)
+    handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
+    outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
+                       checkpoint_interval=checkpoint_interval)
+    return RunResult(summarize(handle.study), outcome.stopped)

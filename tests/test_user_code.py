@@ -1,0 +1,392 @@
+"""User code through hpo.Trial: a package created outside the repository, its own nn.Module,
+Dataset and DataLoader loop, tuned by `train: module:function`, on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import env_without_storage, invoke, wait_for
+
+# The user's package: a digits classifier with its own Dataset, model and loop. `MODE` (an
+# environment variable) picks a misbehaviour for the ending tests.
+PACKAGE = '''
+import json, os, math
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from sklearn.datasets import load_digits
+
+import hpo
+
+
+class Digits(Dataset):
+    def __init__(self, part):
+        d = load_digits()
+        x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+        y = torch.tensor(d.target, dtype=torch.int64)
+        cut = int(0.8 * len(x))
+        self.x, self.y = (x[:cut], y[:cut]) if part == "train" else (x[cut:], y[cut:])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class Net(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def build(params, input_shape, n_outputs):
+    """A model factory for hpo's own loop."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), params["hidden"]), nn.ReLU(),
+                         nn.Linear(params["hidden"], n_outputs))
+
+
+def evaluate(model, data):
+    model.eval()
+    with torch.no_grad():
+        out = model(data.x)
+        loss = nn.functional.cross_entropy(out, data.y).item()
+        acc = (out.argmax(1) == data.y).float().mean().item()
+    model.train()
+    return acc, loss
+
+
+def train(trial: hpo.Trial):
+    mode = os.environ.get("MODE", "")
+    p = trial.params
+    torch.manual_seed(trial.seed % 2**31)
+    model = Net(p["hidden"]).to(trial.device)
+    if p["optimizer"] == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"])
+    else:
+        assert "momentum" not in p, "momentum applies to sgd only"
+        opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
+    state = trial.load_checkpoint()
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    train_set, val_set = Digits("train"), Digits("val")
+    loader = DataLoader(train_set, batch_size=64, shuffle=True)
+    for epoch in range(trial.start_epoch, trial.epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if mode == "error" and epoch == 1:
+                explode(x)
+            if mode == "oom" and epoch == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        acc, loss = evaluate(model, val_set)
+        if mode == "nan" and epoch == 2:
+            acc = float("nan")
+        if mode == "marker" and epoch >= 2:
+            open(os.environ["MARKER"], "a").close()  # a report of epoch 2 is on its way
+        trial.report(epoch, val_acc=acc, val_loss=loss)
+        trial.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()})
+
+
+def explode(x):
+    raise ValueError(f"bad batch of {len(x)}")
+
+
+def test(trial: hpo.Trial):
+    """Scores the best trial once; leaves a line in TEST_LOG so the test can count the calls."""
+    state = trial.load_checkpoint()
+    model = Net(trial.params["hidden"])
+    model.load_state_dict(state["model"])
+    acc, loss = evaluate(model, Digits("val"))
+    with open(os.environ["TEST_LOG"], "a") as f:
+        f.write(json.dumps({"number": trial.number, "params": trial.params}) + "\\n")
+    return {"test_acc": acc, "test_loss": loss}
+'''
+
+
+@pytest.fixture
+def user_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`userpkg` in a folder outside the repository, importable through PYTHONPATH as a user's
+    package would be (an installed package works the same way)."""
+    root = tmp_path / "site"
+    (root / "userpkg").mkdir(parents=True)
+    (root / "userpkg" / "__init__.py").write_text("")
+    (root / "userpkg" / "digits.py").write_text(PACKAGE)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("TEST_LOG", str(tmp_path / "test_calls.jsonl"))
+    monkeypatch.delenv("MODE", raising=False)
+    for name in [m for m in sys.modules if m.startswith("userpkg")]:
+        monkeypatch.delitem(sys.modules, name)
+    from hpo import user_code
+
+    monkeypatch.setattr(user_code, "_cache", {})  # each test's package is new
+    return root
+
+
+def user_spec(**overrides) -> dict:
+    spec = {
+        "name": "mine",
+        "train": "userpkg.digits:train",
+        "test": "userpkg.digits:test",
+        "metric": "val_acc",
+        "direction": "maximize",
+        "seed": 1,
+        "space": {
+            "hidden": {"type": "int", "low": 8, "high": 64, "log": True},
+            "optimizer": ["sgd", "adam"],
+            "lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+            "momentum": {"type": "float", "low": 0.5, "high": 0.95, "when": {"optimizer": "sgd"}},
+        },
+        "sampler": {"name": "random"},
+        "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+        "budget": {"n_trials": 10, "epochs": 5},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def load(url: str, name: str = "mine") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def test_a_train_function_study_runs_prunes_and_scores_the_best_once(user_pkg, write_spec, runner, storage_url,
+                                                                     tmp_path) -> None:
+    result = invoke(runner, "run", write_spec(user_spec()), "--storage", storage_url)
+    assert result.exit_code == 0, result.output
+    study = load(storage_url)
+    trials = study.trials
+    states = [t.state for t in trials]
+    assert len(trials) == 10 and TrialState.COMPLETE in states and TrialState.PRUNED in states
+    for t in trials:
+        # Custom parameters, sampled only where they apply.
+        assert {"hidden", "optimizer", "lr"} <= set(t.params)
+        assert ("momentum" in t.params) == (t.params["optimizer"] == "sgd")
+        # The curve of the study's metric, and the other metric kept per epoch.
+        epochs = len(t.intermediate_values)
+        assert sorted(t.intermediate_values) == list(range(epochs))
+        assert len(t.user_attrs["val_loss"]) == epochs and len(t.user_attrs["epoch_seconds"]) == epochs
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["reason"].startswith("pruned by the median rule")
+    # The test function ran once, on the best trial, with its final state; its score is shown.
+    calls = [json.loads(line) for line in (tmp_path / "test_calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 1 and calls[0]["number"] == study.best_trial.number
+    assert calls[0]["params"] == study.best_trial.params
+    test = study.user_attrs["test"]
+    assert test["metric"] == "test_acc" and 0.5 < test["value"] <= 1.0
+    assert "Test acc of the best model" in result.stdout
+    best = invoke(runner, "best", "mine", "--storage", storage_url, "--format", "json")
+    assert json.loads(best.stdout)["test"]["value"] == test["value"]
+    # Running again changes nothing and does not score again.
+    assert invoke(runner, "run", write_spec(user_spec()), "--storage", storage_url).exit_code == 0
+    assert len((tmp_path / "test_calls.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "state", "reason"),
+    [
+        ("nan", TrialState.PRUNED, "diverged: val_acc is nan at epoch 2"),
+        ("oom", TrialState.FAIL, "out of memory on cpu (hidden="),
+        ("error", TrialState.FAIL, "ValueError: bad batch of 64"),
+    ],
+)
+def test_user_code_endings(user_pkg, write_spec, runner, storage_url, monkeypatch, mode, state, reason) -> None:
+    monkeypatch.setenv("MODE", mode)
+    spec = user_spec(budget={"n_trials": 2, "epochs": 4}, pruner={"name": "none"})
+    spec.pop("test")
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
+    assert result.exit_code == 0, result.output  # the study goes on
+    for t in load(storage_url).trials:
+        assert t.state == state and t.user_attrs["reason"].startswith(reason), t.user_attrs
+    if mode == "error":  # the user's own frame is in the traceback
+        assert "in explode" in t.user_attrs["traceback"] and "digits.py" in t.user_attrs["traceback"]
+
+
+def test_trial_timeout_and_study_timeout_stop_user_code_at_its_next_report(user_pkg, write_spec, runner,
+                                                                           storage_url) -> None:
+    spec = user_spec(budget={"n_trials": 1, "epochs": 400, "trial_timeout": 0.5}, pruner={"name": "none"})
+    spec.pop("test")
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    (t,) = load(storage_url).trials
+    assert t.state == TrialState.PRUNED and t.user_attrs["reason"].startswith("trial_timeout: stopped after 0.5 s")
+    assert 0 < len(t.intermediate_values) < 400
+
+    spec = user_spec(name="long", budget={"n_trials": 1, "epochs": 400}, pruner={"name": "none"})
+    spec.pop("test")
+    path = write_spec(spec, "long.yaml")
+    result = invoke(runner, "run", path, "--storage", storage_url, "--timeout", "4", "--checkpoint-interval", "0")
+    assert result.exit_code == 0 and "is queued and resumes from epoch" in result.output
+    first = load(storage_url, "long").trials[0]
+    assert first.state == TrialState.FAIL and 1 < len(first.intermediate_values) < 400
+    again = invoke(runner, "run", path, "--storage", storage_url, "--timeout", "2", "--checkpoint-interval", "0")
+    assert again.exit_code == 0
+    retry = load(storage_url, "long").trials[1]
+    assert retry.user_attrs["resumed_from_epoch"] > 0
+    assert sorted(retry.intermediate_values) == list(range(len(retry.intermediate_values)))  # no gap
+
+
+def test_ctrl_c_requeues_a_user_trial_and_the_rerun_resumes_it(user_pkg, write_spec, tmp_path, storage_url) -> None:
+    spec = user_spec(budget={"n_trials": 1, "epochs": 6}, pruner={"name": "none"})
+    spec.pop("test")
+    path = write_spec(spec)
+    env = env_without_storage() | {"MODE": "marker", "MARKER": str(tmp_path / "marker")}
+    cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", storage_url, "--checkpoint-interval", "0"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for(lambda: (tmp_path / "marker").exists() or proc.poll() is not None, "epoch 2")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "is queued and resumes from epoch" in err
+    env.pop("MODE")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = load(storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["resumed_from_epoch"] >= 2
+    assert sorted(trials[1].intermediate_values) == list(range(6))
+
+
+@pytest.mark.postgres
+def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, tmp_path, pg_url) -> None:
+    spec = user_spec(budget={"n_trials": 1, "epochs": 8}, pruner={"name": "none"})
+    spec.pop("test")
+    path = write_spec(spec)
+    env = env_without_storage() | {"MODE": "marker", "MARKER": str(tmp_path / "marker")}
+    cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", pg_url, "--checkpoint-interval", "0",
+           "--heartbeat-interval", "1", "--grace-period", "3", "--artifacts", str(tmp_path / "art")]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    wait_for(lambda: (tmp_path / "marker").exists() or proc.poll() is not None, "epoch 2")
+    wait_for(lambda: len(load(pg_url).trials[0].intermediate_values) >= 3, "epoch 2 in the storage")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    env.pop("MODE")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = load(pg_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    retry = trials[1]
+    assert retry.user_attrs["resumed_from_epoch"] > 0
+    assert sorted(retry.intermediate_values) == list(range(8))  # no gap, no duplicate
+    assert retry.user_attrs["val_loss"] and len(retry.user_attrs["epoch_seconds"]) == 8
+
+
+def test_a_model_factory_study_trains_the_users_module_in_hpos_loop(user_pkg, write_spec, runner,
+                                                                   storage_url) -> None:
+    spec = {
+        "name": "factory",
+        "model": "userpkg.digits:build",
+        "data": {"dataset": "digits"},
+        "space": {"hidden": [16, 32], "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+        "budget": {"n_trials": 3, "epochs": 3},
+    }
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
+    assert result.exit_code == 0, result.output
+    study = load(storage_url, "factory")
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    hidden = study.best_trial.params["hidden"]
+    assert study.best_trial.user_attrs["n_params"] == 64 * hidden + hidden + hidden * 10 + 10
+    assert "Test accuracy of the best model" in result.stdout
+
+
+def test_python_api_runs_a_function_object(user_pkg, storage_url, tmp_path) -> None:
+    import hpo
+    from userpkg.digits import train
+
+    spec = user_spec(budget={"n_trials": 2, "epochs": 2})
+    for key in ("train", "test"):
+        spec.pop(key)
+    result = hpo.run(spec, train=train, storage=storage_url, quiet=True, artifacts=str(tmp_path / "art"))
+    assert result.summary.counts == {"COMPLETE": 2} and result.best_value is not None
+    assert load(storage_url).user_attrs["spec"]["train"] == "userpkg.digits:train"
+
+
+# ---- one line for each mistake, nothing written --------------------------------------------
+
+
+def _bad(user_pkg, write_spec, runner, storage_url, spec: dict, source: str = "", before_run: bool = True) -> str:
+    """The run ends with exit 1 and one `Error:` line, no traceback; a mistake found before the run
+    is the only line printed."""
+    if source:
+        (user_pkg / "userpkg" / "broken.py").write_text(textwrap.dedent(source))
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 or not before_run, result.output
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("train", "source", "message"),
+    [
+        ("nowhere.mod:train", "", "train: cannot import 'nowhere.mod': no module named 'nowhere'"),
+        ("userpkg.digits:missing", "", "train: 'userpkg.digits' has no 'missing'"),
+        ("userpkg.digits:PACKAGE_NAME", "", "train: 'userpkg.digits' has no 'PACKAGE_NAME'"),
+        ("userpkg.broken:train", "x = 1\ndef train(trial):\n    return (\n", "broken.py, line 3"),
+        ("userpkg.broken:train", "train = 3\n", "train: userpkg.broken:train is a int, not a function"),
+        ("userpkg/digits", "", "train: must be module:function or path/to/file.py:function"),
+    ],
+)
+def test_a_train_reference_that_does_not_resolve_is_one_line_and_writes_nothing(
+        user_pkg, write_spec, runner, storage_url, tmp_path, train, source, message) -> None:
+    line = _bad(user_pkg, write_spec, runner, storage_url, user_spec(train=train), source)
+    assert message in line
+    assert not (tmp_path / "hpo.db").exists() or not optuna.get_all_study_summaries(storage_url)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def train(trial):\n    trial.report(0, accuracy=0.5)\n",
+         "report() needs the study's metric 'val_acc' (got accuracy)"),
+        ("def train(trial):\n    trial.report(0, val_acc='high')\n", "report(): val_acc must be a number, not str"),
+        ("def train(trial):\n    trial.report(1, val_acc=0.5)\n    trial.report(1, val_acc=0.6)\n",
+         "report(epoch=1) after epoch 1: each epoch is reported once, in increasing order"),
+        ("def train(trial):\n    trial.report(0, val_acc=0.5)\n    trial.save_checkpoint({'f': open})\n",
+         "save_checkpoint(): state['f'] is a builtins.builtin_function_or_method"),
+        ("def train(trial):\n    return None\n", "finished without reporting 'val_acc'"),
+    ],
+)
+def test_api_misuse_fails_the_trial_and_stops_with_one_line(user_pkg, write_spec, runner, storage_url,
+                                                           source, message) -> None:
+    spec = user_spec(train="userpkg.broken:train", budget={"n_trials": 3, "epochs": 2})
+    spec.pop("test")
+    line = _bad(user_pkg, write_spec, runner, storage_url, spec, source, before_run=False)
+    assert f"train: userpkg.broken:train: {message}" in line
+    (t,) = load(storage_url).trials  # one failed trial says why; no others were started
+    assert t.state == TrialState.FAIL and message in t.user_attrs["reason"]
+
+
+def test_spec_mistakes_with_user_code_are_one_line(user_pkg, write_spec, runner, storage_url) -> None:
+    no_direction = user_spec()
+    no_direction.pop("direction")
+    cases = [
+        (no_direction, "direction: is required for the metric 'val_acc' (maximize or minimize)"),
+        (user_spec(data={"dataset": "digits"}), "data: does not apply with train:"),
+        (user_spec(space={"hidden": {"low": 64, "high": 8}}), "space.hidden.low: must be < high"),
+        (user_spec(space={"opt": ["sgd"], "m": {"low": 0.1, "high": 0.9, "when": {"opt": "adam"}}}),
+         "space.m.when.opt: opt never takes 'adam', so m would never be used"),
+        (user_spec(space={"m": {"low": 0.1, "high": 0.9, "when": {"opt": "adam"}}, "opt": ["adam"]}),
+         "space.m.when.opt: is not a parameter listed before m in space"),
+        (user_spec(execution={"mode": "fused"}), "a train function cannot be fused"),
+    ]
+    for spec, message in cases:
+        assert message in _bad(user_pkg, write_spec, runner, storage_url, spec)
+    assert not Path(storage_url.removeprefix("sqlite:///")).exists()
