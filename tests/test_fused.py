@@ -320,3 +320,95 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
     for t in retried:
         assert t.user_attrs["resumed_from_epoch"] >= 2
         assert sorted(t.intermediate_values) == list(range(6))
+
+
+# ---- one checkpoint format: a trial interrupted in one mode resumes in the other --------------
+
+
+@pytest.mark.parametrize("opt", ["adam", "momentum", "adagrad", "rmsprop"])
+def test_an_unfused_checkpoint_resumes_fused_and_a_fused_one_unfused(digits: DataCache, opt: str) -> None:
+    """Both continue exactly where the other left off: the same curve as an uninterrupted run."""
+    from hpo.checkpoints import Envelope
+    from hpo.fused_study import _member_state, _resume
+
+    p = Params(optimizer=opt, lr=3e-3 if opt != "momentum" else 0.03, width=32, depth=2, scheduler="cosine")
+    straight = unfused_curve(digits, p, 5, epochs=4)
+    data = digits.get(p.scaling)
+
+    # One at a time for 2 epochs -> its checkpoint -> a fused group for the other 2.
+    torch.manual_seed(5)
+    alone = Trainer(build_model("mlp", p, data.input_shape, data.n_outputs), p, data, 4, CPU, 5)
+    alone.run_epoch()
+    alone.run_epoch()
+    envelope = Envelope(2, {"folds": [alone.state_dict()], "params": p.to_dict()})
+    group = FusedGroup(data, CPU)
+    group.add("other", Params(optimizer=opt, lr=1e-3, width=32, depth=2), 9, 4)
+    group.add("me", p, 5, 4)
+    _resume(group, 1, Envelope.from_dict(envelope.to_dict()))
+    fused_rest = []
+    for _ in range(2):
+        group.train_epoch()
+        vals = group.evaluate(group.data.val)
+        group.after_epoch([v["loss"] for v in vals])
+        fused_rest.append(vals[1])
+    assert_same(fused_rest, straight[2:])
+
+    # Fused for 2 epochs -> its checkpoint -> one at a time for the other 2.
+    group = FusedGroup(data, CPU)
+    group.add("me", p, 5, 4)
+    group.add("other", Params(optimizer=opt, lr=1e-3, width=32, depth=2), 9, 4)
+    for _ in range(2):
+        group.train_epoch()
+        group.after_epoch([v["loss"] for v in group.evaluate(group.data.val)])
+    group.members[0].epoch = 2
+    saved = Envelope.from_dict(_member_state(group, 0).to_dict())
+    assert saved is not None and saved.epoch == 2
+    torch.manual_seed(123)  # the fresh model's weights are replaced by the checkpoint's
+    resumed = Trainer(build_model("mlp", p, data.input_shape, data.n_outputs), p, data, 4, CPU, 99)
+    resumed.load_state_dict(saved.state["folds"][0])
+    assert_same([r.val for r in resumed.fit()], straight[2:])
+
+
+@pytest.mark.parametrize("first_fused", [False, True], ids=["one at a time, then fused", "fused, then one at a time"])
+def test_a_study_interrupted_in_one_mode_resumes_in_the_other(write_spec, tmp_path, first_fused: bool) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import env_without_storage, wait_for
+
+    spec = small_spec(
+        name="modes",
+        data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
+        pruner={"name": "none"},
+        budget={"n_trials": 2, "epochs": 6},
+    )
+    url = f"sqlite:///{tmp_path / 'modes.db'}"
+    base = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--checkpoint-interval", "0"]
+    fused, alone = base + ["--fuse", "2"], base
+    proc = subprocess.Popen(fused if first_fused else alone, stderr=subprocess.PIPE, text=True,
+                            env=env_without_storage(), cwd=tmp_path)
+
+    def three_epochs() -> bool:
+        try:
+            ts = optuna.load_study(study_name="modes", storage=url).trials
+        except Exception:
+            return False
+        return bool(ts) and all(len(t.intermediate_values) >= 3 for t in ts) and len(ts) == (2 if first_fused else 1)
+
+    wait_for(three_epochs, "3 reported epochs")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    rerun = subprocess.run(alone if first_fused else fused, capture_output=True, text=True,
+                           env=env_without_storage(), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = optuna.load_study(study_name="modes", storage=url).trials
+    retried = [t for t in trials if t.system_attrs.get("retry_history")]
+    assert retried and len(retried) == (2 if first_fused else 1)
+    for t in retried:
+        assert t.state == TrialState.COMPLETE
+        assert t.user_attrs["resumed_from_epoch"] >= 2, t.user_attrs
+        assert sorted(t.intermediate_values) == list(range(6))
+        assert len(t.user_attrs["train_loss"]) == 6  # the curves before the interruption are kept
