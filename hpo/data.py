@@ -21,6 +21,7 @@ import torch
 from hpo.datasets import Source, load_source
 from hpo.errors import DataError
 from hpo.spec import DataSpec
+from hpo.user_data import Stream, UserData, load_user_data
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,11 @@ class Split:
 
 @dataclass(frozen=True)
 class Data:
-    """One fold, scaled and on the device."""
+    """One fold, scaled and on the device (or, for user data too large for it, streamed)."""
 
-    train: Split
-    val: Split
-    test: Split
+    train: Split | Stream
+    val: Split | Stream
+    test: Split | Stream
     input_shape: tuple[int, ...]
     n_outputs: int
     task: str
@@ -65,6 +66,11 @@ def split(source: Source, spec: DataSpec, seed: int) -> RawData:
     from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
     classify = source.task == "classification"
+    if source.n_train is not None and not spec.cv_folds:  # the user gave train and val apart
+        assert source.x_test is not None and source.y_test is not None
+        n = len(source.x)
+        folds = ((np.arange(source.n_train), np.arange(source.n_train, n)),)
+        return RawData(source.x, source.y, source.x_test, source.y_test, folds, source.n_outputs, source.task)
     try:
         if source.x_test is not None:
             x_dev, y_dev, x_test, y_test = source.x, source.y, source.x_test, source.y_test
@@ -90,6 +96,20 @@ def split(source: Source, spec: DataSpec, seed: int) -> RawData:
 def load_raw(spec: DataSpec, seed: int) -> RawData:
     """Load and split a dataset; nothing is downloaded."""
     return split(load_source(spec, seed), spec, seed)
+
+
+def user_source(data: UserData) -> Source:
+    """A user's resident data as a Source: one set to split, or train (+ val) and test."""
+    assert data.arrays is not None
+    parts = data.arrays
+    if "all" in parts:
+        return Source(*parts["all"], data.task, data.n_outputs)
+    x, y = parts["train"]
+    n_train = None
+    if "val" in parts:
+        n_train = len(x)
+        x, y = np.concatenate([x, parts["val"][0]]), np.concatenate([y, parts["val"][1]])
+    return Source(x, y, data.task, data.n_outputs, parts["test"][0], parts["test"][1], n_train=n_train)
 
 
 def _scaler(x_train: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +155,17 @@ class DataCache:
     """Loads a dataset once per worker and keeps one scaled copy per scaling on the device."""
 
     def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp") -> None:
-        self.raw = load_raw(spec, seed)
+        self.streamed: Data | None = None
+        if spec.is_user:
+            user = load_user_data(spec, device)
+            if user.streams is not None:
+                s = user.streams
+                self.streamed = Data(s["train"], s["val"], s["test"], user.input_shape, user.n_outputs, user.task)
+                self.device = device
+                return
+            self.raw = split(user_source(user), spec, seed)
+        else:
+            self.raw = load_raw(spec, seed)
         if model == "cnn" and len(self.raw.input_shape) != 3:
             raise DataError(
                 f"model: cnn needs images (N x H x W or N x C x H x W), but the data is {self.raw.x_dev.shape}"
@@ -145,9 +175,11 @@ class DataCache:
 
     @property
     def n_folds(self) -> int:
-        return len(self.raw.folds)
+        return 1 if self.streamed is not None else len(self.raw.folds)
 
     def folds(self, scaling: str) -> list[Data]:
+        if self.streamed is not None:
+            return [self.streamed]  # fed as the Dataset returns it: `scaling` applies to resident data
         if scaling not in self._scaled:
             self._scaled[scaling] = [to_device(self.raw, k, scaling, self.device) for k in range(self.n_folds)]
         return self._scaled[scaling]

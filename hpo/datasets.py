@@ -39,6 +39,7 @@ class Source:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     classes: tuple[str, ...] = ()
+    n_train: int | None = None  # the first n_train rows of x are train, the rest val (user data)
 
 
 def load_source(spec: DataSpec, seed: int) -> Source:

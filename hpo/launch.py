@@ -48,8 +48,12 @@ def run_here(
     if spec.execution.mode == "fused":
         grouped = "width and depth padded per trial" if spec.execution.pads(device.type) else "grouped by structure"
         fused = f", fused {spec.execution.group_size} trials at a time ({grouped})"
-    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}, "
-                 f"storage {mask(storage_url)}")
+    streamed = ""
+    if data is not None and data.streamed is not None:
+        s = data.streamed.train
+        streamed = f", data streamed through a DataLoader ({getattr(s, 'workers', 0)} workers)"
+    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}"
+                 f"{streamed}, storage {mask(storage_url)}")
     start = time.monotonic()
     try:
         if spec.execution.mode == "fused":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from hpo.data import Data, Split
 from hpo.endings import Diverged, StudyTimeout, TimeLimit  # noqa: F401  (re-exported)
 from hpo.optim import Schedule, eval_mode, make_optimizer, train_mode
 from hpo.params import Params
+from hpo.user_data import Stream
 
 EVAL_BATCH = 4096  # evaluation needs no gradients, so big batches are cheap and fast
 
@@ -54,15 +55,38 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, split: Split | Stream, device: torch.device) -> torch.Tensor:
     """Float32 outputs for a whole split, computed in large batches."""
+    return outputs_and_labels(model, split, device)[0]
+
+
+@torch.inference_mode()
+def outputs_and_labels(model: nn.Module, split: Split | Stream, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 outputs for a whole split and its labels: slices of a resident split, or the batches
+    of a streamed one."""
     model.eval()
     autocast = device.type == "cuda"
-    outs = []
-    for start in range(0, len(split), EVAL_BATCH):
+    outs, labels = [], []
+    if isinstance(split, Stream):
+        batches: Any = split.batches(EVAL_BATCH, device)
+    else:
+        batches = ((split.x[s : s + EVAL_BATCH], None) for s in range(0, len(split), EVAL_BATCH))
+    for xb, yb in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            outs.append(model(split.x[start : start + EVAL_BATCH]).float())
-    return torch.cat(outs) if outs else torch.zeros((0,), device=device)
+            outs.append(model(_as_input(xb)).float())
+        if yb is not None:
+            labels.append(yb)
+    out = torch.cat(outs) if outs else torch.zeros((0,), device=device)
+    return out, (torch.cat(labels) if isinstance(split, Stream) else split.y)
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_floating_point() else x.float()
+
+
+def _as_target(y: torch.Tensor, task: str) -> torch.Tensor:
+    return y.float() if task == "regression" else y.long()
 
 
 @torch.inference_mode()
@@ -81,22 +105,24 @@ def score(outputs: torch.Tensor, y: torch.Tensor, task: str, probabilities: bool
     return {"loss": values[0] / n, "accuracy": values[1] / n}
 
 
-def evaluate(model: nn.Module, split: Split, task: str, device: torch.device) -> dict[str, float]:
-    return score(predict(model, split, device), split.y, task)
+def evaluate(model: nn.Module, split: Split | Stream, task: str, device: torch.device) -> dict[str, float]:
+    out, y = outputs_and_labels(model, split, device)
+    return score(out, _as_target(y, task), task)
 
 
 def evaluate_ensemble(
-    models: list[nn.Module], splits: list[Split], task: str, device: torch.device
+    models: list[nn.Module], splits: list[Split | Stream], task: str, device: torch.device
 ) -> dict[str, float]:
     """Score the mean prediction of several models (the k fold models of a cross-validated
     trial); each model sees the split scaled with its own fold's statistics."""
     if len(models) == 1:
         return evaluate(models[0], splits[0], task, device)
-    outs = [predict(m, s, device) for m, s in zip(models, splits)]
+    pairs = [outputs_and_labels(m, s, device) for m, s in zip(models, splits)]
+    outs, y = [o for o, _ in pairs], _as_target(pairs[0][1], task)
     if task == "regression":
-        return score(torch.stack(outs).mean(0), splits[0].y, task)
+        return score(torch.stack(outs).mean(0), y, task)
     probs = torch.stack([o.softmax(-1) for o in outs]).mean(0)
-    return score(probs, splits[0].y, task, probabilities=True)
+    return score(probs, y, task, probabilities=True)
 
 
 class Trainer:
@@ -129,6 +155,8 @@ class Trainer:
         self.schedule = Schedule(params, self.opt, epochs, len(self.starts))
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed)
+        # A streamed train split is shuffled by its DataLoader, which draws on a CPU generator.
+        self.loader_gen = self.gen if device.type == "cpu" else torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs completed
         self.train_losses: list[float] = []
         self.epoch_seconds: list[float] = []
@@ -140,28 +168,38 @@ class Trainer:
     def train_epoch(self) -> float:
         self.model.train()
         train_mode(self.opt)
-        x, y = self.data.train.x, self.data.train.y
-        n = x.shape[0]
-        perm = torch.randperm(n, device=self.device, generator=self.gen)
         total = torch.zeros((), device=self.device)
         seen = 0
         check = self.check
-        for start in self.starts:
+        for xb, yb in self._batches():
             if check is not None:
                 check(self.epoch)
-            idx = perm[start : start + self.batch_size]
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = _loss(self.task, self.step_model(xb), yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             self.schedule.after_batch()
-            total.add_(loss.detach(), alpha=idx.numel())  # one kernel, no host sync
-            seen += idx.numel()
+            total.add_(loss.detach(), alpha=yb.shape[0])  # one kernel, no host sync
+            seen += yb.shape[0]
         return float(total) / max(1, seen)  # the epoch's only host sync
 
-    def evaluate(self, split: Split) -> dict[str, float]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Index slices of the resident train split in a fresh order, or a streamed split's batches."""
+        train = self.data.train
+        if isinstance(train, Stream):
+            one_left = len(train) % self.batch_size == 1 and len(train) > 1  # as `starts` skips it
+            for xb, yb in train.batches(self.batch_size, self.device, shuffle=True, generator=self.loader_gen,
+                                        drop_last=one_left):
+                yield _as_input(xb), _as_target(yb, self.task)
+            return
+        x, y = train.x, train.y
+        perm = torch.randperm(x.shape[0], device=self.device, generator=self.gen)
+        for start in self.starts:
+            idx = perm[start : start + self.batch_size]
+            yield x.index_select(0, idx), y.index_select(0, idx)
+
+    def evaluate(self, split: Split | Stream) -> dict[str, float]:
         eval_mode(self.opt)
         return evaluate(self.model, split, self.task, self.device)
 

@@ -108,6 +108,37 @@ def explode(x):
     raise ValueError(f"bad batch of {len(x)}")
 
 
+class Blobs(Dataset):
+    """Generated data: three Gaussian blobs in 16 dimensions."""
+
+    classes = [0, 1, 2]
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        centers = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * 2
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = centers[self.y] + torch.randn(n, 16, generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def blobs():
+    return {"train": Blobs(1200, 1), "val": Blobs(300, 2), "test": Blobs(300, 3)}
+
+
+def blob_arrays():
+    d = Blobs(1800, 4)
+    return d.x.numpy(), d.y.numpy()
+
+
+def not_data():
+    return 42
+
+
 def test(trial: hpo.Trial):
     """Scores the best trial once; leaves a line in TEST_LOG so the test can count the calls."""
     state = trial.load_checkpoint()
@@ -303,6 +334,39 @@ def test_a_model_factory_study_trains_the_users_module_in_hpos_loop(user_pkg, wr
     hidden = study.best_trial.params["hidden"]
     assert study.best_trial.user_attrs["n_params"] == 64 * hidden + hidden + hidden * 10 + 10
     assert "Test accuracy of the best model" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("data", "streamed"),
+    [
+        ({"dataset": "userpkg.digits:blobs"}, False),
+        ({"dataset": "userpkg.digits:blobs", "max_resident_mb": 0.01, "loader_workers": 0}, True),
+        ({"dataset": "userpkg.digits:blob_arrays", "split": {"train": 0.6, "val": 0.2, "test": 0.2}}, False),
+    ],
+    ids=["datasets, resident", "datasets, streamed", "arrays, split by hpo"],
+)
+def test_user_data_trains_in_hpos_loop(user_pkg, write_spec, runner, storage_url, data, streamed) -> None:
+    spec = {
+        "name": "blobs",
+        "data": data,
+        "space": {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}, "width": 32, "depth": 1,
+                  "scaling": "none"},
+        "pruner": {"name": "none"},
+        "budget": {"n_trials": 2, "epochs": 3},
+    }
+    result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
+    assert result.exit_code == 0, result.output
+    study = load(storage_url, "blobs")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert study.best_value > 0.8 and study.user_attrs["test"]["value"] > 0.8
+    assert study.best_trial.user_attrs["n_params"] == 16 * 32 + 32 + 32 * 3 + 3
+    assert ("data streamed through a DataLoader" in result.output) == streamed
+
+
+def test_data_function_mistakes_are_one_line(user_pkg, write_spec, runner, storage_url) -> None:
+    spec = {"name": "bad", "data": {"dataset": "userpkg.digits:not_data"}, "space": {"lr": [0.1, 0.01]}}
+    line = _bad(user_pkg, write_spec, runner, storage_url, spec)
+    assert "data.dataset: userpkg.digits:not_data returned a int for the returned set" in line
 
 
 def test_python_api_runs_a_function_object(user_pkg, storage_url, tmp_path) -> None:
