@@ -59,6 +59,8 @@ def absolute_reference(text: str, spec_file: str) -> str:
 
 
 _cache: dict[str, Callable[..., Any]] = {}
+# Folders put on sys.path for a study file's modules; local worker processes get them on PYTHONPATH.
+ADDED_PATHS: list[str] = []
 
 
 def load(reference: str, key: str) -> Callable[..., Any]:
@@ -122,7 +124,17 @@ def _where(e: BaseException) -> str:
 
 def load_references(spec: Any) -> None:
     """Import every piece of user code a spec names, so a missing module or a typo is one line
-    before anything runs or is written (a worker that cannot import them takes no trial)."""
+    before anything runs or is written (a worker that cannot import them takes no trial).
+
+    A module beside the study file is found as if run from there (the file's folder goes on
+    sys.path, as a script's does); a worker joining from the stored spec finds it installed or on
+    PYTHONPATH."""
+    source = Path(getattr(spec, "source", ""))
+    if source.suffix in (".yaml", ".yml") and source.is_file():
+        folder = str(source.resolve().parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
+            ADDED_PATHS.append(folder)
     for key, ref in (("train", spec.train), ("test", spec.test), ("model", spec.model),
                      ("data.dataset", spec.data.dataset if spec.data is not None else None)):
         if ref is not None and ":" in ref:

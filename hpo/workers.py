@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from hpo.errors import HpoError
 from hpo.storage import ENV_STORAGE
+from hpo.user_code import ADDED_PATHS
 
 STOP_GRACE = 60.0  # seconds a worker gets to requeue its trial after SIGINT before SIGKILL
 
@@ -78,6 +79,8 @@ def launch(
         env = dict(os.environ)
         env.update(p.env)
         env[ENV_STORAGE] = storage_url  # not on the command line, where `ps` would show a password
+        if ADDED_PATHS:  # modules beside the study file: the workers import them too
+            env["PYTHONPATH"] = os.pathsep.join([*ADDED_PATHS, *filter(None, [env.get("PYTHONPATH")])])
         cmd = [
             sys.executable, "-m", "hpo", "worker", study, "--artifacts", artifacts,
             "--device", p.device, "--threads", str(p.threads), "--quiet", *(extra or []),
