@@ -454,3 +454,17 @@ def test_spec_mistakes_with_user_code_are_one_line(user_pkg, write_spec, runner,
     for spec, message in cases:
         assert message in _bad(user_pkg, write_spec, runner, storage_url, spec)
     assert not Path(storage_url.removeprefix("sqlite:///")).exists()
+
+
+def test_a_worker_that_cannot_import_the_function_says_so_and_takes_no_trial(user_pkg, write_spec, runner,
+                                                                             storage_url, tmp_path) -> None:
+    assert invoke(runner, "create", write_spec(user_spec()), "--storage", storage_url).exit_code == 0
+    env = env_without_storage()
+    env.pop("PYTHONPATH", None)  # a machine without the user's package
+    done = subprocess.run([sys.executable, "-m", "hpo", "worker", "mine", "--storage", storage_url],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "Error: train: cannot import 'userpkg.digits': no module named 'userpkg' "
+        "(install the package, or add its folder to PYTHONPATH)"]
+    assert load(storage_url).trials == []
