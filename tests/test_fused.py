@@ -277,6 +277,17 @@ def test_what_cannot_be_fused_is_refused(write_spec, override, message) -> None:
         load_spec(write_spec(doc))
 
 
+def _six_epochs(name: str, n_trials: int) -> dict:
+    """A study whose trials share one structure and take long enough to interrupt mid-trial."""
+    return small_spec(
+        name=name,
+        data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
+        pruner={"name": "none"},
+        budget={"n_trials": n_trials, "epochs": 6},
+    )
+
+
 def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path) -> None:
     import signal
     import subprocess
@@ -284,13 +295,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
 
     from tests.conftest import env_without_storage, wait_for
 
-    spec = small_spec(
-        name="fusedint",
-        data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
-        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
-        pruner={"name": "none"},
-        budget={"n_trials": 3, "epochs": 6},
-    )
+    spec = _six_epochs("fusedint", n_trials=3)
     url = f"sqlite:///{tmp_path / 'fi.db'}"
     cmd = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--fuse", "3",
            "--checkpoint-interval", "0"]
@@ -377,13 +382,7 @@ def test_a_study_interrupted_in_one_mode_resumes_in_the_other(write_spec, tmp_pa
 
     from tests.conftest import env_without_storage, wait_for
 
-    spec = small_spec(
-        name="modes",
-        data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
-        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
-        pruner={"name": "none"},
-        budget={"n_trials": 2, "epochs": 6},
-    )
+    spec = _six_epochs("modes", n_trials=2)
     url = f"sqlite:///{tmp_path / 'modes.db'}"
     base = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--checkpoint-interval", "0"]
     fused, alone = base + ["--fuse", "2"], base

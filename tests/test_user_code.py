@@ -139,6 +139,10 @@ def not_data():
     return 42
 
 
+def not_a_module(params, input_shape, n_outputs):
+    return [input_shape]
+
+
 def test(trial: hpo.Trial):
     """Scores the best trial once; leaves a line in TEST_LOG so the test can count the calls."""
     state = trial.load_checkpoint()
@@ -361,6 +365,13 @@ def test_user_data_trains_in_hpos_loop(user_pkg, write_spec, runner, storage_url
     assert study.best_value > 0.8 and study.user_attrs["test"]["value"] > 0.8
     assert study.best_trial.user_attrs["n_params"] == 16 * 32 + 32 + 32 * 3 + 3
     assert ("data streamed through a DataLoader" in result.output) == streamed
+
+
+def test_a_factory_that_returns_no_module_stops_with_one_line(user_pkg, write_spec, runner, storage_url) -> None:
+    spec = {"name": "bad", "model": "userpkg.digits:not_a_module", "data": {"dataset": "digits"},
+            "space": {"lr": [0.1, 0.01]}}
+    line = _bad(user_pkg, write_spec, runner, storage_url, spec, before_run=False)
+    assert line == "Error: model: userpkg.digits:not_a_module returned a list, not a torch.nn.Module"
 
 
 def test_data_function_mistakes_are_one_line(user_pkg, write_spec, runner, storage_url) -> None:
