@@ -479,3 +479,25 @@ def test_a_worker_that_cannot_import_the_function_says_so_and_takes_no_trial(use
         "Error: train: cannot import 'userpkg.digits': no module named 'userpkg' "
         "(install the package, or add its folder to PYTHONPATH)"]
     assert load(storage_url).trials == []
+
+
+def test_the_dashboard_shows_a_user_studys_curves_metrics_and_params(user_pkg, write_spec, runner, storage_url,
+                                                                     tmp_path) -> None:
+    from tests.test_dashboard import Dashboard
+
+    spec = user_spec(budget={"n_trials": 4, "epochs": 3})
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    dash = Dashboard(storage_url, tmp_path)
+    try:
+        study_id = dash.get("/api/studies")["study_summaries"][0]["study_id"]
+        detail = dash.get(f"/api/studies/{study_id}")
+    finally:
+        dash.close()
+    assert detail["objective_names"] == ["val_acc"]  # the dashboard labels its plots with the metric
+    for shown, t in zip(sorted(detail["trials"], key=lambda d: d["number"]), load(storage_url).trials):
+        assert [v["value"] for v in shown["intermediate_values"]] == [t.intermediate_values[e] for e in
+                                                                      sorted(t.intermediate_values)]
+        attrs = {a["key"]: a["value"] for a in shown["user_attrs"]}
+        assert attrs["val_loss"] == str(t.user_attrs["val_loss"]) and len(t.user_attrs["val_loss"]) == len(
+            t.intermediate_values)  # the other metric, per epoch, on the trial's page
+        assert {p["name"] for p in shown["params"]} == set(t.params) and "hidden" in set(t.params)
