@@ -7,6 +7,8 @@ COPY pyproject.toml README.md ./
 COPY hpo ./hpo
 COPY studies ./studies
 RUN pip install --no-cache-dir '.[postgres]'
+# Your own training code (train:, model:, data: in a study) must be importable in the workers:
+# install it here too, e.g. COPY mypkg ./mypkg and RUN pip install --no-cache-dir ./mypkg
 
 # Checkpoints and models: a volume shared by every worker and the dashboard.
 ENV HPO_ARTIFACTS=/artifacts PYTHONUNBUFFERED=1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -124,24 +125,49 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
 
 
 def delete_study(study: optuna.Study) -> int:
-    """Delete a study and the files it put in its artifact store; returns files removed."""
+    """Delete a study and the files it put in its artifact store; returns files removed.
+
+    Everything read from the study is untrusted (anyone who can write the database can write it):
+    only names hpo itself creates (Optuna's uuid artifact ids, this study's `<uid>-trialN-a.ckpt`)
+    are removed, only as regular files directly inside the recorded artifact folder, never through
+    a link."""
     from optuna.artifacts import get_all_artifact_meta
 
     system = system_attrs(study)
     removed = 0
-    if (folder := system.get(ARTIFACTS_ATTR)) and Path(folder).is_dir():
-        ids = {m.artifact_id for m in get_all_artifact_meta(study)}
+    folder = system.get(ARTIFACTS_ATTR)
+    if isinstance(folder, str) and Path(folder).is_dir():
+        base = Path(folder).resolve()
+        names = {m.artifact_id for m in get_all_artifact_meta(study)}
         for t in study.get_trials(deepcopy=False):
-            ids.update(m.artifact_id for m in get_all_artifact_meta(t, storage=study._storage))
-        paths = [Path(folder) / i for i in ids]
-        if uid := system.get(UID_ATTR):
-            paths += list(Path(folder).glob(f"{uid}-trial*.ckpt"))
-        for path in paths:
-            if path.is_file():
+            names.update(m.artifact_id for m in get_all_artifact_meta(t, storage=study._storage))
+        uid = system.get(UID_ATTR)
+        if isinstance(uid, str) and _UID_RE.match(uid):
+            names.update(p.name for p in base.glob(f"{uid}-trial*.ckpt"))
+        for name in names:
+            if (path := _own_file(base, name, uid)) is not None:
                 path.unlink()
                 removed += 1
     optuna.delete_study(study_name=study.study_name, storage=study._storage)
     return removed
+
+
+_UID_RE = re.compile(r"^[0-9a-f]{12}$")
+_ARTIFACT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _own_file(base: Path, name: Any, uid: Any) -> Path | None:
+    """`base/name` when `name` is a file hpo made there: an artifact id or one of this study's
+    checkpoint slots, a regular file (not a link), directly inside `base`."""
+    if not isinstance(name, str):
+        return None
+    ckpt = isinstance(uid, str) and re.fullmatch(rf"{re.escape(uid)}-trial\d+-[ab]\.ckpt", name)
+    if not (_ARTIFACT_RE.match(name) or ckpt):
+        return None
+    path = base / name
+    if path.is_symlink() or not path.is_file() or path.resolve().parent != base:
+        return None
+    return path
 
 
 @dataclass(frozen=True)

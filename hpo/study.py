@@ -7,6 +7,7 @@ describes the same search (the budget may grow).
 
 from __future__ import annotations
 
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) 
     if uid is None:
         uid = uuid.uuid4().hex[:12]
         study._storage.set_study_system_attr(study._study_id, UID_ATTR, uid)
+    elif not (isinstance(uid, str) and re.fullmatch(r"[0-9a-f]{12}", uid)):
+        # It names checkpoint files: a crafted value must not steer writes outside the store.
+        raise StorageError(f"study {study.study_name!r} has an invalid {UID_ATTR} ({str(uid)[:40]!r}); "
+                           "its database was edited by something other than hpo")
     return Artifacts(store, uid, path)
 
 

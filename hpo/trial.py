@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import torch
@@ -309,7 +309,7 @@ class TrialRunner:
             reason = str(e) if isinstance(e, TrialPruned) else f"pruned by {ctx.who}: {e}".rstrip(": ")
             self._end(trial, Ending(End.PRUNED, reason))
         except UserCodeError as e:
-            self._end(trial, Ending(End.ERROR, str(e)), raise_=False)
+            self._record_end(trial, Ending(End.ERROR, str(e)))
             raise  # a mistake in the code, not in these parameters: every trial would fail the same way
         except Exception as e:
             if _is_storage_error(e):
@@ -332,15 +332,17 @@ class TrialRunner:
         self.ctx.artifacts.remove_checkpoint(trial.number)
         self.current = None
 
-    def _end(self, trial: Trial, ending: Ending, raise_: bool = True) -> None:
-        """Record why the trial ended and raise what makes Optuna give it the ending's state."""
+    def _record_end(self, trial: Trial, ending: Ending) -> None:
+        """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
         set_user_attrs(trial._trial, trial._attributes(None if ending.end.requeued else ending.reason))
         if not ending.end.keeps_checkpoint:
             self.ctx.artifacts.remove_checkpoint(trial.number)
             self.current = None
-        if not raise_:
-            return
+
+    def _end(self, trial: Trial, ending: Ending) -> NoReturn:
+        """Record why the trial ended and raise what makes Optuna give it the ending's state."""
+        self._record_end(trial, ending)
         if ending.end.requeued:
             raise Stop(ending)  # the worker queues the trial to resume from its checkpoint
         if ending.end.state == optuna.trial.TrialState.PRUNED:

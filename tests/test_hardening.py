@@ -346,3 +346,60 @@ def test_failed_trials_count_against_the_budget(write_spec, runner, storage_url,
     assert states == [TrialState.FAIL] * 3
     assert "No trial has completed yet." in result.stdout
     shutil.rmtree(tmp_path / "art")
+
+
+# ---- a crafted study database (issue 21): data read from a study is never trusted ---------------
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "folder", "uid glob"])
+def test_delete_removes_only_files_hpo_made_inside_the_artifact_store(write_spec, runner, storage_url, tmp_path,
+                                                                     where) -> None:
+    """Rows written through Optuna's own storage API name a file outside the store (or another
+    study's checkpoints): `hpo delete` leaves it alone and deletes the study's own files."""
+    import json
+
+    from hpo.study import ARTIFACTS_ATTR, UID_ATTR
+    from hpo.storage import open_storage
+
+    art = tmp_path / "art"
+    assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 2, "epochs": 2})), "--storage",
+                  storage_url, "--artifacts", art).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    other = art / "0123456789ab-trial0-a.ckpt"  # another study's checkpoint in the same store
+    other.write_bytes(b"checkpoint")
+    storage = open_storage(storage_url)
+    study_id = storage.get_study_id_from_name("small")
+    ours = sorted(p.name for p in art.iterdir() if p != other)
+    assert ours  # the study's own model files
+    crafted = {"absolute": str(victim), "dotdot": f"../{victim.name}"}
+    if where in crafted:
+        meta = {"artifact_id": crafted[where], "filename": "x", "mimetype": "text/plain", "encoding": None}
+        storage.set_study_system_attr(study_id, "artifacts:x", json.dumps(meta))
+    elif where == "folder":  # the store itself pointed at the victim's folder, with its name as an id
+        storage.set_study_system_attr(study_id, ARTIFACTS_ATTR, str(tmp_path))
+        meta = {"artifact_id": victim.name, "filename": "x", "mimetype": "text/plain", "encoding": None}
+        storage.set_study_system_attr(study_id, "artifacts:x", json.dumps(meta))
+    else:
+        storage.set_study_system_attr(study_id, UID_ATTR, "*")
+    result = invoke(runner, "delete", "small", "--storage", storage_url, "--yes")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "precious" and other.exists()
+    if where != "folder":
+        assert sorted(p.name for p in art.iterdir()) == [other.name]  # its own files are gone
+
+
+def test_a_crafted_checkpoint_id_is_refused_before_any_write(write_spec, runner, storage_url, tmp_path) -> None:
+    from hpo.study import UID_ATTR
+    from hpo.storage import open_storage
+
+    path = write_spec(small_spec(budget={"n_trials": 1, "epochs": 1}))
+    assert invoke(runner, "create", path, "--storage", storage_url).exit_code == 0
+    storage = open_storage(storage_url)
+    storage.set_study_system_attr(storage.get_study_id_from_name("small"), UID_ATTR, "../../escape")
+    result = invoke(runner, "run", path, "--storage", storage_url, "--n-trials", "2")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: study 'small' has an invalid hpo:uid ('../../escape'); its database was edited by something "
+        "other than hpo")
+    assert not list(tmp_path.parent.glob("escape*"))
