@@ -92,6 +92,9 @@ class Progress(Listener):
             line += f"  ({reason[:120]})"
         self._write(line, final=True)
 
+    def note(self, text: str) -> None:
+        self.say(text)
+
     def close(self) -> None:
         if self.tty and not self.quiet:
             self.out.write("\n")

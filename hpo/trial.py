@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 
 from hpo.artifacts import Artifacts
 from hpo.checkpoints import Envelope, unsafe_part
@@ -47,6 +48,9 @@ class Listener:
     def epoch_done(self, number: int, epoch: int, value: float) -> None: ...
 
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None: ...
+
+    def note(self, text: str) -> None:
+        """A line worth telling the person (a trial taken over, a wait)."""
 
 
 @dataclass
@@ -290,8 +294,20 @@ class TrialRunner:
     # releases its budget lock here).
     on_start: Callable[[], None] = lambda: None
     current: Trial | None = None
+    # Set when the trial in flight was finished by another worker while this one was stopped
+    # (frozen past the grace period, cut off): its number, for the worker to drop it and go on.
+    taken_over: int | None = None
 
     def __call__(self, ot: optuna.Trial) -> float:
+        try:
+            return self._run(ot)
+        except UpdateFinishedTrialError:
+            # Another worker failed this trial as stale and queued its retry: nothing more may be
+            # written to it. Optuna's tell() then refuses too; the worker drops it and goes on.
+            self.taken_over, self.current = ot.number, None
+            raise
+
+    def _run(self, ot: optuna.Trial) -> float:
         self.on_start()
         ctx = self.ctx
         number = original_number(ot)  # before sample(), which fills ot.params
@@ -308,6 +324,8 @@ class TrialRunner:
         except optuna.TrialPruned as e:
             reason = str(e) if isinstance(e, TrialPruned) else f"pruned by {ctx.who}: {e}".rstrip(": ")
             self._end(trial, Ending(End.PRUNED, reason))
+        except UpdateFinishedTrialError:
+            raise
         except UserCodeError as e:
             self._record_end(trial, Ending(End.ERROR, str(e)))
             raise  # a mistake in the code, not in these parameters: every trial would fail the same way

@@ -51,6 +51,9 @@ class _Tracker(Listener):
         self.current = None
         self.inner.trial_finished(study, trial)
 
+    def note(self, text: str) -> None:
+        self.inner.note(text)
+
 
 def run_worker(
     handle: StudyHandle,
@@ -122,6 +125,11 @@ def run_worker(
             _requeue_current(study, tracker, objective, result)
             raise Interrupted(result) from None
         except Exception as e:
+            if objective.taken_over is not None:
+                tracker.note(f"trial {objective.taken_over} was taken over by another worker while this one "
+                             "was stopped (past the grace period); dropped it, going on")
+                objective.taken_over = tracker.current = None
+                continue
             if not is_budget_spent(e):  # a gRPC proxy refused the trial: another worker took the last
                 raise
             continue  # the budget check above now says why this worker stops

@@ -324,3 +324,34 @@ def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
         session.execute(text("SELECT 1"))
     assert [s.study_name for s in backend.get_all_studies()] == ["heal"]
     assert backend.get_study_id_from_name("heal") >= 0
+
+
+def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on(pg_url, write_spec, runner,
+                                                                               tmp_path) -> None:
+    """SIGSTOP past the grace period (a VM pause, a partition), a rescuer retries the trial, SIGCONT:
+    the woken worker says so in one line and carries on; the study completes exactly."""
+    spec = dict(
+        FAST, name="frozen",
+        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
+        budget={"n_trials": 3, "epochs": 8},
+    )
+    create(runner, write_spec, pg_url, spec, tmp_path)
+    env = env_for(pg_url, tmp_path / "artifacts")
+    hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
+    sleeper = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "frozen", "--threads", "1", *hb],
+                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    study = optuna.load_study(study_name="frozen", storage=pg_url)
+    wait_for(lambda: any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2
+                         for t in study.get_trials(deepcopy=False)), "the sleeper's trial to report 2 epochs")
+    sleeper.send_signal(signal.SIGSTOP)
+    rescuer = subprocess.Popen(worker_cmd("frozen", *hb), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: study.get_trials(deepcopy=False)[0].state == TrialState.FAIL, "the rescuer to fail trial 0")
+    sleeper.send_signal(signal.SIGCONT)
+    _, err = sleeper.communicate(timeout=600)
+    _, rescuer_err = rescuer.communicate(timeout=600)
+    assert sleeper.returncode == 0 and rescuer.returncode == 0, err + rescuer_err
+    assert "trial 0 was taken over by another worker while this one was stopped" in err
+    assert "Traceback" not in err
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert TrialState.RUNNING not in states and states.count(TrialState.COMPLETE) == 3
