@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.endings import CheckpointPolicy, Stop
-from hpo.errors import TrialError
+from hpo.errors import StorageError, TrialError
 from hpo.samplers import effective_n_trials
 from hpo.spec import StudySpec
 from hpo.storage import BudgetLock
@@ -90,53 +90,68 @@ def run_worker(
 
     lock = BudgetLock(study._storage, study._study_id)
     objective.on_start = lock.release
-    while True:
-        if n_trials is not None and result.ran >= n_trials:
-            result.stopped = f"ran the {n_trials} trials asked of this worker"
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            result.stopped = f"timeout of {timeout:g} s reached"
-            break
-        lock.acquire()  # held until the next trial exists, so workers never overshoot
-        status = budget_status(study, total)
-        if status.remaining <= 0 and status.waiting == 0:
-            lock.release()
-            if wait_for_others and wait_for_running(study):
-                continue
-            result.stopped = f"study budget of {total} trials reached"
-            break
-        try:
-            # The callback costs a storage read per trial: only when someone listens (or on a GPU,
-            # where a failed trial's memory is handed back).
-            callbacks = [after_trial] if listener is not None or device.type == "cuda" else None
-            study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=callbacks)
-        except Stop as stop:
-            if not stop.ending.end.requeued:
-                raise
-            lock.release()
-            _requeue_current(study, tracker, objective, result)
-            result.stopped = f"timeout of {timeout:g} s reached"
-            if result.interrupted_trial is not None:
-                result.stopped += (f"; trial {result.interrupted_trial} is queued and resumes from epoch "
-                                   f"{result.resumes_from_epoch} on the next run")
-            break
-        except KeyboardInterrupt:
-            lock.release()  # before the storage writes below
-            _requeue_current(study, tracker, objective, result)
-            raise Interrupted(result) from None
-        except Exception as e:
-            if objective.taken_over is not None:
-                tracker.note(f"trial {objective.taken_over} was taken over by another worker while this one "
-                             "was stopped (past the grace period); dropped it, going on")
-                objective.taken_over = tracker.current = None
-                continue
-            if not is_budget_spent(e):  # a gRPC proxy refused the trial: another worker took the last
-                raise
-            continue  # the budget check above now says why this worker stops
-        finally:
-            lock.release()
-        result.ran += 1
+    try:
+        while True:
+            if n_trials is not None and result.ran >= n_trials:
+                result.stopped = f"ran the {n_trials} trials asked of this worker"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                result.stopped = f"timeout of {timeout:g} s reached"
+                break
+            lock.acquire()  # held until the next trial exists, so workers never overshoot
+            status = budget_status(study, total)
+            if status.remaining <= 0 and status.waiting == 0:
+                lock.release()
+                if wait_for_others and wait_for_running(study):
+                    continue
+                result.stopped = f"study budget of {total} trials reached"
+                break
+            try:
+                # The callback costs a storage read per trial: only when someone listens (or on a GPU,
+                # where a failed trial's memory is handed back).
+                callbacks = [after_trial] if listener is not None or device.type == "cuda" else None
+                study.optimize(objective, n_trials=1, catch=(TrialError,), callbacks=callbacks)
+            except Stop as stop:
+                if not stop.ending.end.requeued:
+                    raise
+                lock.release()
+                _requeue_current(study, tracker, objective, result)
+                result.stopped = f"timeout of {timeout:g} s reached"
+                if result.interrupted_trial is not None:
+                    result.stopped += (f"; trial {result.interrupted_trial} is queued and resumes from epoch "
+                                       f"{result.resumes_from_epoch} on the next run")
+                break
+            except KeyboardInterrupt:
+                lock.release()  # before the storage writes below
+                _requeue_current(study, tracker, objective, result)
+                raise Interrupted(result) from None
+            except Exception as e:
+                if objective.taken_over is not None:
+                    tracker.note(f"trial {objective.taken_over} was taken over by another worker while this one "
+                                 "was stopped (past the grace period); dropped it, going on")
+                    objective.taken_over = tracker.current = None
+                    continue
+                if not is_budget_spent(e):  # a gRPC proxy refused the trial: another worker took the last
+                    raise
+                continue  # the budget check above now says why this worker stops
+            finally:
+                lock.release()
+            result.ran += 1
+    except Exception:
+        if _study_gone(study):  # `hpo delete` while this worker ran: say so, no traceback
+            raise StorageError(f"study {study.study_name!r} was deleted while this worker ran; stopped") from None
+        raise
     return result
+
+
+def _study_gone(study: optuna.Study) -> bool:
+    try:
+        study._storage.get_study_id_from_name(study.study_name)
+    except KeyError:
+        return True
+    except Exception:
+        return False  # the storage itself is failing: that error says more
+    return False
 
 
 def training_function(spec: StudySpec, device: torch.device,

@@ -355,3 +355,22 @@ def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on
     assert "Traceback" not in err
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and states.count(TrialState.COMPLETE) == 3
+
+
+def test_deleting_a_running_study_stops_its_worker_with_one_line(pg_url, write_spec, runner, tmp_path) -> None:
+    spec = dict(
+        FAST, name="doomed",
+        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
+        budget={"n_trials": 3, "epochs": 8},
+    )
+    create(runner, write_spec, pg_url, spec, tmp_path)
+    env = env_for(pg_url, tmp_path / "artifacts")
+    worker = subprocess.Popen(worker_cmd("doomed"), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    study = optuna.load_study(study_name="doomed", storage=pg_url)
+    wait_for(lambda: any(len(t.intermediate_values) >= 2 for t in study.get_trials(deepcopy=False)),
+             "the worker's trial to report 2 epochs")
+    assert invoke(runner, "delete", "doomed", "--storage", pg_url, "--yes").exit_code == 0
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 1
+    assert err.strip().splitlines() == ["Error: study 'doomed' was deleted while this worker ran; stopped"]
