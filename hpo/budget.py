@@ -6,9 +6,11 @@ it starts another, so re-running a spec resumes and any number of workers stop a
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -74,19 +76,73 @@ def _heartbeat_enabled(study: optuna.Study) -> bool:
     return is_heartbeat_enabled(study._storage)
 
 
-def wait_for_running(study: optuna.Study) -> bool:
+def wait_for_running(study: optuna.Study, say: Callable[[str], None] | None = None) -> bool:
     """With the budget used up but trials still RUNNING (elsewhere, or a dead worker's that will
     go stale and come back as a retry), wait a moment and say so, rather than leave one behind.
     Without heartbeats a dead worker's trial can never be told apart, so there is no waiting."""
     if not _heartbeat_enabled(study):
         return False
-    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
         return False
+    numbers = tuple(t.number for t in running)
+    if say is not None and _last_wait.get(id(study)) != numbers:
+        _last_wait[id(study)] = numbers
+        backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storage in a cache
+        grace = getattr(backend, "grace_period", None) or 2 * study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+        say(f"waiting for trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: running in "
+            f"another worker, or its worker died and it is retried after {grace} s without a heartbeat")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     time.sleep(min(2.0, max(0.2, study._storage.get_heartbeat_interval() / 4)))  # type: ignore[attr-defined]
     return True
+
+
+_last_wait: dict[int, tuple[int, ...]] = {}  # what was last said while waiting, per study
+
+
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker stopped sending heartbeats, saying so: the retry
+    records why it exists, and a trial that has used up its retries is announced (with its
+    checkpoints removed) instead of silently dropped."""
+
+    def __init__(self, max_retry: int) -> None:
+        super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", ()), trial.number]
+        if len(history) > self.max_retry:
+            _forget_checkpoints(study, int(history[0]))
+            print(f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
+                  f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
+                  f"{self.max_retry} retries)", file=sys.stderr, flush=True)
+            return
+        super().__call__(study, trial)
+        retry = study.get_trials(deepcopy=False)[-1]
+        if (retry.system_attrs.get("retry_history") or [None])[-1] == trial.number and retry.state == TrialState.WAITING:
+            study._storage.set_trial_user_attr(
+                retry._trial_id, "retry_reason",
+                f"trial {trial.number}'s worker stopped sending heartbeats (killed, frozen or cut off); this retry "
+                "resumes from its last checkpoint")
+
+
+def _forget_checkpoints(study: optuna.Study, number: int) -> None:
+    """Remove the checkpoint slots of a trial that will never resume (only hpo-shaped names, inside
+    the study's artifact folder)."""
+    from pathlib import Path
+
+    from hpo.results import _own_file
+
+    system = study._storage.get_study_system_attrs(study._study_id)
+    folder, uid = system.get("hpo:artifacts"), system.get("hpo:uid")
+    if not isinstance(folder, str) or not isinstance(uid, str) or not Path(folder).is_dir():
+        return
+    base = Path(folder).resolve()
+    for slot in "ab":
+        if (path := _own_file(base, f"{uid}-trial{number}-{slot}.ckpt", uid)) is not None:
+            path.unlink()
 
 
 def requeue(study: optuna.Study, trial_id: int) -> FrozenTrial | None:

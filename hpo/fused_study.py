@@ -291,7 +291,7 @@ def run_fused_worker(
             for key in [k for k, g in groups.items() if not len(g)]:
                 del groups[key]
             if not groups:
-                if result.stopped.startswith("study budget") and wait_for_running(study):
+                if result.stopped.startswith("study budget") and wait_for_running(study, listener.note):
                     result.stopped = ""
                     continue  # a trial running elsewhere may still come back as a retry
                 if not result.stopped:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage
 
+from hpo.budget import RetryStaleTrial
 from hpo.errors import StorageError
 
 _log = logging.getLogger("hpo.storage")
@@ -361,9 +362,7 @@ def open_storage(
                 hb = {
                     "heartbeat_interval": heartbeat.interval,
                     "grace_period": heartbeat.grace,
-                    "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
-                        max_retry=heartbeat.max_retry, inherit_intermediate_values=True
-                    ),
+                    "heartbeat_stale_trial_callback": RetryStaleTrial(heartbeat.max_retry),
                 }
             storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
     except ImportError as e:

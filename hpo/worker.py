@@ -102,7 +102,7 @@ def run_worker(
             status = budget_status(study, total)
             if status.remaining <= 0 and status.waiting == 0:
                 lock.release()
-                if wait_for_others and wait_for_running(study):
+                if wait_for_others and wait_for_running(study, tracker.note):
                     continue
                 result.stopped = f"study budget of {total} trials reached"
                 break

@@ -20,7 +20,7 @@ from tests.conftest import env_without_storage, invoke, wait_for
 # The user's package: a digits classifier with its own Dataset, model and loop. `MODE` (an
 # environment variable) picks a misbehaviour for the ending tests.
 PACKAGE = '''
-import json, os, math
+import json, os, math, time
 import numpy as np
 import torch
 from torch import nn
@@ -98,10 +98,14 @@ def train(trial: hpo.Trial):
         acc, loss = evaluate(model, val_set)
         if mode == "nan" and epoch == 2:
             acc = float("nan")
-        if mode == "marker" and epoch >= 2:
-            open(os.environ["MARKER"], "a").close()  # a report of epoch 2 is on its way
+        if mode == "killed" and epoch == 1:  # as the kernel's out-of-memory killer would
+            os.kill(os.getpid(), 9)
         trial.report(epoch, val_acc=acc, val_loss=loss)
         trial.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()})
+        if mode == "marker" and epoch == 2:  # epoch 2 is reported and checkpointed: hold here until
+            open(os.environ["MARKER"], "a").close()  # the test interrupts or kills this process
+            while not os.path.exists(os.environ["MARKER"] + ".never"):
+                time.sleep(0.01)
 
 
 def explode(x):
@@ -294,7 +298,7 @@ def test_ctrl_c_requeues_a_user_trial_and_the_rerun_resumes_it(user_pkg, write_s
     assert done.returncode == 0, done.stderr
     trials = load(storage_url).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].user_attrs["resumed_from_epoch"] >= 2
+    assert trials[1].user_attrs["resumed_from_epoch"] == 3
     assert sorted(trials[1].intermediate_values) == list(range(6))
 
 
@@ -318,6 +322,7 @@ def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, 
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     retry = trials[1]
     assert retry.user_attrs["resumed_from_epoch"] > 0
+    assert retry.user_attrs["retry_reason"].startswith("trial 0's worker stopped sending heartbeats")
     assert sorted(retry.intermediate_values) == list(range(8))  # no gap, no duplicate
     assert retry.user_attrs["val_loss"] and len(retry.user_attrs["epoch_seconds"]) == 8
 
@@ -501,3 +506,27 @@ def test_the_dashboard_shows_a_user_studys_curves_metrics_and_params(user_pkg, w
         assert attrs["val_loss"] == str(t.user_attrs["val_loss"]) and len(t.user_attrs["val_loss"]) == len(
             t.intermediate_values)  # the other metric, per epoch, on the trial's page
         assert {p["name"] for p in shown["params"]} == set(t.params) and "hidden" in set(t.params)
+
+
+def test_a_trial_killed_more_times_than_the_retry_cap_is_announced_and_cleaned_up(user_pkg, write_spec,
+                                                                                  storage_url, tmp_path) -> None:
+    spec = user_spec(budget={"n_trials": 1, "epochs": 4}, pruner={"name": "none"})
+    spec.pop("test")
+    path = write_spec(spec)
+    env = env_without_storage() | {"MODE": "killed"}
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", storage_url, "--checkpoint-interval", "0",
+           "--heartbeat-interval", "1", "--grace-period", "2", "--artifacts", str(art)]
+    for attempt in range(4):  # the first attempt and its 3 retries all die
+        died = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert died.returncode == -signal.SIGKILL, died.stderr
+        if attempt:
+            assert "waiting for trial" in died.stderr and "retried after 2 s without a heartbeat" in died.stderr
+    assert list(art.glob("*.ckpt"))  # the last attempt's checkpoint
+    last = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert last.returncode == 0, last.stderr
+    assert "hpo: trial 3 lost its worker 4 times" in last.stderr and "not retried again" in last.stderr
+    trials = load(storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4
+    assert [t.user_attrs.get("retry_reason", "")[:8] for t in trials] == ["", "trial 0'", "trial 1'", "trial 2'"]
+    assert not list(art.glob("*.ckpt"))  # nothing left behind for a trial that never resumes
