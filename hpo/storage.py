@@ -383,7 +383,14 @@ class BudgetLock:
     Without it two workers can both see one trial left and both start one. PostgreSQL and MySQL
     have named locks for this, and Redis (the journal's server) a lock key; SQLite runs one worker,
     and behind a gRPC proxy the proxy checks the budget itself (hpo.proxy).
+
+    The hold is bounded by the server: a holder that stops answering (frozen, paused, cut off) for
+    `hold_limit` seconds while holding it loses its session, and with it the lock, so one stuck
+    worker cannot stall the study (PostgreSQL's idle_in_transaction_session_timeout, MySQL's
+    wait_timeout, the Redis key's expiry). Sampling and creating a trial take well under a second.
     """
+
+    hold_limit = 15.0  # seconds
 
     def __init__(self, storage: BaseStorage, study_id: int) -> None:
         backend = getattr(storage, "_backend", storage)  # unwrap Optuna's _CachedStorage, JournalStorage
@@ -408,10 +415,15 @@ class BudgetLock:
         # One connection for the worker's lifetime: a checkout per trial would cost a pre-ping.
         if self.conn is None:
             self.conn = self.engine.connect()  # type: ignore[union-attr]
+            if self.dialect == "postgresql":  # the lock is taken inside a transaction, idle while held
+                limit = int(self.hold_limit * 1000)
+                self.conn.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {limit}")
+                self.conn.commit()
         try:
             if self.dialect == "postgresql":
                 self.conn.exec_driver_sql(f"SELECT pg_advisory_lock({self.key})")
             else:
+                self.conn.exec_driver_sql(f"SET SESSION wait_timeout = {max(1, int(self.hold_limit))}")
                 self.conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-{self.key}', 60)")
             self.held = True
         except Exception:
@@ -433,6 +445,7 @@ class BudgetLock:
                 self.conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.key})")
             else:
                 self.conn.exec_driver_sql(f"SELECT RELEASE_LOCK('hpo-{self.key}')")
+                self.conn.exec_driver_sql("SET SESSION wait_timeout = DEFAULT")  # idle between trials is fine
             self.conn.commit()
         except Exception:
             self._drop()  # a dropped connection released the lock with it

@@ -374,3 +374,25 @@ def test_deleting_a_running_study_stops_its_worker_with_one_line(pg_url, write_s
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 1
     assert err.strip().splitlines() == ["Error: study 'doomed' was deleted while this worker ran; stopped"]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_budget_lock_holder_that_stops_answering_loses_the_lock(backend, request, write_spec, runner,
+                                                                   tmp_path) -> None:
+    """A holder frozen (or cut off) mid-hold: the server ends its session after the hold limit, so
+    the other workers go on instead of waiting for it (or for TCP keepalive, hours)."""
+    from hpo.storage import BudgetLock, open_storage
+
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "mysql_url")
+    spec = dict(FAST, name="held", budget={"n_trials": 2, "epochs": 2})
+    create(runner, write_spec, url, spec, tmp_path)
+    storage = open_storage(url)
+    stuck = BudgetLock(storage, storage.get_study_id_from_name("held"))
+    stuck.hold_limit = 2.0
+    stuck.acquire()  # and never answers again, as a frozen worker would not
+    done = subprocess.run(worker_cmd("held"), env=env_for(url, tmp_path / "artifacts"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    states = [t.state for t in optuna.load_study(study_name="held", storage=url).trials]
+    assert states == [TrialState.COMPLETE] * 2
+    stuck.release()  # the session is gone: releasing says nothing
