@@ -48,7 +48,7 @@ def run(
     """
     from hpo.launch import run_here
     from hpo.spec import load_spec, spec_from_mapping
-    from hpo.storage import Heartbeat, open_storage, resolve_url
+    from hpo.storage import Heartbeat, open_storage, resolve_url, sole_writer
     from hpo.study import choose_device, open_for_spec
     from hpo.user_code import _cache, load_references
 
@@ -74,7 +74,8 @@ def run(
 
         data = DataCache(loaded.builtin_data, loaded.seed, dev, loaded.model)
     url = resolve_url(storage)
-    handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
-    outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
-                       checkpoint_interval=checkpoint_interval)
+    with sole_writer(url):
+        handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
+        outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
+                           checkpoint_interval=checkpoint_interval)
     return RunResult(summarize(handle.study), outcome.stopped)

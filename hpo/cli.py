@@ -226,7 +226,7 @@ def run(
       hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
     """
     from hpo.spec import load_spec
-    from hpo.storage import resolve_url
+    from hpo.storage import resolve_url, sole_writer
     from hpo.study import choose_device, open_for_spec
     from hpo.workers import check_parallel_storage, parse_gpus
 
@@ -241,18 +241,19 @@ def run(
     dev = choose_device("cuda" if gpu_ids else device)
     data = _prepare(spec, dev)  # user code and data errors come before storage
     hb = _heartbeat(heartbeat_interval, grace_period)
-    store, url = _open(storage, create=True, heartbeat=hb)
-    handle = open_for_spec(spec, store, url, artifacts)
-    from hpo.launch import run_here, run_in_processes
+    with sole_writer(resolve_url(storage)):  # one process per SQLite file, refused before any write
+        store, url = _open(storage, create=True, heartbeat=hb)
+        handle = open_for_spec(spec, store, url, artifacts)
+        from hpo.launch import run_here, run_in_processes
 
-    _sigterm_as_interrupt()
-    with _stops():
-        if n_workers == 1 and not gpu_ids:
-            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet,
-                               storage_url=url, checkpoint_interval=checkpoint_interval)
-        else:
-            outcome = run_in_processes(handle, url, n_workers, gpu_ids, device, timeout=timeout,
-                                       heartbeat=hb, quiet=quiet, checkpoint_interval=checkpoint_interval)
+        _sigterm_as_interrupt()
+        with _stops():
+            if n_workers == 1 and not gpu_ids:
+                outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet,
+                                   storage_url=url, checkpoint_interval=checkpoint_interval)
+            else:
+                outcome = run_in_processes(handle, url, n_workers, gpu_ids, device, timeout=timeout,
+                                           heartbeat=hb, quiet=quiet, checkpoint_interval=checkpoint_interval)
     _summary(handle, outcome.elapsed)
     if outcome.failed_workers:
         raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
@@ -360,17 +361,20 @@ def worker(
 
         torch.set_num_threads(threads)
     dev = choose_device(device)
-    store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
-    handle = open_existing(study, store, url, artifacts)
-    if fuse is not None:
-        handle.spec = handle.spec.fused(fuse)
-    data = _prepare(handle.spec, dev)
-    from hpo.launch import run_here
+    from hpo.storage import resolve_url, sole_writer
 
-    _sigterm_as_interrupt()
-    with _stops():
-        outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
-                           storage_url=url, checkpoint_interval=checkpoint_interval)
+    with sole_writer(resolve_url(storage)):
+        store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
+        handle = open_existing(study, store, url, artifacts)
+        if fuse is not None:
+            handle.spec = handle.spec.fused(fuse)
+        data = _prepare(handle.spec, dev)
+        from hpo.launch import run_here
+
+        _sigterm_as_interrupt()
+        with _stops():
+            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
+                               storage_url=url, checkpoint_interval=checkpoint_interval)
     if not quiet:
         _summary(handle, outcome.elapsed)
 

@@ -154,6 +154,10 @@ def _user_file(spec: DataSpec, suffixes: tuple[str, ...]) -> Path:
         raise DataError(f"data.path: {path} is a directory, not a {'/'.join(suffixes)} file")
     if not path.is_file():
         raise DataError(f"data.path: {path} does not exist")
+    if not path.name.lower().endswith(suffixes):
+        # A data file is named for what it is; an error about any other file (/etc/shadow, named in a
+        # crafted spec) could otherwise show its first line in the message.
+        raise DataError(f"data.path: {path} is not a {' or '.join(suffixes)} file")
     return path
 
 

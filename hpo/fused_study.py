@@ -39,6 +39,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
@@ -215,6 +216,18 @@ def run_fused_worker(
         listener.trial_started(trial.number, params.to_dict(), member.epoch)
 
     def finish(group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
+        trial: optuna.Trial = group.members[index].key
+        try:
+            _finish(group, index, ending, value)
+        except (UpdateFinishedTrialError, ValueError):
+            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            # Another worker failed it as stale while this one was stopped, and queued its retry.
+            beats.ids.discard(trial._trial_id)
+            listener.note(f"trial {trial.number} was taken over by another worker while this one was stopped "
+                          "(past the grace period); dropped it, going on")
+
+    def _finish(group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
         member = group.members[index]
         trial: optuna.Trial = member.key
         extra = {"n_params": member.n_params, "fused_group_size": group_size}

@@ -8,11 +8,14 @@ the file is busy. Server databases get `pool_pre_ping`, which Optuna sets only f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,23 +43,44 @@ class Heartbeat:
 
 
 def resolve_url(url: str | None) -> str:
-    """--storage, else $HPO_STORAGE, else the embedded SQLite file."""
-    return url or os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
+    """--storage, else $HPO_STORAGE, else the embedded SQLite file. A blank value is a mistake
+    (an unset variable in a script, say), not a request for the default."""
+    if url is not None and not url.strip():
+        raise StorageError("--storage is empty; give a storage URL, or leave it out for sqlite:///hpo.db")
+    env = os.environ.get(ENV_STORAGE)
+    if url is None and env is not None and not env.strip():
+        raise StorageError(f"{ENV_STORAGE} is set but empty; unset it for sqlite:///hpo.db, or give a storage URL")
+    resolved = url or env or DEFAULT_STORAGE
+    scheme, _, rest = resolved.partition("://")
+    if scheme.split("+")[0].lower() in ("postgresql", "mysql", "mariadb") and not rest.strip("/"):
+        raise StorageError(f"{resolved} names no server or database; write {scheme}://USER@HOST/DATABASE")
+    return resolved
 
 
 def mask(url: str) -> str:
-    """The URL with any password replaced by ***, for messages, logs and the dashboard."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
+    """The URL with any password replaced by ***, for messages, logs and the dashboard. Parsed by
+    hand, not by a URL library: the credentials run to the *last* '@' (a password with an
+    unencoded '@' must not show its tail), and `password=` in the query is masked too."""
+    if "://" not in url:
         return url
+    scheme, rest = url.split("://", 1)
+    if "@" in rest:
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            rest = f"{creds.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", f"{scheme}://{rest}")
+
+
+def scrub(text: str, url: str) -> str:
+    """A driver's message with every piece of the URL's password masked: a password with an
+    unencoded '@' is split by the driver, which may quote the tail as a host name."""
+    rest = url.split("://", 1)[-1]
+    if "@" in rest and ":" in rest.rsplit("@", 1)[0]:
+        password = rest.rsplit("@", 1)[0].split(":", 1)[1]
+        for piece in sorted({password, *password.split("@")}, key=len, reverse=True):
+            if len(piece) >= 2:
+                text = text.replace(piece, "***")
+    return text
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -69,6 +93,123 @@ def sqlite_path(url: str) -> Path | None:
     if not database or database == ":memory:":
         return None
     return Path(database)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Serialise creating a storage's schema and a study's bookkeeping across processes.
+
+    Optuna creates its tables and a study's rows without a lock of its own: two processes opening a
+    fresh SQLite file (or three `hpo create` on a fresh PostgreSQL database) at the same instant
+    race on the schema, and two opening a new study may record different checkpoint ids. A file
+    lock beside the SQLite file, or a server-side named lock, makes them take turns."""
+    path = sqlite_path(url)
+    if path is not None:
+        import fcntl
+
+        if not path.parent.is_dir():
+            yield  # the missing folder is reported by the caller
+            return
+        with open(path.with_name(f".{path.name}.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    scheme = url.split(":", 1)[0].lower()
+    if not scheme.startswith(("postgresql", "mysql", "mariadb")):
+        yield
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
+        conn = engine.connect()
+    except Exception:
+        yield  # unreachable or misconfigured: opening the storage says why, in one line
+        return
+    key = 0x6870_6F43_5245  # "hpoCRE"
+    try:
+        if scheme.startswith("postgresql"):
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+        else:
+            conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-create', 120)")
+        yield
+    finally:
+        try:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({key})" if scheme.startswith("postgresql")
+                                 else "SELECT RELEASE_LOCK('hpo-create')")
+        finally:
+            conn.close()
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def sole_writer(url: str) -> Iterator[None]:
+    """Hold an embedded SQLite file for this process: SQLite is not safe for several writer
+    processes (Optuna's FAQ), so a second `hpo run` or `hpo worker` on the same file is refused in
+    one line (readers such as `hpo dashboard` are not). A kill releases it with the process."""
+    path = sqlite_path(url)
+    if path is None or not path.parent.is_dir():
+        yield
+        return
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.writer"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise StorageError(
+                f"{path} is in use by another hpo process (pid {pid}): SQLite takes one writer process. "
+                "Wait for it, or use a server storage (postgresql://, mysql+pymysql://) for several"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_holds_studies(url: str, path: Path | None) -> None:
+    """Read-only commands open only a storage that hpo (or Optuna) made: opening an empty database
+    with Optuna would create its schema there."""
+    empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or pass --storage")
+    if path is not None:
+        import sqlite3
+
+        if path.stat().st_size == 0:
+            raise empty
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StorageError(f"cannot open storage {mask(url)}: {e}") from None
+        if not found:
+            raise empty
+        return
+    scheme = url.split(":", 1)[0].lower()
+    if not scheme.startswith(("postgresql", "mysql", "mariadb")):
+        return
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
+        try:
+            found = inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+    except Exception:
+        return  # unreachable or misconfigured: opening the storage says why, in one line
+    if not found:
+        raise empty
 
 
 def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
@@ -308,7 +449,7 @@ def _open_redis(url: str) -> BaseStorage:
     except ImportError:
         raise StorageError("redis:// storage needs the redis package: pip install 'hpo[redis]'") from None
     except Exception as e:
-        raise StorageError(f"cannot open storage {mask(url)}: {_reason(e)}") from None
+        raise StorageError(f"cannot open storage {mask(url)}: {scrub(_reason(e), url)}") from None
 
 
 def _open_grpc(url: str) -> BaseStorage:
@@ -320,7 +461,7 @@ def _open_grpc(url: str) -> BaseStorage:
         port = parts.port or 13000
         host = parts.hostname or "localhost"
     except ValueError:
-        raise StorageError(f"cannot open storage {url}: bad port") from None
+        raise StorageError(f"cannot open storage {mask(url)}: bad port") from None
     try:
         import grpc
 
@@ -331,7 +472,8 @@ def _open_grpc(url: str) -> BaseStorage:
     except ImportError:
         raise StorageError("grpc:// storage needs grpcio: pip install 'hpo[grpc]'") from None
     except Exception:
-        raise StorageError(f"cannot open storage {url}: no storage proxy answers there (start one with hpo proxy)") from None
+        raise StorageError(f"cannot open storage {mask(url)}: no storage proxy answers there "
+                           "(start one with hpo proxy)") from None
 
 
 def open_storage(
@@ -345,6 +487,8 @@ def open_storage(
     path = sqlite_path(url)
     if path is not None:
         _check_sqlite_file(path, url, create)
+    if not create:
+        _check_holds_studies(url, path)
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
         engine_kwargs: dict[str, object] = {"connect_args": {"timeout": 60}}
@@ -364,14 +508,15 @@ def open_storage(
                     "grace_period": heartbeat.grace,
                     "heartbeat_stale_trial_callback": RetryStaleTrial(heartbeat.max_retry),
                 }
-            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
+            with creation_lock(url) if create else contextlib.nullcontext():
+                storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, **hb)  # type: ignore[arg-type]
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e.name or "a database driver"
         extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(scheme.split("+")[0])
         hint = f"; pip install 'hpo[{extra}]'" if extra else ""
         raise StorageError(f"cannot open storage {mask(url)}: {missing} is not installed{hint}") from None
     except Exception as e:  # SQLAlchemy reports bad URLs, refused connections, auth failures
-        raise StorageError(f"cannot open storage {mask(url)}: {_reason(e)}") from None
+        raise StorageError(f"cannot open storage {mask(url)}: {scrub(_reason(e), url)}") from None
     if path is not None:
         _enable_wal(storage)
     return storage

@@ -7,8 +7,10 @@ describes the same search (the budget may grow).
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
+from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +19,11 @@ import optuna
 import torch
 from optuna.storages import BaseStorage
 
-from hpo.artifacts import Artifacts, open_store, resolve_artifact_path
+from hpo.artifacts import ENV_ARTIFACTS, Artifacts, open_store, resolve_artifact_path
 from hpo.errors import HpoError, SpecError, StorageError
 from hpo.samplers import make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_from_mapping
-from hpo.storage import mask
+from hpo.storage import creation_lock, mask
 
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score
@@ -89,8 +91,16 @@ def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) 
 def open_for_spec(
     spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None
 ) -> StudyHandle:
-    """Create the spec's study, or resume it when the stored spec describes the same search."""
+    """Create the spec's study, or resume it when the stored spec describes the same search.
+    Processes doing this at the same instant take turns (one study, one checkpoint id)."""
+    with creation_lock(storage_url):
+        return _open_for_spec(spec, storage, storage_url, artifact_dir)
+
+
+def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None) -> StudyHandle:
     sampler, pruner = make_sampler(spec), make_pruner(spec)
+    if explicit := artifact_dir or os.environ.get(ENV_ARTIFACTS):
+        open_store(Path(explicit))  # an unusable folder is refused before the study exists
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(

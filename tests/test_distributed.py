@@ -396,3 +396,18 @@ def test_a_budget_lock_holder_that_stops_answering_loses_the_lock(backend, reque
     states = [t.state for t in optuna.load_study(study_name="held", storage=url).trials]
     assert states == [TrialState.COMPLETE] * 2
     stuck.release()  # the session is gone: releasing says nothing
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_simultaneous_creation_on_a_fresh_storage_is_race_free(backend, request, write_spec, tmp_path) -> None:
+    """Several `hpo create` of one spec at the same instant on an empty database: Optuna creates its
+    schema without a lock, and they used to fail on each other's tables and rows."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    path = write_spec(dict(FAST, name="race"))
+    cmd = [sys.executable, "-m", "hpo", "create", str(path), "--storage", url, "--artifacts", str(tmp_path / "a")]
+    procs = [subprocess.Popen(cmd, env=env_without_storage(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    summaries = optuna.get_all_study_summaries(url)
+    assert [s.study_name for s in summaries] == ["race"]

@@ -403,3 +403,64 @@ def test_a_crafted_checkpoint_id_is_refused_before_any_write(write_spec, runner,
         "Error: study 'small' has an invalid hpo:uid ('../../escape'); its database was edited by something "
         "other than hpo")
     assert not list(tmp_path.parent.glob("escape*"))
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://hpo:p@ss@db-host/hpo", "postgresql://hpo:***@db-host/hpo"),
+    ("grpc://user:pw@127.0.0.1:1", "grpc://user:***@127.0.0.1:1"),
+    ("postgresql://hpo@db-host/hpo?password=hunter2", "postgresql://hpo@db-host/hpo?password=***"),
+])
+def test_passwords_never_show_even_with_an_at_sign_or_in_the_query(runner, url, shown) -> None:
+    from hpo.storage import mask
+
+    assert mask(url) == shown
+    result = invoke(runner, "studies", "--storage", url)
+    assert result.exit_code == 1 and shown in result.output
+    for secret in ("p@ss", "ss@", ":pw@", "hunter2"):
+        assert secret not in result.output
+
+
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"HPO_STORAGE": ""}, [], "HPO_STORAGE is set but empty"),
+    ({}, ["--storage", ""], "--storage is empty"),
+    ({}, ["--storage", "postgresql://"], "postgresql:// names no server or database"),
+])
+def test_a_blank_or_hostless_storage_is_a_mistake_not_the_default(runner, monkeypatch, env, args, message) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = invoke(runner, "studies", *args)
+    assert result.exit_code == 1 and message in result.output
+    assert not Path("hpo.db").exists()
+
+
+def test_read_only_commands_create_no_schema(runner, tmp_path, pg_url) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for url in (f"sqlite:///{empty}", pg_url):
+        for args in (["studies"], ["best", "x"], ["trials", "x"]):
+            result = invoke(runner, *args, "--storage", url)
+            assert result.exit_code == 1 and "it holds no Optuna tables" in result.output
+    assert empty.stat().st_size == 0
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(pg_url)
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
+
+
+def test_an_artifact_folder_that_is_a_file_is_refused_before_the_study_exists(write_spec, runner, storage_url,
+                                                                             tmp_path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = invoke(runner, "run", write_spec(small_spec()), "--storage", storage_url, "--artifacts", blocker)
+    assert result.exit_code == 1 and "cannot create artifact folder" in result.output
+    import optuna
+
+    assert optuna.get_all_study_summaries(storage_url) == []
+
+
+def test_a_data_path_that_is_not_a_data_file_is_refused_without_reading_it(write_spec, runner) -> None:
+    spec = small_spec(data={"dataset": "csv", "path": "/etc/passwd", "label": "label"})
+    result = invoke(runner, "run", write_spec(spec))
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: data.path: /etc/passwd is not a .csv file"

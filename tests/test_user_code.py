@@ -530,3 +530,27 @@ def test_a_trial_killed_more_times_than_the_retry_cap_is_announced_and_cleaned_u
     assert [t.state for t in trials] == [TrialState.FAIL] * 4
     assert [t.user_attrs.get("retry_reason", "")[:8] for t in trials] == ["", "trial 0'", "trial 1'", "trial 2'"]
     assert not list(art.glob("*.ckpt"))  # nothing left behind for a trial that never resumes
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(user_pkg, write_spec, runner,
+                                                                                storage_url, tmp_path) -> None:
+    spec = user_spec(budget={"n_trials": 2, "epochs": 4}, pruner={"name": "none"})
+    spec.pop("test")
+    path = write_spec(spec)
+    env = env_without_storage() | {"MODE": "marker", "MARKER": str(tmp_path / "marker")}
+    first = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(path), "--storage", storage_url], env=env,
+                             cwd=tmp_path, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (tmp_path / "marker").exists() or first.poll() is not None, "the first run's epoch 2")
+    second = invoke(runner, "run", path, "--storage", storage_url)
+    assert second.exit_code == 1
+    assert second.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo process (pid {first.pid}): SQLite takes one "
+        "writer process. Wait for it, or use a server storage (postgresql://, mysql+pymysql://) for several"]
+    assert invoke(runner, "trials", "mine", "--storage", storage_url).exit_code == 0  # readers are welcome
+    os.kill(first.pid, signal.SIGKILL)  # a killed process lets go of the file
+    first.wait()
+    monkeypatched = dict(os.environ)
+    assert "MODE" not in monkeypatched
+    again = invoke(runner, "run", path, "--storage", storage_url, "--grace-period", "2", "--heartbeat-interval", "1")
+    assert again.exit_code == 0, again.output
+    assert [t.state for t in load(storage_url).trials].count(TrialState.COMPLETE) == 2
