@@ -58,7 +58,8 @@ def _serialize(state: dict[str, Any]) -> io.BytesIO:
 
 def _deserialize(data: bytes) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code (a tampered file cannot run anything).
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state
 
 
 class Artifacts:

@@ -124,12 +124,12 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
         if not records:
             click.echo("No trials.")
             return
-        from hpo.progress import fmt
+        from hpo.progress import fmt as show
 
         head = ["#", "state", "value", "epochs", "seconds", *param_names]
         rows = [head] + [
-            [str(r["number"]), r["state"], fmt(r["value"]), str(r["epochs"]), fmt(r["seconds"]),
-             *[fmt(r[f"params_{k}"]) for k in param_names]]
+            [str(r["number"]), r["state"], show(r["value"]), str(r["epochs"]), show(r["seconds"]),
+             *[show(r[f"params_{k}"]) for k in param_names]]
             for r in records
         ]
         _table(rows)

@@ -90,6 +90,7 @@ def split(source: Source, spec: DataSpec, seed: int) -> RawData:
             folds = ((np.sort(tr), np.sort(va)),)
     except ValueError as e:
         raise DataError(f"data.split: cannot split {len(source.x)} samples this way ({e})") from None
+    assert x_test is not None and y_test is not None
     return RawData(x_dev, y_dev, x_test, y_test, folds, source.n_outputs, source.task)
 
 

@@ -101,7 +101,7 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:  # type: ignore[operator]
+        with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None

@@ -46,7 +46,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -306,7 +306,7 @@ class FusedGroup:
     def _split(self, source: torch.Tensor) -> dict[str, torch.Tensor]:
         """A (K, P) tensor (the parameters, an optimizer state) as per-parameter views, as stored
         (_stored), cut by one split."""
-        parts = source.split([b - a for _, _, a, b in self.layout], dim=1)
+        parts = source.split([b - a for _, _, a, b in self.layout], dim=1)  # type: ignore[no-untyped-call]
         return {name: _stored(part, shape) for (name, shape, _, _), part in zip(self.layout, parts)}
 
     def _mask(self, kind: str, block: int = 0) -> torch.Tensor | None:
@@ -430,7 +430,9 @@ class FusedGroup:
 
     def train_epoch(self) -> torch.Tensor:
         """One pass over the train split for every member; returns per-member mean loss (K,)."""
-        x, y = self.data.train.x, self.data.train.y
+        train = self.data.train
+        assert isinstance(train, Split), "a fused group trains on resident data"
+        x, y = train.x, train.y
         perms = torch.stack([torch.randperm(self._n, device=self.device, generator=m.generator) for m in self.members])
         losses = []
         bs = self.batch_size
@@ -444,7 +446,7 @@ class FusedGroup:
                 loss = self._loss(self.forward(xb, train=True), yb)
             for leaf in self._views().values():
                 leaf.grad = None
-            loss.sum().backward()  # members' parameters are disjoint: each gets its own gradient
+            loss.sum().backward()  # type: ignore[no-untyped-call]  # members' parameters are disjoint
             step(0 if per_batch else j)
             losses.append(loss.detach())
             if per_batch:
@@ -486,7 +488,7 @@ class FusedGroup:
     def _kernel_step(self, lrs: list[float]) -> None:
         """One update of every member by torch.optim's fused CPU kernels, with its own lr."""
         opt = self.members[0].params.optimizer
-        grads = [leaf.grad for leaf in self._views().values()]
+        grads = [cast(torch.Tensor, leaf.grad) for leaf in self._views().values()]
         first = (self.steps == 0).tolist() if opt in ("momentum", "nesterov") else None
         self.steps += 1
         for i, (m, own) in enumerate(zip(self.members, self._row_views(opt))):
@@ -550,7 +552,8 @@ class FusedGroup:
         per-member scalars `c` of this step (from _plan)."""
         assert self.flat is not None
         k = len(self.members)
-        p, g = self.flat, torch.cat([leaf.grad.reshape(k, -1) for leaf in self._views().values()], dim=1)
+        p, g = self.flat, torch.cat([cast(torch.Tensor, leaf.grad).reshape(k, -1) for leaf in self._views().values()],
+                                    dim=1)
         opt = self.members[0].params.optimizer
         self.steps += 1
         if opt != "adamw" and any(m.params.weight_decay for m in self.members):

@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.checkpoints import Envelope
-from hpo.data import DataCache
+from hpo.data import DataCache, Split
 from hpo.endings import CheckpointPolicy, Deadlines, End, Ending, Stop, is_oom
 from hpo.fused import PADDED, SHARED, FusedGroup
 from hpo.params import Params
@@ -61,7 +61,7 @@ class _Heartbeats:
     """Records a heartbeat for every member in flight (Optuna does this only inside optimize)."""
 
     def __init__(self, study: optuna.Study) -> None:
-        storage = study._storage
+        storage: Any = study._storage  # an RDB storage (heartbeats) or a journal/proxy (none)
         self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
         self.storage = storage
         self.ids: set[int] = set()
@@ -246,7 +246,9 @@ def run_fused_worker(
         try:
             t0 = time.perf_counter()
             losses = group.train_epoch().tolist()
-            vals = group.evaluate(group.data.val)
+            val_split = group.data.val
+            assert isinstance(val_split, Split), "a fused group trains on resident data"
+            vals = group.evaluate(val_split)
             group.after_epoch([v["loss"] for v in vals])
             seconds = time.perf_counter() - t0
         except Exception as e:
@@ -320,7 +322,8 @@ def run_fused_worker(
             # One round: every group trains one epoch, the round's reports go in one commit, then one
             # read of the study serves every member's pruning decision, as for K workers in step. A
             # group formed by the refill after a round trains from the next, so no trial runs ahead.
-            trained, reports = [], []
+            trained: list[tuple[FusedGroup, dict[int, float] | None]] = []
+            reports: list[tuple[optuna.Trial, float, int]] = []
             for group in list(groups.values()):
                 if deadline is not None and time.monotonic() >= deadline:
                     break

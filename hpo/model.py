@@ -35,7 +35,7 @@ class DenseBlock(nn.Module):
         self.residual = p.residual and n_in == n_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop(self.act(self.norm(self.linear(x))))
+        y: torch.Tensor = self.drop(self.act(self.norm(self.linear(x))))
         return x + y if self.residual else y
 
 
@@ -47,7 +47,8 @@ class MLP(nn.Module):
         self.head = nn.Linear(p.width, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x.flatten(1)))
+        out: torch.Tensor = self.head(self.blocks(x.flatten(1)))
+        return out
 
 
 def _norm2d(kind: str, channels: int) -> nn.Module:
@@ -76,10 +77,11 @@ class ConvBlock(nn.Module):
             self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm(self.conv(x)))
+        y: torch.Tensor = self.act(self.norm(self.conv(x)))
         if self.residual:
             y = y + x
-        return self.pool(self.drop(y))
+        out: torch.Tensor = self.pool(self.drop(y))
+        return out
 
 
 class CNN(nn.Module):
@@ -100,7 +102,8 @@ class CNN(nn.Module):
         self.head = nn.Linear(p.width * height * width, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x).flatten(1))
+        out: torch.Tensor = self.head(self.blocks(x).flatten(1))
+        return out
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
@@ -138,7 +141,7 @@ def build_model(family: str, params: Params | Mapping[str, Any], input_shape: tu
     `build(params, input_shape, n_outputs) -> nn.Module`. Built-in `init` is applied to every one."""
     values = params.to_dict() if isinstance(params, Params) else dict(params)
     if family in FACTORIES:
-        model = FACTORIES[family](params if isinstance(params, Params) else values, input_shape, n_outputs)
+        model = FACTORIES[family](values, input_shape, n_outputs)
     else:
         from hpo.user_code import UserCodeError, load
 

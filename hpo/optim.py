@@ -38,7 +38,7 @@ def make_optimizer(params: Any, p: Params, device: torch.device) -> torch.optim.
     if o == "schedulefree_adamw":
         import schedulefree
 
-        return schedulefree.AdamWScheduleFree(
+        return schedulefree.AdamWScheduleFree(  # type: ignore[no-any-return]
             params, lr=p.lr, betas=betas, weight_decay=p.weight_decay
         )
     raise ValueError(f"unknown optimizer {o!r}")

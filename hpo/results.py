@@ -44,7 +44,7 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
     best = best_trial(study)
     if best is None:
         return None
-    recorded = study.user_attrs.get(TEST_ATTR)
+    recorded: dict[str, Any] | None = study.user_attrs.get(TEST_ATTR)
     if recorded and recorded.get("trial") == best.number:
         return recorded
     if spec.train is not None:

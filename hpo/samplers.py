@@ -98,10 +98,16 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     fixed: dict[str, Any] = {"seed": spec.seed}
     if name == "grid":
         fixed["search_space"] = grid_space(spec)
-    return _construct(_sampler_classes()[name], "sampler", kwargs, fixed)
+    sampler: optuna.samplers.BaseSampler = _construct(_sampler_classes()[name], "sampler", kwargs, fixed)
+    return sampler
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    pruner: optuna.pruners.BasePruner = _make_pruner(spec)
+    return pruner
+
+
+def _make_pruner(spec: StudySpec) -> Any:
     name, kwargs = spec.pruner.name, dict(spec.pruner.kwargs)
     p = optuna.pruners
     if name == "none":
@@ -119,7 +125,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return _construct(p.SuccessiveHalvingPruner, "pruner", kwargs, {})
     if name == "patient":
         # Patience on its own never prunes a slow starter; wrap the median rule, as Optuna's docs do.
-        outer = {k: kwargs.pop(k) for k in ("patience", "min_delta") if k in kwargs}
+        outer: dict[str, Any] = {k: kwargs.pop(k) for k in ("patience", "min_delta") if k in kwargs}
         outer.setdefault("patience", 3)
         inner = _construct(p.MedianPruner, "pruner", kwargs, {})
         return _construct(p.PatientPruner, "pruner", outer, {"wrapped_pruner": inner})

@@ -177,7 +177,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = _loss(self.task, self.step_model(xb), yb)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             self.opt.step()
             self.schedule.after_batch()
             total.add_(loss.detach(), alpha=yb.shape[0])  # one kernel, no host sync

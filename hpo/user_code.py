@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hpo.errors import HpoError
 
@@ -88,7 +88,7 @@ def load(reference: str, key: str) -> Callable[..., Any]:
     if not callable(target):
         raise UserCodeError(f"{key}: {reference} is a {type(target).__name__}, not a function")
     _cache[reference] = target
-    return target
+    return cast(Callable[..., Any], target)
 
 
 def _import_file(path: Path) -> Any:

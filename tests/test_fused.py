@@ -18,6 +18,7 @@ from tests.conftest import invoke, small_spec
 
 CPU = torch.device("cpu")
 EPOCHS = 3
+EPOCHS_LONG = 12
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +278,15 @@ def test_what_cannot_be_fused_is_refused(write_spec, override, message) -> None:
         load_spec(write_spec(doc))
 
 
-def _six_epochs(name: str, n_trials: int) -> dict:
-    """A study whose trials share one structure and take long enough to interrupt mid-trial."""
+def _long_trials(name: str, n_trials: int) -> dict:
+    """A study whose trials share one structure and are long enough to interrupt mid-trial, with
+    room to spare on a loaded machine (the interrupt lands at epoch 3 of EPOCHS_LONG)."""
     return small_spec(
         name=name,
         data={"dataset": "synthetic", "n_samples": 6000, "n_features": 64, "n_classes": 4},
         space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 128, "depth": 2, "batch_size": 64},
         pruner={"name": "none"},
-        budget={"n_trials": n_trials, "epochs": 6},
+        budget={"n_trials": n_trials, "epochs": EPOCHS_LONG},
     )
 
 
@@ -295,7 +297,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
 
     from tests.conftest import env_without_storage, wait_for
 
-    spec = _six_epochs("fusedint", n_trials=3)
+    spec = _long_trials("fusedint", n_trials=3)
     url = f"sqlite:///{tmp_path / 'fi.db'}"
     cmd = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--fuse", "3",
            "--checkpoint-interval", "0"]
@@ -324,7 +326,7 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
     assert len(retried) == 3 and all(t.state == TrialState.COMPLETE for t in retried)
     for t in retried:
         assert t.user_attrs["resumed_from_epoch"] >= 2
-        assert sorted(t.intermediate_values) == list(range(6))
+        assert sorted(t.intermediate_values) == list(range(EPOCHS_LONG))
 
 
 # ---- one checkpoint format: a trial interrupted in one mode resumes in the other --------------
@@ -382,7 +384,7 @@ def test_a_study_interrupted_in_one_mode_resumes_in_the_other(write_spec, tmp_pa
 
     from tests.conftest import env_without_storage, wait_for
 
-    spec = _six_epochs("modes", n_trials=2)
+    spec = _long_trials("modes", n_trials=2)
     url = f"sqlite:///{tmp_path / 'modes.db'}"
     base = [sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--checkpoint-interval", "0"]
     fused, alone = base + ["--fuse", "2"], base
@@ -409,5 +411,5 @@ def test_a_study_interrupted_in_one_mode_resumes_in_the_other(write_spec, tmp_pa
     for t in retried:
         assert t.state == TrialState.COMPLETE
         assert t.user_attrs["resumed_from_epoch"] >= 2, t.user_attrs
-        assert sorted(t.intermediate_values) == list(range(6))
-        assert len(t.user_attrs["train_loss"]) == 6  # the curves before the interruption are kept
+        assert sorted(t.intermediate_values) == list(range(EPOCHS_LONG))
+        assert len(t.user_attrs["train_loss"]) == EPOCHS_LONG  # the curves before the interruption are kept
