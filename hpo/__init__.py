@@ -27,7 +27,7 @@ _EXPORTS = {
     "open_existing": "hpo.study",
     "open_for_spec": "hpo.study",
     "finalize": "hpo.results",
-    "summarize": "hpo.results",
+    "summarize": "hpo.summary",
 }
 
 __all__ = sorted(_EXPORTS)

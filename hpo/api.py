@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.results import Summary, summarize
+from hpo.summary import Summary, summarize
 
 
 @dataclass(frozen=True)

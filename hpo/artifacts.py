@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo.errors import StorageError
@@ -50,6 +49,8 @@ def open_store(path: Path) -> FileSystemArtifactStore:
 
 
 def _serialize(state: dict[str, Any]) -> io.BytesIO:
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -57,6 +58,8 @@ def _serialize(state: dict[str, Any]) -> io.BytesIO:
 
 
 def _deserialize(data: bytes) -> dict[str, Any]:
+    import torch
+
     # weights_only: a checkpoint is data, never code (a tampered file cannot run anything).
     state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return state
@@ -107,6 +110,8 @@ class Artifacts:
         state: dict[str, Any],
         storage: optuna.storages.BaseStorage | None = None,
     ) -> str:
+        import torch
+
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / filename
             torch.save(state, file)

@@ -283,7 +283,7 @@ def _stops() -> Any:
 
 def _summary(handle: Any, elapsed: float | None = None) -> None:
     from hpo.progress import render_summary
-    from hpo.results import summarize
+    from hpo.summary import summarize
 
     click.echo(render_summary(summarize(handle.study), elapsed))
 

@@ -73,7 +73,7 @@ def best(study: str, storage: str | None, fmt: str) -> None:
       hpo best quickstart
     """
     from hpo.progress import render_summary
-    from hpo.results import summarize
+    from hpo.summary import summarize
 
     s = summarize(_load(study, storage))
     if fmt == "json":

@@ -53,7 +53,8 @@ from hpo.space import suggest
 from hpo.storage import BudgetLock, report_all, set_user_attrs
 from hpo.study import StudyHandle
 from hpo.train import configure_device, metric_value
-from hpo.trial import Listener, improves, original_number, trial_attributes, trial_seed
+from hpo.listener import Listener
+from hpo.trial import improves, original_number, trial_attributes, trial_seed
 from hpo.worker import Interrupted, WorkerResult
 
 

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 import optuna
 
 from hpo.budget import budget_status
-from hpo.results import Summary, summarize
-from hpo.trial import Listener
+from hpo.listener import Listener
+from hpo.summary import Summary, summarize
 
 
 def fmt(value: Any) -> str:

@@ -20,7 +20,7 @@ from hpo.budget import BudgetSpent, count_budget
 from hpo.samplers import effective_n_trials
 from hpo.spec import spec_from_mapping
 from hpo.storage import BudgetLock
-from hpo.study import SPEC_ATTR
+from hpo.summary import SPEC_ATTR
 
 
 class BudgetedStorage:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from hpo.errors import HpoError
 from hpo.progress import fmt
-from hpo.results import summarize
+from hpo.summary import summarize
 
 
 def _plots() -> dict[str, Callable[[optuna.Study], Any]]:

@@ -3,43 +3,35 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial
 
 from hpo.artifacts import find_artifact
-from hpo.builtin import fold_models
-from hpo.data import DataCache
-from hpo.model import build_model
-from hpo.params import Params
-from hpo.study import (
-    ARTIFACTS_ATTR,
-    SPEC_ATTR,
-    TEST_ATTR,
-    UID_ATTR,
-    StudyHandle,
-    system_attrs,
-)
-from hpo.train import evaluate_ensemble
+from hpo.summary import best_trial
+from hpo.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
+from hpo.summary import TEST_ATTR
 
+if TYPE_CHECKING:
+    import torch
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+    from hpo.data import DataCache
 
 
 def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
     """Score the best trial once on the test data and record it: hpo's own loop scores its saved
     model on the test split and saves it as the study's model; a user's `test` function is called
     with the best trial's params and final state."""
+    from hpo.builtin import fold_models
+    from hpo.data import DataCache
+    from hpo.model import build_model
+    from hpo.params import Params
+    from hpo.train import evaluate_ensemble
+
     study, spec = handle.study, handle.spec
     best = best_trial(study)
     if best is None:
@@ -170,33 +162,3 @@ def _own_file(base: Path, name: Any, uid: Any) -> Path | None:
     return path
 
 
-@dataclass(frozen=True)
-class Summary:
-    name: str
-    direction: str
-    metric: str
-    counts: dict[str, int]
-    best_number: int | None
-    best_value: float | None
-    best_params: dict[str, Any]
-    test: dict[str, Any] | None
-    n_trials_budget: int | None
-
-
-def summarize(study: optuna.Study) -> Summary:
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
-    best = best_trial(study)
-    attrs = study.user_attrs
-    spec = attrs.get(SPEC_ATTR) or {}
-    return Summary(
-        name=study.study_name,
-        direction=study.direction.name.lower(),
-        metric=spec.get("metric", "value"),
-        counts=dict(counts),
-        best_number=best.number if best else None,
-        best_value=best.value if best else None,
-        best_params=dict(best.params) if best else {},
-        test=attrs.get(TEST_ATTR),
-        n_trials_budget=(spec.get("budget") or {}).get("n_trials"),
-    )

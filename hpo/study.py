@@ -13,10 +13,12 @@ import uuid
 from pathlib import Path
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 import optuna
-import torch
 from optuna.storages import BaseStorage
 
 from hpo.artifacts import ENV_ARTIFACTS, Artifacts, open_store, resolve_artifact_path
@@ -24,9 +26,8 @@ from hpo.errors import HpoError, SpecError, StorageError
 from hpo.samplers import make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_from_mapping
 from hpo.storage import creation_lock, mask
+from hpo.summary import SPEC_ATTR
 
-SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
-TEST_ATTR = "test"  # user attr: the best model's one test-split score
 UID_ATTR = "hpo:uid"  # system attr: names the study's checkpoints in the artifact store
 ARTIFACTS_ATTR = "hpo:artifacts"  # system attr: where this study's artifacts were written
 
@@ -40,6 +41,8 @@ class StudyHandle:
 
 def choose_device(name: str | None) -> torch.device:
     """`auto` (default): CUDA when present, else CPU."""
+    import torch
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

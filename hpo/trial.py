@@ -26,6 +26,7 @@ from hpo.artifacts import Artifacts
 from hpo.checkpoints import Envelope, unsafe_part
 from hpo.endings import CheckpointPolicy, Deadlines, Diverged, End, Ending, Stop, is_oom
 from hpo.errors import TrialError
+from hpo.listener import Listener
 from hpo.space import sample
 from hpo.spec import StudySpec
 from hpo.storage import set_user_attrs
@@ -38,19 +39,6 @@ RESERVED = ("epoch_seconds", "device", "reason", "traceback", "resumed_from_epoc
 class TrialPruned(optuna.TrialPruned):
     """Raised by `Trial.report()` when the pruner stops the trial. Let it propagate (a training
     function may also raise it itself to stop a trial by its own rule)."""
-
-
-class Listener:
-    """Progress hooks for a front end (the CLI's progress line); the default does nothing."""
-
-    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None: ...
-
-    def epoch_done(self, number: int, epoch: int, value: float) -> None: ...
-
-    def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None: ...
-
-    def note(self, text: str) -> None:
-        """A line worth telling the person (a trial taken over, a wait)."""
 
 
 @dataclass

@@ -21,7 +21,8 @@ from hpo.spec import StudySpec
 from hpo.storage import BudgetLock
 from hpo.study import StudyHandle
 from hpo.train import configure_device
-from hpo.trial import Listener, Trial, TrialContext, TrialRunner
+from hpo.listener import Listener
+from hpo.trial import Trial, TrialContext, TrialRunner
 
 
 @dataclass

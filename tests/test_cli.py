@@ -148,3 +148,22 @@ def test_python_dash_m_entry_point(tmp_path) -> None:
 
     out = subprocess.run([sys.executable, "-m", "hpo", "--help"], capture_output=True, text=True, check=True)
     assert "Usage: hpo" in out.stdout or "Usage: python -m hpo" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["validate", "QUICKSTART"], ["studies"], ["best", "small"],
+                                  ["trials", "small"]], ids=lambda a: a[0])
+def test_commands_that_train_nothing_import_no_torch(args, write_spec, runner, storage_url, tmp_path) -> None:
+    """Importing torch takes seconds; a command that only reads a study must not pay for it."""
+    import subprocess
+    import sys
+
+    assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 1, "epochs": 1})),
+                  "--storage", storage_url).exit_code == 0
+    quickstart = str(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml")
+    argv = [a.replace("QUICKSTART", quickstart) for a in args]
+    if args[0] != "--help" and args[0] != "validate":
+        argv += ["--storage", storage_url]
+    code = ("import sys\nfrom hpo.cli import cli\ntry:\n    cli.main(args=%r, prog_name='hpo')\nexcept SystemExit:\n"
+            "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')" % argv)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "NO TORCH", done.stdout + done.stderr

@@ -306,7 +306,7 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     """A progress hook (a user plug-in point) raising mid-trial."""
     import torch
 
-    from hpo.trial import Listener
+    from hpo.listener import Listener
     from hpo.spec import load_spec
     from hpo.storage import open_storage
     from hpo.study import open_for_spec
