@@ -123,25 +123,6 @@ def test_bad_run_arguments(write_spec, runner, tmp_path, args, message) -> None:
     assert not db.exists()
 
 
-@pytest.mark.parametrize("url,message", [
-    ("nosuchdb://x/y", "unknown database kind"),
-    ("not a url", "not a valid storage URL"),
-    ("sqlite:////no/such/folder/x.db", "folder /no/such/folder does not exist"),
-    ("postgresql://user:s3cret@127.0.0.1:1/db", "cannot open storage postgresql://user:***@127.0.0.1:1/db"),
-])
-def test_bad_storage_urls(write_spec, runner, url, message) -> None:
-    result = invoke(runner, "run", write_spec(small_spec()), "--storage", url)
-    assert result.exit_code == 1
-    assert message in result.output and "s3cret" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
-
-
-def test_storage_is_a_directory(write_spec, runner, tmp_path) -> None:
-    (tmp_path / "dir.db").mkdir()
-    result = invoke(runner, "run", write_spec(small_spec()), "--storage", f"sqlite:///{tmp_path / 'dir.db'}")
-    assert result.exit_code == 1 and "is a directory, not a database file" in result.output
-
-
 def test_python_dash_m_entry_point(tmp_path) -> None:
     import subprocess
     import sys

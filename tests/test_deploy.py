@@ -25,8 +25,12 @@ def parses_as_hpo_command(argv: list[str]) -> None:
     name, rest = argv[1], argv[2:]
     assert name in cli.commands, f"hpo {name} is not a command"
     command = cli.commands[name]
-    with command.make_context(name, [substitute(a) for a in rest]) as ctx:
-        assert ctx.params is not None
+    args = [substitute(a) for a in rest]
+    with command.make_context(name, list(args)) as ctx:
+        # Every option given reached the command with a value (not its default of None/False).
+        for opt in (a for a in args if a.startswith("--")):
+            key = opt.lstrip("-").split("=")[0].replace("-", "_")
+            assert ctx.params.get(key) not in (None, False), f"{opt} did not reach hpo {name}"
 
 
 def compose() -> dict:

@@ -248,18 +248,26 @@ def test_password_never_reaches_the_study_logs_or_progress(pg_url, write_spec, t
         assert out.returncode == 0 and secret not in out.stdout + out.stderr
 
 
-def test_loading_never_executes_code() -> None:
-    """Checkpoints and models load with weights_only=True, YAML with a SafeLoader."""
-    sources = "\n".join(p.read_text() for p in (ROOT / "hpo").glob("*.py"))
-    loads = [line for line in sources.splitlines() if "torch.load(" in line]
-    assert loads and all("weights_only=True" in line for line in loads)
-    assert "yaml.load(" not in sources.replace("yaml.load(text, Loader=_Loader)", "")
-    assert "allow_pickle=False" in sources
-    import yaml as _yaml
+def test_a_model_file_or_an_npz_with_code_in_it_runs_nothing(write_spec, runner, tmp_path) -> None:
+    """Saved models load with weights_only=True and .npz files without pickle: a crafted file is
+    refused and its code never runs (checkpoints: test_a_tampered_checkpoint_cannot_run_code;
+    YAML tags: the python-object-tag case above)."""
+    import pickle
 
-    from hpo.spec import _Loader
+    from hpo.artifacts import Artifacts, open_store
 
-    assert issubclass(_Loader, _yaml.SafeLoader)
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    arts = Artifacts(open_store(tmp_path / "a"), "0123456789ab", tmp_path / "a")
+    (tmp_path / "a" / "model").write_bytes(pickle.dumps({"models": [Evil()]}))
+    with pytest.raises(pickle.UnpicklingError):
+        arts.read("model")
+    np.savez(tmp_path / "evil.npz", X=np.array([Evil()], dtype=object), y=np.zeros(1))
+    result = invoke(runner, "run", write_spec(small_spec(data={"dataset": "npz", "path": str(tmp_path / "evil.npz")})))
+    assert result.exit_code == 1 and "Error: " in result.output
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_a_tampered_checkpoint_cannot_run_code(tmp_path) -> None:
