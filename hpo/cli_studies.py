@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from hpo.cli import _open, _sigterm_as_interrupt, artifacts_option, cli, storage_option
+from hpo.cli_base import _open, _sigterm_as_interrupt, artifacts_option, cli, storage_option
 from hpo.errors import HpoError
 
 
