@@ -17,6 +17,8 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._private import backend_of, heartbeat_enabled, storage_of, study_id, trial_id
+
 
 @dataclass(frozen=True)
 class BudgetStatus:
@@ -71,9 +73,7 @@ def is_budget_spent(error: BaseException) -> bool:
 
 
 def _heartbeat_enabled(study: optuna.Study) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(study._storage)
+    return heartbeat_enabled(storage_of(study))
 
 
 def wait_for_running(study: optuna.Study, say: Callable[[str], None] | None = None) -> bool:
@@ -88,14 +88,14 @@ def wait_for_running(study: optuna.Study, say: Callable[[str], None] | None = No
     numbers = tuple(t.number for t in running)
     if say is not None and _last_wait.get(id(study)) != numbers:
         _last_wait[id(study)] = numbers
-        backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storage in a cache
-        grace = getattr(backend, "grace_period", None) or 2 * study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+        backend = backend_of(storage_of(study))  # Optuna wraps RDB storage in a cache
+        grace = getattr(backend, "grace_period", None) or 2 * backend.get_heartbeat_interval()
         say(f"waiting for trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: running in "
             f"another worker, or its worker died and it is retried after {grace} s without a heartbeat")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    time.sleep(min(2.0, max(0.2, study._storage.get_heartbeat_interval() / 4)))  # type: ignore[attr-defined]
+    time.sleep(min(2.0, max(0.2, backend_of(storage_of(study)).get_heartbeat_interval() / 4)))
     return True
 
 
@@ -122,8 +122,8 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, trial)
         retry = study.get_trials(deepcopy=False)[-1]
         if (retry.system_attrs.get("retry_history") or [None])[-1] == trial.number and retry.state == TrialState.WAITING:
-            study._storage.set_trial_user_attr(
-                retry._trial_id, "retry_reason",
+            storage_of(study).set_trial_user_attr(
+                trial_id(retry), "retry_reason",
                 f"trial {trial.number}'s worker stopped sending heartbeats (killed, frozen or cut off); this retry "
                 "resumes from its last checkpoint")
 
@@ -135,7 +135,7 @@ def _forget_checkpoints(study: optuna.Study, number: int) -> None:
 
     from hpo.results import _own_file
 
-    system = study._storage.get_study_system_attrs(study._study_id)
+    system = storage_of(study).get_study_system_attrs(study_id(study))
     folder, uid = system.get("hpo:artifacts"), system.get("hpo:uid")
     if not isinstance(folder, str) or not isinstance(uid, str) or not Path(folder).is_dir():
         return
@@ -147,7 +147,7 @@ def _forget_checkpoints(study: optuna.Study, number: int) -> None:
 
 def requeue(study: optuna.Study, trial_id: int) -> FrozenTrial | None:
     """Queue a retry of an interrupted trial, the way a heartbeat-stale trial is retried."""
-    trial = study._storage.get_trial(trial_id)
+    trial = storage_of(study).get_trial(trial_id)
     if trial.state != TrialState.FAIL:
         return None
     with warnings.catch_warnings():

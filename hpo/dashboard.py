@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from optuna.storages import BaseStorage
 
+from hpo._private import study_id
 from hpo.artifacts import open_store, resolve_artifact_path
 from hpo.errors import HpoError
 from hpo.study import ARTIFACTS_ATTR
@@ -36,7 +37,7 @@ def artifact_folder(storage: BaseStorage, storage_url: str, cli_value: str | Non
     """--artifacts, else $HPO_ARTIFACTS, else the folder the newest study recorded, else default."""
     recorded = None
     for study in reversed(storage.get_all_studies()):
-        recorded = storage.get_study_system_attrs(study._study_id).get(ARTIFACTS_ATTR)
+        recorded = storage.get_study_system_attrs(study_id(study)).get(ARTIFACTS_ATTR)
         if recorded:
             break
     return resolve_artifact_path(cli_value, storage_url, recorded)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpo._private import fused_kernel
 from hpo.data import Data, Split
 from hpo.model import MLP, build_model
 from hpo.optim import Schedule
@@ -495,15 +496,15 @@ class FusedGroup:
             p, lr = m.params, lrs[i]
             grad = [g[i] for g in grads]
             if opt in ("adam", "adamw"):
-                kernel = torch._fused_adam_ if opt == "adam" else torch._fused_adamw_
+                kernel = fused_kernel("_fused_adam_" if opt == "adam" else "_fused_adamw_")
                 kernel(own["param"], grad, own["exp_avg"], own["exp_avg_sq"], [], own["steps"], lr=lr,
                        beta1=p.beta1, beta2=p.beta2, weight_decay=p.weight_decay, eps=1e-8, amsgrad=False,
                        maximize=False)
             elif opt == "adagrad":
-                torch._fused_adagrad_(own["param"], grad, own["sum"], own["steps"], lr=lr, lr_decay=0.0,
+                fused_kernel("_fused_adagrad_")(own["param"], grad, own["sum"], own["steps"], lr=lr, lr_decay=0.0,
                                       weight_decay=p.weight_decay, eps=1e-10, maximize=False)
             else:  # sgd, momentum, nesterov
-                torch._fused_sgd_(own["param"], grad, own.get("momentum_buffer", []),
+                fused_kernel("_fused_sgd_")(own["param"], grad, own.get("momentum_buffer", []),
                                   weight_decay=p.weight_decay, momentum=0.0 if opt == "sgd" else p.momentum, lr=lr,
                                   dampening=0.0, nesterov=opt == "nesterov", maximize=False,
                                   is_first_step=bool(first and first[i]))

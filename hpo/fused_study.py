@@ -42,6 +42,7 @@ import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from hpo._private import storage_of, study_id, trial_id
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.checkpoints import Envelope
 from hpo.data import DataCache, Split
@@ -62,7 +63,7 @@ class _Heartbeats:
     """Records a heartbeat for every member in flight (Optuna does this only inside optimize)."""
 
     def __init__(self, study: optuna.Study) -> None:
-        storage: Any = study._storage  # an RDB storage (heartbeats) or a journal/proxy (none)
+        storage: Any = storage_of(study)  # an RDB storage (heartbeats) or a journal/proxy (none)
         self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
         self.storage = storage
         self.ids: set[int] = set()
@@ -111,8 +112,8 @@ class _Snapshot:
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.get_trials()
 
-    def frozen(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        return next(t for t in self._trials if t._trial_id == trial_id)
+    def frozen(self, tid: int) -> optuna.trial.FrozenTrial:
+        return next(t for t in self._trials if trial_id(t) == tid)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
@@ -142,7 +143,7 @@ def run_fused_worker(
     timeout = timeout if timeout is not None else spec.budget.timeout
     deadline = time.monotonic() + timeout if timeout else None
     epochs = spec.budget.epochs
-    lock = BudgetLock(study._storage, study._study_id)
+    lock = BudgetLock(storage_of(study), study_id(study))
     beats = _Heartbeats(study)
     result = WorkerResult()
     # One fused group per structure among the trials in flight; at most `group_size` trials in
@@ -211,7 +212,7 @@ def run_fused_worker(
             group = groups[key] = FusedGroup(data.folds(params.scaling)[0], device)
         member = group.add(trial, params, trial_seed(spec.seed, number), epochs, number)
         _resume(group, len(group) - 1, Envelope.from_dict(handle.artifacts.load_checkpoint(number)))
-        beats.add(trial._trial_id)
+        beats.add(trial_id(trial))
         result.ran += 1
         limits[trial.number] = Deadlines.start(spec.budget.trial_timeout, None)
         listener.trial_started(trial.number, params.to_dict(), member.epoch)
@@ -221,10 +222,10 @@ def run_fused_worker(
         try:
             _finish(group, index, ending, value)
         except (UpdateFinishedTrialError, ValueError):
-            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            if not storage_of(study).get_trial(trial_id(trial)).state.is_finished():
                 raise
             # Another worker failed it as stale while this one was stopped, and queued its retry.
-            beats.ids.discard(trial._trial_id)
+            beats.ids.discard(trial_id(trial))
             listener.note(f"trial {trial.number} was taken over by another worker while this one was stopped "
                           "(past the grace period); dropped it, going on")
 
@@ -238,7 +239,7 @@ def run_fused_worker(
             handle.artifacts.upload(trial, "model.pt", _member_state(group, index).state)
         handle.artifacts.remove_checkpoint(member.number)
         frozen = study.tell(trial, value if ending.end is End.COMPLETE else None, state=ending.end.state)
-        beats.ids.discard(trial._trial_id)
+        beats.ids.discard(trial_id(trial))
         listener.trial_finished(study, frozen)
 
     def train(group: FusedGroup, reports: list[tuple[optuna.Trial, float, int]]) -> dict[int, float] | None:
@@ -287,7 +288,7 @@ def run_fused_worker(
                 ending: Ending | None = Ending(End.COMPLETE)
             else:
                 ending = _verdict(m, i in values, epoch, limits[trial.number])
-            if ending is None and study.pruner.prune(snapshot, snapshot.frozen(trial._trial_id)):  # type: ignore[arg-type]
+            if ending is None and study.pruner.prune(snapshot, snapshot.frozen(trial_id(trial))):  # type: ignore[arg-type]
                 ending = Ending.pruned(spec.pruner.name, epoch)
             if ending is not None:
                 finish(group, i, ending, values.get(i))
@@ -352,7 +353,7 @@ def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult) -> int:
             study.tell(trial, state=TrialState.FAIL)
         except Exception:
             pass  # already told (the interrupt came while it was being finished)
-        requeue(study, trial._trial_id)
+        requeue(study, trial_id(trial))
     if members:
         result.interrupted_trial = members[0].key.number
         result.resumes_from_epoch = members[0].checkpoint_epoch

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from hpo._private import storage_of
 from hpo.artifacts import find_artifact
 from hpo.summary import best_trial
 from hpo.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
@@ -41,7 +42,7 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
         return recorded
     if spec.train is not None:
         return _score_with_user_test(handle, best, device) if spec.test is not None else None
-    model_id = find_artifact(best, "model.pt", study._storage)
+    model_id = find_artifact(best, "model.pt", storage_of(study))
     if model_id is None:
         return None
     saved = handle.artifacts.read(model_id)
@@ -96,7 +97,7 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
     assert spec.test is not None
     who = f"test: {spec.test}"
     test_fn = load(spec.test, "test")
-    model_id = find_artifact(best, "model.pt", handle.study._storage)
+    model_id = find_artifact(best, "model.pt", storage_of(handle.study))
     trial = Trial(TrialContext(spec, handle.artifacts, device, who=who), resolve_values(spec, best.params),
                   best.number, None)
     trial.start_epoch = trial.epochs
@@ -132,7 +133,7 @@ def delete_study(study: optuna.Study) -> int:
         base = Path(folder).resolve()
         names = {m.artifact_id for m in get_all_artifact_meta(study)}
         for t in study.get_trials(deepcopy=False):
-            names.update(m.artifact_id for m in get_all_artifact_meta(t, storage=study._storage))
+            names.update(m.artifact_id for m in get_all_artifact_meta(t, storage=storage_of(study)))
         uid = system.get(UID_ATTR)
         if isinstance(uid, str) and _UID_RE.match(uid):
             names.update(p.name for p in base.glob(f"{uid}-trial*.ckpt"))
@@ -140,7 +141,7 @@ def delete_study(study: optuna.Study) -> int:
             if (path := _own_file(base, name, uid)) is not None:
                 path.unlink()
                 removed += 1
-    optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    optuna.delete_study(study_name=study.study_name, storage=storage_of(study))
     return removed
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
+from hpo._private import backend_of, rdb_models, rdb_session, redis_journal, trial_id
 from hpo.budget import RetryStaleTrial
 from hpo.errors import StorageError
 
@@ -287,7 +288,7 @@ class ResilientRDBStorage(RDBStorage):
         and a trial's end-of-trial facts were four commits (a few ms each on a server)."""
         import json
 
-        from optuna.storages._rdb import models
+        models = rdb_models()
 
         table = models.TrialUserAttributeModel
         rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
@@ -301,7 +302,7 @@ class ResilientRDBStorage(RDBStorage):
     def set_trials_intermediate_values(self, reports: list[tuple[int, int, float]]) -> None:
         """(trial id, step, value) of several trials in one statement: a fused round reports K
         trials at once, and Optuna's API takes two queries and a commit for each (~1.7 ms)."""
-        from optuna.storages._rdb import models
+        models = rdb_models()
 
         table = models.TrialIntermediateValueModel
         rows = []
@@ -321,8 +322,7 @@ class ResilientRDBStorage(RDBStorage):
         row at a time, after the same check that every trial is still running."""
         import sqlite3
 
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
+        models = rdb_models()
         from sqlalchemy import select
         from sqlalchemy.dialects import mysql, postgresql, sqlite
 
@@ -331,10 +331,10 @@ class ResilientRDBStorage(RDBStorage):
         update = [c for c in rows[0] if c not in {k.key for k in keys}]
 
         def write() -> None:
-            with _create_scoped_session(self.scoped_session, True) as session:
+            with rdb_session(self) as session:
                 trials = models.TrialModel
                 found = select(trials.trial_id, trials.state).where(trials.trial_id.in_(ids))
-                states = dict(session.execute(found).all())
+                states: dict[int, Any] = dict(session.execute(found).all())
                 for trial_id in ids:
                     if trial_id not in states:
                         raise KeyError(f"No trial with trial_id {trial_id} exists.")
@@ -360,7 +360,7 @@ class ResilientRDBStorage(RDBStorage):
 def _batching(trial: Any) -> ResilientRDBStorage | None:
     """The storage under `trial` (Optuna wraps an RDBStorage in a cache) where it can write
     several rows in one statement; None where writes go one by one through Optuna's API."""
-    backend = getattr(trial.storage, "_backend", trial.storage)
+    backend = backend_of(trial.storage)
     return backend if isinstance(backend, ResilientRDBStorage) else None
 
 
@@ -368,7 +368,7 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     """Write a trial's user attributes in one commit where the storage can, else one by one."""
     backend = _batching(trial)
     if backend is not None and len(attrs) > 1:
-        backend.set_trial_user_attrs(trial._trial_id, attrs)
+        backend.set_trial_user_attrs(trial_id(trial), attrs)
         cached = getattr(trial, "_cached_frozen_trial", None)  # what trial.user_attrs returns
         if cached is not None:
             cached.user_attrs.update(attrs)
@@ -384,7 +384,7 @@ def report_all(reports: list[tuple[Any, float, int]]) -> None:
     backend = _batching(fresh[0][0]) if fresh else None
     if backend is not None and len(fresh) > 1:
         try:
-            backend.set_trials_intermediate_values([(t._trial_id, s, v) for t, v, s in fresh])
+            backend.set_trials_intermediate_values([(trial_id(t), s, v) for t, v, s in fresh])
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # one was ended elsewhere (failed as stale): report one by one, so it raises alone
         else:
@@ -538,17 +538,17 @@ class BudgetLock:
     hold_limit = 15.0  # seconds
 
     def __init__(self, storage: BaseStorage, study_id: int) -> None:
-        backend = getattr(storage, "_backend", storage)  # unwrap Optuna's _CachedStorage, JournalStorage
+        backend = backend_of(storage)  # unwrap Optuna's _CachedStorage, JournalStorage
         self.engine = backend.engine if isinstance(backend, RDBStorage) else None
         self.dialect = self.engine.dialect.name if self.engine is not None else ""
         self.key = 0x6870_6F00_0000 + study_id  # "hpo" + study id: one lock per study
         self.conn: Any = None
         self.held = False
         self.redis_lock: Any = None
-        client = getattr(backend, "_redis", None)  # Optuna's JournalRedisBackend
+        client, prefix = redis_journal(backend)
         if client is not None:
             # Expires on its own if the holder dies; a holder frees it as soon as its trial exists.
-            self.redis_lock = client.lock(f"{getattr(backend, '_prefix', '')}:hpo-budget-{study_id}", timeout=60)
+            self.redis_lock = client.lock(f"{prefix}:hpo-budget-{study_id}", timeout=60)
 
     def acquire(self) -> None:
         if self.dialect in ("postgresql", "mysql", "mariadb"):

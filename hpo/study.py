@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 import optuna
 from optuna.storages import BaseStorage
 
+from hpo._private import storage_of, study_id
 from hpo.artifacts import ENV_ARTIFACTS, Artifacts, open_store, resolve_artifact_path
 from hpo.errors import HpoError, SpecError, StorageError
 from hpo.samplers import make_pruner, make_sampler
@@ -71,7 +72,7 @@ def _diff(a: Any, b: Any, path: str = "") -> str | None:
 
 def system_attrs(study: optuna.Study) -> dict[str, Any]:
     # Optuna 5 keeps study system attrs on the storage API only.
-    return study._storage.get_study_system_attrs(study._study_id)
+    return storage_of(study).get_study_system_attrs(study_id(study))
 
 
 def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) -> Artifacts:
@@ -79,11 +80,11 @@ def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) 
     path = resolve_artifact_path(artifact_dir, storage_url, system.get(ARTIFACTS_ATTR))
     store = open_store(path)
     if system.get(ARTIFACTS_ATTR) is None:
-        study._storage.set_study_system_attr(study._study_id, ARTIFACTS_ATTR, str(path.resolve()))
+        storage_of(study).set_study_system_attr(study_id(study), ARTIFACTS_ATTR, str(path.resolve()))
     uid = system.get(UID_ATTR)
     if uid is None:
         uid = uuid.uuid4().hex[:12]
-        study._storage.set_study_system_attr(study._study_id, UID_ATTR, uid)
+        storage_of(study).set_study_system_attr(study_id(study), UID_ATTR, uid)
     elif not (isinstance(uid, str) and re.fullmatch(r"[0-9a-f]{12}", uid)):
         # It names checkpoint files: a crafted value must not steer writes outside the store.
         raise StorageError(f"study {study.study_name!r} has an invalid {UID_ATTR} ({str(uid)[:40]!r}); "

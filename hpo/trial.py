@@ -22,6 +22,7 @@ import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 
+from hpo._private import trial_id
 from hpo.artifacts import Artifacts
 from hpo.checkpoints import Envelope, unsafe_part
 from hpo.endings import CheckpointPolicy, Deadlines, Diverged, End, Ending, Stop, is_oom
@@ -58,7 +59,7 @@ def original_number(trial: optuna.Trial) -> int:
     """The number of the first attempt of this trial: retries share its seed and checkpoint."""
     if not trial.params:  # a retry is created with its parameters; a fresh trial has none yet
         return trial.number
-    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    attrs = trial.storage.get_trial_system_attrs(trial_id(trial))
     history = attrs.get("retry_history") or []
     return int(history[0]) if history else trial.number
 
@@ -302,7 +303,7 @@ class TrialRunner:
         params = sample(ot, ctx.spec)
         envelope = Envelope.from_dict(ctx.artifacts.load_checkpoint(number))
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
-        reported = frozenset(ot.storage.get_trial(ot._trial_id).intermediate_values) if number != ot.number else frozenset()
+        reported = frozenset(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else frozenset()
         trial = self.current = Trial(ctx, params, number, ot, envelope, reported)
         ctx.listener.trial_started(ot.number, params, trial.start_epoch)
         try:

@@ -12,6 +12,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._private import storage_of, study_id
 from hpo.budget import budget_status, is_budget_spent, requeue, wait_for_running
 from hpo.data import DataCache
 from hpo.endings import CheckpointPolicy, Stop
@@ -89,7 +90,7 @@ def run_worker(
             gc.collect()
             torch.cuda.empty_cache()
 
-    lock = BudgetLock(study._storage, study._study_id)
+    lock = BudgetLock(storage_of(study), study_id(study))
     objective.on_start = lock.release
     try:
         while True:
@@ -147,7 +148,7 @@ def run_worker(
 
 def _study_gone(study: optuna.Study) -> bool:
     try:
-        study._storage.get_study_id_from_name(study.study_name)
+        storage_of(study).get_study_id_from_name(study.study_name)
     except KeyError:
         return True
     except Exception:
@@ -174,7 +175,7 @@ def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: TrialRun
     retry, which resumes from the trial's last checkpoint."""
     if tracker.current is None:
         return
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, tracker.current)
+    trial_id = storage_of(study).get_trial_id_from_study_id_trial_number(study_id(study), tracker.current)
     if requeue(study, trial_id) is not None:
         result.interrupted_trial = tracker.current
         result.resumes_from_epoch = objective.current.checkpointed_epoch if objective.current else 0

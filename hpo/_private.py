@@ -1,0 +1,82 @@
+"""Every private Optuna and torch API hpo touches, in one place.
+
+Optuna keeps a study's storage and ids, a trial's id, its RDB models and its heartbeat check
+private; torch keeps the fused optimizer kernels private. hpo needs them (storage calls Optuna's
+public API does not expose, one-statement batch writes, the fused CPU update), so each is reached
+through this module, and tests/test_private_apis.py names every one and fails with a clear
+message when an installed Optuna or torch lacks it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+
+# What this module relies on, by library: checked by tests/test_private_apis.py.
+OPTUNA_ATTRIBUTES = {
+    "optuna.Study": ("_storage", "_study_id"),
+    "optuna.Trial": ("_trial_id",),
+    "optuna.trial.FrozenTrial": ("_trial_id",),
+    "optuna.storages._CachedStorage": ("_backend",),
+    "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
+    "optuna.storages._rdb.models": ("TrialModel", "TrialUserAttributeModel", "TrialIntermediateValueModel"),
+    "optuna.storages._rdb.storage": ("_create_scoped_session",),
+    "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period"),
+    "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
+    "optuna.study._frozen.FrozenStudy": ("_study_id",),
+}
+TORCH_FUNCTIONS = ("_fused_adam_", "_fused_adamw_", "_fused_adagrad_", "_fused_sgd_")
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage a study reads and writes (Optuna 5 has no public accessor)."""
+    return study._storage
+
+
+def study_id(study: Any) -> int:
+    """A study's id (an optuna.Study or a FrozenStudy from get_all_studies())."""
+    return int(study._study_id)
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def backend_of(storage: Any) -> Any:
+    """The storage behind Optuna's in-process cache (_CachedStorage), or the storage itself."""
+    return getattr(storage, "_backend", storage)
+
+
+def redis_journal(backend: Any) -> tuple[Any, str]:
+    """The redis-py client and key prefix of Optuna's JournalRedisBackend (None elsewhere)."""
+    return getattr(backend, "_redis", None), str(getattr(backend, "_prefix", ""))
+
+
+def heartbeat_enabled(storage: Any) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+def rdb_session(storage: Any) -> Any:
+    """A session of an RDB storage, committed on success and rolled back on error, as Optuna's own
+    writes use."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    return _create_scoped_session(storage.scoped_session, True)
+
+
+def rdb_models() -> Any:
+    """Optuna's SQLAlchemy models (tables) of the RDB storage, for one-statement batch writes."""
+    from optuna.storages._rdb import models
+
+    return models
+
+
+def fused_kernel(name: str) -> Any:
+    """torch's fused optimizer kernel `name` (e.g. "_fused_adam_"), what torch.optim's fused=True runs."""
+    import torch
+
+    return getattr(torch, name)
