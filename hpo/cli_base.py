@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hpo.errors import HpoError
+from hpo.errors import HpoError, SettingError, StudyExistsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +25,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except SettingError as e:  # the library names the setting; here it is the flag that set it
+            raise click.ClickException(f"--{e.setting}: {e.message}") from None
+        except StudyExistsError as e:
+            raise click.ClickException(f"{e} (hpo delete {e.name} --yes)") from None
         except HpoError as e:
             raise click.ClickException(str(e)) from None
         except Exception as e:

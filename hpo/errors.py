@@ -23,5 +23,24 @@ class DataError(HpoError):
     """A dataset cannot be loaded or does not have the expected shape."""
 
 
+class SettingError(HpoError):
+    """A run setting (the device, the storage URL, fusion) is unusable. `setting` names it; the CLI
+    words it as the flag that gave it (`--device: ...`), the library as the setting (`device: ...`)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message
+
+
+class StudyExistsError(SpecError):
+    """A study of that name exists with another search; `name` is the study, for a front end's hint."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class TrialError(HpoError):
-    """One trial failed for a reason worth recording; the study goes on."""
+    """One trial failed inside the runtime (an internal signal to Optuna's optimize: the trial is
+    recorded as failed with its reason and the study goes on); not shown to the user as an error."""

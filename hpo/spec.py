@@ -215,11 +215,15 @@ class StudySpec:
         return replace(self, budget=BudgetSpec(**values))
 
     def fused(self, group_size: int) -> StudySpec:
-        """A copy that runs fused groups of `group_size` (the CLI's --fuse K), checked like the file."""
+        """A copy that runs fused groups of `group_size`, checked like the file's execution.mode."""
+        from hpo.errors import SettingError
         from hpo.validate import Validator
 
         spec = replace(self, execution=replace(self.execution, mode="fused", group_size=group_size))
-        Validator(self.source).check_fusable(spec, "--fuse")
+        try:
+            Validator(self.source).check_fusable(spec, "fuse")
+        except SpecError as e:  # "file: fuse: why" -> the setting's own message
+            raise SettingError("fuse", str(e).split("fuse: ", 1)[-1]) from None
         return spec
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from optuna.storages import BaseStorage, RDBStorage
 
 from hpo._private import backend_of, rdb_models, rdb_session, redis_journal, trial_id
 from hpo.budget import RetryStaleTrial
-from hpo.errors import StorageError
+from hpo.errors import SettingError, StorageError
 
 _log = logging.getLogger("hpo.storage")
 
@@ -47,7 +47,7 @@ def resolve_url(url: str | None) -> str:
     """--storage, else $HPO_STORAGE, else the embedded SQLite file. A blank value is a mistake
     (an unset variable in a script, say), not a request for the default."""
     if url is not None and not url.strip():
-        raise StorageError("--storage is empty; give a storage URL, or leave it out for sqlite:///hpo.db")
+        raise SettingError("storage", "is empty; give a storage URL, or leave it out for sqlite:///hpo.db")
     env = os.environ.get(ENV_STORAGE)
     if url is None and env is not None and not env.strip():
         raise StorageError(f"{ENV_STORAGE} is set but empty; unset it for sqlite:///hpo.db, or give a storage URL")
@@ -181,7 +181,7 @@ def sole_writer(url: str) -> Iterator[None]:
 def _check_holds_studies(url: str, path: Path | None) -> None:
     """Read-only commands open only a storage that hpo (or Optuna) made: opening an empty database
     with Optuna would create its schema there."""
-    empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or pass --storage")
+    empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or name another storage")
     if path is not None:
         import sqlite3
 
@@ -220,7 +220,7 @@ def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
     if not path.exists():
         if not create:
             raise StorageError(
-                f"no storage at {shown} ({path} does not exist); run a study first or pass --storage"
+                f"no storage at {shown} ({path} does not exist); run a study first or name another storage"
             )
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():

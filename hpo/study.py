@@ -23,7 +23,7 @@ from optuna.storages import BaseStorage
 
 from hpo._private import storage_of, study_id
 from hpo.artifacts import ENV_ARTIFACTS, Artifacts, open_store, resolve_artifact_path
-from hpo.errors import HpoError, SpecError, StorageError
+from hpo.errors import SettingError, SpecError, StorageError, StudyExistsError
 from hpo.samplers import make_pruner, make_sampler
 from hpo.spec import StudySpec, spec_from_mapping
 from hpo.storage import creation_lock, mask
@@ -49,14 +49,14 @@ def choose_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise HpoError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise SettingError("device", f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise HpoError(f"--device: {name} requested but no CUDA GPU is available")
+            raise SettingError("device", f"{name} requested but no CUDA GPU is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise HpoError(f"--device: {name} does not exist ({torch.cuda.device_count()} GPUs)")
+            raise SettingError("device", f"{name} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
-        raise HpoError(f"--device: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+        raise SettingError("device", f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
 
 
@@ -125,9 +125,9 @@ def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, arti
     else:
         old = spec_from_mapping(stored, f"study {spec.name!r}")
         if (key := _diff(old.search_definition(), spec.search_definition())) is not None:
-            raise SpecError(
+            raise StudyExistsError(
                 f"{spec.source}: study {spec.name!r} already exists with a different spec "
-                f"(first difference: {key}); rename the study or `hpo delete {spec.name} --yes`"
+                f"(first difference: {key}); rename the study or delete the existing one", spec.name
             )
     if stored != spec.to_dict():
         study.set_user_attr(SPEC_ATTR, spec.to_dict())  # first run, or a changed budget

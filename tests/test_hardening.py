@@ -430,7 +430,7 @@ def test_passwords_never_show_even_with_an_at_sign_or_in_the_query(runner, url, 
 
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"HPO_STORAGE": ""}, [], "HPO_STORAGE is set but empty"),
-    ({}, ["--storage", ""], "--storage is empty"),
+    ({}, ["--storage", ""], "--storage: is empty"),
     ({}, ["--storage", "postgresql://"], "postgresql:// names no server or database"),
 ])
 def test_a_blank_or_hostless_storage_is_a_mistake_not_the_default(runner, monkeypatch, env, args, message) -> None:

@@ -467,6 +467,9 @@ def test_spec_mistakes_with_user_code_are_one_line(user_pkg, write_spec, runner,
          "space.m.when.opt: is not a parameter listed before m in space"),
         (user_spec(execution={"mode": "fused"}), "a train function cannot be fused"),
     ]
+    fuse = invoke(runner, "run", write_spec(user_spec()), "--storage", storage_url, "--fuse", "2")
+    assert fuse.exit_code == 1 and fuse.output.strip() == (
+        "Error: --fuse: fused training runs hpo's own MLP loop; a train function cannot be fused")
     for spec, message in cases:
         assert message in _bad(user_pkg, write_spec, runner, storage_url, spec)
     assert not Path(storage_url.removeprefix("sqlite:///")).exists()
