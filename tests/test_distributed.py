@@ -31,6 +31,15 @@ FAST = small_spec(
 )
 
 
+# Trials long enough (8 epochs of 20,000 rows) to be caught in flight by a kill, a freeze or a delete.
+LONG = dict(
+    FAST,
+    data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
+    space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
+    budget={"n_trials": 3, "epochs": 8},
+)
+
+
 def worker_cmd(study: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "hpo", "worker", study, "--quiet", "--threads", "1", *args]
 
@@ -81,12 +90,7 @@ def test_sqlite_refuses_several_workers(write_spec, runner, storage_url) -> None
 
 
 def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, runner, tmp_path) -> None:
-    spec = dict(
-        FAST, name="killed",
-        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
-        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
-        budget={"n_trials": 3, "epochs": 8},
-    )
+    spec = dict(LONG, name="killed")
     create(runner, write_spec, pg_url, spec, tmp_path)
     env = env_for(pg_url, tmp_path / "artifacts")
     hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
@@ -330,12 +334,7 @@ def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on
                                                                                tmp_path) -> None:
     """SIGSTOP past the grace period (a VM pause, a partition), a rescuer retries the trial, SIGCONT:
     the woken worker says so in one line and carries on; the study completes exactly."""
-    spec = dict(
-        FAST, name="frozen",
-        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
-        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
-        budget={"n_trials": 3, "epochs": 8},
-    )
+    spec = dict(LONG, name="frozen")
     create(runner, write_spec, pg_url, spec, tmp_path)
     env = env_for(pg_url, tmp_path / "artifacts")
     hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
@@ -358,12 +357,7 @@ def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on
 
 
 def test_deleting_a_running_study_stops_its_worker_with_one_line(pg_url, write_spec, runner, tmp_path) -> None:
-    spec = dict(
-        FAST, name="doomed",
-        data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},
-        space={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "width": 256},
-        budget={"n_trials": 3, "epochs": 8},
-    )
+    spec = dict(LONG, name="doomed")
     create(runner, write_spec, pg_url, spec, tmp_path)
     env = env_for(pg_url, tmp_path / "artifacts")
     worker = subprocess.Popen(worker_cmd("doomed"), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
