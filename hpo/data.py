@@ -6,8 +6,8 @@ rest is split into train/val by the spec's fractions, or into k stratified folds
 fold's train part only, so nothing of val or test leaks into training.
 
 Whole splits live on the device and the training loop draws batches with a permutation index:
-DataLoader collation of in-memory tensors costs 1.2x-2.3x per epoch on CPU and far more on GPU
-(torch issue #106704).
+DataLoader collation of in-memory tensors costs a large share of a small model's epoch on a CPU
+and far more on a GPU (torch issue #106704; measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -473,8 +473,8 @@ class FusedGroup:
 
         On a CPU, torch.optim's own fused kernel (what Adam(fused=True) runs) updates each member
         in one pass over its memory; the stacked formulas of _step take a dozen passes over the
-        whole (K, P) block, which for a wide member is most of its step (K = 4, 256 x 2: 2.1 ms
-        against 0.12 ms). The kernel takes hyperparameters as scalars, hence a call per member:
+        whole (K, P) block, which for a wide member is most of its step (benchmarks/RESULTS.md).
+        The kernel takes hyperparameters as scalars, hence a call per member:
         on a GPU, where launches are what costs, the stacked update's dozen launches for any K
         win, and RMSprop has no fused kernel.
         """
@@ -659,6 +659,3 @@ class FusedGroup:
         module.load_state_dict(self.member_state_dict(i))
         return module.to(self.device)
 
-
-def finite(values: torch.Tensor) -> list[bool]:
-    return [math.isfinite(v) for v in values.tolist()]

@@ -14,13 +14,10 @@ structure.
 The trade-off is speed, not search: a group is as large as the number of trials in flight that
 share its structure, so fusion gains most once the sampler settles on a few structures, and
 little while it spreads K trials over K structures. An earlier design fixed each group's structure
-to its first member's (Optuna's PartialFixedSampler) to keep groups full: on 2 CPU cores it was
-faster at the time (median 2.0x over one at a time against this design's 1.5x, digits, 32 seeds;
-2.1x now, after the update kernels and leaner steps), but it explored width and depth once per
-2K trials instead of once per trial, and its best score at equal budget was 0.09 points under
-one at a time on average (standard error 0.05) where this design's is 0.01 under (0.06, 32
-seeds) and 0.06 over (0.10, 12 seeds) now: benchmarks/RESULTS.md. A tool whose speed-up changes
-what it finds is not one to trust by default.
+to its first member's (Optuna's PartialFixedSampler) to keep groups full: it was faster, but it
+explored width and depth once per 2K trials instead of once per trial and found worse best scores
+at equal budget (the figures are in benchmarks/RESULTS.md). A tool whose speed-up changes what it
+finds is not one to trust by default.
 
 Everything the one-at-a-time worker guarantees holds here too: the study's budget (under the same
 lock), heartbeats for every member, per-epoch checkpoints (a retried member resumes, fused), and
@@ -173,7 +170,7 @@ def run_fused_worker(
         except Exception as e:
             if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
                 raise
-            result.stopped = f"study budget of {total} trials reached"
+            result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
             return None
         number = original_number(trial)  # before suggest(), which fills trial.params
         return trial, suggest(trial, spec), number
@@ -195,7 +192,7 @@ def run_fused_worker(
                 optuna.storages.fail_stale_trials(study)
             while in_flight() < group_size and can_start():
                 if left <= 0:
-                    result.stopped = f"study budget of {total} trials reached"
+                    result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
                     return
                 asked = ask()
                 if asked is None:
@@ -308,8 +305,8 @@ def run_fused_worker(
             for key in [k for k, g in groups.items() if not len(g)]:
                 del groups[key]
             if not groups:
-                if result.stopped.startswith("study budget") and wait_for_running(study, listener.note):
-                    result.stopped = ""
+                if result.budget_reached and wait_for_running(study, listener.note):
+                    result.stopped, result.budget_reached = "", False
                     continue  # a trial running elsewhere may still come back as a retry
                 if not result.stopped:
                     result.stopped = "nothing left to run"

@@ -12,7 +12,7 @@ from hpo.params import Params
 def make_optimizer(params: Any, p: Params, device: torch.device) -> torch.optim.Optimizer:
     """Build the optimizer; `params` is what `model.parameters()` returns."""
     # torch.optim's fused kernels: one pass over memory per step where the default takes a dozen
-    # per parameter tensor (a digits MLP epoch on 2 CPU cores: 0.8x the time), one launch on a GPU.
+    # per parameter tensor (a faster epoch on a CPU: benchmarks/RESULTS.md), one launch on a GPU.
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     o = p.optimizer
     if o == "sgd":

@@ -301,7 +301,7 @@ class ResilientRDBStorage(RDBStorage):
 
     def set_trials_intermediate_values(self, reports: list[tuple[int, int, float]]) -> None:
         """(trial id, step, value) of several trials in one statement: a fused round reports K
-        trials at once, and Optuna's API takes two queries and a commit for each (~1.7 ms)."""
+        trials at once, and Optuna's API takes two queries and a commit for each."""
         models = rdb_models()
 
         table = models.TrialIntermediateValueModel

@@ -29,7 +29,8 @@ from hpo.trial import Trial, TrialContext, TrialRunner
 @dataclass
 class WorkerResult:
     ran: int = 0
-    stopped: str = ""
+    stopped: str = ""  # why, for a person
+    budget_reached: bool = False  # the study's budget is used up (as opposed to a timeout or an n_trials cap)
     interrupted_trial: int | None = None
     resumes_from_epoch: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -106,7 +107,7 @@ def run_worker(
                 lock.release()
                 if wait_for_others and wait_for_running(study, tracker.note):
                     continue
-                result.stopped = f"study budget of {total} trials reached"
+                result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
                 break
             try:
                 # The callback costs a storage read per trial: only when someone listens (or on a GPU,
