@@ -34,12 +34,9 @@ class End(enum.Enum):
 
     @property
     def requeued(self) -> bool:
-        """Stopped from outside: the trial is queued and resumes from its last checkpoint."""
+        """Stopped from outside: the trial is queued and resumes from its last checkpoint, which is
+        kept (every other ending removes it)."""
         return self in (End.STUDY_TIMEOUT, End.INTERRUPTED)
-
-    @property
-    def keeps_checkpoint(self) -> bool:
-        return self.requeued
 
 
 @dataclass(frozen=True)

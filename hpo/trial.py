@@ -343,7 +343,7 @@ class TrialRunner:
         """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
         set_user_attrs(trial._trial, trial._attributes(None if ending.end.requeued else ending.reason))
-        if not ending.end.keeps_checkpoint:
+        if not ending.end.requeued:
             self.ctx.artifacts.remove_checkpoint(trial.number)
             self.current = None
 

@@ -6,7 +6,7 @@ it is then carved from train by the split's fractions). A set is a map-style tor
 `(x, y)` pairs, or a pair `(X, y)` of tensors or NumPy arrays.
 
 Data that fits `data.max_resident_mb` is gathered into tensors once and lives on the device, with
-index batching (hpo's fast path). Larger data is streamed: each epoch reads it through a
+index batching (hpo's fast path); `(X, y)` arrays are in memory already and are always held so. Larger data is streamed: each epoch reads it through a
 `DataLoader` with worker processes, pinned memory and non-blocking copies, as the Dataset returns
 it (hpo's `scaling` applies to resident data only: normalise streamed data in the Dataset).
 """
