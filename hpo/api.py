@@ -46,11 +46,11 @@ def run(
     then needs no `train:` key. Workers in other processes import the function by the reference
     stored in the study, so a function defined in a notebook runs here only.
     """
-    from hpo.launch import run_here
+    from hpo.launch import prepare, run_here
     from hpo.spec import load_spec, spec_from_mapping
     from hpo.storage import Heartbeat, open_storage, resolve_url, sole_writer
     from hpo.study import choose_device, open_for_spec
-    from hpo.user_code import _cache, load_references
+    from hpo.user_code import _cache
 
     if isinstance(spec, Mapping):
         doc = dict(spec)
@@ -67,12 +67,7 @@ def run(
     if n_trials is not None:
         loaded = loaded.with_budget(n_trials=n_trials)
     dev = choose_device(device)
-    load_references(loaded)
-    data = None
-    if loaded.train is None:
-        from hpo.data import DataCache
-
-        data = DataCache(loaded.builtin_data, loaded.seed, dev, loaded.model)
+    data = prepare(loaded, dev)
     url = resolve_url(storage)
     with sole_writer(url):
         handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)

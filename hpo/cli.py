@@ -137,7 +137,9 @@ def run(
     n_workers = workers or (len(gpu_ids) if gpu_ids else 1)
     check_parallel_storage(resolve_url(storage), n_workers)
     dev = choose_device("cuda" if gpu_ids else device)
-    data = _prepare(spec, dev)  # user code and data errors come before storage
+    from hpo.launch import prepare
+
+    data = prepare(spec, dev)  # user code and data errors come before storage
     hb = _heartbeat(heartbeat_interval, grace_period)
     with sole_writer(resolve_url(storage)):  # one process per SQLite file, refused before any write
         store, url = _open(storage, create=True, heartbeat=hb)
@@ -156,15 +158,6 @@ def run(
     if outcome.failed_workers:
         raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
                        f"(exit codes {outcome.failed_workers})")
-
-
-def _prepare(spec: Any, device: Any) -> Any:
-    """Import the spec's user code and load the data of hpo's own loop (None for a train function)."""
-    from hpo.data import DataCache
-    from hpo.user_code import load_references
-
-    load_references(spec)
-    return DataCache(spec.builtin_data, spec.seed, device, spec.model) if spec.train is None else None
 
 
 @contextlib.contextmanager
@@ -266,9 +259,9 @@ def worker(
         handle = open_existing(study, store, url, artifacts)
         if fuse is not None:
             handle.spec = handle.spec.fused(fuse)
-        data = _prepare(handle.spec, dev)
-        from hpo.launch import run_here
+        from hpo.launch import prepare, run_here
 
+        data = prepare(handle.spec, dev)
         _sigterm_as_interrupt()
         with _stops():
             outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,

@@ -14,6 +14,7 @@ from hpo.data import DataCache
 from hpo.progress import Progress
 from hpo.results import finalize
 from hpo.samplers import effective_n_trials
+from hpo.spec import StudySpec
 from hpo.storage import Heartbeat, mask
 from hpo.study import StudyHandle, choose_device
 from hpo.worker import Interrupted, run_worker
@@ -24,6 +25,15 @@ class Outcome:
     elapsed: float
     stopped: str = ""
     failed_workers: list[int] = field(default_factory=list)  # exit codes of workers that failed
+
+
+def prepare(spec: StudySpec, device: Any) -> DataCache | None:
+    """Import the spec's user code and load the data of hpo's own loop (None for a train function):
+    before any storage is touched, so these mistakes write nothing."""
+    from hpo.user_code import load_references
+
+    load_references(spec)
+    return DataCache(spec.builtin_data, spec.seed, device, spec.model) if spec.train is None else None
 
 
 class Stopped(Exception):
