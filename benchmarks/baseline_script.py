@@ -13,11 +13,11 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from hpo.data import DataCache
-from hpo.model import build_model
-from hpo.samplers import make_pruner, make_sampler
-from hpo.space import suggest
-from hpo.spec import StudySpec
+from hpo.data.splits import DataCache
+from hpo.search.samplers import make_pruner, make_sampler
+from hpo.spec.schema import StudySpec
+from hpo.spec.space import suggest
+from hpo.training.models import build_model
 
 DEVICE = torch.device("cpu")
 VALID_BATCHSIZE = 128  # pytorch_simple.py's loader batch size

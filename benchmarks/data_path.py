@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from _common import alternate, median, record, table
 
-from hpo.data import DataCache
-from hpo.model import build_model
-from hpo.params import Params
-from hpo.spec import DataSpec, SplitSpec
-from hpo.train import Trainer
+from hpo.data.splits import DataCache
+from hpo.spec.params import Params
+from hpo.spec.schema import DataSpec, SplitSpec
+from hpo.training.models import build_model
+from hpo.training.trainer import Trainer
 
 
 def main() -> None:

@@ -24,16 +24,16 @@ import optuna
 import torch
 from _common import HERE, alternate, median, record, shown, table, warm_up
 
-from hpo.data import DataCache
-from hpo.fused import PADDED, SHARED, FusedGroup
-from hpo.fused_study import run_fused_worker
-from hpo.model import build_model
-from hpo.params import Params
-from hpo.spec import load_spec
-from hpo.storage import open_storage
-from hpo.study import open_for_spec
-from hpo.train import Trainer
-from hpo.worker import run_worker
+from hpo.data.splits import DataCache
+from hpo.execution.fused_worker import run_fused_worker
+from hpo.execution.worker import run_worker
+from hpo.search.study import open_for_spec
+from hpo.spec.params import Params
+from hpo.spec.schema import load_spec
+from hpo.storage.backends import open_storage
+from hpo.training.fused import PADDED, SHARED, FusedGroup
+from hpo.training.models import build_model
+from hpo.training.trainer import Trainer
 
 
 def run(spec, device: torch.device, data: DataCache, group: int | None) -> tuple[float, float, list]:

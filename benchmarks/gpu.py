@@ -18,11 +18,11 @@ import time
 import torch
 from _common import HERE, record, table
 
-from hpo.data import DataCache
-from hpo.model import build_model, count_parameters
-from hpo.params import Params
-from hpo.spec import load_spec
-from hpo.train import Trainer, configure_device
+from hpo.data.splits import DataCache
+from hpo.spec.params import Params
+from hpo.spec.schema import load_spec
+from hpo.training.models import build_model, count_parameters
+from hpo.training.trainer import Trainer, configure_device
 
 
 def matmul_peak(device: torch.device) -> float:
@@ -86,9 +86,9 @@ def epoch_stats(family: str, p: Params, data: DataCache, device: torch.device, e
 
 
 def study_rate(spec_path, n_trials: int, epochs: int, device: torch.device, data: DataCache) -> tuple[float, float]:
-    from hpo.storage import open_storage
-    from hpo.study import open_for_spec
-    from hpo.worker import run_worker
+    from hpo.execution.worker import run_worker
+    from hpo.search.study import open_for_spec
+    from hpo.storage.backends import open_storage
 
     spec = load_spec(spec_path).with_budget(n_trials=n_trials, epochs=epochs, timeout=None)
     spec = dataclasses.replace(spec, name=f"{spec.name}-gpu-{time.monotonic_ns()}")

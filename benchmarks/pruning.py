@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from _common import HERE, median, record, shown, table, warm_up
 
-from hpo.spec import PrunerSpec, load_spec
-from hpo.storage import open_storage
-from hpo.study import open_for_spec
-from hpo.worker import run_worker
+from hpo.execution.worker import run_worker
+from hpo.search.study import open_for_spec
+from hpo.spec.schema import PrunerSpec, load_spec
+from hpo.storage.backends import open_storage
 
 
 def run(spec, pruner: PrunerSpec, seed: int) -> tuple[int, float, float]:

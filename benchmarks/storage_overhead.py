@@ -26,14 +26,14 @@ import optuna
 import torch
 from _common import record, table
 
-from hpo.data import DataCache
-from hpo.model import build_model
-from hpo.space import suggest
-from hpo.spec import spec_from_mapping
-from hpo.storage import Heartbeat, open_storage
-from hpo.study import open_for_spec
-from hpo.train import Trainer
-from hpo.worker import run_worker
+from hpo.data.splits import DataCache
+from hpo.execution.worker import run_worker
+from hpo.search.study import open_for_spec
+from hpo.spec.schema import spec_from_mapping
+from hpo.spec.space import suggest
+from hpo.storage.backends import Heartbeat, open_storage
+from hpo.training.models import build_model
+from hpo.training.trainer import Trainer
 
 EPOCHS = 10
 TINY = {
@@ -103,7 +103,7 @@ def plain_training(url: str | None, n: int) -> float:
                 raise optuna.TrialPruned()
         return value
 
-    from hpo.samplers import make_pruner, make_sampler
+    from hpo.search.samplers import make_pruner, make_sampler
 
     study = optuna.create_study(storage=storage, direction="maximize", sampler=make_sampler(spec),
                                 pruner=make_pruner(spec))

@@ -32,11 +32,11 @@ def main() -> None:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, Dataset
 
-    from hpo.data import Data
-    from hpo.model import build_model
-    from hpo.params import Params
-    from hpo.train import Trainer
-    from hpo.user_data import Stream
+    from hpo.data.splits import Data
+    from hpo.data.user import Stream
+    from hpo.spec.params import Params
+    from hpo.training.models import build_model
+    from hpo.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     warm_up()

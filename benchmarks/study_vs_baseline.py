@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from _common import HERE, alternate, median, record, shown, table, warm_up
 
-from hpo.results import finalize
-from hpo.spec import load_spec
-from hpo.storage import open_storage
-from hpo.study import open_for_spec
-from hpo.worker import run_worker
+from hpo.execution.worker import run_worker
+from hpo.search.results import finalize
+from hpo.search.study import open_for_spec
+from hpo.spec.schema import load_spec
+from hpo.storage.backends import open_storage
 
 
 def run_hpo(spec_path: Path, fuse: int | None = None) -> tuple[float, float]:
@@ -36,7 +36,7 @@ def run_hpo(spec_path: Path, fuse: int | None = None) -> tuple[float, float]:
         handle = open_for_spec(spec, open_storage(url), url, f"{tmp}/artifacts")
         device = torch.device("cpu")
         if fuse:
-            from hpo.fused_study import run_fused_worker
+            from hpo.execution.fused_worker import run_fused_worker
 
             run_fused_worker(handle, device=device, group_size=fuse)
         else:

@@ -33,10 +33,10 @@ QUICKSTART = ROOT / "studies" / "quickstart.yaml"
 def through_api(spec_path: Path, tmp: Path) -> tuple[float, int]:
     import torch
 
-    from hpo.spec import load_spec
-    from hpo.storage import Heartbeat, open_storage
-    from hpo.study import open_for_spec
-    from hpo.worker import run_worker
+    from hpo.execution.worker import run_worker
+    from hpo.search.study import open_for_spec
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import Heartbeat, open_storage
 
     spec = load_spec(spec_path)
     url = f"sqlite:///{tmp / f'api-{time.monotonic_ns()}.db'}"
@@ -50,21 +50,21 @@ def direct_optuna(spec_path: Path, tmp: Path) -> tuple[float, int]:
     import optuna
     import torch
 
-    from hpo.builtin import fold_seed
-    from hpo.data import DataCache
-    from hpo.model import build_model
-    from hpo.samplers import make_pruner, make_sampler
-    from hpo.space import sample
-    from hpo.spec import load_spec
-    from hpo.train import Trainer, metric_value
-    from hpo.trial import trial_seed
+    from hpo.data.splits import DataCache
+    from hpo.runtime.trial import trial_seed
+    from hpo.search.samplers import make_pruner, make_sampler
+    from hpo.spec.schema import load_spec
+    from hpo.spec.space import sample
+    from hpo.training.builtin import fold_seed
+    from hpo.training.models import build_model
+    from hpo.training.trainer import Trainer, metric_value
 
     spec = load_spec(spec_path)
     data = DataCache(spec.builtin_data, spec.seed, torch.device("cpu"), spec.model)
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, spec)
-        from hpo.params import Params
+        from hpo.spec.params import Params
 
         p = Params.from_mapping(values)
         seed = trial_seed(spec.seed, trial.number)
@@ -90,11 +90,10 @@ def direct_optuna(spec_path: Path, tmp: Path) -> tuple[float, int]:
 
 
 def in_process(args: argparse.Namespace) -> None:
-    import torch
-
     import logging
 
     import optuna
+    import torch
 
     optuna.logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(args.threads)

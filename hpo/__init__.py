@@ -1,7 +1,7 @@
 """hpo: hyperparameter optimization for PyTorch on Optuna.
 
 Describe a study in YAML, run it with `hpo run`, watch it with `hpo dashboard`, add workers with
-`hpo worker`. Your own training code gets an `hpo.Trial` (see hpo.trial); `hpo.run()` runs a
+`hpo worker`. Your own training code gets an `hpo.Trial` (see hpo.runtime.trial); `hpo.run()` runs a
 study from Python. Names are imported on first use, so `import hpo` stays cheap.
 """
 
@@ -13,21 +13,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Trial": "hpo.trial",
-    "TrialPruned": "hpo.trial",
+    "Trial": "hpo.runtime.trial",
+    "TrialPruned": "hpo.runtime.trial",
     "run": "hpo.api",
     "RunResult": "hpo.api",
-    "load_spec": "hpo.spec",
-    "StudySpec": "hpo.spec",
+    "load_spec": "hpo.spec.schema",
+    "StudySpec": "hpo.spec.schema",
     "HpoError": "hpo.errors",
     "SpecError": "hpo.errors",
     "StorageError": "hpo.errors",
     "DataError": "hpo.errors",
-    "UserCodeError": "hpo.user_code",
-    "open_existing": "hpo.study",
-    "open_for_spec": "hpo.study",
-    "finalize": "hpo.results",
-    "summarize": "hpo.summary",
+    "UserCodeError": "hpo.spec.user_code",
+    "open_existing": "hpo.search.study",
+    "open_for_spec": "hpo.search.study",
+    "finalize": "hpo.search.results",
+    "summarize": "hpo.search.summary",
 }
 
 __all__ = sorted(_EXPORTS)

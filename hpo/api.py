@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.summary import Summary, summarize
+from hpo.search.summary import Summary, summarize
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ def run(
     then needs no `train:` key. Workers in other processes import the function by the reference
     stored in the study, so a function defined in a notebook runs here only.
     """
-    from hpo.launch import prepare, run_here
-    from hpo.spec import load_spec, spec_from_mapping
-    from hpo.storage import Heartbeat, open_storage, resolve_url, sole_writer
-    from hpo.study import choose_device, open_for_spec
-    from hpo.user_code import _cache
+    from hpo.execution.launch import prepare, run_here
+    from hpo.search.study import choose_device, open_for_spec
+    from hpo.spec.schema import load_spec, spec_from_mapping
+    from hpo.spec.user_code import _cache
+    from hpo.storage.backends import Heartbeat, open_storage, resolve_url, sole_writer
 
     if isinstance(spec, Mapping):
         doc = dict(spec)

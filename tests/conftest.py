@@ -12,7 +12,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from hpo.cli import cli
+from hpo.cli.run import cli
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -57,6 +57,14 @@ def small_spec(**overrides: Any) -> dict[str, Any]:
     spec = copy.deepcopy(SMALL)
     spec.update(copy.deepcopy(overrides))
     return spec
+
+
+@pytest.fixture(autouse=True)
+def one_worker_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hpo run` starts one worker process per core by default; the suite runs one in-process
+    worker (deterministic, and no torch start-up per run) except where a test asks for slots
+    with --workers, which overrides this."""
+    monkeypatch.setenv("HPO_WORKERS", "1")
 
 
 @pytest.fixture

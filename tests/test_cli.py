@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo.cli import cli
+from hpo.cli.run import cli
 from tests.conftest import invoke, small_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_commands_that_train_nothing_import_no_torch(args, write_spec, runner, s
     argv = [a.replace("QUICKSTART", quickstart) for a in args]
     if args[0] != "--help" and args[0] != "validate":
         argv += ["--storage", storage_url]
-    code = ("import sys\nfrom hpo.cli import cli\ntry:\n    cli.main(args=%r, prog_name='hpo')\nexcept SystemExit:\n"
+    code = ("import sys\nfrom hpo.cli.run import cli\ntry:\n    cli.main(args=%r, prog_name='hpo')\nexcept SystemExit:\n"
             "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')" % argv)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "NO TORCH", done.stdout + done.stderr

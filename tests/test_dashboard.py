@@ -108,15 +108,15 @@ def test_dashboard_never_shows_the_password(pg_url, write_spec, runner, tmp_path
 
 
 def test_live_study_shows_up_and_reading_never_locks_sqlite(write_spec, tmp_path) -> None:
-    """A dashboard polls a SQLite study that another process is writing (optuna-dashboard#545)."""
+    """A dashboard polls a SQLite study that a run's two workers are writing (optuna-dashboard#545)."""
     url = f"sqlite:///{tmp_path / 'live.db'}"
     invoke_env = env_without_storage()
-    from hpo.storage import open_storage
+    from hpo.storage.backends import open_storage
 
     open_storage(url)  # the storage exists, but not the study, when the dashboard starts
     dash = Dashboard(url, tmp_path)
     spec = small_spec(name="live", budget={"n_trials": 25, "epochs": 3}, pruner={"name": "none"})
-    run = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url],
+    run = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--workers", "2"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=invoke_env, cwd=tmp_path)
     seen_counts = []
     try:
@@ -195,7 +195,7 @@ def test_browser_shows_trial_table_and_learning_curve(finished, tmp_path) -> Non
 
 
 def test_report_writes_plots_matching_the_study(finished, runner, tmp_path) -> None:
-    from hpo.report import figures
+    from hpo.ui.report import figures
 
     out = tmp_path / "report"
     result = invoke(runner, "report", "small", "--storage", finished, "--out", out)

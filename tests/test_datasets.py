@@ -10,13 +10,13 @@ import optuna
 import pytest
 import torch
 
-from hpo.data import DataCache
-from hpo.datasets import FASHION_DIR, FASHION_FILES
+from hpo.data.sources import FASHION_DIR, FASHION_FILES
+from hpo.data.splits import DataCache
 from hpo.errors import DataError
-from hpo.model import build_model
-from hpo.params import Params
-from hpo.spec import DataSpec, SplitSpec, load_spec
-from hpo.train import Trainer
+from hpo.spec.params import Params
+from hpo.spec.schema import DataSpec, SplitSpec, load_spec
+from hpo.training.models import build_model
+from hpo.training.trainer import Trainer
 from tests.conftest import REQUIRE_ALL, invoke, small_spec
 
 CPU = torch.device("cpu")
@@ -251,10 +251,10 @@ def test_cv_folds_partition_the_development_pool() -> None:
 
 
 def test_cv_reports_the_mean_of_the_folds(write_spec, runner, storage_url) -> None:
-    from hpo.builtin import fold_seed
-    from hpo.trial import trial_seed
-    from hpo.space import resolve
-    from hpo.spec import load_spec
+    from hpo.runtime.trial import trial_seed
+    from hpo.spec.schema import load_spec
+    from hpo.spec.space import resolve
+    from hpo.training.builtin import fold_seed
 
     path = write_spec(small_spec(
         name="cv", data={"dataset": "digits", "cv_folds": 3},

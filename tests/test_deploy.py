@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from hpo.cli import cli
+from hpo.cli.run import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 VAR = re.compile(r"\$\{(\w+)(?::[-?]([^}]*))?\}")

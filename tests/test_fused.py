@@ -7,13 +7,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hpo.data import DataCache
+from hpo.data.splits import DataCache
 from hpo.errors import SpecError
-from hpo.fused import FusedGroup
-from hpo.model import build_model
-from hpo.params import Params
-from hpo.spec import DataSpec, load_spec
-from hpo.train import Trainer
+from hpo.spec.params import Params
+from hpo.spec.schema import DataSpec, load_spec
+from hpo.training.fused import FusedGroup
+from hpo.training.models import build_model
+from hpo.training.trainer import Trainer
 from tests.conftest import invoke, small_spec
 
 CPU = torch.device("cpu")
@@ -192,7 +192,7 @@ def test_a_padded_member_exports_its_own_shapes(digits: DataCache) -> None:
 
 def test_a_checkpointed_member_resumes_in_a_group_of_another_envelope(digits: DataCache) -> None:
     """A retried member joins whatever group is forming: its checkpoint holds its own shapes."""
-    from hpo.fused_study import _member_state, _resume
+    from hpo.execution.fused_worker import _member_state, _resume
 
     p = Params(optimizer="adam", lr=3e-3, width=16, depth=1, norm="layer", scheduler="cosine")
     first = FusedGroup(digits.get("standard"), CPU)
@@ -335,8 +335,8 @@ def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path
 @pytest.mark.parametrize("opt", ["adam", "momentum", "adagrad", "rmsprop"])
 def test_an_unfused_checkpoint_resumes_fused_and_a_fused_one_unfused(digits: DataCache, opt: str) -> None:
     """Both continue exactly where the other left off: the same curve as an uninterrupted run."""
-    from hpo.checkpoints import Envelope
-    from hpo.fused_study import _member_state, _resume
+    from hpo.execution.fused_worker import _member_state, _resume
+    from hpo.runtime.checkpoints import Envelope
 
     p = Params(optimizer=opt, lr=3e-3 if opt != "momentum" else 0.03, width=32, depth=2, scheduler="cosine")
     straight = unfused_curve(digits, p, 5, epochs=4)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 from hpo.errors import SpecError
-from hpo.spec import parse_yaml, spec_from_mapping
+from hpo.spec.schema import parse_yaml, spec_from_mapping
 from tests.conftest import SMALL, env_without_storage, invoke, small_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv,expected", [c for c in CLI_CASES], ids=[" ".join(c[0][:3]) for c in CLI_CASES])
 def test_bad_cli_arguments(write_spec, runner, tmp_path, storage_url, argv, expected) -> None:
-    from hpo.storage import open_storage
+    from hpo.storage.backends import open_storage
 
     open_storage(storage_url)  # an existing, empty storage
     db = storage_url.removeprefix("sqlite:///")
@@ -155,7 +155,7 @@ def test_bad_storage_urls(write_spec, runner, tmp_path, url, expected) -> None:
 
 def test_read_only_sqlite_file(write_spec, runner, tmp_path) -> None:
     """A database file nobody may write: refused up front with the reason, the file unchanged."""
-    from hpo.storage import open_storage
+    from hpo.storage.backends import open_storage
 
     db = tmp_path / "ro.db"
     open_storage(f"sqlite:///{db}")
@@ -229,7 +229,7 @@ def test_password_never_reaches_the_study_logs_or_progress(pg_url, write_spec, t
     assert run.returncode == 0, run.stderr
     assert secret not in run.stdout + run.stderr and "postgres:***@" in run.stderr
     study = optuna.load_study(study_name="small", storage=pg_url)
-    from hpo.study import system_attrs
+    from hpo.search.study import system_attrs
 
     stored = repr(study.user_attrs) + repr(system_attrs(study))
     stored += "".join(repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials)
@@ -246,7 +246,7 @@ def test_a_model_file_or_an_npz_with_code_in_it_runs_nothing(write_spec, runner,
     YAML tags: the python-object-tag case above)."""
     import pickle
 
-    from hpo.artifacts import Artifacts, open_store
+    from hpo.storage.artifacts import Artifacts, open_store
 
     class Evil:
         def __reduce__(self):
@@ -265,7 +265,7 @@ def test_a_model_file_or_an_npz_with_code_in_it_runs_nothing(write_spec, runner,
 def test_a_tampered_checkpoint_cannot_run_code(tmp_path) -> None:
     import pickle
 
-    from hpo.artifacts import Artifacts, open_store
+    from hpo.storage.artifacts import Artifacts, open_store
 
     class Evil:
         def __reduce__(self):
@@ -283,9 +283,9 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path) -> None:
 
 def test_disk_full_during_a_checkpoint_fails_that_trial_only(write_spec, runner, storage_url, tmp_path) -> None:
     """Trial 0's checkpoint file is a link to /dev/full: every write fails with ENOSPC."""
-    from hpo.spec import load_spec
-    from hpo.storage import open_storage
-    from hpo.study import UID_ATTR, open_for_spec, system_attrs
+    from hpo.search.study import UID_ATTR, open_for_spec, system_attrs
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import open_storage
 
     spec_path = write_spec(small_spec(budget={"n_trials": 4, "epochs": 3}, pruner={"name": "none"}))
     handle = open_for_spec(load_spec(spec_path), open_storage(storage_url), storage_url, str(tmp_path / "art"))
@@ -306,11 +306,11 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     """A progress hook (a user plug-in point) raising mid-trial."""
     import torch
 
-    from hpo.listener import Listener
-    from hpo.spec import load_spec
-    from hpo.storage import open_storage
-    from hpo.study import open_for_spec
-    from hpo.worker import run_worker
+    from hpo.execution.worker import run_worker
+    from hpo.runtime.listener import Listener
+    from hpo.search.study import open_for_spec
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import open_storage
 
     class Flaky(Listener):
         def epoch_done(self, number, epoch, value):
@@ -329,9 +329,9 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
 
 def test_failed_trials_count_against_the_budget(write_spec, runner, storage_url, tmp_path) -> None:
     """A spec whose every trial fails ends (it does not loop forever) and says so."""
-    from hpo.spec import load_spec
-    from hpo.storage import open_storage
-    from hpo.study import UID_ATTR, open_for_spec, system_attrs
+    from hpo.search.study import UID_ATTR, open_for_spec, system_attrs
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import open_storage
 
     spec_path = write_spec(small_spec(budget={"n_trials": 3, "epochs": 2}))
     handle = open_for_spec(load_spec(spec_path), open_storage(storage_url), storage_url, str(tmp_path / "art"))
@@ -358,8 +358,8 @@ def test_delete_removes_only_files_hpo_made_inside_the_artifact_store(write_spec
     study's checkpoints): `hpo delete` leaves it alone and deletes the study's own files."""
     import json
 
-    from hpo.study import ARTIFACTS_ATTR, UID_ATTR
-    from hpo.storage import open_storage
+    from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR
+    from hpo.storage.backends import open_storage
 
     art = tmp_path / "art"
     assert invoke(runner, "run", write_spec(small_spec(budget={"n_trials": 2, "epochs": 2})), "--storage",
@@ -390,8 +390,8 @@ def test_delete_removes_only_files_hpo_made_inside_the_artifact_store(write_spec
 
 
 def test_a_crafted_checkpoint_id_is_refused_before_any_write(write_spec, runner, storage_url, tmp_path) -> None:
-    from hpo.study import UID_ATTR
-    from hpo.storage import open_storage
+    from hpo.search.study import UID_ATTR
+    from hpo.storage.backends import open_storage
 
     path = write_spec(small_spec(budget={"n_trials": 1, "epochs": 1}))
     assert invoke(runner, "create", path, "--storage", storage_url).exit_code == 0
@@ -411,7 +411,7 @@ def test_a_crafted_checkpoint_id_is_refused_before_any_write(write_spec, runner,
     ("postgresql://hpo@db-host/hpo?password=hunter2", "postgresql://hpo@db-host/hpo?password=***"),
 ])
 def test_passwords_never_show_even_with_an_at_sign_or_in_the_query(runner, url, shown) -> None:
-    from hpo.storage import mask
+    from hpo.storage.backends import mask
 
     assert mask(url) == shown
     result = invoke(runner, "studies", "--storage", url)

@@ -55,3 +55,52 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(module_imports())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# The packages in the order data flows; a module may import from its own package or an earlier one.
+LAYERS = ["errors", "_private", "spec", "storage", "data", "runtime", "training", "search", "ui",
+          "execution", "api", "cli", "__main__"]
+# Imports that go up a layer, each with why. Validation builds a sampler with Optuna's own
+# constructor to check its arguments (imported when a spec names one), so the rule lives once.
+ALLOWED_UPWARD = {("hpo.spec.validate", "hpo.search.samplers")}
+
+
+def all_imports() -> list[tuple[str, str, int]]:
+    """(module, imported hpo module, line) for every import, including those inside functions."""
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        name = f"hpo.{path.relative_to(PACKAGE).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpo."):
+                out.append((name, node.module, node.lineno))
+    return out
+
+
+def test_packages_depend_only_on_earlier_stages() -> None:
+    """spec -> storage -> data -> runtime -> training -> search -> ui -> execution -> cli: a
+    package that reached up the flow would make the stages impossible to read (or test) alone."""
+    def layer(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else "__init__"
+
+    upward = [f"{m} -> {to} (line {line})" for m, to, line in all_imports()
+              if m != "hpo" and (m, to) not in ALLOWED_UPWARD
+              and LAYERS.index(layer(to)) > LAYERS.index(layer(m))]
+    assert not upward, "imports against the data flow: " + "; ".join(upward)
+    assert set(LAYERS) >= {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                           if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}, \
+        "a new top-level module or package: give it a place in LAYERS"
+
+
+def test_functions_fit_on_a_screen() -> None:
+    """A function longer than ~60 lines hides its steps from the reader and from the tests; one
+    that must be longer says why in a `# long: ...` comment on its first line."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 65 and "# long:" not in lines[node.lineno - 1]:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "functions over 65 lines: " + ", ".join(long)

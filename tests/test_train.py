@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from hpo.data import DataCache
-from hpo.model import build_model
-from hpo.params import NORMS, OPTIMIZERS, SCHEDULERS, Params
-from hpo.spec import DataSpec
-from hpo.endings import Deadlines
-from hpo.train import Diverged, TimeLimit, Trainer, evaluate
+from hpo.data.splits import DataCache
+from hpo.runtime.endings import Deadlines
+from hpo.spec.params import NORMS, OPTIMIZERS, SCHEDULERS, Params
+from hpo.spec.schema import DataSpec
+from hpo.training.models import build_model
+from hpo.training.trainer import Diverged, TimeLimit, Trainer, evaluate
 
 CPU = torch.device("cpu")
 

@@ -173,7 +173,7 @@ def user_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MODE", raising=False)
     for name in [m for m in sys.modules if m.startswith("userpkg")]:
         monkeypatch.delitem(sys.modules, name)
-    from hpo import user_code
+    from hpo.spec import user_code
 
     monkeypatch.setattr(user_code, "_cache", {})  # each test's package is new
     return root
@@ -322,7 +322,8 @@ def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, 
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     retry = trials[1]
     assert retry.user_attrs["resumed_from_epoch"] > 0
-    assert retry.user_attrs["retry_reason"].startswith("trial 0's worker stopped sending heartbeats")
+    # Killed on this machine: seen as gone at once, without waiting out the grace period.
+    assert retry.user_attrs["retry_reason"].startswith("trial 0's process (pid ")
     assert sorted(retry.intermediate_values) == list(range(8))  # no gap, no duplicate
     assert retry.user_attrs["val_loss"] and len(retry.user_attrs["epoch_seconds"]) == 8
 
@@ -386,8 +387,9 @@ def test_data_function_mistakes_are_one_line(user_pkg, write_spec, runner, stora
 
 
 def test_python_api_runs_a_function_object(user_pkg, storage_url, tmp_path) -> None:
-    import hpo
     from userpkg.digits import train
+
+    import hpo
 
     spec = user_spec(budget={"n_trials": 2, "epochs": 2})
     for key in ("train", "test"):
@@ -524,7 +526,8 @@ def test_a_trial_killed_more_times_than_the_retry_cap_is_announced_and_cleaned_u
         died = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert died.returncode == -signal.SIGKILL, died.stderr
         if attempt:
-            assert "waiting for trial" in died.stderr and "retried after 1 s without a heartbeat" in died.stderr
+            # The killed run was on this machine: the next one takes its trial back at once.
+            assert "were left running by a process on this machine that is gone" in died.stderr
     assert list(art.glob("*.ckpt"))  # the last attempt's checkpoint
     last = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert last.returncode == 0, last.stderr
@@ -547,8 +550,9 @@ def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(
     second = invoke(runner, "run", path, "--storage", storage_url)
     assert second.exit_code == 1
     assert second.output.strip().splitlines() == [
-        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo process (pid {first.pid}): SQLite takes one "
-        "writer process. Wait for it, or use a server storage (postgresql://, mysql+pymysql://) for several"]
+        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo run (pid {first.pid}): a SQLite file takes one "
+        "run at a time, which runs its own workers. Wait for it, or use a server storage (postgresql://, "
+        "mysql+pymysql://) to add workers from elsewhere"]
     assert invoke(runner, "trials", "mine", "--storage", storage_url).exit_code == 0  # readers are welcome
     os.kill(first.pid, signal.SIGKILL)  # a killed process lets go of the file
     first.wait()

@@ -1,0 +1,276 @@
+"""`hpo validate`, `run`, `create` and `worker`: parse arguments, call the library, print results.
+
+This module, hpo/cli/studies.py and hpo/cli/base.py are the only ones that know about click, and
+the only place where the project's errors become one-line messages with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from hpo.cli.base import (
+    F,
+    _open,
+    _sigterm_as_interrupt,
+    artifacts_option,
+    storage_option,
+)
+from hpo.cli.base import cli as cli
+from hpo.errors import HpoError
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True))
+def validate(spec_file: str) -> None:
+    """Check a study file without running it.
+
+    \b
+    Example:
+      hpo validate studies/digits_mlp.yaml
+    """
+    from hpo.spec.schema import load_spec
+    from hpo.spec.user_code import load_references
+
+    spec = load_spec(spec_file)
+    load_references(spec)
+    tuned = [p.name for p in spec.space if p.tuned]
+    what = (f"train function {spec.train}" if spec.train is not None
+            else f"{spec.builtin_data.dataset} data, {spec.model} model")
+    click.echo(
+        f"{spec_file}: ok - study {spec.name!r}, {what}, "
+        f"{len(tuned)} tuned parameters ({', '.join(tuned)}), {spec.budget.n_trials} trials x "
+        f"{spec.budget.epochs} epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner"
+    )
+
+
+def fuse_option(f: F) -> F:
+    return click.option(
+        "--fuse", type=click.IntRange(min=2, max=1024), default=None, metavar="K",
+        help="Train K trials at once as one batched model (overrides execution in the spec).",
+    )(f)
+
+
+def checkpoint_option(f: F) -> F:
+    return click.option(
+        "--checkpoint-interval", type=click.FloatRange(min=0), default=2.0, show_default=True,
+        envvar="HPO_CHECKPOINT_INTERVAL", metavar="S",
+        help="Checkpoint a trial at the end of an epoch once S seconds passed since the last (0: every epoch).",
+    )(f)
+
+
+def heartbeat_options(f: F) -> F:
+    f = click.option("--grace-period", type=click.IntRange(min=1), default=None, metavar="S",
+                     help="Seconds without a heartbeat before a trial counts as dead [default 30].")(f)
+    f = click.option("--heartbeat-interval", type=click.IntRange(min=1), default=None, metavar="S",
+                     help="Seconds between a running trial's heartbeats [default 10].")(f)
+    return f
+
+
+def _heartbeat(interval: int | None, grace: int | None) -> Any:
+    from hpo.storage.backends import Heartbeat
+
+    base = Heartbeat()
+    interval = interval or base.interval
+    return Heartbeat(interval=interval, grace=grace or max(base.grace, 3 * interval))
+
+
+@cli.command()
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True))
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="The study's total number of trials (overrides budget.n_trials).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds (overrides budget.timeout); a trial still running then is "
+                   "queued and resumes from its checkpoint on the next run.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, envvar="HPO_WORKERS",
+              help="Trials at once, each in its own worker process (overrides execution.workers; "
+                   "env HPO_WORKERS) "
+                   "[default: one per CPU core on one thread each, or one per --gpus].")
+@click.option("--gpus", default=None, metavar="0,1,...",
+              help="One worker per listed GPU, each pinned with CUDA_VISIBLE_DEVICES.")
+@fuse_option
+@artifacts_option
+@heartbeat_options
+@checkpoint_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines, only the summary.")
+def run(
+    spec_file: str,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    device: str,
+    workers: int | None,
+    gpus: str | None,
+    fuse: int | None,
+    artifacts: str | None,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    checkpoint_interval: float,
+    quiet: bool,
+) -> None:
+    """Run (or resume) the study described in SPEC.
+
+    The study's total is budget.n_trials: running the same file again resumes and runs only
+    the missing trials. Ctrl-C stops cleanly; the trial in flight resumes on the next run.
+
+    \b
+    Example:
+      hpo run studies/quickstart.yaml
+      hpo run studies/digits_mlp.yaml --workers 4
+      hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
+    """
+    from hpo.execution.processes import auto_workers, parse_gpus
+    from hpo.search.study import choose_device, open_for_spec
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import resolve_url, sole_writer
+
+    spec = load_spec(spec_file)
+    if n_trials is not None:
+        spec = spec.with_budget(n_trials=n_trials)
+    if fuse is not None:
+        spec = spec.fused(fuse)
+    gpu_ids = parse_gpus(gpus) if gpus is not None else None
+    dev = choose_device("cuda" if gpu_ids else device)
+    from hpo.execution.launch import prepare
+
+    data = prepare(spec, dev)  # user code and data errors come before storage
+    hb = _heartbeat(heartbeat_interval, grace_period)
+    with sole_writer(resolve_url(storage)):  # one process per SQLite file, refused before any write
+        store, url = _open(storage, create=True, heartbeat=hb)
+        handle = open_for_spec(spec, store, url, artifacts)
+        from hpo.execution.launch import run_here, run_in_processes
+
+        n_workers = workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
+        _sigterm_as_interrupt()
+        with _stops():
+            if n_workers == 1 and not gpu_ids:
+                outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet,
+                                   storage_url=url, checkpoint_interval=checkpoint_interval)
+            else:
+                outcome = run_in_processes(handle, url, n_workers, gpu_ids, device, timeout=timeout,
+                                           heartbeat=hb, quiet=quiet, checkpoint_interval=checkpoint_interval,
+                                           data=data)
+    _summary(handle, outcome.elapsed)
+    if outcome.failed_workers:
+        raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
+                       f"(exit codes {outcome.failed_workers})")
+
+
+@contextlib.contextmanager
+def _stops() -> Any:
+    """Ctrl-C/SIGTERM: say what resumes where, exit 130."""
+    from hpo.execution.launch import Stopped
+
+    try:
+        yield
+    except Stopped as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+
+
+def _summary(handle: Any, elapsed: float | None = None) -> None:
+    from hpo.search.summary import summarize
+    from hpo.ui.progress import render_summary
+
+    click.echo(render_summary(summarize(handle.study), elapsed))
+
+
+@cli.command()
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True))
+@storage_option
+@artifacts_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="The study's total number of trials (overrides budget.n_trials).")
+def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials: int | None) -> None:
+    """Create (or update the budget of) the study in SPEC without running a trial.
+
+    For clusters: create the study once, then start any number of `hpo worker` processes.
+
+    \b
+    Example:
+      hpo create studies/digits_mlp.yaml --storage postgresql://user@db/hpo
+    """
+    from hpo.search.study import open_for_spec
+    from hpo.spec.schema import load_spec
+    from hpo.storage.backends import mask
+
+    spec = load_spec(spec_file)
+    if n_trials is not None:
+        spec = spec.with_budget(n_trials=n_trials)
+    store, url = _open(storage, create=True)
+    open_for_spec(spec, store, url, artifacts)
+    click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.n_trials} trials); "
+               f"start workers with: hpo worker {spec.name}")
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Run at most this many trials here (the study's total still applies).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many seconds; a trial still running then is queued to resume.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
+@fuse_option
+@artifacts_option
+@heartbeat_options
+@checkpoint_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines and no summary.")
+def worker(
+    study: str,
+    storage: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    device: str,
+    threads: int | None,
+    fuse: int | None,
+    artifacts: str | None,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    checkpoint_interval: float,
+    quiet: bool,
+) -> None:
+    """Join an existing study as one more worker, from the spec stored in the study.
+
+    A worker needs only the study name and the storage: no spec file. It stops when the
+    study's total budget is reached, counted across all workers.
+
+    \b
+    Example:
+      HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
+      hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
+    """
+    from hpo.execution.processes import ENV_WORKER_INDEX
+    from hpo.search.study import choose_device, open_existing
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    dev = choose_device(device)
+    from hpo.storage.backends import resolve_url, sole_writer
+
+    with sole_writer(resolve_url(storage)):
+        store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
+        index = os.environ.get(ENV_WORKER_INDEX, "0")  # set by the `hpo run` that started this worker
+        handle = open_existing(study, store, url, artifacts, int(index) if index.isdigit() else 0)
+        if fuse is not None:
+            handle.spec = handle.spec.fused(fuse)
+        from hpo.execution.launch import prepare, run_here
+
+        data = prepare(handle.spec, dev)
+        _sigterm_as_interrupt()
+        with _stops():
+            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
+                               storage_url=url, checkpoint_interval=checkpoint_interval)
+    if not quiet:
+        _summary(handle, outcome.elapsed)

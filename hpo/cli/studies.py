@@ -1,0 +1,249 @@
+"""`hpo` commands that read, serve or remove stored studies (registered on hpo.cli.run's group)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from typing import Any
+
+import click
+
+from hpo.cli.base import (
+    _open,
+    _sigterm_as_interrupt,
+    artifacts_option,
+    cli,
+    storage_option,
+)
+from hpo.errors import HpoError
+
+
+@cli.command()
+@storage_option
+def studies(storage: str | None) -> None:
+    """List the studies in a storage.
+
+    \b
+    Example:
+      hpo studies --storage sqlite:///hpo.db
+    """
+    import optuna
+
+    store, url = _open(storage, create=False)
+    summaries = optuna.get_all_study_summaries(store, include_best_trial=True)
+    if not summaries:
+        click.echo("No studies.")
+        return
+    from hpo.ui.progress import fmt
+
+    rows = [["study", "trials", "direction", "best", "created"]]
+    for s in summaries:
+        best = fmt(s.best_trial.value) if s.best_trial is not None else "-"
+        created = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
+        rows.append([s.study_name, str(s.n_trials), s.direction.name.lower(), best, created])
+    _table(rows)
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _load(name: str, storage: str | None) -> Any:
+    import optuna
+
+    from hpo.errors import StorageError
+    from hpo.storage.backends import mask
+
+    store, url = _open(storage, create=False)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in store.get_all_studies()]
+        hint = f"; studies there: {', '.join(names[:10])}" if names else "; it holds no studies"
+        raise StorageError(f"no study named {name!r} in {mask(url)}{hint}") from None
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def best(study: str, storage: str | None, fmt: str) -> None:
+    """Show the best trial, its test score and where its model is saved.
+
+    \b
+    Example:
+      hpo best quickstart
+    """
+    from hpo.search.summary import summarize
+    from hpo.ui.progress import render_summary
+
+    s = summarize(_load(study, storage))
+    if fmt == "json":
+        click.echo(json.dumps({
+            "study": s.name, "metric": s.metric, "direction": s.direction,
+            "best_trial": s.best_number, "best_value": s.best_value,
+            "params": s.best_params, "test": s.test, "counts": s.counts,
+        }, indent=2))
+        return
+    click.echo(render_summary(s))
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def trials(study: str, storage: str | None, fmt: str) -> None:
+    """List a study's trials: state, value, epochs, parameters.
+
+    \b
+    Example:
+      hpo trials quickstart --format csv > trials.csv
+    """
+    loaded = _load(study, storage)
+    ts = loaded.get_trials(deepcopy=False)
+    param_names = sorted({k for t in ts for k in t.params})
+    records = []
+    for t in ts:
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        records.append({
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "epochs": len(t.intermediate_values),
+            "seconds": round(duration, 2) if duration is not None else None,
+            "reason": t.user_attrs.get("reason", ""),
+            **{f"params_{k}": t.params.get(k) for k in param_names},
+        })
+    if fmt == "json":
+        click.echo(json.dumps(records, indent=2, default=str))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["number"])
+        writer.writeheader()
+        writer.writerows(records)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        if not records:
+            click.echo("No trials.")
+            return
+        from hpo.ui.progress import fmt as show
+
+        head = ["#", "state", "value", "epochs", "seconds", *param_names]
+        rows = [head] + [
+            [str(r["number"]), r["state"], show(r["value"]), str(r["epochs"]), show(r["seconds"]),
+             *[show(r[f"params_{k}"]) for k in param_names]]
+            for r in records
+        ]
+        _table(rows)
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--yes", is_flag=True, help="Really delete; required.")
+def delete(study: str, storage: str | None, yes: bool) -> None:
+    """Delete a study, its trials and its saved models and checkpoints.
+
+    \b
+    Example:
+      hpo delete quickstart --yes
+    """
+    from hpo.search.results import delete_study
+
+    loaded = _load(study, storage)
+    if not yes:
+        raise click.UsageError(f"this deletes study {study!r} and all its trials; add --yes to confirm")
+    removed = delete_study(loaded)
+    click.echo(f"Deleted study {study!r} ({removed} artifact files removed).")
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=13000, show_default=True)
+def proxy(storage: str | None, host: str, port: int) -> None:
+    """Serve a storage to many workers through Optuna's gRPC storage proxy.
+
+    Hundreds of workers then share one database connection pool; they connect with
+    --storage grpc://HOST:PORT.
+
+    \b
+    Example:
+      hpo proxy --storage postgresql://user@db/hpo --host 0.0.0.0 --port 13000
+      hpo worker digits_mlp --storage grpc://proxy-host:13000
+    """
+    import optuna
+
+    from hpo.search.proxy import BudgetedStorage
+    from hpo.storage.backends import mask
+
+    store, url = _open(storage, create=True)
+    click.echo(f"Serving {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", err=True)
+    _sigterm_as_interrupt()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.run_grpc_proxy_server(BudgetedStorage(store), host=host, port=port)  # type: ignore[arg-type]
+    except ImportError as e:
+        raise HpoError(f"hpo proxy needs grpcio and protobuf ({e.name} is missing): pip install 'hpo[grpc]'") from None
+    except KeyboardInterrupt:
+        click.echo("Proxy stopped.", err=True)
+
+
+@cli.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes the dashboard to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@artifacts_option
+def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) -> None:
+    """Serve optuna-dashboard over the storage: live trials, learning curves, artifacts.
+
+    \b
+    Example:
+      hpo dashboard                                   # sqlite:///hpo.db on http://127.0.0.1:8080
+      hpo dashboard --storage postgresql://user@db/hpo --port 8081
+    """
+    from hpo.storage.backends import mask, open_storage, resolve_url
+    from hpo.ui.dashboard import artifact_folder, make_server_for
+
+    url = resolve_url(storage)
+    store = open_storage(url, create=False, heartbeat=None)
+    folder = artifact_folder(store, url, artifacts)
+    server = make_server_for(store, folder, host, port)
+    click.echo(f"Dashboard for {mask(url)} on http://{host}:{server.server_port} (Ctrl-C to stop)", err=True)
+    _sigterm_as_interrupt()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("Dashboard stopped.", err=True)
+    finally:
+        server.server_close()
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the PNG plots and summary.md (created if missing).")
+def report(study: str, storage: str | None, out_dir: str) -> None:
+    """Write PNG plots and a Markdown summary of a study, for reading without a browser.
+
+    \b
+    Example:
+      hpo report quickstart --out reports/quickstart
+    """
+    from pathlib import Path
+
+    from hpo.ui.report import write_report
+
+    try:
+        written = write_report(_load(study, storage), Path(out_dir))
+    except OSError as e:
+        raise HpoError(f"cannot write the report to {out_dir}: {e.strerror}") from None
+    for path in written:
+        click.echo(str(path))

@@ -1,0 +1,190 @@
+"""Splits, scaling and device placement: a dataset source -> per-fold tensors on the device.
+
+Test is carved first (or is the dataset's own test split) and is never seen by the search. The
+rest is split into train/val by the spec's fractions, or into k stratified folds when
+`data.cv_folds` is set. Scaling statistics (and, for regression, the target's) come from each
+fold's train part only, so nothing of val or test leaks into training.
+
+Whole splits live on the device and the training loop draws batches with a permutation index:
+DataLoader collation of in-memory tensors costs a large share of a small model's epoch on a CPU
+and far more on a GPU (torch issue #106704; measured in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpo.data.sources import Source, load_source
+from hpo.data.user import Stream, UserData, load_user_data
+from hpo.errors import DataError
+from hpo.spec.schema import DataSpec
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Unscaled arrays: the development pool (train + val), the test split, and the folds."""
+
+    x_dev: np.ndarray
+    y_dev: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    folds: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train indices, val indices) into dev
+    n_outputs: int
+    task: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_dev.shape[1:])
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Data:
+    """One fold, scaled and on the device (or, for user data too large for it, streamed)."""
+
+    train: Split | Stream
+    val: Split | Stream
+    test: Split | Stream
+    input_shape: tuple[int, ...]
+    n_outputs: int
+    task: str
+
+
+def split(source: Source, spec: DataSpec, seed: int) -> RawData:
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+    classify = source.task == "classification"
+    if source.n_train is not None and not spec.cv_folds:  # the user gave train and val apart
+        assert source.x_test is not None and source.y_test is not None
+        n = len(source.x)
+        folds = ((np.arange(source.n_train), np.arange(source.n_train, n)),)
+        return RawData(source.x, source.y, source.x_test, source.y_test, folds, source.n_outputs, source.task)
+    try:
+        if source.x_test is not None:
+            x_dev, y_dev, x_test, y_test = source.x, source.y, source.x_test, source.y_test
+        else:
+            x_dev, x_test, y_dev, y_test = train_test_split(
+                source.x, source.y, test_size=spec.split.test, random_state=seed,
+                stratify=source.y if classify else None,
+            )
+        index = np.arange(len(x_dev))
+        if spec.cv_folds:
+            kind = StratifiedKFold if classify else KFold
+            folds = tuple(kind(spec.cv_folds, shuffle=True, random_state=seed).split(x_dev, y_dev))
+        else:
+            val_share = spec.split.val / (spec.split.train + spec.split.val)
+            tr, va = train_test_split(index, test_size=val_share, random_state=seed,
+                                      stratify=y_dev if classify else None)
+            folds = ((np.sort(tr), np.sort(va)),)
+    except ValueError as e:
+        raise DataError(f"data.split: cannot split {len(source.x)} samples this way ({e})") from None
+    assert x_test is not None and y_test is not None
+    return RawData(x_dev, y_dev, x_test, y_test, folds, source.n_outputs, source.task)
+
+
+def load_raw(spec: DataSpec, seed: int) -> RawData:
+    """Load and split a dataset; nothing is downloaded."""
+    return split(load_source(spec, seed), spec, seed)
+
+
+def user_source(data: UserData) -> Source:
+    """A user's resident data as a Source: one set to split, or train (+ val) and test."""
+    assert data.arrays is not None
+    parts = data.arrays
+    if "all" in parts:
+        return Source(*parts["all"], data.task, data.n_outputs)
+    x, y = parts["train"]
+    n_train = None
+    if "val" in parts:
+        n_train = len(x)
+        x, y = np.concatenate([x, parts["val"][0]]), np.concatenate([y, parts["val"][1]])
+    return Source(x, y, data.task, data.n_outputs, parts["test"][0], parts["test"][1], n_train=n_train)
+
+
+def _scaler(x_train: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) fitted on train: per feature for tables, one pair for images."""
+    axis: Any = 0 if x_train.ndim == 2 else None
+    if scaling == "standard":
+        shift, scale = x_train.mean(axis=axis), x_train.std(axis=axis)
+    elif scaling == "minmax":
+        shift = x_train.min(axis=axis)
+        scale = x_train.max(axis=axis) - shift
+    else:
+        return np.zeros((), np.float32), np.ones((), np.float32)
+    scale = np.where(scale > 1e-12, scale, 1.0)  # constant features (digits' blank border)
+    return np.asarray(shift, np.float32), np.asarray(scale, np.float32)
+
+
+def to_device(raw: RawData, fold: int, scaling: str, device: torch.device) -> Data:
+    tr, va = raw.folds[fold]
+    x_train = raw.x_dev[tr]
+    shift, scale = _scaler(x_train, scaling)
+    regression = raw.task == "regression"
+    if regression:  # train on a standardized target: val_mse 1.0 means "no better than the mean"
+        y_shift, y_scale = float(raw.y_dev[tr].mean()), float(raw.y_dev[tr].std() or 1.0)
+    y_dtype = torch.float32 if regression else torch.int64
+
+    def place(x: np.ndarray, y: np.ndarray) -> Split:
+        xs = ((x - shift) / scale).astype(np.float32)
+        ys = ((y - y_shift) / y_scale).astype(np.float32) if regression else y
+        return Split(torch.as_tensor(xs).to(device).contiguous(),
+                     torch.as_tensor(ys).to(device=device, dtype=y_dtype))
+
+    return Data(
+        train=place(x_train, raw.y_dev[tr]),
+        val=place(raw.x_dev[va], raw.y_dev[va]),
+        test=place(raw.x_test, raw.y_test),
+        input_shape=raw.input_shape,
+        n_outputs=raw.n_outputs,
+        task=raw.task,
+    )
+
+
+class DataCache:
+    """Loads a dataset once per worker and keeps one scaled copy per scaling on the device."""
+
+    def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp") -> None:
+        self.streamed: Data | None = None
+        if spec.is_user:
+            user = load_user_data(spec, device)
+            if user.streams is not None:
+                s = user.streams
+                self.streamed = Data(s["train"], s["val"], s["test"], user.input_shape, user.n_outputs, user.task)
+                self.device = device
+                return
+            self.raw = split(user_source(user), spec, seed)
+        else:
+            self.raw = load_raw(spec, seed)
+        if model == "cnn" and len(self.raw.input_shape) != 3:
+            raise DataError(
+                f"model: cnn needs images (N x H x W or N x C x H x W), but the data is {self.raw.x_dev.shape}"
+            )
+        self.device = device
+        self._scaled: dict[str, list[Data]] = {}
+
+    @property
+    def n_folds(self) -> int:
+        return 1 if self.streamed is not None else len(self.raw.folds)
+
+    def folds(self, scaling: str) -> list[Data]:
+        if self.streamed is not None:
+            return [self.streamed]  # fed as the Dataset returns it: `scaling` applies to resident data
+        if scaling not in self._scaled:
+            self._scaled[scaling] = [to_device(self.raw, k, scaling, self.device) for k in range(self.n_folds)]
+        return self._scaled[scaling]
+
+    def get(self, scaling: str) -> Data:
+        """The first (without CV: the only) fold."""
+        return self.folds(scaling)[0]

@@ -1,0 +1,241 @@
+"""Several local worker processes on one study: one per GPU, or CPU cores split between them.
+
+Each worker is a separate `hpo worker` process (its own CUDA context, its own interpreter), so a
+crash or an out-of-memory error in one cannot take the others down. Workers run in their own
+process group: the parent alone receives Ctrl-C and forwards exactly one SIGINT to each, so every
+worker requeues its trial once and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from hpo.errors import HpoError
+from hpo.search.budget import budget_status
+from hpo.search.samplers import effective_n_trials
+from hpo.spec.user_code import ADDED_PATHS
+from hpo.storage.backends import ENV_STORAGE
+
+if TYPE_CHECKING:
+    import torch
+
+    from hpo.search.study import StudyHandle
+
+ENV_WORKER_INDEX = "HPO_WORKER_INDEX"
+STOP_GRACE = 60.0  # seconds a worker gets to requeue its trial after SIGINT before SIGKILL
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    device: str
+    threads: int
+    env: dict[str, str]
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise HpoError(f"--gpus: {text!r} is not a comma-separated list of GPU numbers, e.g. 0,1") from None
+    if not ids or any(i < 0 for i in ids):
+        raise HpoError(f"--gpus: {text!r} is not a comma-separated list of GPU numbers, e.g. 0,1")
+    if len(set(ids)) != len(ids):
+        raise HpoError(f"--gpus: {text!r} names a GPU twice")
+    return ids
+
+
+def cpu_cores() -> int:
+    """The cores this process may use (a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def auto_workers(handle: StudyHandle, device: torch.device, gpus: list[int] | None) -> int:
+    """Trials at once by default: one per listed GPU; one on a single GPU (it is one device); on a
+    CPU one per core, each on one thread (an MLP of this size leaves a second intra-op thread
+    mostly idle; benchmarks/RESULTS.md), never more than the trials left to run."""
+    if gpus:
+        return len(gpus)
+    if device.type != "cpu":
+        return 1
+    status = budget_status(handle.study, effective_n_trials(handle.spec))
+    return max(1, min(cpu_cores(), status.remaining + status.waiting))
+
+
+def plan(workers: int, gpus: list[int] | None, device: str, cpu_count: int | None = None) -> list[WorkerPlan]:
+    """One plan per worker: GPUs round-robin (pinned with CUDA_VISIBLE_DEVICES), else CPU threads split."""
+    cores = cpu_count or os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    out = []
+    for i in range(workers):
+        env = {"OMP_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)])
+            out.append(WorkerPlan("cuda", threads, env))
+        else:
+            out.append(WorkerPlan(device, threads, env))
+    return out
+
+
+def launch(
+    study: str,
+    storage_url: str,
+    artifacts: str,
+    plans: list[WorkerPlan],
+    extra: list[str] | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for index, p in enumerate(plans):
+        env = dict(os.environ)
+        env.update(p.env)
+        env[ENV_WORKER_INDEX] = str(index)  # its sampler's seed offset: workers must not propose alike
+        env[ENV_STORAGE] = storage_url  # not on the command line, where `ps` would show a password
+        if ADDED_PATHS:  # modules beside the study file: the workers import them too
+            env["PYTHONPATH"] = os.pathsep.join([*ADDED_PATHS, *filter(None, [env.get("PYTHONPATH")])])
+        cmd = [
+            sys.executable, "-m", "hpo", "worker", study, "--artifacts", artifacts,
+            "--device", p.device, "--threads", str(p.threads), "--quiet", *(extra or []),
+        ]
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with_parent))
+    return procs
+
+
+def _stop_with_parent() -> None:
+    """In the worker, before it starts: SIGTERM when the run that started it dies (even by kill -9),
+    so it queues its trial and exits instead of writing on unsupervised (Linux; elsewhere a
+    no-op, and its trials come back through heartbeats)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class Process(Protocol):
+    """What supervise() needs of a worker: a subprocess.Popen, or a ForkedProcess."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+def can_fork() -> bool:
+    """Forking after torch and the data are loaded is safe on Linux as long as the child sets its
+    own thread count (what DataLoader workers do); elsewhere workers start as new processes."""
+    return sys.platform.startswith("linux")
+
+
+class ForkedProcess:
+    """A worker forked from this process, with Popen's methods."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._code: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._code
+
+    def poll(self) -> int | None:
+        if self._code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._code = os.waitstatus_to_exitcode(status)
+        return self._code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            time.sleep(0.02)
+        assert self._code is not None
+        return self._code
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def fork(n: int, body: Callable[[int], int]) -> list[ForkedProcess]:
+    """Fork n workers; worker i runs body(i) in its own session (the parent alone forwards Ctrl-C)
+    and stops with the parent, and exits with body's code without running the parent's exit
+    handlers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    procs = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.setsid()
+                _stop_with_parent()
+                code = body(i)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        procs.append(ForkedProcess(pid))
+    return procs
+
+
+def supervise(procs: Sequence[Process], tick: Callable[[], None], every: float = 1.0) -> list[int]:
+    """Wait for every worker, calling `tick` between polls; Ctrl-C stops them all cleanly."""
+    try:
+        while any(p.poll() is None for p in procs):
+            tick()
+            _wait_any(procs, every)
+        tick()
+        return [p.poll() or 0 for p in procs]
+    except KeyboardInterrupt:
+        stop(procs)
+        raise
+
+
+def stop(procs: Sequence[Process]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()  # its trial goes stale and is retried by the heartbeat mechanism
+            p.wait()
+
+
+def _wait_any(procs: Sequence[Process], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return
+        time.sleep(0.05)
+

@@ -1,0 +1,139 @@
+"""How a trial can end, decided in one place for every path (user functions, hpo's own loop,
+fused groups): the Optuna state it gets, the `reason` it leaves, and whether it comes back.
+
+Training code signals an ending by raising a `Stop` (or hpo.TrialPruned); the runtime
+(hpo.runtime.trial) and the fused worker turn it into the trial's state and attributes with `Ending`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+from optuna.trial import TrialState
+
+
+class End(enum.Enum):
+    COMPLETE = "complete"
+    PRUNED = "pruned"  # by the pruner
+    DIVERGED = "diverged"  # a reported metric or the loss became NaN or infinite
+    TRIAL_TIMEOUT = "trial_timeout"  # budget.trial_timeout passed
+    STUDY_TIMEOUT = "study_timeout"  # the study's timeout passed: queued, resumes from its checkpoint
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: queued, resumes from its checkpoint
+    OUT_OF_MEMORY = "out_of_memory"
+    ERROR = "error"  # any other exception in training code
+
+    @property
+    def state(self) -> TrialState:
+        if self is End.COMPLETE:
+            return TrialState.COMPLETE
+        if self in (End.PRUNED, End.DIVERGED, End.TRIAL_TIMEOUT):
+            return TrialState.PRUNED  # a verdict on the parameters: Optuna's samplers learn from it
+        return TrialState.FAIL
+
+    @property
+    def requeued(self) -> bool:
+        """Stopped from outside: the trial is queued and resumes from its last checkpoint, which is
+        kept (every other ending removes it)."""
+        return self in (End.STUDY_TIMEOUT, End.INTERRUPTED)
+
+
+@dataclass(frozen=True)
+class Ending:
+    end: End
+    reason: str | None = None  # what a user reads in the trial's `reason` attribute
+
+    @staticmethod
+    def pruned(pruner: str, epoch: int) -> Ending:
+        return Ending(End.PRUNED, f"pruned by the {pruner} rule at epoch {epoch}")
+
+    @staticmethod
+    def diverged(what: str, value: float, epoch: int) -> Ending:
+        return Ending(End.DIVERGED, f"diverged: {what} is {value} at epoch {epoch}")
+
+    @staticmethod
+    def trial_timeout(limit: float, epoch: int) -> Ending:
+        return Ending(End.TRIAL_TIMEOUT, f"trial_timeout: stopped after {limit:g} s in epoch {epoch}")
+
+    @staticmethod
+    def out_of_memory(device: object, detail: str) -> Ending:
+        return Ending(End.OUT_OF_MEMORY, f"out of memory on {device} ({detail})"[:2000])
+
+    @staticmethod
+    def error(e: BaseException) -> Ending:
+        return Ending(End.ERROR, f"{type(e).__name__}: {e}"[:2000])
+
+
+class Stop(Exception):
+    """Raised inside training to end the trial now; carries the ending."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason or ending.end.value)
+        self.ending = ending
+
+
+class Diverged(Stop):
+    def __init__(self, what: str, value: float, epoch: int) -> None:
+        super().__init__(Ending.diverged(what, value, epoch))
+
+
+class TimeLimit(Stop):
+    def __init__(self, limit: float, epoch: int) -> None:
+        super().__init__(Ending.trial_timeout(limit, epoch))
+
+
+class StudyTimeout(Stop):
+    """The study's timeout passed while a trial ran: it stops now and is queued to resume from its
+    last checkpoint, so `--timeout` bounds the command's time without losing work."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(Ending(End.STUDY_TIMEOUT, f"study timeout in epoch {epoch}"))
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
+@dataclass
+class Deadlines:
+    """The trial's and the study's time limits (time.monotonic() values), checked in one place:
+    every batch by hpo's own loop, every epoch by a fused group, at report()/save_checkpoint()/
+    check() by user code."""
+
+    trial_limit: float | None = None  # seconds, budget.trial_timeout
+    trial_deadline: float | None = None
+    study_deadline: float | None = None
+
+    @staticmethod
+    def start(trial_limit: float | None, study_deadline: float | None) -> Deadlines:
+        now = time.monotonic()
+        return Deadlines(trial_limit, now + trial_limit if trial_limit else None, study_deadline)
+
+    def check(self, epoch: int) -> None:
+        if self.trial_deadline is None and self.study_deadline is None:
+            return
+        now = time.monotonic()
+        if self.trial_deadline is not None and now > self.trial_deadline:
+            assert self.trial_limit is not None
+            raise TimeLimit(self.trial_limit, epoch)
+        if self.study_deadline is not None and now > self.study_deadline:
+            raise StudyTimeout(epoch)
+
+
+class CheckpointPolicy:
+    """When a checkpoint is worth writing: at the end of an epoch once `interval` seconds passed
+    since the last, stretched so that writing them never takes more than ~5% of the time (a big
+    model's state on a fast epoch). An interval of 0 asks for every epoch, and gets it."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.cost = 0.0  # seconds the last write took (per member, for a fused group)
+
+    def due(self, since: float, members: int = 1) -> bool:
+        wait = 0.0 if self.interval == 0 else max(self.interval, 20 * self.cost * members)
+        return time.monotonic() - since >= wait

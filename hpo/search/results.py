@@ -1,0 +1,145 @@
+"""After the search: the best model scored once on the test split, summaries, deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hpo._private import storage_of
+from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
+from hpo.search.summary import TEST_ATTR, best_trial
+from hpo.storage.artifacts import UID_RE, find_artifact, own_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from hpo.data.splits import DataCache
+
+
+def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
+    """Score the best trial once on the test data and record it: hpo's own loop scores its saved
+    model on the test split and saves it as the study's model; a user's `test` function is called
+    with the best trial's params and final state."""
+    from hpo.data.splits import DataCache
+    from hpo.spec.params import Params
+    from hpo.training.builtin import fold_models
+    from hpo.training.models import build_model
+    from hpo.training.trainer import evaluate_ensemble
+
+    study, spec = handle.study, handle.spec
+    best = best_trial(study)
+    if best is None:
+        return None
+    recorded: dict[str, Any] | None = study.user_attrs.get(TEST_ATTR)
+    if recorded and recorded.get("trial") == best.number:
+        return recorded
+    if spec.train is not None:
+        return _score_with_user_test(handle, best, device) if spec.test is not None else None
+    model_id = find_artifact(best, "model.pt", storage_of(study))
+    if model_id is None:
+        return None
+    saved = handle.artifacts.read(model_id)
+    values = dict(saved["params"])
+    params = Params.from_mapping(values)
+    data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
+    folds = data.folds(params.scaling)
+    models = []
+    for fold, state in zip(folds, fold_models(saved)):
+        model = build_model(spec.model, values, fold.input_shape, fold.n_outputs)
+        model.load_state_dict(state)
+        models.append(model.to(device))
+    # With cross-validation the best model is the ensemble of its k fold models.
+    scores = evaluate_ensemble(models, [f.test for f in folds], folds[0].task, device)
+    metric = spec.metric.replace("val_", "test_")
+    bundle = {
+        "models": [m.state_dict() for m in models],
+        "params": values,
+        "model_family": spec.model,
+        "input_shape": list(folds[0].input_shape),
+        "n_outputs": folds[0].n_outputs,
+        "spec": spec.to_dict(),
+        "trial": best.number,
+        "test": scores,
+    }
+    artifact_id = handle.artifacts.upload(study, "best_model.pt", bundle)
+    return _record(handle, best, metric, scores[metric.removeprefix("test_")], scores, artifact_id)
+
+
+def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, scores: dict[str, float],
+            artifact_id: str | None) -> dict[str, Any]:
+    record = {
+        "trial": best.number,
+        "metric": metric,
+        "value": value,
+        "scores": scores,
+        "val_value": best.value,
+        "model_artifact": artifact_id,
+        "model_path": str(handle.artifacts.file_of(artifact_id).resolve()) if artifact_id else None,
+    }
+    handle.study.set_user_attr(TEST_ATTR, record)
+    return record
+
+
+def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.device) -> dict[str, Any]:
+    """Call the spec's `test` function once, on the best trial: its params and final saved state."""
+    from hpo.runtime.trial import Trial, TrialContext, _as_number
+    from hpo.spec.space import resolve_values
+    from hpo.spec.user_code import UserCodeError, load
+
+    spec = handle.spec
+    assert spec.test is not None
+    who = f"test: {spec.test}"
+    test_fn = load(spec.test, "test")
+    model_id = find_artifact(best, "model.pt", storage_of(handle.study))
+    trial = Trial(TrialContext(spec, handle.artifacts, device, who=who), resolve_values(spec, best.params),
+                  best.number, None)
+    trial.start_epoch = trial.epochs
+    trial._state = handle.artifacts.read(model_id) if model_id is not None else None
+    out = test_fn(trial)
+    name = spec.metric.replace("val_", "test_") if spec.metric.startswith("val_") else f"test_{spec.metric}"
+    raw = out if isinstance(out, Mapping) else {name: out}
+    scores: dict[str, float] = {}
+    for key, value in raw.items():
+        number = _as_number(value)
+        if number is None:
+            raise UserCodeError(f"{who}: returned {key}={value!r}; return a number or a dict of numbers")
+        scores[str(key)] = number
+    if not scores:
+        raise UserCodeError(f"{who}: returned no scores; return a number or a dict of numbers")
+    metric = name if name in scores else next(iter(scores))
+    return _record(handle, best, metric, scores[metric], scores, model_id)
+
+
+def delete_study(study: optuna.Study) -> int:
+    """Delete a study and the files it put in its artifact store; returns files removed.
+
+    Everything read from the study is untrusted (anyone who can write the database can write it):
+    only names hpo itself creates (Optuna's uuid artifact ids, this study's `<uid>-trialN-a.ckpt`)
+    are removed, only as regular files directly inside the recorded artifact folder, never through
+    a link."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    system = system_attrs(study)
+    removed = 0
+    folder = system.get(ARTIFACTS_ATTR)
+    if isinstance(folder, str) and Path(folder).is_dir():
+        base = Path(folder).resolve()
+        names = {m.artifact_id for m in get_all_artifact_meta(study)}
+        for t in study.get_trials(deepcopy=False):
+            names.update(m.artifact_id for m in get_all_artifact_meta(t, storage=storage_of(study)))
+        uid = system.get(UID_ATTR)
+        if isinstance(uid, str) and UID_RE.match(uid):
+            names.update(p.name for p in base.glob(f"{uid}-trial*.ckpt"))
+        for name in names:
+            if (path := own_file(base, name, uid)) is not None:
+                path.unlink()
+                removed += 1
+    optuna.delete_study(study_name=study.study_name, storage=storage_of(study))
+    return removed
+
+
+

@@ -1,0 +1,171 @@
+"""Create a study from a spec, or join one from the spec stored in it.
+
+The spec lives in the study's user attributes, so any Optuna tool sees what was run and a worker
+needs only the study name and the storage URL. A study is resumed only when the stored spec
+describes the same search (the budget may grow).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+import optuna
+from optuna.storages import BaseStorage
+
+from hpo._private import storage_of, study_id
+from hpo.errors import SettingError, SpecError, StorageError, StudyExistsError
+from hpo.search.samplers import make_pruner, make_sampler
+from hpo.search.summary import SPEC_ATTR
+from hpo.spec.schema import StudySpec, spec_from_mapping
+from hpo.storage.artifacts import (
+    ENV_ARTIFACTS,
+    Artifacts,
+    open_store,
+    resolve_artifact_path,
+)
+from hpo.storage.backends import creation_lock, mask
+
+UID_ATTR = "hpo:uid"  # system attr: names the study's checkpoints in the artifact store
+ARTIFACTS_ATTR = "hpo:artifacts"  # system attr: where this study's artifacts were written
+
+
+@dataclass
+class StudyHandle:
+    study: optuna.Study
+    spec: StudySpec
+    artifacts: Artifacts
+
+
+def choose_device(name: str | None) -> torch.device:
+    """`auto` (default): CUDA when present, else CPU."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingError("device", f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError("device", f"{name} requested but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SettingError("device", f"{name} does not exist ({torch.cuda.device_count()} GPUs)")
+    elif device.type != "cpu":
+        raise SettingError("device", f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def _diff(a: Any, b: Any, path: str = "") -> str | None:
+    """The first key path where two spec dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if (d := _diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)) is not None:
+                return d
+        return None
+    return None if a == b else (path or "spec")
+
+
+def system_attrs(study: optuna.Study) -> dict[str, Any]:
+    # Optuna 5 keeps study system attrs on the storage API only.
+    return storage_of(study).get_study_system_attrs(study_id(study))
+
+
+def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) -> Artifacts:
+    system = system_attrs(study)
+    path = resolve_artifact_path(artifact_dir, storage_url, system.get(ARTIFACTS_ATTR))
+    store = open_store(path)
+    if system.get(ARTIFACTS_ATTR) is None:
+        storage_of(study).set_study_system_attr(study_id(study), ARTIFACTS_ATTR, str(path.resolve()))
+    uid = system.get(UID_ATTR)
+    if uid is None:
+        uid = uuid.uuid4().hex[:12]
+        storage_of(study).set_study_system_attr(study_id(study), UID_ATTR, uid)
+    elif not (isinstance(uid, str) and re.fullmatch(r"[0-9a-f]{12}", uid)):
+        # It names checkpoint files: a crafted value must not steer writes outside the store.
+        raise StorageError(f"study {study.study_name!r} has an invalid {UID_ATTR} ({str(uid)[:40]!r}); "
+                           "its database was edited by something other than hpo")
+    return Artifacts(store, uid, path)
+
+
+def open_for_spec(
+    spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None
+) -> StudyHandle:
+    """Create the spec's study, or resume it when the stored spec describes the same search.
+    Processes doing this at the same instant take turns (one study, one checkpoint id)."""
+    with creation_lock(storage_url):
+        return _open_for_spec(spec, storage, storage_url, artifact_dir)
+
+
+def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None) -> StudyHandle:
+    sampler, pruner = make_sampler(spec), make_pruner(spec)
+    if explicit := artifact_dir or os.environ.get(ENV_ARTIFACTS):
+        open_store(Path(explicit))  # an unusable folder is refused before the study exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=spec.name,
+            direction=spec.direction,  # type: ignore[arg-type]
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        if study.trials:
+            raise SpecError(
+                f"study {spec.name!r} already exists in {mask(storage_url)} and was not made by hpo; "
+                "choose another name"
+            )
+    else:
+        old = spec_from_mapping(stored, f"study {spec.name!r}")
+        if (key := _diff(old.search_definition(), spec.search_definition())) is not None:
+            raise StudyExistsError(
+                f"{spec.source}: study {spec.name!r} already exists with a different spec "
+                f"(first difference: {key}); rename the study or delete the existing one", spec.name
+            )
+    if stored != spec.to_dict():
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())  # first run, or a changed budget
+    if stored is None:
+        _name_objective(study, spec.metric)
+    return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
+
+
+def _name_objective(study: optuna.Study, metric: str) -> None:
+    """The dashboard then labels its axes val_accuracy instead of "Objective 0"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
+
+
+def open_existing(
+    name: str, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None, worker: int = 0
+) -> StudyHandle:
+    """Join a study from the spec stored in it: a worker needs only the name and the storage
+    (`worker`: its index among a run's workers, for its sampler's seed)."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()]
+        hint = f" (studies there: {', '.join(names[:10])})" if names else " (it holds no studies)"
+        raise StorageError(f"no study named {name!r} in {mask(storage_url)}{hint}") from None
+    stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    if stored is None:
+        raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
+    spec = spec_from_mapping(stored, f"study {name!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.load_study(
+            study_name=name, storage=storage, sampler=make_sampler(spec, worker), pruner=make_pruner(spec)
+        )
+    return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))

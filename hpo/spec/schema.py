@@ -1,0 +1,351 @@
+"""Study files: YAML -> frozen, typed dataclasses.
+
+Reading (size, encoding, a safe YAML loader) happens here; every rule a spec must meet is in
+hpo/spec/validate.py, and runs before any storage is touched. Errors name the file and the key path
+(`studies/x.yaml: space.lr.low: must be > 0 when log is true`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hpo.errors import SpecError
+
+MAX_SPEC_BYTES = 1 << 20  # a study file is a page of YAML; anything larger is a mistake or an attack
+
+METRICS: dict[str, tuple[str, str]] = {
+    # metric -> (direction it is optimised in, task it belongs to)
+    "val_accuracy": ("maximize", "classification"),
+    "val_loss": ("minimize", "classification"),
+    "val_mse": ("minimize", "regression"),
+}
+MODELS = ("mlp", "cnn")
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "patient", "none")
+# dataset -> (task, or None when data.task says; options it accepts; options it requires)
+DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
+    "digits": ("classification", ("cv_folds",), ()),
+    "synthetic": ("classification", ("n_samples", "n_features", "n_classes", "n_informative", "cv_folds"), ()),
+    "diabetes": ("regression", ("cv_folds",), ()),
+    "fashion_mnist": ("classification", ("path", "n_train", "cv_folds"), ()),
+    "csv": (None, ("path", "label", "task", "categorical", "cv_folds"), ("path", "label")),
+    "npz": (None, ("path", "task", "cv_folds"), ("path",)),
+}
+# A user's data function (`dataset: module:function`): what hpo needs to know that the data cannot say.
+USER_DATA_OPTIONS = ("task", "cv_folds", "max_resident_mb", "loader_workers")
+OWN_TEST_SPLIT = ("fashion_mnist",)  # these bring a test split; the spec splits only train/val
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One entry of `space`: a fixed value, a numeric range, or a list of choices."""
+
+    name: str
+    kind: Literal["fixed", "float", "int", "categorical"]
+    value: Any = None
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    # Sampled only where every named parameter took one of the listed values (`when:` in the spec).
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def tuned(self) -> bool:
+        return self.kind != "fixed"
+
+    def possible_values(self) -> tuple[Any, ...] | None:
+        """The finite set this parameter can take, or None for a continuous range."""
+        if self.kind == "fixed":
+            return (self.value,)
+        if self.kind == "categorical":
+            return self.choices
+        if self.step is not None and self.low is not None and self.high is not None:
+            n = int(round((self.high - self.low) / self.step))
+            values = [self.low + i * self.step for i in range(n + 1)]
+            return tuple(int(v) if self.kind == "int" else float(v) for v in values)
+        if self.kind == "int" and self.low is not None and self.high is not None and not self.log:
+            return tuple(range(int(self.low), int(self.high) + 1))
+        return None
+
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        """Whether its `when` conditions hold for the values chosen so far."""
+        return all(name in values and values[name] in allowed for name, allowed in self.when)
+
+    def to_dict(self) -> Any:
+        if self.kind == "fixed":
+            return self.value
+        out: dict[str, Any]
+        if self.kind == "categorical":
+            out = {"type": "categorical", "choices": list(self.choices)}
+        else:
+            out = {"type": self.kind, "low": self.low, "high": self.high}
+            if self.log:
+                out["log"] = True
+            if self.step is not None:
+                out["step"] = self.step
+        if self.when:
+            out["when"] = {name: list(values) for name, values in self.when}
+        return out
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str  # a name above, or the user's `module:function` (hpo.data.user)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    n_samples: int = 2000
+    n_features: int = 20
+    n_classes: int = 4
+    n_informative: int = 10
+    path: str | None = None  # csv/npz file, or the Fashion-MNIST folder (absolute once loaded)
+    label: str | None = None  # csv: the label column
+    task: str = "classification"  # csv/npz: classification or regression
+    categorical: str = "onehot"  # csv: text columns are one-hot encoded, or refused
+    cv_folds: int | None = None  # k-fold cross-validation over train + val
+    n_train: int | None = None  # fashion_mnist: a stratified subsample of the training set
+    # User data: held on the device while it takes at most this many MiB, else streamed through a
+    # DataLoader (None: a quarter of the GPU's memory, or 2 GiB on a CPU).
+    max_resident_mb: float | None = None
+    loader_workers: int | None = None  # DataLoader worker processes when streamed (None: up to 4)
+
+    @property
+    def is_user(self) -> bool:
+        return ":" in self.dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dataset": self.dataset}
+        if self.dataset in OWN_TEST_SPLIT:
+            out["split"] = {"train": self.split.train, "val": self.split.val}
+        else:
+            out["split"] = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+        for key in (USER_DATA_OPTIONS if self.is_user else DATASETS[self.dataset][1]):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    name: str = "median"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    n_trials: int = 20
+    epochs: int = 10
+    timeout: float | None = None  # seconds for the whole study run
+    trial_timeout: float | None = None  # seconds for one trial
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """How trials run, not what they search: one at a time, or K fused into one batched model."""
+
+    mode: str = "sequential"  # or "fused"
+    group_size: int = 8
+    # Fused only: trials of other widths and depths share a group, padded to its largest
+    # (hpo.training.fused); off, only trials of the same width and depth share one. None ("auto"): pad
+    # on a GPU, where a small MLP is launch-bound and padding is nearly free, not on a CPU,
+    # where the padded arithmetic is real.
+    pad: bool | None = None
+    # Worker processes of one `hpo run` (its slots). None ("auto"): one per CPU core, each on one
+    # thread (small models leave a second intra-op thread idle), or one per listed GPU.
+    workers: int | None = None
+
+    def pads(self, device_type: str) -> bool:
+        return self.pad if self.pad is not None else device_type == "cuda"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    metric: str
+    direction: str
+    data: DataSpec | None  # None when a `train` function brings its own data
+    space: tuple[ParamSpec, ...]
+    seed: int = 0
+    model: str = "mlp"  # mlp, cnn, or the user's factory `module:function`
+    description: str = ""
+    train: str | None = None  # the user's training function, `module:function` or `file.py:function`
+    test: str | None = None  # the user's test-scoring function, called once on the best trial
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+    source: str = field(default="<spec>", compare=False)
+
+    @property
+    def task(self) -> str:
+        if self.metric in METRICS:
+            return METRICS[self.metric][1]
+        return self.data.task if self.data is not None else "custom"
+
+    @property
+    def builtin_data(self) -> DataSpec:
+        """The data of a study trained by hpo's own loop (every spec without `train`)."""
+        assert self.data is not None, "a study with a train function has no data section"
+        return self.data
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.space if p.name == name), None)
+
+    def with_budget(self, **changes: Any) -> StudySpec:
+        """A copy with budget fields replaced (CLI overrides such as --n-trials)."""
+        values = {k: getattr(self.budget, k) for k in BudgetSpec.__dataclass_fields__}
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return replace(self, budget=BudgetSpec(**values))
+
+    def fused(self, group_size: int) -> StudySpec:
+        """A copy that runs fused groups of `group_size`, checked like the file's execution.mode."""
+        from hpo.errors import SettingError
+        from hpo.spec.validate import Validator
+
+        spec = replace(self, execution=replace(self.execution, mode="fused", group_size=group_size))
+        try:
+            Validator(self.source).check_fusable(spec, "fuse")
+        except SpecError as e:  # "file: fuse: why" -> the setting's own message
+            raise SettingError("fuse", str(e).split("fuse: ", 1)[-1]) from None
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, stored in the study so a worker needs no file."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "metric": self.metric,
+            "direction": self.direction,
+            "seed": self.seed,
+        }
+        if self.train is not None:
+            out["train"] = self.train
+        else:
+            out["model"] = self.model
+            out["data"] = self.builtin_data.to_dict()
+        if self.test is not None:
+            out["test"] = self.test
+        return out | {
+            "space": {p.name: p.to_dict() for p in self.space},
+            "sampler": {"name": self.sampler.name, **self.sampler.kwargs},
+            "pruner": {"name": self.pruner.name, **self.pruner.kwargs},
+            "budget": {
+                "n_trials": self.budget.n_trials,
+                "epochs": self.budget.epochs,
+                "timeout": self.budget.timeout,
+                "trial_timeout": self.budget.trial_timeout,
+            },
+            "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
+                          "pad": "auto" if self.execution.pad is None else self.execution.pad,
+                          "workers": "auto" if self.execution.workers is None else self.execution.workers},
+        }
+
+    def search_definition(self) -> dict[str, Any]:
+        """What makes two specs the same study: everything but the budget and the prose."""
+        d = self.to_dict()
+        for key in ("budget", "description", "execution"):
+            d.pop(key)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float and refuses duplicate keys.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so `lr: 1e-5` would silently become a
+    string; a duplicated key would silently keep the last value.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain values", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{source}: {where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: the document is nested too deeply") from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        if path.is_dir():
+            raise SpecError(f"{source}: is a directory, not a study file")
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{source}: file is {size} bytes; a study file must be under 1 MiB")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{source}: no such file") from None
+    except PermissionError:
+        raise SpecError(f"{source}: permission denied") from None
+    if b"\0" in raw:
+        raise SpecError(f"{source}: is a binary file, not YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{source}: is not UTF-8 text (bad byte at offset {e.start})") from None
+    return spec_from_mapping(parse_yaml(text, source), source)
+
+
+def spec_from_mapping(doc: Any, source: str) -> StudySpec:
+    """Validate an already-parsed document (a file, or a spec stored in a study)."""
+    from hpo.spec.validate import Validator
+
+    return Validator(source).study(doc)

@@ -1,0 +1,520 @@
+"""Validation of study documents: every rule a spec must meet, with file: key: message errors.
+
+Everything is checked before any storage is touched, including that the sampler and pruner can
+be built with the given options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hpo.errors import SpecError
+from hpo.spec import params as P
+from hpo.spec.schema import (
+    DATASETS,
+    METRICS,
+    MODELS,
+    NAME_RE,
+    OWN_TEST_SPLIT,
+    PRUNERS,
+    SAMPLERS,
+    USER_DATA_OPTIONS,
+    BudgetSpec,
+    DataSpec,
+    ExecutionSpec,
+    ParamSpec,
+    PrunerSpec,
+    SamplerSpec,
+    SplitSpec,
+    StudySpec,
+)
+from hpo.spec.user_code import absolute_reference, check_reference
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bool, int, float))
+
+
+class Validator:
+    """Walks a parsed document, building the spec; the first problem raises a SpecError that names
+    the file and the key path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> SpecError:
+        text = f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
+        # Keys come from the user's file: escape control characters so the error stays one line.
+        return SpecError(text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text)
+
+    def mapping(
+        self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        what = path or "the document"
+        if value is None and not path:
+            raise self.fail("", "is empty; a study file needs at least name, data and space")
+        if not isinstance(value, dict):
+            raise self.fail(path, f"{what} must be a mapping (key: value), not {_kind(value)}")
+        allowed = list(allowed)
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(path, f"keys must be text, not {_kind(key)} {key!r}")
+            if key not in allowed:
+                where = f"{path}.{key}" if path else key
+                raise self.fail(where, f"unknown key{_did_you_mean(key, allowed)}")
+        for key in required:
+            if key not in value:
+                where = f"{path}.{key}" if path else key
+                raise self.fail(where, "is required")
+        return value
+
+    def integer(self, value: Any, path: str, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer, not {_kind(value)}")
+        if minimum is not None and value < minimum:
+            raise self.fail(path, f"must be >= {minimum}")
+        return value
+
+    def number(self, value: Any, path: str, positive: bool = False) -> float:
+        if not _is_number(value):
+            raise self.fail(path, f"must be a number, not {_kind(value)}")
+        if positive and value <= 0:
+            raise self.fail(path, "must be > 0")
+        return float(value)
+
+    def choice(self, value: Any, path: str, options: Iterable[str]) -> str:
+        options = list(options)
+        if not isinstance(value, str) or value not in options:
+            hint = _did_you_mean(value, options) if isinstance(value, str) else ""
+            raise self.fail(path, f"unknown value {value!r}{hint} (expected one of: {', '.join(options)})")
+        return value
+
+    # ---- sections ----------------------------------------------------------------------
+
+    def study(self, doc: Any) -> StudySpec:
+        top = self.mapping(
+            doc,
+            "",
+            ["name", "description", "metric", "direction", "seed", "model", "data", "space",
+             "sampler", "pruner", "budget", "execution", "train", "test"],
+            required=["name", "space"],
+        )
+        name = top["name"]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise self.fail(
+                "name",
+                "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            )
+        description = top.get("description", "")
+        if not isinstance(description, str):
+            raise self.fail("description", "must be text")
+        train = self.reference(top, "train")
+        test = self.reference(top, "test")
+        metric, direction = self.objective(top, custom=train is not None)
+        seed = self.integer(top.get("seed", 0), "seed", minimum=0)
+        if train is not None:
+            for key in ("data", "model"):
+                if key in top:
+                    raise self.fail(key, f"does not apply with train: ({train} brings its own {key})")
+            model, data = "mlp", None
+        else:
+            if "data" not in top:
+                raise self.fail("data", "is required (or name your own training function with train:)")
+            model = self.model(top.get("model", "mlp"))
+            data = self.data(top["data"], metric)
+            task = METRICS[metric][1] if metric in METRICS else data.task
+            if data.task != task:
+                hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
+                raise self.fail(
+                    "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
+                )
+            if metric not in METRICS:
+                raise self.fail("metric", f"unknown metric {metric!r} for hpo's own training loop"
+                                          f"{_did_you_mean(metric, METRICS)} (expected one of: {', '.join(METRICS)})")
+        mode = "user" if train is not None else ("factory" if ":" in model else "builtin")
+        space = self.space(top["space"], mode)
+        budget = self.budget(top.get("budget", {}))
+        sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
+        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": "median"}), "pruner", PRUNERS))
+        execution = self.execution(top.get("execution", {}))
+        spec = StudySpec(
+            name=name, description=description, metric=metric, direction=direction, seed=seed,
+            model=model, data=data, space=space, sampler=sampler, pruner=pruner, budget=budget,
+            execution=execution, source=self.source, train=train, test=test,
+        )
+        self.cross_checks(spec)
+        if execution.mode == "fused":
+            self.check_fusable(spec, "execution.mode")
+        return spec
+
+    def reference(self, top: dict[str, Any], key: str) -> str | None:
+        """`module:function` or `file.py:function`; a file is made absolute, relative to the spec."""
+        if key not in top:
+            return None
+        if (problem := check_reference(top[key])) is not None:
+            raise self.fail(key, problem)
+        return absolute_reference(top[key], self.source)
+
+    def objective(self, top: dict[str, Any], custom: bool) -> tuple[str, str]:
+        """The metric and its direction: known metrics bring theirs; a user's metric needs one."""
+        metric = top.get("metric", "val_accuracy")
+        if (isinstance(metric, str) and metric in METRICS) or not custom:
+            metric = self.choice(metric, "metric", METRICS)
+            natural = METRICS[metric][0]
+            direction = top.get("direction", natural)
+            self.choice(direction, "direction", ["maximize", "minimize"])
+            if direction != natural:
+                raise self.fail(
+                    "direction", f"{metric} can only be {natural}d; remove direction or set it to {natural}"
+                )
+            return metric, direction
+        if not isinstance(metric, str) or not _IDENTIFIER.match(metric):
+            raise self.fail("metric", "must be the name of a metric your train function reports, e.g. val_f1")
+        if "direction" not in top:
+            raise self.fail("direction", f"is required for the metric {metric!r} (maximize or minimize)")
+        return metric, self.choice(top["direction"], "direction", ["maximize", "minimize"])
+
+    def model(self, value: Any) -> str:
+        if isinstance(value, str) and ":" in value:
+            if (problem := check_reference(value)) is not None:
+                raise self.fail("model", problem)
+            return absolute_reference(value, self.source)
+        return self.choice(value, "model", MODELS)
+
+    def execution(self, value: Any) -> ExecutionSpec:
+        raw = self.mapping(value, "execution", ["mode", "group_size", "pad", "workers"])
+        mode = self.choice(raw.get("mode", "sequential"), "execution.mode", ["sequential", "fused"])
+        size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
+        if size > 1024:
+            raise self.fail("execution.group_size", "must be <= 1024")
+        pad = raw.get("pad", "auto")
+        if pad != "auto" and not isinstance(pad, bool):
+            raise self.fail("execution.pad", "must be true, false or auto")
+        workers = raw.get("workers", "auto")
+        if workers != "auto":
+            workers = self.integer(workers, "execution.workers", minimum=1)
+        return ExecutionSpec(mode, size, None if pad == "auto" else pad, None if workers == "auto" else workers)
+
+    def check_fusable(self, spec: StudySpec, where: str) -> None:
+        """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""
+        if spec.train is not None:
+            raise self.fail(where, "fused training runs hpo's own MLP loop; a train function cannot be fused")
+        if spec.model != "mlp":
+            raise self.fail(where, "fused training supports model: mlp only")
+        if spec.builtin_data.is_user:
+            raise self.fail(where, "fused training does not take user data functions yet")
+        if spec.builtin_data.cv_folds:
+            raise self.fail(where, "fused training does not combine with data.cv_folds")
+        opt = spec.param("optimizer")
+        names = opt.possible_values() if opt else (P.DEFAULTS["optimizer"],)
+        if names and "schedulefree_adamw" in names:
+            raise self.fail(where, "schedulefree_adamw cannot be fused; drop it from space.optimizer")
+
+    def data(self, value: Any, metric: str = "val_accuracy") -> DataSpec:
+        raw = self.mapping(value, "data", ["dataset", "split", *_all_dataset_options()], ["dataset"])
+        if isinstance(raw["dataset"], str) and ":" in raw["dataset"]:
+            return self.user_data(raw, metric)
+        dataset = self.choice(raw["dataset"], "data.dataset", DATASETS)
+        task, options, required = DATASETS[dataset]
+        for key in raw:
+            if key not in ("dataset", "split") and key not in options:
+                raise self.fail(f"data.{key}", f"is not an option of dataset {dataset}")
+        for key in required:
+            if key not in raw:
+                raise self.fail(f"data.{key}", f"is required for dataset {dataset}")
+        split = self.split(raw.get("split"), dataset)
+        kwargs: dict[str, Any] = {}
+        for key in ("n_samples", "n_features", "n_classes", "n_informative", "cv_folds", "n_train"):
+            if key in raw:
+                kwargs[key] = self.integer(raw[key], f"data.{key}", minimum=2)
+        if "n_features" in kwargs and "n_informative" not in kwargs:
+            kwargs["n_informative"] = min(DataSpec.n_informative, kwargs["n_features"])
+        if "path" in raw:
+            if not isinstance(raw["path"], str) or not raw["path"].strip():
+                raise self.fail("data.path", "must be a file path")
+            kwargs["path"] = self.resolve_path(raw["path"])
+        if "label" in raw:
+            if not isinstance(raw["label"], str) or not raw["label"]:
+                raise self.fail("data.label", "must be a column name")
+            kwargs["label"] = raw["label"]
+        kwargs["task"] = task or self.choice(raw.get("task", "classification"), "data.task",
+                                             ["classification", "regression"])
+        if "categorical" in raw:
+            kwargs["categorical"] = self.choice(raw["categorical"], "data.categorical", ["onehot", "refuse"])
+        if kwargs.get("cv_folds", 0) > 20:
+            raise self.fail("data.cv_folds", "must be <= 20")
+        spec = DataSpec(dataset=dataset, split=split, **kwargs)
+        if dataset == "synthetic":
+            if spec.n_informative > spec.n_features:
+                raise self.fail("data.n_informative", f"must be <= n_features ({spec.n_features})")
+            if spec.n_classes > 2**spec.n_informative:
+                raise self.fail("data.n_classes", "too many classes for n_informative features")
+            if spec.n_samples > 5_000_000:
+                raise self.fail("data.n_samples", "must be <= 5000000")
+            smallest = min(split.val, split.test) * spec.n_samples
+            if smallest < spec.n_classes:
+                raise self.fail("data.n_samples", "too few samples for a stratified split of every class")
+        return spec
+
+    def user_data(self, raw: dict[str, Any], metric: str) -> DataSpec:
+        """`dataset: module:function`: the user's Datasets or arrays (hpo.data.user)."""
+        if (problem := check_reference(raw["dataset"])) is not None:
+            raise self.fail("data.dataset", problem)
+        for key in raw:
+            if key not in ("dataset", "split", *USER_DATA_OPTIONS):
+                raise self.fail(f"data.{key}", "is not an option of a data function "
+                                               f"(options: split, {', '.join(USER_DATA_OPTIONS)})")
+        natural = METRICS[metric][1] if metric in METRICS else "classification"
+        kwargs: dict[str, Any] = {
+            "task": self.choice(raw.get("task", natural), "data.task", ["classification", "regression"])}
+        if "cv_folds" in raw:
+            kwargs["cv_folds"] = self.integer(raw["cv_folds"], "data.cv_folds", minimum=2)
+            if kwargs["cv_folds"] > 20:
+                raise self.fail("data.cv_folds", "must be <= 20")
+        if "max_resident_mb" in raw:
+            kwargs["max_resident_mb"] = self.number(raw["max_resident_mb"], "data.max_resident_mb", positive=True)
+        if "loader_workers" in raw:
+            kwargs["loader_workers"] = self.integer(raw["loader_workers"], "data.loader_workers", minimum=0)
+        dataset = absolute_reference(raw["dataset"], self.source)
+        return DataSpec(dataset=dataset, split=self.split(raw.get("split"), dataset), **kwargs)
+
+    def split(self, value: Any, dataset: str) -> SplitSpec:
+        if value is None:
+            return SplitSpec(0.9, 0.1, 0.0) if dataset in OWN_TEST_SPLIT else SplitSpec()
+        if dataset in OWN_TEST_SPLIT:
+            s = self.mapping(value, "data.split", ["train", "val", "test"], ["train", "val"])
+            if "test" in s:
+                raise self.fail("data.split.test", f"{dataset} has its own test split; give only train and val")
+            fr = {k: self.number(s[k], f"data.split.{k}", positive=True) for k in ("train", "val")}
+            fr["test"] = 0.0
+        else:
+            s = self.mapping(value, "data.split", ["train", "val", "test"], ["train", "val", "test"])
+            fr = {k: self.number(s[k], f"data.split.{k}", positive=True) for k in ("train", "val", "test")}
+        if abs(sum(fr.values()) - 1.0) > 1e-6:
+            raise self.fail("data.split", f"fractions must add up to 1 (they add up to {sum(fr.values()):g})")
+        return SplitSpec(**fr)
+
+    def resolve_path(self, text: str) -> str:
+        """Relative to the study file's folder, so a spec runs from any working directory."""
+        path = Path(text).expanduser()
+        if not path.is_absolute() and Path(self.source).is_file():
+            path = Path(self.source).resolve().parent / path
+        return str(path)
+
+    def budget(self, value: Any) -> BudgetSpec:
+        raw = self.mapping(value, "budget", ["n_trials", "epochs", "timeout", "trial_timeout"])
+        out: dict[str, Any] = {}
+        if "n_trials" in raw:
+            out["n_trials"] = self.integer(raw["n_trials"], "budget.n_trials", minimum=1)
+        if "epochs" in raw:
+            out["epochs"] = self.integer(raw["epochs"], "budget.epochs", minimum=1)
+        for key in ("timeout", "trial_timeout"):
+            if raw.get(key) is not None:
+                out[key] = self.number(raw[key], f"budget.{key}", positive=True)
+        return BudgetSpec(**out)
+
+    def named_kwargs(self, value: Any, path: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a name or a mapping with a name, not {_kind(value)}")
+        if "name" not in value:
+            raise self.fail(f"{path}.name", "is required")
+        name = self.choice(value["name"], f"{path}.name", names)
+        kwargs = {k: v for k, v in value.items() if k != "name"}
+        for key, v in kwargs.items():
+            if not isinstance(key, str):
+                raise self.fail(path, f"keys must be text, not {_kind(key)}")
+            if not _is_scalar(v):
+                raise self.fail(f"{path}.{key}", "must be a plain value (number, text, true/false)")
+        return name, kwargs
+
+    def space(self, value: Any, mode: str = "builtin") -> tuple[ParamSpec, ...]:
+        """`mode`: builtin (the catalogue only), factory (the catalogue plus any name, for a model
+        factory) or user (any name, none with a built-in meaning, for a train function)."""
+        if value is None or value == {}:
+            raise self.fail("space", "is empty; give at least one parameter to tune, e.g. lr")
+        if mode == "builtin":
+            raw = self.mapping(value, "space", P.BY_NAME)
+        else:
+            raw = self.mapping(value, "space", list(value) if isinstance(value, dict) else [])
+            for key in raw:
+                if not _IDENTIFIER.match(key):
+                    raise self.fail(f"space.{key}", "a parameter name must be a Python identifier")
+        # Catalogue order, so built-in conditions always refer to parameters already resolved;
+        # then the user's own, in the file's order (their `when` may refer to any before them).
+        known = [name for name in P.BY_NAME if name in raw] if mode != "user" else []
+        order = known + [name for name in raw if name not in known]
+        specs: list[ParamSpec] = []
+        for name in order:
+            info = P.BY_NAME.get(name) if mode != "user" else None
+            specs.append(self.param(name, raw[name], info, specs))
+        if not any(p.tuned for p in specs):
+            raise self.fail("space", "every parameter is fixed; give at least one a range or choices")
+        return tuple(specs)
+
+    def param(self, name: str, value: Any, info: P.ParamInfo | None = None,
+              earlier: list[ParamSpec] | None = None) -> ParamSpec:
+        path = f"space.{name}"
+        if isinstance(value, list):
+            value = {"type": "categorical", "choices": value}
+        if not isinstance(value, dict):
+            if info is not None and (problem := P.check_value(info, value)):
+                raise self.fail(path, problem)
+            if info is None and not _is_scalar(value):
+                raise self.fail(path, "must be a value, a list of choices or a range")
+            return ParamSpec(name, "fixed", value=value)
+        raw = self.mapping(value, path, ["type", "low", "high", "log", "step", "choices", "when"])
+        when = self.when(raw.get("when"), f"{path}.when", name, earlier or []) if "when" in raw else ()
+        if when and info is not None and info.when is not None:
+            raise self.fail(f"{path}.when", f"{name} already applies only when {info.when[0]} is one of "
+                                            f"{', '.join(map(str, info.when[1]))}")
+        kind = raw.get("type")
+        if kind is None:
+            integer = info.kind is int if info is not None else (
+                isinstance(raw.get("low"), int) and isinstance(raw.get("high"), int) and not raw.get("log")
+                and not isinstance(raw.get("low"), bool))
+            kind = "categorical" if "choices" in raw else ("int" if integer else "float")
+        kind = self.choice(kind, f"{path}.type", ["float", "int", "categorical"])
+        if kind == "categorical":
+            return self.categorical(name, raw, info, path, when)
+        return self.numeric_range(name, raw, info, path, kind, when)
+
+    def categorical(self, name: str, raw: dict[str, Any], info: P.ParamInfo | None, path: str,
+                    when: tuple[tuple[str, tuple[Any, ...]], ...]) -> ParamSpec:
+        for key in ("low", "high", "log", "step"):
+            if key in raw:
+                raise self.fail(f"{path}.{key}", "does not apply to a categorical parameter")
+        choices = raw.get("choices")
+        if not isinstance(choices, list):
+            raise self.fail(f"{path}.choices", "is required and must be a list")
+        if not choices:
+            raise self.fail(f"{path}.choices", "is empty; give at least one value")
+        for i, c in enumerate(choices):
+            if info is not None and (problem := P.check_value(info, c)):
+                raise self.fail(f"{path}.choices[{i}]", problem)
+            if info is None and not _is_scalar(c):
+                raise self.fail(f"{path}.choices[{i}]", "must be a plain value (number, text, true/false)")
+        if len(set(map(repr, choices))) != len(choices):
+            raise self.fail(f"{path}.choices", "has duplicate values")
+        return ParamSpec(name, "categorical", choices=tuple(choices), when=when)
+
+    def numeric_range(self, name: str, raw: dict[str, Any], info: P.ParamInfo | None, path: str, kind: str,
+                      when: tuple[tuple[str, tuple[Any, ...]], ...]) -> ParamSpec:
+        if info is not None and info.kind in (str, bool):
+            raise self.fail(f"{path}.type", f"{name} takes choices, not a {kind} range")
+        if info is not None and kind == "float" and info.kind is int:
+            raise self.fail(f"{path}.type", f"{name} is an integer; use type: int")
+        if "choices" in raw:
+            raise self.fail(f"{path}.choices", f"does not apply to type {kind}")
+        for key in ("low", "high"):
+            if key not in raw:
+                raise self.fail(f"{path}.{key}", "is required")
+            if kind == "int":
+                self.integer(raw[key], f"{path}.{key}")
+            else:
+                self.number(raw[key], f"{path}.{key}")
+        low, high = raw["low"], raw["high"]
+        if low >= high:
+            raise self.fail(f"{path}.low", f"must be < high ({high}); for a constant write {name}: {low}")
+        log = raw.get("log", False)
+        if not isinstance(log, bool):
+            raise self.fail(f"{path}.log", "must be true or false")
+        if log and low <= 0:
+            raise self.fail(f"{path}.low", "must be > 0 when log is true")
+        for key in ("low", "high"):
+            if info is not None and (problem := P.check_value(info, int(raw[key]) if kind == "int" else float(raw[key]))):
+                raise self.fail(f"{path}.{key}", problem)
+        step = raw.get("step")
+        if step is not None:
+            step = self.integer(step, f"{path}.step", 1) if kind == "int" else self.number(step, f"{path}.step", True)
+            if log and (kind == "float" or step != 1):
+                raise self.fail(f"{path}.step", "cannot be combined with log: true")
+            n = (high - low) / step
+            if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+                raise self.fail(f"{path}.step", f"{step} does not divide the range {low}..{high}")
+        if kind == "int":
+            return ParamSpec(name, "int", low=int(low), high=int(high), log=log, step=step, when=when)
+        return ParamSpec(name, "float", low=float(low), high=float(high), log=log, step=step, when=when)
+
+    def when(self, value: Any, path: str, name: str, earlier: list[ParamSpec]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        """`when: {optimizer: sgd}` or `{optimizer: [sgd, momentum]}`: only parameters listed before
+        this one, and only values they can take."""
+        if not isinstance(value, dict):
+            raise self.fail(path, "must be a mapping, e.g. when: {optimizer: sgd}")
+        names = [p.name for p in earlier]
+        for key in value:
+            if key not in names:
+                raise self.fail(f"{path}.{key}", f"is not a parameter listed before {name} in space "
+                                                 "(conditions refer to earlier parameters)")
+        raw = value
+        if not raw:
+            raise self.fail(path, "is empty; name the parameter and value(s) this one depends on")
+        out = []
+        for ctrl, allowed in raw.items():
+            values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+            if not values or not all(_is_scalar(v) for v in values):
+                raise self.fail(f"{path}.{ctrl}", "must be a value or a list of values")
+            possible = next(p for p in earlier if p.name == ctrl).possible_values()
+            if possible is not None and not any(v in possible for v in values):
+                raise self.fail(f"{path}.{ctrl}", f"{ctrl} never takes {', '.join(map(repr, values))}, "
+                                                  f"so {name} would never be used")
+            out.append((ctrl, values))
+        return tuple(out)
+
+    def cross_checks(self, spec: StudySpec) -> None:
+        by_name = {p.name: p for p in spec.space}
+        for p in spec.space:
+            info = P.BY_NAME.get(p.name) if spec.train is None else None
+            if info is None or info.when is None:
+                continue
+            controller, values = info.when
+            ctrl = by_name.get(controller)
+            possible = ctrl.possible_values() if ctrl else (P.DEFAULTS[controller],)
+            if possible is not None and not any(v in values for v in possible):
+                raise self.fail(
+                    f"space.{p.name}",
+                    f"is never used: it applies only when {controller} is one of "
+                    f"{', '.join(map(str, values))}",
+                )
+        if spec.model == "cnn" and spec.data is not None and spec.data.dataset in ("digits", "synthetic", "diabetes", "csv"):
+            raise self.fail("model", f"cnn needs image data; {spec.data.dataset} is tabular (use mlp)")
+        if spec.budget.n_trials > 1_000_000:
+            raise self.fail("budget.n_trials", "must be <= 1000000")
+        from hpo.search.samplers import (
+            check_strategy,  # imported late: it imports optuna
+        )
+
+        try:
+            check_strategy(spec)
+        except SpecError as e:  # raised as "key.path: message"; add the file
+            raise SpecError(f"{self.source}: {e}") from None
+
+
+def _all_dataset_options() -> list[str]:
+    return sorted({o for _, opts, _ in DATASETS.values() for o in opts} | set(USER_DATA_OPTIONS))
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        bool: "true/false", int: "an integer", float: "a number", str: "text",
+        list: "a list", dict: "a mapping",
+    }.get(type(value), type(value).__name__)

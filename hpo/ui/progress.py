@@ -1,0 +1,120 @@
+"""What a person sees while a study runs and when it ends.
+
+On a terminal one status line is rewritten in place (trial n/N, the epoch in flight, best so far,
+pruned and failed so far); in a log or CI one line is printed per finished trial. Progress goes
+to stderr so stdout carries only the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import optuna
+
+from hpo.runtime.listener import Listener
+from hpo.search.budget import budget_status
+from hpo.search.summary import Summary, summarize
+
+
+def fmt(value: Any) -> str:
+    """Numbers short enough for a table: 4 significant digits, no trailing zeros."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.4g}"
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    return "-" if value is None else str(value)
+
+
+class Progress(Listener):
+    def __init__(
+        self, total: int, metric: str, epochs: int, quiet: bool = False, out: TextIO | None = None
+    ) -> None:
+        self.total, self.metric, self.epochs, self.quiet = total, metric, epochs, quiet
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty()
+        self.start = time.monotonic()
+        self.status = f"[0/{total}]"
+
+    def say(self, text: str) -> None:
+        """A line that stays (a message, not the status line)."""
+        if not self.quiet:
+            self._write(text, final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            self.out.write("\r\033[K" + text + ("\n" if final else ""))
+        elif final:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def _status(self, study: optuna.Study) -> str:
+        s = summarize(study)
+        b = budget_status(study, self.total)
+        best = f"best {fmt(s.best_value)} (#{s.best_number})" if s.best_number is not None else "best -"
+        elapsed = time.monotonic() - self.start
+        running = f" running {b.running} |" if b.running > 1 else ""
+        return (
+            f"[{b.finished + b.failed}/{self.total}] {best} |{running} "
+            f"pruned {s.counts.get('PRUNED', 0)} failed {b.failed} | {elapsed:5.0f}s"
+        )
+
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
+        if resumed_epoch:
+            self.say(f"trial {number}: resuming from its checkpoint at epoch {resumed_epoch}")
+
+    def epoch_done(self, number: int, epoch: int, value: float) -> None:
+        if self.tty:
+            self._write(
+                f"{self.status} | trial {number} epoch {epoch + 1}/{self.epochs} "
+                f"{self.metric} {fmt(value)}",
+                final=False,
+            )
+
+    def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.status = self._status(study)
+        if self.tty:
+            self._write(self.status, final=False)
+            return
+        value = fmt(trial.value) if trial.value is not None else "-"
+        line = (
+            f"trial {trial.number:>4} {trial.state.name:<8} {self.metric} {value:<8} "
+            f"epochs {len(trial.intermediate_values):>3}  {self.status}"
+        )
+        if trial.state.name == "FAIL" and (reason := trial.user_attrs.get("reason")):
+            line += f"  ({reason[:120]})"
+        self._write(line, final=True)
+
+    def note(self, text: str) -> None:
+        self.say(text)
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def render_summary(summary: Summary, elapsed: float | None = None) -> str:
+    c = summary.counts
+    parts = [f"{c[k]} {k.lower()}" for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if c.get(k)]
+    took = f" in {elapsed:.1f} s" if elapsed is not None else ""
+    lines = [f"Study {summary.name}: {sum(c.values())} trials ({', '.join(parts) or 'none yet'}){took}"]
+    if summary.best_number is None:
+        lines.append("No trial has completed yet.")
+        return "\n".join(lines)
+    lines.append(f"Best trial #{summary.best_number}: {summary.metric} {fmt(summary.best_value)}")
+    width = max((len(k) for k in summary.best_params), default=0)
+    lines += [f"  {k:<{width}}  {fmt(v)}" for k, v in summary.best_params.items()]
+    if summary.test:
+        t = summary.test
+        lines.append(f"Test {t['metric'].removeprefix('test_')} of the best model: {fmt(t['value'])}")
+        if t.get("model_path"):
+            lines.append(f"Best model: {t['model_path']}")
+    return "\n".join(lines)

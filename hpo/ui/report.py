@@ -1,0 +1,102 @@
+"""`hpo report`: PNG plots and a Markdown summary of a study, for reading without a browser.
+
+The plots are Optuna's own (optuna.visualization.matplotlib): optimization history, learning
+curves of every trial (pruned ones visibly cut short), parameter importances and parallel
+coordinates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.errors import HpoError
+from hpo.search.summary import summarize
+from hpo.ui.progress import fmt
+
+
+def _plots() -> dict[str, Callable[[optuna.Study], Any]]:
+    from optuna.visualization import matplotlib as vis
+
+    return {
+        "history": vis.plot_optimization_history,
+        "learning_curves": vis.plot_intermediate_values,
+        "importances": vis.plot_param_importances,
+        "parallel_coordinate": vis.plot_parallel_coordinate,
+    }
+
+
+def figures(study: optuna.Study) -> tuple[dict[str, Any], dict[str, str]]:
+    """Matplotlib figures by name, and why any plot could not be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+    except ImportError:
+        raise HpoError("hpo report needs matplotlib: pip install 'hpo[report]'") from None
+    out: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, plot in _plots().items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+        except Exception as e:  # e.g. importances need two completed trials with varied params
+            skipped[name] = f"{type(e).__name__}: {e}"
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flatten()[0].figure  # Axes or array of them
+        fig.set_size_inches(10, 6)
+        fig.tight_layout()
+        out[name] = fig
+    return out, skipped
+
+
+def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """Write <name>.png for each plot and summary.md; returns the files written."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs, skipped = figures(study)
+    written = []
+    for name, fig in figs.items():
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    summary = out_dir / "summary.md"
+    summary.write_text(markdown(study, [p.name for p in written], skipped))
+    written.append(summary)
+    return written
+
+
+def markdown(study: optuna.Study, images: list[str], skipped: dict[str, str]) -> str:
+    s = summarize(study)
+    lines = [f"# Study {s.name}", ""]
+    counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s.counts.items()))
+    lines += [f"- trials: {sum(s.counts.values())} ({counts or 'none'})", f"- metric: {s.metric} ({s.direction})"]
+    if s.best_number is not None:
+        lines.append(f"- best trial: #{s.best_number}, {s.metric} = {fmt(s.best_value)}")
+    if s.test:
+        lines.append(f"- test {s.test['metric'].removeprefix('test_')} of the best model: {fmt(s.test['value'])}"
+                     f" (scored once, on the held-out test split)")
+        lines.append(f"- best model: `{s.test['model_path']}`")
+    if s.best_params:
+        lines += ["", "## Best parameters", "", "| parameter | value |", "| --- | --- |"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in s.best_params.items()]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if done:
+        done.sort(key=lambda t: t.value, reverse=s.direction == "maximize")  # type: ignore[arg-type, return-value]
+        lines += ["", "## Top trials", "", "| # | value | epochs | seconds |", "| --- | --- | --- | --- |"]
+        for t in done[:10]:
+            secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+            lines.append(f"| {t.number} | {fmt(t.value)} | {len(t.intermediate_values)} | {fmt(secs)} |")
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    if skipped:
+        lines += ["", "Not drawn:"] + [f"- {name}: {why}" for name, why in skipped.items()]
+    return "\n".join(lines) + "\n"
