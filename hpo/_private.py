@@ -17,7 +17,7 @@ from optuna.storages import BaseStorage
 # What this module relies on, by library: checked by tests/test_private_apis.py.
 OPTUNA_ATTRIBUTES = {
     "optuna.Study": ("_storage", "_study_id"),
-    "optuna.Trial": ("_trial_id",),
+    "optuna.Trial": ("_trial_id", "_cached_frozen_trial"),
     "optuna.trial.FrozenTrial": ("_trial_id",),
     "optuna.storages._CachedStorage": ("_backend",),
     "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
@@ -80,3 +80,10 @@ def fused_kernel(name: str) -> Any:
     import torch
 
     return getattr(torch, name)
+
+
+def reported_values(trial: optuna.Trial) -> dict[int, float]:
+    """The intermediate values an optuna.Trial holds for itself: report() checks a step against
+    it, and a batch write of reports has to keep it current."""
+    values: dict[int, float] = trial._cached_frozen_trial.intermediate_values
+    return values

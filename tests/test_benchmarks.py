@@ -20,6 +20,7 @@ SMOKE = str(ROOT / "benchmarks" / "specs" / "smoke.yaml")
     ("storage_overhead.py", ["--trials", "6", "--storages", "memory,sqlite,postgres"], "hpo adds"),
     ("workers.py", ["--repeats", "1", "--trials", "4", "--workers", "1,2", "--storage", "postgres"],
      "2 workers / 1 worker"),
+    ("startup.py", ["--repeats", "1"], "first trained epoch"),
     ("whole_process.py", ["--seeds", "0", "1", "--trials", "4", "--epochs", "2"], "hpo / script wall time"),
     ("fused.py", ["--repeats", "1", "--spec", SMOKE, "--group-size", "2"], "Fused / one at a time"),
     ("fused.py", ["--seeds", "0,1", "--spec", SMOKE, "--group-size", "2", "--pad", "true"],

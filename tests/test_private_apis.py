@@ -52,14 +52,15 @@ def test_each_private_torch_api_hpo_uses_exists(name: str) -> None:
 
 def test_private_apis_are_reached_only_through_hpo_private() -> None:
     """Outside hpo/_private.py no module names an underscored attribute of Optuna or torch objects."""
-    pattern = re.compile(r"\.(_storage|_study_id|_trial_id|_backend|_redis|_prefix)\b|optuna\.[\w.]*\._\w+|"
+    pattern = re.compile(r"\.(_storage|_study_id|_trial_id|_backend|_redis|_prefix|_cached_frozen_trial)\b|"
+                         r"optuna\.[\w.]*\._\w+|"
                          r"torch\._fused|from optuna\.[\w.]*\._\w+|import optuna\.[\w.]*\._\w+")
     offenders = []
-    for path in PACKAGE.glob("*.py"):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name in ("_private.py", "proxy.py"):  # proxy.py's _backend is its own attribute
             continue
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if pattern.search(code) and "self._backend" not in code:
-                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+                offenders.append(f"{path.relative_to(PACKAGE)}:{lineno}: {line.strip()}")
     assert not offenders, "private Optuna/torch API outside hpo/_private.py:\n" + "\n".join(offenders)

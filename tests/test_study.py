@@ -273,3 +273,20 @@ def test_study_timeout_queues_every_fused_member(write_spec, runner, storage_url
     assert "timeout of 4 s reached; 3 trials are queued and resume on the next run" in result.output
     states = [t.state for t in load(storage_url).trials]
     assert states.count(TrialState.WAITING) == 3 and TrialState.RUNNING not in states
+
+
+def test_pruning_from_the_values_a_trial_holds_decides_as_optuna_does(write_spec, runner, tmp_path,
+                                                                       monkeypatch) -> None:
+    """hpo decides median pruning from the values it holds and one read of the study per second,
+    writing reports together; Optuna's own should_prune() re-reads everything each epoch. The
+    trials, their values and which are pruned where must be the same."""
+    spec = write_spec(small_spec(budget={"n_trials": 14, "epochs": 6}))
+    runs = []
+    for attempt, optuna_decides in enumerate((False, True)):
+        if optuna_decides:
+            monkeypatch.setattr("hpo.runtime.trial.decides_from_values", lambda pruner: False)
+        url = f"sqlite:///{tmp_path / f'p{attempt}.db'}"
+        assert invoke(runner, "run", spec, "--storage", url).exit_code == 0
+        runs.append([(t.state, t.value, t.intermediate_values, t.params) for t in load(url).trials])
+    assert runs[0] == runs[1]
+    assert any(state == TrialState.PRUNED for state, *_ in runs[0]), "the pruner should have pruned some"

@@ -45,6 +45,7 @@ from hpo.execution.worker import Interrupted, WorkerResult, reclaim
 from hpo.runtime.checkpoints import Envelope
 from hpo.runtime.endings import CheckpointPolicy, Deadlines, End, Ending, Stop, is_oom
 from hpo.runtime.listener import Listener
+from hpo.runtime.pruning import Snapshot
 from hpo.runtime.trial import improves, original_number, trial_attributes, trial_seed
 from hpo.search.budget import budget_status, is_budget_spent, wait_for_running
 from hpo.search.samplers import effective_n_trials
@@ -86,35 +87,6 @@ class _Heartbeats:
 
     def close(self) -> None:
         self.stop.set()
-
-
-class _Snapshot:
-    """The study as read once this epoch, for the pruner.
-
-    Optuna's Trial.should_prune() re-reads every unfinished trial of the study; for K fused
-    members that is K reads of K running trials per epoch. The pruners only need the trials as
-    they stand after this epoch's reports, so one read serves the whole group.
-    """
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-        self._trials = study.get_trials(deepcopy=False)
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
-        import copy
-
-        trials = [t for t in self._trials if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-    @property
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return self.get_trials()
-
-    def frozen(self, tid: int) -> optuna.trial.FrozenTrial:
-        return next(t for t in self._trials if trial_id(t) == tid)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
 
 def _structure(params: Params, names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -203,7 +175,7 @@ class FusedWorker:
                 break
             trained.append((group, self.train(group, reports)))
         report_all(reports)
-        snapshot = _Snapshot(self.study)
+        snapshot = Snapshot(self.study)
         for group, values in trained:
             if values is not None:
                 self.decide(group, values, snapshot)
@@ -344,7 +316,7 @@ class FusedWorker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def decide(self, group: FusedGroup, values: dict[int, float], snapshot: _Snapshot) -> None:
+    def decide(self, group: FusedGroup, values: dict[int, float], snapshot: Snapshot) -> None:
         """End the members that are done (diverged, finished, out of time, pruned); checkpoint the rest."""
         done: list[int] = []
         for i, m in enumerate(group.members):

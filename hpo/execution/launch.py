@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
+from hpo.errors import HpoError
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
 from hpo.runtime.listener import Listener
+from hpo.search.budget import budget_status
 from hpo.search.results import finalize
 from hpo.search.samplers import effective_n_trials
 from hpo.search.study import StudyHandle, choose_device
 from hpo.spec.schema import StudySpec
-from hpo.errors import HpoError
 from hpo.storage.backends import Heartbeat, forget_connections, mask, reason
 from hpo.ui.progress import Progress
-
 
 if TYPE_CHECKING:
     from hpo.execution.processes import Process
@@ -118,7 +118,7 @@ def run_in_processes(
 ) -> Outcome:
     """Start local workers (forked from this process on a CPU, `hpo worker` processes for GPUs),
     show their progress from the storage, then score."""
-    from hpo.execution.processes import Process, can_fork, fork, launch, plan, supervise
+    from hpo.execution.processes import can_fork, fork, launch, plan, supervise
 
     spec, study = handle.spec, handle.study
     plans = plan(n_workers, gpu_ids, device)
@@ -159,6 +159,12 @@ def run_in_processes(
         raise Stopped("Interrupted: every worker queued its trial; the next run resumes them.") from None
     progress.close()
     finalize(handle, choose_device("cuda" if gpu_ids else device), data)
+    left = budget_status(study, progress.total)
+    if left.remaining <= 0 and left.waiting == 0 and left.running == 0:
+        progress.say(f"Stopped: study budget of {progress.total} trials reached.")
+    elif left.waiting and timeout is not None:
+        progress.say(f"Stopped: timeout of {timeout:g} s reached; {left.waiting} trials are queued and resume on "
+                     "the next run.")
     return Outcome(time.monotonic() - start, "", [c for c in codes if c])
 
 

@@ -1,9 +1,12 @@
-"""Several local worker processes on one study: one per GPU, or CPU cores split between them.
+"""The local workers of one `hpo run`: forked from it on a CPU, `hpo worker` processes for GPUs.
 
-Each worker is a separate `hpo worker` process (its own CUDA context, its own interpreter), so a
-crash or an out-of-memory error in one cannot take the others down. Workers run in their own
-process group: the parent alone receives Ctrl-C and forwards exactly one SIGINT to each, so every
-worker requeues its trial once and exits.
+Each worker is a process of its own (its own interpreter state, its own CUDA context), so a crash
+or an out-of-memory error in one cannot take the others down. On a CPU they are forked after the
+run has loaded torch, the user's code and the data, so they start at once and share that memory;
+for GPUs each is a fresh `hpo worker` pinned with CUDA_VISIBLE_DEVICES (CUDA does not survive a
+fork). Workers run in their own session: the parent alone receives Ctrl-C and forwards exactly
+one SIGINT to each, so every worker requeues its trial once and exits; a worker whose parent dies
+gets SIGTERM (Linux), so none writes on unsupervised.
 """
 
 from __future__ import annotations

@@ -35,11 +35,12 @@ from hpo.runtime.endings import (
     is_oom,
 )
 from hpo.runtime.listener import Listener
+from hpo.runtime.pruning import REFRESH, Pruning, decides_from_values
 from hpo.spec.schema import StudySpec
 from hpo.spec.space import sample
 from hpo.spec.user_code import UserCodeError
 from hpo.storage.artifacts import Artifacts
-from hpo.storage.backends import set_user_attrs
+from hpo.storage.backends import report_all, set_user_attrs
 from hpo.storage.retry import OWNER_ATTR, owner
 
 # Attributes the runtime writes itself: a metric may not take these names.
@@ -93,7 +94,7 @@ class Trial:
 
     def __init__(self, ctx: TrialContext, params: dict[str, Any], number: int,
                  optuna_trial: optuna.Trial | None, envelope: Envelope | None = None,
-                 reported: frozenset[int] = frozenset()) -> None:
+                 inherited: dict[int, float] | None = None) -> None:
         self.params = params
         self.device = ctx.device
         self.epochs = ctx.spec.budget.epochs
@@ -105,11 +106,15 @@ class Trial:
         self._state: Any = envelope.state if envelope else None
         self._curves: dict[str, list[float]] = envelope.curves if envelope else {}
         self._epoch_seconds: list[float] = envelope.epoch_seconds if envelope else []
-        self._reported = reported  # epochs an earlier attempt reported (inherited by this retry)
+        self._reported = frozenset(inherited or ())  # epochs an earlier attempt reported (inherited by this retry)
+        self._values: dict[int, float] = dict(inherited or {})  # every intermediate value, written or not yet
+        self._pending: list[tuple[int, float]] = []  # reports not written yet (at most REFRESH s old)
+        self._pruning = (Pruning(optuna_trial) if optuna_trial is not None
+                         and decides_from_values(optuna_trial.study.pruner) else None)
         self._last: int | None = None
         self._value: float | None = None
         self._attrs: dict[str, Any] = {}
-        self._started = self._last_report = time.monotonic()
+        self._started = self._last_report = self._flushed = time.monotonic()
         self._last_checkpoint = self._started
         self.checkpointed_epoch = self.start_epoch
         self._deadlines = Deadlines.start(ctx.spec.budget.trial_timeout, ctx.study_deadline)
@@ -137,12 +142,18 @@ class Trial:
                 raise Diverged(name, value, epoch)
         self._value = value = values[metric]
         if epoch not in self._reported:
-            trial.report(value, epoch)
+            # Written together, at most REFRESH s late (sooner before a checkpoint or the trial's end):
+            # one commit per epoch is the largest storage cost of a small model's trial.
+            self._values[epoch] = value
+            self._pending.append((epoch, value))
+            if self._pruning is None or now - self._flushed >= REFRESH:
+                self._flush_reports()
         self._ctx.listener.epoch_done(trial.number, epoch, value)
         # After the last epoch the work is done: no time limit or pruner throws a result away.
         if epoch + 1 < self.epochs:
             self._deadlines.check(epoch)
-            if trial.should_prune():
+            pruned = self._pruning.should_prune(self._values) if self._pruning is not None else trial.should_prune()
+            if pruned:
                 raise TrialPruned(Ending.pruned(self._ctx.spec.pruner.name, epoch).reason)
 
     def save_checkpoint(self, state: Any) -> None:
@@ -157,6 +168,7 @@ class Trial:
         if not callable(state):
             self._checked(state)
         if done < self.epochs and self._ctx.policy.due(self._last_checkpoint):
+            self._flush_reports()  # a retry resumes here and inherits the reports: none may be missing
             t0 = time.monotonic()
             envelope = Envelope(done, self._checked(state() if callable(state) else state), self._curves,
                                 self._epoch_seconds)
@@ -166,6 +178,12 @@ class Trial:
             self.checkpointed_epoch = done
         if done < self.epochs:
             self._deadlines.check(done)
+
+    def _flush_reports(self) -> None:
+        if self._pending and self._trial is not None:
+            report_all([(self._trial, v, e) for e, v in self._pending])
+        self._pending = []
+        self._flushed = time.monotonic()
 
     def _checked(self, state: Any) -> Any:
         if (problem := unsafe_part(state)) is not None:
@@ -313,8 +331,8 @@ class TrialRunner:
         params = sample(ot, ctx.spec)
         envelope = Envelope.from_dict(ctx.artifacts.load_checkpoint(number))
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
-        reported = frozenset(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else frozenset()
-        trial = self.current = Trial(ctx, params, number, ot, envelope, reported)
+        inherited = dict(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else {}
+        trial = self.current = Trial(ctx, params, number, ot, envelope, inherited)
         ctx.listener.trial_started(ot.number, params, trial.start_epoch)
         try:
             value = trial._final_value(self.train_fn(trial))
@@ -342,6 +360,7 @@ class TrialRunner:
         return value
 
     def _complete(self, trial: Trial, ot: optuna.Trial, value: float) -> None:
+        trial._flush_reports()
         set_user_attrs(ot, trial._attributes(None))
         if trial._state is not None and improves(ot.study, value):
             # Only a trial that may be the best keeps its final state (the test function's input).
@@ -352,6 +371,7 @@ class TrialRunner:
     def _record_end(self, trial: Trial, ending: Ending) -> None:
         """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
+        trial._flush_reports()
         set_user_attrs(trial._trial, trial._attributes(None if ending.end.requeued else ending.reason))
         if not ending.end.requeued:
             self.ctx.artifacts.remove_checkpoint(trial.number)

@@ -23,7 +23,15 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 
-from hpo._private import backend_of, rdb_models, rdb_session, redis_journal, storage_of, trial_id
+from hpo._private import (
+    backend_of,
+    rdb_models,
+    rdb_session,
+    redis_journal,
+    reported_values,
+    storage_of,
+    trial_id,
+)
 from hpo.errors import SettingError, StorageError
 from hpo.storage.retry import RetryStaleTrial
 
@@ -137,7 +145,7 @@ def creation_lock(url: str) -> Iterator[None]:
         if scheme.startswith("postgresql"):
             conn.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
         else:
-            conn.exec_driver_sql(f"SELECT GET_LOCK('hpo-create', 120)")
+            conn.exec_driver_sql("SELECT GET_LOCK('hpo-create', 120)")
         yield
     finally:
         try:
@@ -390,7 +398,7 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
 def report_all(reports: list[tuple[Any, float, int]]) -> None:
     """Trial.report for several (trial, value, step) in one commit where the storage can. As
     Trial.report, a step already reported (a retry's inherited values) is left as it was."""
-    fresh = [(t, float(v), int(s)) for t, v, s in reports if int(s) not in t._cached_frozen_trial.intermediate_values]
+    fresh = [(t, float(v), int(s)) for t, v, s in reports if int(s) not in reported_values(t)]
     backend = _batching(fresh[0][0]) if fresh else None
     if backend is not None and len(fresh) > 1:
         try:
@@ -399,7 +407,7 @@ def report_all(reports: list[tuple[Any, float, int]]) -> None:
             pass  # one was ended elsewhere (failed as stale): report one by one, so it raises alone
         else:
             for t, v, s in fresh:
-                t._cached_frozen_trial.intermediate_values[s] = v
+                reported_values(t)[s] = v
             return
     for t, v, s in fresh:
         t.report(v, s)

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import optuna
+from optuna.trial import TrialState
 
 from hpo.runtime.listener import Listener
-from hpo.search.budget import budget_status
-from hpo.search.summary import Summary, summarize
+from hpo.search.budget import count_budget
+from hpo.search.summary import Summary
 
 
 def fmt(value: Any) -> str:
@@ -39,6 +40,7 @@ class Progress(Listener):
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
         self.start = time.monotonic()
+        self._maximize: bool | None = None
         self.status = f"[0/{total}]"
 
     def say(self, text: str) -> None:
@@ -56,14 +58,21 @@ class Progress(Listener):
         self.out.flush()
 
     def _status(self, study: optuna.Study) -> str:
-        s = summarize(study)
-        b = budget_status(study, self.total)
-        best = f"best {fmt(s.best_value)} (#{s.best_number})" if s.best_number is not None else "best -"
+        """The status after a trial, from one read of the study (it runs after every trial, in
+        the run's process, while its workers want the cores)."""
+        trials = study.get_trials(deepcopy=False)
+        b = count_budget(trials, self.total)
+        if self._maximize is None:
+            self._maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        top = (max if self._maximize else min)(done, key=lambda t: float(t.value or 0.0)) if done else None
+        best = f"best {fmt(top.value)} (#{top.number})" if top is not None else "best -"
         elapsed = time.monotonic() - self.start
         running = f" running {b.running} |" if b.running > 1 else ""
+        pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
         return (
             f"[{b.finished + b.failed}/{self.total}] {best} |{running} "
-            f"pruned {s.counts.get('PRUNED', 0)} failed {b.failed} | {elapsed:5.0f}s"
+            f"pruned {pruned} failed {b.failed} | {elapsed:5.0f}s"
         )
 
     def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
