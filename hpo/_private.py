@@ -23,7 +23,7 @@ OPTUNA_ATTRIBUTES = {
     "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
     "optuna.storages._rdb.models": ("TrialModel", "TrialUserAttributeModel", "TrialIntermediateValueModel"),
     "optuna.storages._rdb.storage": ("_create_scoped_session",),
-    "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period"),
+    "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period", "_set_trial_param_without_commit"),
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
 }
@@ -87,3 +87,9 @@ def reported_values(trial: optuna.Trial) -> dict[int, float]:
     it, and a batch write of reports has to keep it current."""
     values: dict[int, float] = trial._cached_frozen_trial.intermediate_values
     return values
+
+
+def set_param_without_commit(storage: Any, session: Any, *args: Any) -> None:
+    """RDBStorage's own parameter write (checks included) inside a session the caller commits, so
+    a trial's parameters go in one transaction."""
+    storage._set_trial_param_without_commit(session, *args)

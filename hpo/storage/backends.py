@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from hpo._private import (
     rdb_session,
     redis_journal,
     reported_values,
+    set_param_without_commit,
     storage_of,
     trial_id,
 )
@@ -255,7 +257,7 @@ _DB_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
     "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
-    "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
+    "_create_new_trial", "get_trial_param",
     "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
@@ -301,10 +303,42 @@ class ResilientRDBStorage(RDBStorage):
 
     retry_for: float = 300.0  # seconds of outage tolerated before the error is raised
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._params: list[tuple[Any, ...]] = []  # parameters not written yet (see _set_trial_param)
+        self._params_lock = threading.Lock()
+
+    def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any,
+                         previous_distribution: Any = None) -> None:
+        """Held until the storage's next call, then written with the trial's other parameters in
+        one transaction: Optuna's suggest API commits each parameter on its own, the largest
+        storage cost of a short trial after its reports. Any read or write (the next epoch's
+        pruning read at the latest) writes them first, so nothing reads the trial without them."""
+        with self._params_lock:
+            self._params.append((trial_id, param_name, param_value_internal, distribution, previous_distribution))
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
+        self._set_trial_param(trial_id, param_name, param_value_internal, distribution, None)
+
+    def write_params(self) -> None:
+        with self._params_lock:
+            pending, self._params = self._params, []
+        if not pending:
+            return
+
+        def write() -> None:
+            with rdb_session(self) as session:
+                for args in pending:
+                    set_param_without_commit(self, session, *args)
+
+        call_with_retry(write, retry_for=self.retry_for, on_retry=self.reset_session)
+
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one transaction: Optuna's API commits each one apart,
         and a trial's end-of-trial facts were four commits (a few ms each on a server)."""
         import json
+
+        self.write_params()
 
         models = rdb_models()
 
@@ -320,6 +354,7 @@ class ResilientRDBStorage(RDBStorage):
     def set_trials_intermediate_values(self, reports: list[tuple[int, int, float]]) -> None:
         """(trial id, step, value) of several trials in one statement: a fused round reports K
         trials at once, and Optuna's API takes two queries and a commit for each."""
+        self.write_params()
         models = rdb_models()
 
         table = models.TrialIntermediateValueModel
@@ -441,6 +476,8 @@ def _retrying(name: str) -> Any:
 
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        if self._params and name != "record_heartbeat":  # not from the heartbeat thread
+            self.write_params()
         return call_with_retry(method, self, *args, retry_for=self.retry_for, on_retry=self.reset_session, **kwargs)
 
     return wrapper
@@ -530,7 +567,7 @@ def open_storage(
                 }
             with creation_lock(url) if create else contextlib.nullcontext():
                 storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
-                                              skip_table_creation=checked, **hb)  # type: ignore[arg-type]
+                                              skip_table_creation=checked, **hb)
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e.name or "a database driver"
         extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(scheme.split("+")[0])
