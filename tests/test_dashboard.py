@@ -115,7 +115,10 @@ def test_live_study_shows_up_and_reading_never_locks_sqlite(write_spec, tmp_path
 
     open_storage(url)  # the storage exists, but not the study, when the dashboard starts
     dash = Dashboard(url, tmp_path)
-    spec = small_spec(name="live", budget={"n_trials": 25, "epochs": 3}, pruner={"name": "none"})
+    # Trials of about a second each (20,000 rows), so the run outlasts several of the dashboard's
+    # 2 s re-reads even with two workers.
+    spec = small_spec(name="live", budget={"n_trials": 25, "epochs": 3}, pruner={"name": "none"},
+                      data={"dataset": "synthetic", "n_samples": 20000, "n_features": 12, "n_classes": 3})
     run = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(write_spec(spec)), "--storage", url, "--workers", "2"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=invoke_env, cwd=tmp_path)
     seen_counts = []
