@@ -36,6 +36,34 @@ def load(seed: int) -> tuple[torch.Tensor, ...]:
     return f(x_dev[tr]), torch.tensor(y_dev[tr]), f(x_dev[va]), torch.tensor(y_dev[va])
 
 
+def build(n_in: int, width: int, depth: int, dropout: float) -> nn.Module:
+    """The MLP hpo builds for these parameters: Linear, ReLU, dropout per layer, then the head."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(n_in, width), nn.ReLU(), nn.Dropout(dropout)]
+        n_in = width
+    return nn.Sequential(*layers, nn.Linear(n_in, 10))
+
+
+def optimizer_for(model: nn.Module, name: str, lr: float, momentum: float | None) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum or 0.0)
+
+
+def one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+              x_val: torch.Tensor, y_val: torch.Tensor) -> float:
+    """Train one epoch, then score the whole validation set at once; returns the accuracy."""
+    model.train()
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return (model(x_val).argmax(1) == y_val).float().mean().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
@@ -52,29 +80,14 @@ def main() -> None:
         depth = trial.suggest_int("depth", 1, 3)
         dropout = trial.suggest_float("dropout", 0.0, 0.5)
         name = trial.suggest_categorical("optimizer", ["adam", "momentum"])
-        layers: list[nn.Module] = []
-        n_in = x_train.shape[1]
-        for _ in range(depth):
-            layers += [nn.Linear(n_in, width), nn.ReLU(), nn.Dropout(dropout)]
-            n_in = width
-        model = nn.Sequential(*layers, nn.Linear(n_in, 10))
-        if name == "adam":
-            optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        else:
-            momentum = trial.suggest_float("momentum", 0.8, 0.99)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        model = build(x_train.shape[1], width, depth, dropout)
+        momentum = trial.suggest_float("momentum", 0.8, 0.99) if name == "momentum" else None
+        optimizer = optimizer_for(model, name, lr, momentum)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train),
                                              batch_size=batch_size, shuffle=True)
         accuracy = 0.0
         for epoch in range(args.epochs):
-            model.train()
-            for xb, yb in loader:
-                optimizer.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
+            accuracy = one_epoch(model, optimizer, loader, x_val, y_val)
             trial.report(accuracy, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()

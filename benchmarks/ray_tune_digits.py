@@ -1,7 +1,7 @@
 """The same digits study on Ray Tune, as its docs show it: a function trainable reporting each
 epoch, OptunaSearch (TPE, seeded), the median stopping rule, one CPU per trial and as many trials
 at once as there are cores. Same space, split and MLP as benchmarks/handwritten_digits.py (whose
-data and model code it reuses). Ray is a benchmark dependency only: run it with an interpreter
+data, model and epoch code it reuses). Ray is a benchmark dependency only: run it with an interpreter
 that has `pip install "ray[tune]" optuna scikit-learn torch==2.13.0`.
 
     /path/to/ray-venv/bin/python benchmarks/ray_tune_digits.py --seed 0
@@ -25,12 +25,10 @@ def main() -> None:
 
     import ray
     import torch
-    import torch.nn.functional as F
-    from handwritten_digits import load
+    from handwritten_digits import build, load, one_epoch, optimizer_for
     from ray import tune
     from ray.tune.schedulers import MedianStoppingRule
     from ray.tune.search.optuna import OptunaSearch
-    from torch import nn
 
     data = load(args.seed)
     epochs = args.epochs
@@ -38,27 +36,12 @@ def main() -> None:
     def trainable(config: dict) -> None:
         torch.set_num_threads(1)
         x_train, y_train, x_val, y_val = data
-        layers: list[nn.Module] = []
-        n_in = x_train.shape[1]
-        for _ in range(config["depth"]):
-            layers += [nn.Linear(n_in, config["width"]), nn.ReLU(), nn.Dropout(config["dropout"])]
-            n_in = config["width"]
-        model = nn.Sequential(*layers, nn.Linear(n_in, 10))
-        if config["optimizer"] == "adam":
-            optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
+        model = build(x_train.shape[1], config["width"], config["depth"], config["dropout"])
+        optimizer = optimizer_for(model, config["optimizer"], config["lr"], config["momentum"])
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train),
                                              batch_size=config["batch_size"], shuffle=True)
         for _ in range(epochs):
-            model.train()
-            for xb, yb in loader:
-                optimizer.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
+            accuracy = one_epoch(model, optimizer, loader, x_val, y_val)
             tune.report({"val_accuracy": accuracy})
 
     space = {

@@ -53,7 +53,7 @@ from hpo.search.study import StudyHandle
 from hpo.spec.params import Params
 from hpo.spec.space import suggest
 from hpo.storage.backends import BudgetLock, report_all, set_user_attrs
-from hpo.storage.retry import OWNER_ATTR, owner, requeue
+from hpo.storage.retry import claim, requeue
 from hpo.training.fused import PADDED, SHARED, FusedGroup
 from hpo.training.trainer import configure_device, metric_value
 
@@ -246,7 +246,7 @@ class FusedWorker:
         member = group.add(trial, params, trial_seed(self.spec.seed, number), self.spec.budget.epochs, number)
         _resume(group, len(group) - 1, Envelope.from_dict(self.handle.artifacts.load_checkpoint(number)))
         self.beats.add(trial_id(trial))
-        storage_of(self.study).set_trial_system_attr(trial_id(trial), OWNER_ATTR, owner())
+        claim(storage_of(self.study), trial_id(trial))
         self.result.ran += 1
         self.limits[trial.number] = Deadlines.start(self.spec.budget.trial_timeout, None)
         self.listener.trial_started(trial.number, params.to_dict(), member.epoch)

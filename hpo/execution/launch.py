@@ -121,10 +121,11 @@ def run_in_processes(
     from hpo.execution.processes import can_fork, fork, launch, plan, supervise
 
     spec, study = handle.spec, handle.study
+    dev = choose_device("cuda" if gpu_ids else device)
     plans = plan(n_workers, gpu_ids, device)
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
     where = (f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids
-             else f"{choose_device(device)}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each")
+             else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each")
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
                  f"{n_workers} workers ({where}), storage {mask(storage_url)}")
     extra = ["--heartbeat-interval", str(heartbeat.interval), "--grace-period", str(heartbeat.grace),
@@ -144,7 +145,7 @@ def run_in_processes(
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
     start = time.monotonic()
     procs: Sequence[Process]
-    if gpu_ids or choose_device(device).type != "cpu" or not can_fork():
+    if dev.type != "cpu" or not can_fork():
         procs = launch(spec.name, storage_url, str(handle.artifacts.path.resolve()), plans, extra)
     else:
         def body(index: int) -> int:
@@ -158,7 +159,7 @@ def run_in_processes(
         progress.close()
         raise Stopped("Interrupted: every worker queued its trial; the next run resumes them.") from None
     progress.close()
-    finalize(handle, choose_device("cuda" if gpu_ids else device), data)
+    finalize(handle, dev, data)
     left = budget_status(study, progress.total)
     if left.remaining <= 0 and left.waiting == 0 and left.running == 0:
         progress.say(f"Stopped: study budget of {progress.total} trials reached.")

@@ -41,7 +41,7 @@ from hpo.spec.space import sample
 from hpo.spec.user_code import UserCodeError
 from hpo.storage.artifacts import Artifacts
 from hpo.storage.backends import report_all, set_user_attrs
-from hpo.storage.retry import OWNER_ATTR, owner
+from hpo.storage.retry import claim
 
 # Attributes the runtime writes itself: a metric may not take these names.
 RESERVED = ("epoch_seconds", "device", "reason", "traceback", "resumed_from_epoch", "n_params")
@@ -325,7 +325,7 @@ class TrialRunner:
 
     def _run(self, ot: optuna.Trial) -> float:
         self.on_start()
-        ot.storage.set_trial_system_attr(trial_id(ot), OWNER_ATTR, owner())  # a kill -9 is seen at once
+        claim(ot.storage, trial_id(ot))  # a kill -9 is seen at once
         ctx = self.ctx
         number = original_number(ot)  # before sample(), which fills ot.params
         params = sample(ot, ctx.spec)

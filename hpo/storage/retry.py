@@ -9,7 +9,7 @@ import sys
 import warnings
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import storage_of, study_id, trial_id
@@ -20,25 +20,29 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     records why it exists, and a trial that has used up its retries is announced (with its
     checkpoints removed) instead of silently dropped."""
 
-    def __init__(self, max_retry: int) -> None:
+    def __init__(self, max_retry: int | None) -> None:
         super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
-        self.max_retry = max_retry
+        self.max_retry = max_retry  # None: no limit, as Optuna's own callback
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial, f"trial {trial.number}'s worker stopped sending heartbeats (killed, frozen or cut "
+                                 "off); this retry resumes from its last checkpoint")
+
+    def retry(self, study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+        """Queue the failed `trial`'s retry, recording `reason` on it, unless the cap is reached."""
         history = [*trial.system_attrs.get("retry_history", ()), trial.number]
-        if len(history) > self.max_retry:
+        if self.max_retry is not None and len(history) > self.max_retry:
             _forget_checkpoints(study, int(history[0]))
             print(f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
                   f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
                   f"{self.max_retry} retries)", file=sys.stderr, flush=True)
             return
-        super().__call__(study, trial)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__call__(study, trial)
         retry = study.get_trials(deepcopy=False)[-1]
         if (retry.system_attrs.get("retry_history") or [None])[-1] == trial.number and retry.state == TrialState.WAITING:
-            storage_of(study).set_trial_user_attr(
-                trial_id(retry), "retry_reason",
-                f"trial {trial.number}'s worker stopped sending heartbeats (killed, frozen or cut off); this retry "
-                "resumes from its last checkpoint")
+            storage_of(study).set_trial_user_attr(trial_id(retry), "retry_reason", reason)
 
 
 def _forget_checkpoints(study: optuna.Study, number: int) -> None:
@@ -70,6 +74,12 @@ def requeue(study: optuna.Study, trial_id: int) -> FrozenTrial | None:
 
 
 OWNER_ATTR = "hpo:owner"  # "host:pid:start" of the process running a trial
+
+
+def claim(storage: BaseStorage, tid: int) -> None:
+    """Record this process as the running trial's owner, so a run on this machine can tell when
+    it is gone (reclaim_orphans)."""
+    storage.set_trial_system_attr(tid, OWNER_ATTR, owner())
 
 
 def owner() -> str:
@@ -133,17 +143,10 @@ def reclaim_orphans(study: optuna.Study) -> list[int]:
                 continue
         except Exception:
             continue  # another worker took it back first
-        failed = storage.get_trial(trial_id(t))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if callback is not None:
-                callback(study, failed)
-            else:
-                RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, failed)
-        retry = study.get_trials(deepcopy=False)[-1]
-        if (retry.system_attrs.get("retry_history") or [None])[-1] == t.number:
-            storage.set_trial_user_attr(trial_id(retry), "retry_reason",
-                                        f"trial {t.number}'s process (pid {recorded.split(':')[-2]}) on this "
-                                        "machine is gone; this retry resumes from its last checkpoint")
+        # The storage's own retry (its cap), or one without a cap where the storage has none (a journal).
+        retrier = callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
+        retrier.retry(study, storage.get_trial(trial_id(t)),
+                      f"trial {t.number}'s process (pid {recorded.split(':')[-2]}) on this machine is gone; this "
+                      "retry resumes from its last checkpoint")
         taken.append(t.number)
     return taken

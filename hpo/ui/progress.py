@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from hpo.runtime.listener import Listener
 from hpo.search.budget import count_budget
-from hpo.search.summary import Summary
+from hpo.search.summary import Summary, best_trial
 
 
 def fmt(value: Any) -> str:
@@ -40,7 +40,6 @@ class Progress(Listener):
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
         self.start = time.monotonic()
-        self._maximize: bool | None = None
         self.status = f"[0/{total}]"
 
     def say(self, text: str) -> None:
@@ -58,14 +57,11 @@ class Progress(Listener):
         self.out.flush()
 
     def _status(self, study: optuna.Study) -> str:
-        """The status after a trial, from one read of the study (it runs after every trial, in
-        the run's process, while its workers want the cores)."""
+        """The status after a trial, from one read of the trials and Optuna's best-trial query (it
+        runs after every trial, in the run's process, while its workers want the cores)."""
         trials = study.get_trials(deepcopy=False)
         b = count_budget(trials, self.total)
-        if self._maximize is None:
-            self._maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        top = (max if self._maximize else min)(done, key=lambda t: float(t.value or 0.0)) if done else None
+        top = best_trial(study)
         best = f"best {fmt(top.value)} (#{top.number})" if top is not None else "best -"
         elapsed = time.monotonic() - self.start
         running = f" running {b.running} |" if b.running > 1 else ""
