@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import SpecError
 
@@ -25,7 +26,15 @@ def _sampler_classes() -> dict[str, Callable[..., optuna.samplers.BaseSampler]]:
         "gp": s.GPSampler,
         "qmc": s.QMCSampler,
         "grid": s.GridSampler,
+        "nsga2": s.NSGAIISampler,
+        "nsga3": s.NSGAIIISampler,
     }
+
+
+# Samplers that handle several objectives, and those whose search uses constraints (the others
+# still mark an infeasible trial, which is then never best: Optuna's best_trials skips it).
+MULTI_OBJECTIVE = ("tpe", "nsga2", "nsga3", "gp", "random", "qmc", "grid")
+USE_CONSTRAINTS = ("tpe", "nsga2", "nsga3", "gp")
 
 
 def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
@@ -101,7 +110,51 @@ def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSample
     if name == "grid":
         fixed["search_space"] = grid_space(spec)
     sampler: optuna.samplers.BaseSampler = _construct(_sampler_classes()[name], "sampler", kwargs, fixed)
+    if spec.multi_objective and name == "tpe":
+        return PrunedRankedOn(sampler, spec.direction)
     return sampler
+
+
+class _PrunedDirection:
+    """A study of several objectives with a `direction`: the pruned metric's."""
+
+    def __init__(self, study: optuna.Study, direction: str) -> None:
+        self._study = study
+        self.direction = optuna.study.StudyDirection[direction.upper()]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class PrunedRankedOn(optuna.samplers.BaseSampler):
+    """TPE with several objectives, when hpo prunes: TPE ranks pruned trials by their last
+    intermediate value in `study.direction`, which a multi-objective study refuses (Optuna
+    expects no pruned trials there, optuna#3450). hpo's pruned trials were stopped on the
+    `prune_on` metric, so that metric's direction ranks them; everything else is TPE's own."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, direction: str) -> None:
+        self.inner, self.direction = inner, direction
+
+    def _view(self, study: optuna.Study) -> Any:
+        return _PrunedDirection(study, self.direction)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self.inner.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(self._view(study), trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.inner.after_trial(self._view(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -136,6 +189,14 @@ def _make_pruner(spec: StudySpec) -> Any:
 
 def check_strategy(spec: StudySpec) -> None:
     """Build both once so a bad option fails at validation, not after the study exists."""
+    if spec.multi_objective and spec.sampler.name not in MULTI_OBJECTIVE:
+        raise SpecError(f"sampler.name: {spec.sampler.name} optimizes one objective; with several use one of: "
+                        f"{', '.join(MULTI_OBJECTIVE)}")
+    if spec.constraints and spec.sampler.name == "cmaes":
+        raise SpecError("sampler.name: cmaes does not use constraints; use tpe, nsga2, nsga3 or gp")
+    if spec.multi_objective and spec.pruner.name == "hyperband":
+        raise SpecError("pruner.name: hyperband cannot prune a study with several objectives (its brackets are "
+                        "single-objective studies); use successive_halving, median or percentile")
     make_sampler(spec)
     make_pruner(spec)
 

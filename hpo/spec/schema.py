@@ -7,6 +7,7 @@ hpo/spec/validate.py, and runs before any storage is touched. Errors name the fi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -25,8 +26,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "val_loss": ("minimize", "classification"),
     "val_mse": ("minimize", "regression"),
 }
+# Objectives hpo measures once a trial has trained (not per epoch) -> the direction they go.
+MEASURED: dict[str, str] = {"n_params": "minimize", "latency_ms": "minimize", "train_seconds": "minimize"}
 MODELS = ("mlp", "cnn")
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2", "nsga3")
 PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "patient", "none")
 # dataset -> (task, or None when data.task says; options it accepts; options it requires)
 DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
@@ -179,10 +182,58 @@ class ExecutionSpec:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """One of the values a trial is judged on: a validation metric, or one hpo measures (MEASURED)."""
+
+    name: str
+    direction: str
+
+    @property
+    def per_epoch(self) -> bool:
+        return self.name not in MEASURED
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on a metric; a trial outside it is infeasible (Optuna's set_constraint: value <= 0)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.metric}{'>=' + format(self.min, 'g') if self.min is not None else ''}" \
+               f"{'<=' + format(self.max, 'g') if self.max is not None else ''}"
+
+    def excess(self, value: float) -> float:
+        """How far `value` is outside the bound (<= 0 inside it), as Optuna's constraints count."""
+        over = value - self.max if self.max is not None else -math.inf
+        under = self.min - value if self.min is not None else -math.inf
+        return max(over, under)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": self.metric}
+        if self.min is not None:
+            out["min"] = self.min
+        if self.max is not None:
+            out["max"] = self.max
+        return out
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Start from another study's best configurations (enqueued once, counted in the budget)."""
+
+    study: str
+    top: int = 5
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
-    metric: str
-    direction: str
+    metric: str  # the metric reported every epoch and pruned on (`prune_on` with several objectives)
+    direction: str  # its direction
     data: DataSpec | None  # None when a `train` function brings its own data
     space: tuple[ParamSpec, ...]
     seed: int = 0
@@ -194,7 +245,34 @@ class StudySpec:
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+    # Several objectives (`metric:` as a list); empty: the one objective is `metric` itself.
+    objectives: tuple[Objective, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
+    latency_batch_size: int = 1  # samples per timed forward pass for latency_ms
+    enqueue: tuple[Mapping[str, Any], ...] = ()  # known configurations, run first, once
+    warm_start: WarmStart | None = None
+    test_top: int | None = None  # several objectives: test-score the front's first K (None: all of it)
     source: str = field(default="<spec>", compare=False)
+
+    @property
+    def goals(self) -> tuple[Objective, ...]:
+        """What a trial's value(s) are, in order: the study's objectives."""
+        return self.objectives or (Objective(self.metric, self.direction),)
+
+    @property
+    def plain(self) -> bool:
+        """One objective, the per-epoch metric, no constraints: the trial's value is its metric."""
+        return self.goals == (Objective(self.metric, self.direction),) and not self.constraints
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.goals) > 1
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """What hpo measures once a trial has trained: objectives and constrained metrics in MEASURED."""
+        names = [o.name for o in self.goals] + [c.metric for c in self.constraints]
+        return tuple(n for n in MEASURED if n in names)
 
     @property
     def task(self) -> str:
@@ -231,13 +309,17 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, stored in the study so a worker needs no file."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "description": self.description,
-            "metric": self.metric,
-            "direction": self.direction,
-            "seed": self.seed,
-        }
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        if self.objectives:
+            out["metric"] = [{"name": o.name, "direction": o.direction} for o in self.objectives]
+            out["prune_on"] = self.metric
+        else:
+            out |= {"metric": self.metric, "direction": self.direction}
+        out["seed"] = self.seed
+        if self.constraints:
+            out["constraints"] = [c.to_dict() for c in self.constraints]
+        if "latency_ms" in self.measures:
+            out["latency_batch_size"] = self.latency_batch_size
         if self.train is not None:
             out["train"] = self.train
         else:
@@ -245,6 +327,12 @@ class StudySpec:
             out["data"] = self.builtin_data.to_dict()
         if self.test is not None:
             out["test"] = self.test
+        if self.enqueue:
+            out["enqueue"] = [dict(e) for e in self.enqueue]
+        if self.warm_start is not None:
+            out["warm_start"] = {"study": self.warm_start.study, "top": self.warm_start.top}
+        if self.test_top is not None:
+            out["test_top"] = self.test_top
         return out | {
             "space": {p.name: p.to_dict() for p in self.space},
             "sampler": {"name": self.sampler.name, **self.sampler.kwargs},
@@ -263,8 +351,8 @@ class StudySpec:
     def search_definition(self) -> dict[str, Any]:
         """What makes two specs the same study: everything but the budget and the prose."""
         d = self.to_dict()
-        for key in ("budget", "description", "execution"):
-            d.pop(key)
+        for key in ("budget", "description", "execution", "enqueue", "warm_start", "test_top"):
+            d.pop(key, None)
         return d
 
 

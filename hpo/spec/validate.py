@@ -17,6 +17,7 @@ from hpo.errors import SpecError
 from hpo.spec import params as P
 from hpo.spec.schema import (
     DATASETS,
+    MEASURED,
     METRICS,
     MODELS,
     NAME_RE,
@@ -25,13 +26,16 @@ from hpo.spec.schema import (
     SAMPLERS,
     USER_DATA_OPTIONS,
     BudgetSpec,
+    Constraint,
     DataSpec,
     ExecutionSpec,
+    Objective,
     ParamSpec,
     PrunerSpec,
     SamplerSpec,
     SplitSpec,
     StudySpec,
+    WarmStart,
 )
 from hpo.spec.user_code import absolute_reference, check_reference
 
@@ -112,7 +116,8 @@ class Validator:
             doc,
             "",
             ["name", "description", "metric", "direction", "seed", "model", "data", "space",
-             "sampler", "pruner", "budget", "execution", "train", "test"],
+             "sampler", "pruner", "budget", "execution", "train", "test", "prune_on", "constraints",
+             "latency_batch_size", "enqueue", "warm_start", "test_top"],
             required=["name", "space"],
         )
         name = top["name"]
@@ -126,42 +131,63 @@ class Validator:
             raise self.fail("description", "must be text")
         train = self.reference(top, "train")
         test = self.reference(top, "test")
-        metric, direction = self.objective(top, custom=train is not None)
+        objectives, metric, direction = self.objectives(top, custom=train is not None)
         seed = self.integer(top.get("seed", 0), "seed", minimum=0)
-        if train is not None:
-            for key in ("data", "model"):
-                if key in top:
-                    raise self.fail(key, f"does not apply with train: ({train} brings its own {key})")
-            model, data = "mlp", None
-        else:
-            if "data" not in top:
-                raise self.fail("data", "is required (or name your own training function with train:)")
-            model = self.model(top.get("model", "mlp"))
-            data = self.data(top["data"], metric)
-            task = METRICS[metric][1] if metric in METRICS else data.task
-            if data.task != task:
-                hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
-                raise self.fail(
-                    "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
-                )
-            if metric not in METRICS:
-                raise self.fail("metric", f"unknown metric {metric!r} for hpo's own training loop"
-                                          f"{_did_you_mean(metric, METRICS)} (expected one of: {', '.join(METRICS)})")
+        model, data = self.model_and_data(top, train, metric, objectives)
         mode = "user" if train is not None else ("factory" if ":" in model else "builtin")
         space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
         pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": "median"}), "pruner", PRUNERS))
         execution = self.execution(top.get("execution", {}))
+        known = [*([o.name for o in objectives] or [metric]), *MEASURED]
+        if train is None:
+            known += [m for m, (_, task) in METRICS.items() if data is not None and task == data.task]
+        constraints = self.constraints(top.get("constraints", []), known, custom=train is not None)
+        latency_batch = self.integer(top.get("latency_batch_size", 1), "latency_batch_size", minimum=1)
         spec = StudySpec(
             name=name, description=description, metric=metric, direction=direction, seed=seed,
             model=model, data=data, space=space, sampler=sampler, pruner=pruner, budget=budget,
-            execution=execution, source=self.source, train=train, test=test,
+            execution=execution, source=self.source, train=train, test=test, objectives=objectives,
+            constraints=constraints, latency_batch_size=latency_batch,
+            enqueue=self.enqueue(top.get("enqueue", []), space), warm_start=self.warm_start(top, name),
+            test_top=self.integer(top["test_top"], "test_top", minimum=1) if "test_top" in top else None,
         )
+        if len(spec.enqueue) > spec.budget.n_trials:
+            raise self.fail("enqueue", f"{len(spec.enqueue)} configurations but budget.n_trials is "
+                                       f"{spec.budget.n_trials}; they are counted in the budget")
         self.cross_checks(spec)
         if execution.mode == "fused":
             self.check_fusable(spec, "execution.mode")
         return spec
+
+    def model_and_data(self, top: dict[str, Any], train: str | None, metric: str,
+                       objectives: tuple[Objective, ...]) -> tuple[str, DataSpec | None]:
+        """hpo's own loop needs a model and data whose task fits the metrics; a train function
+        brings both."""
+        if train is not None:
+            for key in ("data", "model"):
+                if key in top:
+                    raise self.fail(key, f"does not apply with train: ({train} brings its own {key})")
+            return "mlp", None
+        if "data" not in top:
+            raise self.fail("data", "is required (or name your own training function with train:)")
+        model = self.model(top.get("model", "mlp"))
+        data = self.data(top["data"], metric)
+        task = METRICS[metric][1] if metric in METRICS else data.task
+        if data.task != task:
+            hint = " (set data.task: regression)" if data.dataset in ("csv", "npz") and task == "regression" else ""
+            raise self.fail(
+                "metric", f"{metric} is a {task} metric but the {data.dataset} data is {data.task}{hint}"
+            )
+        if metric not in METRICS:
+            raise self.fail("metric", f"unknown metric {metric!r} for hpo's own training loop"
+                                      f"{_did_you_mean(metric, METRICS)} (expected one of: {', '.join(METRICS)})")
+        for i, o in enumerate(objectives):
+            if o.name in METRICS and METRICS[o.name][1] != data.task:
+                raise self.fail(f"metric[{i}]", f"{o.name} is a {METRICS[o.name][1]} metric but the "
+                                                f"{data.dataset} data is {data.task}")
+        return model, data
 
     def reference(self, top: dict[str, Any], key: str) -> str | None:
         """`module:function` or `file.py:function`; a file is made absolute, relative to the spec."""
@@ -170,6 +196,116 @@ class Validator:
         if (problem := check_reference(top[key])) is not None:
             raise self.fail(key, problem)
         return absolute_reference(top[key], self.source)
+
+    def objectives(self, top: dict[str, Any], custom: bool) -> tuple[tuple[Objective, ...], str, str]:
+        """`metric:` one name, or a list of objectives; with a list, `prune_on` (default: the first
+        objective reported per epoch) is the metric pruned on. Returns (objectives, metric, direction):
+        no objectives for a single metric, which is then the study's one value, as always."""
+        raw = top.get("metric", "val_accuracy")
+        if not isinstance(raw, list):
+            if "prune_on" in top and top["prune_on"] != raw:
+                raise self.fail("prune_on", f"applies to several objectives; with one, {raw!r} is pruned on")
+            return (), *self.objective(top, custom)
+        if "direction" in top:
+            raise self.fail("direction", "give each objective its direction in the metric list, "
+                                         "e.g. {name: n_params, direction: minimize}")
+        if not raw:
+            raise self.fail("metric", "is an empty list; name at least one objective")
+        objectives = tuple(self.goal(entry, f"metric[{i}]", custom) for i, entry in enumerate(raw))
+        names = [o.name for o in objectives]
+        if len(set(names)) != len(names):
+            raise self.fail("metric", f"names {next(n for n in names if names.count(n) > 1)} twice")
+        if len(objectives) == 1 and objectives[0].per_epoch:
+            return (), objectives[0].name, objectives[0].direction  # [val_accuracy] is val_accuracy
+        epochly = [o for o in objectives if o.per_epoch]
+        prune_on = top.get("prune_on", epochly[0].name if epochly else None)
+        if prune_on is None:
+            raise self.fail("prune_on", "is required: no objective is reported per epoch (name a validation "
+                                        "metric such as val_accuracy to prune on)")
+        if not isinstance(prune_on, str) or not _IDENTIFIER.match(prune_on):
+            raise self.fail("prune_on", "must be the name of a metric reported every epoch, e.g. val_accuracy")
+        if prune_on in MEASURED:
+            raise self.fail("prune_on", f"{prune_on} is measured once after training, not reported per epoch; "
+                                        "name a validation metric such as val_accuracy")
+        match = next((o for o in objectives if o.name == prune_on), None)
+        if match is not None:
+            return objectives, match.name, match.direction
+        if prune_on in METRICS:
+            return objectives, prune_on, METRICS[prune_on][0]
+        known = [o.name for o in epochly] + ([] if custom else list(METRICS))
+        raise self.fail("prune_on", f"unknown metric {prune_on!r}{_did_you_mean(prune_on, known)}; name an "
+                                    f"objective reported per epoch ({', '.join(o.name for o in epochly) or 'none'})")
+
+    def goal(self, entry: Any, path: str, custom: bool) -> Objective:
+        """One objective: a name, or {name, direction}; known metrics bring their direction."""
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        raw = self.mapping(entry, path, ["name", "direction"], ["name"])
+        name, direction = raw["name"], raw.get("direction")
+        if direction is not None:
+            self.choice(direction, f"{path}.direction", ["maximize", "minimize"])
+        natural = METRICS[name][0] if name in METRICS else MEASURED.get(name) if isinstance(name, str) else None
+        if natural is not None:
+            if direction not in (None, natural):
+                raise self.fail(f"{path}.direction", f"{name} can only be {natural}d; remove direction or set it "
+                                                     f"to {natural}")
+            return Objective(name, natural)
+        known = [*METRICS, *MEASURED]
+        if not custom:
+            raise self.fail(f"{path}", f"unknown objective {name!r}{_did_you_mean(str(name), known)} (expected one "
+                                       f"of: {', '.join(known)})")
+        if not isinstance(name, str) or not _IDENTIFIER.match(name):
+            raise self.fail(f"{path}.name", "must be the name of a metric your train function reports, e.g. val_f1")
+        if direction is None:
+            raise self.fail(f"{path}.direction", f"is required for the metric {name!r} (maximize or minimize)")
+        return Objective(name, direction)
+
+    def constraints(self, value: Any, known: list[str], custom: bool) -> tuple[Constraint, ...]:
+        """`[{metric: n_params, max: 1e6}, ...]`: bounds a feasible trial stays within."""
+        if not isinstance(value, list):
+            raise self.fail("constraints", f"must be a list of {{metric, min or max}}, not {_kind(value)}")
+        out = []
+        for i, entry in enumerate(value):
+            path = f"constraints[{i}]"
+            raw = self.mapping(entry, path, ["metric", "min", "max"], ["metric"])
+            metric = raw["metric"]
+            if not isinstance(metric, str) or not _IDENTIFIER.match(metric) or (not custom and metric not in known):
+                raise self.fail(f"{path}.metric", f"unknown metric {metric!r}{_did_you_mean(str(metric), known)} "
+                                                  f"(expected one of: {', '.join(dict.fromkeys(known))})")
+            if "min" not in raw and "max" not in raw:
+                raise self.fail(path, "needs min or max (or both)")
+            bounds = {k: self.number(raw[k], f"{path}.{k}") for k in ("min", "max") if k in raw}
+            if bounds.get("min", -math.inf) > bounds.get("max", math.inf):
+                raise self.fail(f"{path}.min", "must be <= max")
+            out.append(Constraint(metric, bounds.get("min"), bounds.get("max")))
+        return tuple(out)
+
+    def enqueue(self, value: Any, space: tuple[ParamSpec, ...]) -> tuple[dict[str, Any], ...]:
+        """Known configurations to run first: each a mapping of tuned parameters to values they can take."""
+        if not isinstance(value, list):
+            raise self.fail("enqueue", f"must be a list of configurations (parameter: value), not {_kind(value)}")
+        return tuple(self.configuration(entry, f"enqueue[{i}]", space) for i, entry in enumerate(value))
+
+    def configuration(self, entry: Any, path: str, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
+        by_name = {p.name: p for p in space}
+        raw = self.mapping(entry, path, list(by_name))
+        if not raw:
+            raise self.fail(path, "is empty; give at least one parameter's value")
+        for name, v in raw.items():
+            if (problem := value_problem(by_name[name], v)) is not None:
+                raise self.fail(f"{path}.{name}", problem)
+        return {name: float(v) if by_name[name].kind == "float" else v for name, v in raw.items()}
+
+    def warm_start(self, top: dict[str, Any], name: str) -> WarmStart | None:
+        if "warm_start" not in top:
+            return None
+        raw = self.mapping(top["warm_start"], "warm_start", ["study", "top"], ["study"])
+        other = raw["study"]
+        if not isinstance(other, str) or not NAME_RE.match(other):
+            raise self.fail("warm_start.study", "must be the name of a study in the same storage")
+        if other == name:
+            raise self.fail("warm_start.study", "names this study itself; name another study")
+        return WarmStart(other, self.integer(raw.get("top", 5), "warm_start.top", minimum=1))
 
     def objective(self, top: dict[str, Any], custom: bool) -> tuple[str, str]:
         """The metric and its direction: known metrics bring theirs; a user's metric needs one."""
@@ -219,6 +355,9 @@ class Validator:
             raise self.fail(where, "fused training supports model: mlp only")
         if spec.builtin_data.is_user:
             raise self.fail(where, "fused training does not take user data functions yet")
+        if not spec.plain:
+            raise self.fail(where, "fused training takes one objective without constraints; run this study "
+                                   "one trial at a time")
         if spec.builtin_data.cv_folds:
             raise self.fail(where, "fused training does not combine with data.cv_folds")
         opt = spec.param("optimizer")
@@ -505,6 +644,25 @@ class Validator:
             check_strategy(spec)
         except SpecError as e:  # raised as "key.path: message"; add the file
             raise SpecError(f"{self.source}: {e}") from None
+
+
+def value_problem(p: ParamSpec, value: Any) -> str | None:
+    """Why `value` is not one `p` can take (a configuration to enqueue), or None."""
+    if p.kind == "fixed":
+        return None if value == p.value else f"is fixed at {p.value!r} in space"
+    if p.kind == "categorical":
+        return None if value in p.choices and type(value) in {type(c) for c in p.choices} else (
+            f"{value!r} is not one of the choices {list(p.choices)}")
+    if p.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, not {_kind(value)}"
+    if not _is_number(value):
+        return f"must be a number, not {_kind(value)}"
+    assert p.low is not None and p.high is not None
+    if not p.low <= value <= p.high:
+        return f"{value!r} is outside the range {p.low}..{p.high}"
+    if p.step is not None and abs((value - p.low) / p.step - round((value - p.low) / p.step)) > 1e-9:
+        return f"{value!r} is not on the range's step of {p.step} from {p.low}"
+    return None
 
 
 def _all_dataset_options() -> list[str]:
