@@ -175,7 +175,7 @@ class FusedWorker:
                 break
             trained.append((group, self.train(group, reports)))
         report_all(reports)
-        snapshot = Snapshot(self.study)
+        snapshot = Snapshot(self.study, self.spec.direction)
         for group, values in trained:
             if values is not None:
                 self.decide(group, values, snapshot)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -30,43 +31,94 @@ def decides_from_values(pruner: optuna.pruners.BasePruner) -> bool:
     return type(pruner) in _FROM_VALUES
 
 
-class Snapshot:
-    """The study as read once, for the pruner: it answers get_trials() and direction itself."""
+Peers = Callable[[FrozenTrial], bool]
 
-    def __init__(self, study: optuna.Study) -> None:
+
+def comparable(known: dict[str, tuple[str, float]]) -> Peers:
+    """With several objectives, the trials a trial is judged against: those at least as good on
+    every objective already known for it before training (`known`: name -> (direction, value),
+    e.g. n_params). A small model is then pruned for losing to models no larger than itself, not
+    for losing to large ones: the pruner's rule still applies, among trials it competes with on
+    the front. Trials that do not record those values are not peers."""
+    def peer(t: FrozenTrial) -> bool:
+        for name, (direction, mine) in known.items():
+            theirs = t.user_attrs.get(name)
+            if not isinstance(theirs, (int, float)) or (theirs > mine if direction == "minimize" else theirs < mine):
+                return False
+        return True
+
+    return peer
+
+
+class StudyView:
+    """The study as a pruner sees it: with several objectives, a study of one, the pruned metric
+    (Optuna's pruners read study.direction, which a multi-objective study refuses), holding only
+    the trial's `peers` when given."""
+
+    def __init__(self, study: optuna.Study, direction: str, peers: Peers | None = None) -> None:
         self._study = study
-        self._trials = study.get_trials(deepcopy=False)
-        self.taken = time.monotonic()
-        self.direction = study.direction
+        self.direction = optuna.study.StudyDirection[direction.upper()]
+        self.peers = peers
+
+    @property
+    def directions(self) -> list[optuna.study.StudyDirection]:
+        return [self.direction]
+
+    def _read(self, states: Any) -> list[FrozenTrial]:
+        return self._study.get_trials(deepcopy=False, states=states)
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        trials = [t for t in self._trials if states is None or t.state in states]
+        peers = self.peers
+        trials = [t for t in self._read(states) if peers is None or peers(t)]
         return copy.deepcopy(trials) if deepcopy else trials
 
     @property
     def trials(self) -> list[FrozenTrial]:
         return self.get_trials()
 
-    def frozen(self, tid: int) -> FrozenTrial:
-        return next(t for t in self._trials if trial_id(t) == tid)
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
 
-class Pruning:
-    """One trial's pruning decisions, from the values it reported and a snapshot of the study."""
+class Snapshot(StudyView):
+    """The study as read once, for the pruner: it answers get_trials() and direction itself."""
 
-    def __init__(self, trial: optuna.Trial) -> None:
+    def __init__(self, study: optuna.Study, direction: str) -> None:
+        super().__init__(study, direction)
+        self._trials = study.get_trials(deepcopy=False)
+        self.taken = time.monotonic()
+
+    def _read(self, states: Any) -> list[FrozenTrial]:
+        return [t for t in self._trials if states is None or t.state in states]
+
+    def frozen(self, tid: int) -> FrozenTrial:
+        return next(t for t in self._trials if trial_id(t) == tid)
+
+
+class Pruning:
+    """One trial's pruning decisions, from the values it reported and a snapshot of the study;
+    `direction`: the pruned metric's (the study's, unless it has several objectives)."""
+
+    def __init__(self, trial: optuna.Trial, direction: str) -> None:
         self.trial = trial
+        self.direction = direction
         self.snapshot: Snapshot | None = None
 
-    def should_prune(self, values: dict[int, float]) -> bool:
+    def should_prune(self, values: dict[int, float], flush: Callable[[], None] = lambda: None,
+                     peers: Peers | None = None) -> bool:
         """`values`: every intermediate value of this trial (inherited ones included), the last
-        one just reported; written to the storage or not yet."""
+        one just reported; written to the storage or not yet (`flush` writes them). `peers`: the
+        trials it is judged against (all when None; see comparable())."""
         study = self.trial.study
+        if not decides_from_values(study.pruner):
+            # Successive halving and the like keep their rungs in the trial's attributes: they
+            # decide on the stored trial (a study of several objectives only; see Trial.report).
+            flush()
+            stored = self.trial.storage.get_trial(trial_id(self.trial))
+            return bool(study.pruner.prune(StudyView(study, self.direction, peers), stored))  # type: ignore[arg-type]
         if self.snapshot is None or time.monotonic() - self.snapshot.taken >= REFRESH:
-            self.snapshot = Snapshot(study)
+            self.snapshot = Snapshot(study, self.direction)
+        self.snapshot.peers = peers
         t = self.trial
         frozen = FrozenTrial(number=t.number, state=optuna.trial.TrialState.RUNNING, value=None,
                              datetime_start=t.datetime_start, datetime_complete=None, params=t.params,

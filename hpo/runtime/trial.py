@@ -14,7 +14,7 @@ import math
 import numbers
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -35,7 +35,8 @@ from hpo.runtime.endings import (
     is_oom,
 )
 from hpo.runtime.listener import Listener
-from hpo.runtime.pruning import REFRESH, Pruning, decides_from_values
+from hpo.runtime.measure import count_parameters, latency_ms
+from hpo.runtime.pruning import REFRESH, Peers, Pruning, comparable, decides_from_values
 from hpo.spec.schema import StudySpec
 from hpo.spec.space import sample
 from hpo.spec.user_code import UserCodeError
@@ -44,7 +45,8 @@ from hpo.storage.backends import report_all, set_user_attrs
 from hpo.storage.retry import claim
 
 # Attributes the runtime writes itself: a metric may not take these names.
-RESERVED = ("epoch_seconds", "device", "reason", "traceback", "resumed_from_epoch", "n_params")
+RESERVED = ("epoch_seconds", "device", "reason", "traceback", "resumed_from_epoch", "n_params", "latency_ms",
+            "train_seconds")
 
 
 class TrialPruned(optuna.TrialPruned):
@@ -109,11 +111,15 @@ class Trial:
         self._reported = frozenset(inherited or ())  # epochs an earlier attempt reported (inherited by this retry)
         self._values: dict[int, float] = dict(inherited or {})  # every intermediate value, written or not yet
         self._pending: list[tuple[int, float]] = []  # reports not written yet (at most REFRESH s old)
-        self._pruning = (Pruning(optuna_trial) if optuna_trial is not None
-                         and decides_from_values(optuna_trial.study.pruner) else None)
+        # Optuna's should_prune() refuses a study of several objectives: hpo prunes those itself,
+        # on the `prune_on` metric's curve.
+        self._pruning = (Pruning(optuna_trial, ctx.spec.direction) if optuna_trial is not None and (
+            decides_from_values(optuna_trial.study.pruner) or ctx.spec.multi_objective) else None)
+        self._measured: dict[str, float] = {}  # n_params, latency_ms: trial.measure()
         self._last: int | None = None
         self._value: float | None = None
         self._attrs: dict[str, Any] = {}
+        self._returned: dict[str, Any] = {}
         self._started = self._last_report = self._flushed = time.monotonic()
         self._last_checkpoint = self._started
         self.checkpointed_epoch = self.start_epoch
@@ -152,9 +158,17 @@ class Trial:
         # After the last epoch the work is done: no time limit or pruner throws a result away.
         if epoch + 1 < self.epochs:
             self._deadlines.check(epoch)
-            pruned = self._pruning.should_prune(self._values) if self._pruning is not None else trial.should_prune()
+            pruned = (self._pruning.should_prune(self._values, self._flush_reports, self._peers())
+                      if self._pruning is not None else trial.should_prune())
             if pruned:
                 raise TrialPruned(Ending.pruned(self._ctx.spec.pruner.name, epoch).reason)
+
+    def _peers(self) -> Peers | None:
+        """With several objectives, the trials this one is pruned against: see pruning.comparable."""
+        spec = self._ctx.spec
+        known = {o.name: (o.direction, self._measured[o.name]) for o in spec.goals
+                 if o.name in self._measured and o.name != spec.metric}
+        return comparable(known) if spec.multi_objective and known else None
 
     def save_checkpoint(self, state: Any) -> None:
         """Keep `state` (tensors, numbers, text, and lists/dicts of them: e.g. state_dict()s) so a
@@ -203,6 +217,18 @@ class Trial:
         """Stop here if the trial's or the study's time is up (hpo's own loop calls it every batch;
         call it inside long epochs to be stopped sooner than at the next report)."""
         self._deadlines.check(self._epoch_in_flight() if epoch is None else epoch)
+
+    def measure(self, model: torch.nn.Module, example: Any = None) -> None:
+        """Record the model's parameter count and, when the study has a latency_ms objective or
+        constraint and `example` (a batch of inputs) is given, its inference latency on the trial's
+        device. Call it after training: these are the values of those objectives."""
+        self._measured["n_params"] = self._attrs["n_params"] = count_parameters(model)
+        if example is not None and "latency_ms" in self._ctx.spec.measures:
+            if not isinstance(example, torch.Tensor):
+                raise UserCodeError(f"{self._ctx.who}: measure(model, example): example must be a tensor of "
+                                    f"inputs, not {type(example).__name__}")
+            ms = latency_ms(model, example, self._ctx.spec.latency_batch_size, self.device)
+            self._measured["latency_ms"] = self._attrs["latency_ms"] = round(ms, 6)
 
     def set_attr(self, key: str, value: Any) -> None:
         """A user attribute for this trial, written with the runtime's own when the trial ends."""
@@ -266,6 +292,47 @@ class Trial:
                                 f"trial.report(epoch, {metric}=...) every epoch")
         return self._value
 
+    def _objective_values(self, returned: Any) -> list[float]:
+        """The trial's values, one per objective: from what the function returned (a dict of
+        metrics), else what hpo measured, else the metric's last report."""
+        goals = self._ctx.spec.goals
+        if returned is not None and not isinstance(returned, Mapping):
+            if len(goals) > 1:
+                raise UserCodeError(f"{self._ctx.who}: returned a {type(returned).__name__}; with several "
+                                    "objectives return nothing or a dict of metrics")
+            returned = {goals[0].name: returned}
+        self._returned = dict(returned or {})
+        return [self._final(o.name) for o in goals]
+
+    def _constraint_values(self) -> dict[str, float]:
+        """Each constraint's excess over its bound (<= 0: satisfied), as Optuna's set_constraint takes it."""
+        return {c.key: c.excess(self._final(c.metric)) for c in self._ctx.spec.constraints}
+
+    def _final(self, name: str) -> float:
+        who = self._ctx.who
+        if name in self._returned:
+            number = _as_number(self._returned[name])
+            if number is None:
+                raise UserCodeError(f"{who}: returned {name}={self._returned[name]!r}; metrics must be numbers")
+        elif name in self._measured:
+            number = self._measured[name]
+        elif name == "train_seconds":
+            number = self._attrs["train_seconds"] = round(sum(self._epoch_seconds), 4)
+        elif name in self._curves:
+            number = self._curves[name][-1]
+        elif name == "latency_ms":
+            raise UserCodeError(f"{who}: latency_ms is an objective or constraint: call trial.measure(model, "
+                                "example_batch) after training, or return it")
+        elif name == "n_params":
+            raise UserCodeError(f"{who}: n_params is an objective or constraint: call trial.measure(model) or "
+                                "return it")
+        else:
+            raise UserCodeError(f"{who}: finished without reporting {name!r}, an objective or constraint of the "
+                                f"study; report it (trial.report(epoch, {name}=...)) or return it in a dict")
+        if not math.isfinite(number):
+            raise Diverged(name, number, self._epoch_in_flight())
+        return number
+
     def _attributes(self, reason: str | None) -> dict[str, Any]:
         return trial_attributes(self._ctx.spec.metric, self._curves, self._epoch_seconds, self.device,
                                 self.start_epoch, self._attrs, reason)
@@ -314,7 +381,7 @@ class TrialRunner:
     # (frozen past the grace period, cut off): its number, for the worker to drop it and go on.
     taken_over: int | None = None
 
-    def __call__(self, ot: optuna.Trial) -> float:
+    def __call__(self, ot: optuna.Trial) -> float | list[float]:
         try:
             return self._run(ot)
         except UpdateFinishedTrialError:
@@ -323,7 +390,7 @@ class TrialRunner:
             self.taken_over, self.current = ot.number, None
             raise
 
-    def _run(self, ot: optuna.Trial) -> float:
+    def _run(self, ot: optuna.Trial) -> float | list[float]:
         self.on_start()
         claim(ot.storage, trial_id(ot))  # a kill -9 is seen at once
         ctx = self.ctx
@@ -335,7 +402,12 @@ class TrialRunner:
         trial = self.current = Trial(ctx, params, number, ot, envelope, inherited)
         ctx.listener.trial_started(ot.number, params, trial.start_epoch)
         try:
-            value = trial._final_value(self.train_fn(trial))
+            returned = self.train_fn(trial)
+            if ctx.spec.plain:
+                value: float | list[float] = trial._final_value(returned)
+                constraints: dict[str, float] = {}
+            else:
+                value, constraints = trial._objective_values(returned), trial._constraint_values()
         except Stop as e:
             self._end(trial, e.ending)
         except optuna.TrialPruned as e:
@@ -356,13 +428,17 @@ class TrialRunner:
                 trial.set_attr("traceback", traceback.format_exc()[-4000:])
             self._end(trial, ending)
         # KeyboardInterrupt (Ctrl-C, SIGTERM) passes through: the checkpoint stays for the retry.
-        self._complete(trial, ot, value)
+        self._complete(trial, ot, value, constraints)
         return value
 
-    def _complete(self, trial: Trial, ot: optuna.Trial, value: float) -> None:
+    def _complete(self, trial: Trial, ot: optuna.Trial, value: float | list[float],
+                  constraints: dict[str, float]) -> None:
         trial._flush_reports()
         set_user_attrs(ot, trial._attributes(None))
-        if trial._state is not None and improves(ot.study, value):
+        for key, excess in constraints.items():
+            ot.set_constraint(key, excess)
+        feasible = all(v <= 0 for v in constraints.values())
+        if trial._state is not None and feasible and improves(ot.study, value):
             # Only a trial that may be the best keeps its final state (the test function's input).
             self.ctx.artifacts.upload(ot, "model.pt", trial._final_state())
         self.ctx.artifacts.remove_checkpoint(trial.number)
@@ -393,14 +469,26 @@ def _sizes(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={params[k]}" for k in keys)
 
 
-def improves(study: optuna.Study, value: float) -> bool:
+def improves(study: optuna.Study, value: float | list[float]) -> bool:
     """Whether `value` beats every completed trial so far (ties included), so its final state must be
-    kept for the test scoring; the others' are not saved."""
+    kept for the test scoring; the others' are not saved. With several objectives: whether no trial
+    on the Pareto front dominates it."""
+    if isinstance(value, list):
+        if len(value) > 1:
+            return not any(dominates(t.values, value, study.directions) for t in study.best_trials)
+        value = value[0]
     try:
         best = study.best_value
     except ValueError:  # no completed trial yet
         return True
     return value >= best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[optuna.study.StudyDirection]) -> bool:
+    """Whether values `a` are at least as good as `b` in every objective and better in one."""
+    sign = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+    x, y = [s * v for s, v in zip(sign, a)], [s * v for s, v in zip(sign, b)]
+    return all(i <= j for i, j in zip(x, y)) and any(i < j for i, j in zip(x, y))
 
 
 def _is_storage_error(e: BaseException) -> bool:

@@ -444,8 +444,9 @@ def report_all(reports: list[tuple[Any, float, int]]) -> None:
             for t, v, s in fresh:
                 reported_values(t)[s] = v
             return
-    for t, v, s in fresh:
-        t.report(v, s)
+    for t, v, s in fresh:  # Trial.report's own write (it refuses a study of several objectives)
+        t.storage.set_trial_intermediate_value(trial_id(t), s, v)
+        reported_values(t)[s] = v
 
 
 def call_with_retry(fn: Any, *args: Any, retry_for: float = 300.0, on_retry: Any = None, **kwargs: Any) -> Any:

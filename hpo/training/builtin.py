@@ -13,7 +13,7 @@ from hpo.data.splits import DataCache
 from hpo.runtime.trial import Trial
 from hpo.spec.params import Params
 from hpo.spec.schema import StudySpec
-from hpo.training.models import build_model, count_parameters
+from hpo.training.models import build_model
 from hpo.training.trainer import Trainer, metric_value
 
 
@@ -41,10 +41,12 @@ class BuiltinTraining:
         if (state := trial.load_checkpoint()) is not None:
             for t, fold in zip(trainers, state["folds"]):
                 t.load_state_dict(fold)
-        trial.set_attr("n_params", count_parameters(trainers[0].model))
+        trial.measure(trainers[0].model)  # its size, known before it trains
         if len(trainers) > 1:
             trial.set_attr("cv_folds", len(trainers))
         metric, n = self.spec.metric, len(trainers)
+        # Every validation metric the study is judged on is reported; the first is pruned on.
+        others = [o.name for o in self.spec.goals if o.per_epoch and o.name not in (metric, "val_loss")]
 
         def checkpoint() -> dict[str, Any]:  # built only when a checkpoint is due, or kept at the end
             return {"folds": [t.state_dict() for t in trainers], "params": dict(trial.params)}
@@ -56,8 +58,21 @@ class BuiltinTraining:
                        "train_loss": sum(r.train_loss for r in results) / n}
             if metric != "val_loss":
                 metrics["val_loss"] = sum(r.val["loss"] for r in results) / n
+            for name in others:
+                metrics[name] = sum(metric_value(name, r.val) for r in results) / n
             trial.report(epoch, **metrics)
             trial.save_checkpoint(checkpoint)
+        if "latency_ms" in self.spec.measures:  # on the trained model, on the trial's device
+            trial.measure(trainers[0].model, example_input(trainers[0].data.val, trial.device))
+
+
+def example_input(split: Any, device: torch.device) -> torch.Tensor:
+    """One input sample of a split, resident or streamed."""
+    if hasattr(split, "x"):
+        x: torch.Tensor = split.x
+    else:
+        x, _ = next(iter(split.batches(1, device)))
+    return x[:1]
 
 
 def fold_models(saved: dict[str, Any]) -> list[dict[str, Any]]:

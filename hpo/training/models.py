@@ -152,5 +152,3 @@ def build_model(family: str, params: Params | Mapping[str, Any], input_shape: tu
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(t.numel() for t in model.parameters())
