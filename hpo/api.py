@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.search.summary import Summary, summarize
+from hpo.search.summary import FrontTrial, Summary, summarize
 
 
 @dataclass(frozen=True)
 class RunResult:
-    summary: Summary  # counts, best trial, its parameters and test score
+    summary: Summary  # counts, best trial (or Pareto front), its parameters and test score
     stopped: str  # why the run ended ("study budget of 30 trials reached", ...)
+
+    @property
+    def front(self) -> tuple[FrontTrial, ...]:
+        """With several objectives: the Pareto front (values, parameters, test score of each)."""
+        return self.summary.front
 
     @property
     def best_value(self) -> float | None:

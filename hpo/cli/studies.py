@@ -40,9 +40,9 @@ def studies(storage: str | None) -> None:
 
     rows = [["study", "trials", "direction", "best", "created"]]
     for s in summaries:
-        best = fmt(s.best_trial.value) if s.best_trial is not None else "-"
+        best = fmt(s.best_trial.value) if s.best_trial is not None and len(s.directions) == 1 else "-"
         created = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
-        rows.append([s.study_name, str(s.n_trials), s.direction.name.lower(), best, created])
+        rows.append([s.study_name, str(s.n_trials), ", ".join(d.name.lower() for d in s.directions), best, created])
     _table(rows)
 
 
@@ -72,7 +72,8 @@ def _load(name: str, storage: str | None) -> Any:
 @storage_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def best(study: str, storage: str | None, fmt: str) -> None:
-    """Show the best trial, its test score and where its model is saved.
+    """Show the best trial, its test score and where its model is saved; with several objectives,
+    the Pareto front as a table, each trial's test score beside it.
 
     \b
     Example:
@@ -82,6 +83,14 @@ def best(study: str, storage: str | None, fmt: str) -> None:
     from hpo.ui.progress import render_summary
 
     s = summarize(_load(study, storage))
+    if fmt == "json" and s.multi_objective:
+        click.echo(json.dumps({
+            "study": s.name, "objectives": [{"name": n, "direction": d} for n, d in s.objectives],
+            "front": [{"trial": t.number, "values": t.values, "measured": t.measured, "params": t.params,
+                       "test": t.test} for t in s.front],
+            "counts": s.counts,
+        }, indent=2))
+        return
     if fmt == "json":
         click.echo(json.dumps({
             "study": s.name, "metric": s.metric, "direction": s.direction,
@@ -90,6 +99,46 @@ def best(study: str, storage: str | None, fmt: str) -> None:
         }, indent=2))
         return
     click.echo(render_summary(s))
+
+
+@cli.command()
+@click.argument("study")
+@click.argument("values", nargs=-1, required=True, metavar="NAME=VALUE...")
+@storage_option
+def enqueue(study: str, values: tuple[str, ...], storage: str | None) -> None:
+    """Queue a known configuration to run before any new trial (counted in the budget, once).
+
+    Parameters left out are sampled as usual; each value is checked against the study's space.
+
+    \b
+    Example:
+      hpo enqueue quickstart lr=0.01 batch_size=32 optimizer=adam
+    """
+    from hpo.errors import StorageError
+    from hpo.search.study import enqueue as queue
+    from hpo.search.summary import SPEC_ATTR
+    from hpo.spec.schema import parse_yaml, spec_from_mapping
+    from hpo.spec.validate import Validator
+
+    loaded = _load(study, storage)
+    stored = loaded.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise StorageError(f"study {study!r} was not created by hpo (it has no stored spec)")
+    spec = spec_from_mapping(stored, f"study {study!r}")
+    config: dict[str, Any] = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise click.UsageError(f"{item!r}: expected NAME=VALUE, e.g. lr=0.01")
+        config[name] = parse_yaml(text, f"hpo enqueue: {name}") if text else ""
+    params = Validator(f"hpo enqueue {study}").configuration(config, "enqueue", spec.space)
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    number = queue(loaded, [params])[0]
+    if number is None:
+        click.echo(f"Already queued or run in study {study!r}: {shown}; not queued again.")
+    else:
+        click.echo(f"Queued trial {number} in study {study!r}: {shown}. It runs before any new trial, in the "
+                   "next `hpo run` or `hpo worker` on this study.")
 
 
 @cli.command()
@@ -112,7 +161,7 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
         records.append({
             "number": t.number,
             "state": t.state.name,
-            "value": t.value,
+            "value": (t.values[0] if t.values and len(t.values) == 1 else t.values),
             "epochs": len(t.intermediate_values),
             "seconds": round(duration, 2) if duration is not None else None,
             "reason": t.user_attrs.get("reason", ""),
@@ -132,9 +181,11 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
             return
         from hpo.ui.progress import fmt as show
 
-        head = ["#", "state", "value", "epochs", "seconds", *param_names]
+        head = ["#", "state", "value" if len(loaded.directions) == 1 else "values", "epochs", "seconds", *param_names]
         rows = [head] + [
-            [str(r["number"]), r["state"], show(r["value"]), str(r["epochs"]), show(r["seconds"]),
+            [str(r["number"]), r["state"],
+             " ".join(map(show, r["value"])) if isinstance(r["value"], list) else show(r["value"]),
+             str(r["epochs"]), show(r["seconds"]),
              *[show(r[f"params_{k}"]) for k in param_names]]
             for r in records
         ]

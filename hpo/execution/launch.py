@@ -75,7 +75,8 @@ def run_here(
 ) -> Outcome:
     """Run trials in this process (fused or one at a time), then score the best model."""
     spec = handle.spec
-    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
+    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
+                        objectives=tuple(o.name for o in spec.goals))
     fused = ""
     if spec.execution.mode == "fused":
         grouped = "width and depth padded per trial" if spec.execution.pads(device.type) else "grouped by structure"
@@ -123,7 +124,8 @@ def run_in_processes(
     spec, study = handle.spec, handle.study
     dev = choose_device("cuda" if gpu_ids else device)
     plans = plan(n_workers, gpu_ids, device)
-    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet)
+    progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
+                        objectives=tuple(o.name for o in spec.goals))
     where = (f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids
              else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each")
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "

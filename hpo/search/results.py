@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial
 
 from hpo._private import storage_of
 from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
-from hpo.search.summary import TEST_ATTR, best_trial
+from hpo.search.summary import TEST_ATTR, best_trial, front
 from hpo.storage.artifacts import UID_RE, find_artifact, own_file
 
 if TYPE_CHECKING:
@@ -23,7 +23,40 @@ if TYPE_CHECKING:
 def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
     """Score the best trial once on the test data and record it: hpo's own loop scores its saved
     model on the test split and saves it as the study's model; a user's `test` function is called
-    with the best trial's params and final state."""
+    with the best trial's params and final state. With several objectives every trial of the
+    Pareto front is scored once (the first `test_top` of it when the spec says), each model saved."""
+    study = handle.study
+    if handle.spec.multi_objective:
+        done = {r["trial"]: r for r in (study.user_attrs.get(TEST_ATTR) or {}).get("front") or []}
+        records = []
+        trials = front(study)[:handle.spec.test_top]
+        if data is None and handle.spec.train is None and any(t.number not in done for t in trials):
+            from hpo.data.splits import DataCache
+
+            spec = handle.spec  # loaded once for every model of the front
+            data = DataCache(spec.builtin_data, spec.seed, device, spec.model)
+        for t in trials:
+            record = done.get(t.number) or _score(handle, t, device, data, f"model_trial{t.number}.pt")
+            if record is not None:
+                records.append(record)
+        if [r["trial"] for r in records] != list(done):
+            study.set_user_attr(TEST_ATTR, {"front": records})
+        return {"front": records}
+    best = best_trial(study)
+    if best is None:
+        return None
+    recorded: dict[str, Any] | None = study.user_attrs.get(TEST_ATTR)
+    if recorded and recorded.get("trial") == best.number:
+        return recorded
+    record = _score(handle, best, device, data, "best_model.pt")
+    if record is not None:
+        study.set_user_attr(TEST_ATTR, record)
+    return record
+
+
+def _score(handle: StudyHandle, best: FrozenTrial, device: torch.device, data: DataCache | None,
+           filename: str) -> dict[str, Any] | None:
+    """One trial's test record (its model saved as `filename`), or None when it cannot be scored."""
     from hpo.data.splits import DataCache
     from hpo.spec.params import Params
     from hpo.training.builtin import fold_models
@@ -31,12 +64,6 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
     from hpo.training.trainer import evaluate_ensemble
 
     study, spec = handle.study, handle.spec
-    best = best_trial(study)
-    if best is None:
-        return None
-    recorded: dict[str, Any] | None = study.user_attrs.get(TEST_ATTR)
-    if recorded and recorded.get("trial") == best.number:
-        return recorded
     if spec.train is not None:
         return _score_with_user_test(handle, best, device) if spec.test is not None else None
     model_id = find_artifact(best, "model.pt", storage_of(study))
@@ -65,23 +92,22 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
         "trial": best.number,
         "test": scores,
     }
-    artifact_id = handle.artifacts.upload(study, "best_model.pt", bundle)
+    artifact_id = handle.artifacts.upload(study, filename, bundle)
     return _record(handle, best, metric, scores[metric.removeprefix("test_")], scores, artifact_id)
 
 
 def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, scores: dict[str, float],
             artifact_id: str | None) -> dict[str, Any]:
-    record = {
+    return {
         "trial": best.number,
         "metric": metric,
         "value": value,
         "scores": scores,
-        "val_value": best.value,
+        "val_value": best.values[0] if len(best.values) == 1 else dict(zip(handle.study.metric_names or [],
+                                                                              best.values)),
         "model_artifact": artifact_id,
         "model_path": str(handle.artifacts.file_of(artifact_id).resolve()) if artifact_id else None,
     }
-    handle.study.set_user_attr(TEST_ATTR, record)
-    return record
 
 
 def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.device) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,7 @@ def open_for_spec(
 
 def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None) -> StudyHandle:
     sampler, pruner = make_sampler(spec), make_pruner(spec)
+    starts = warm_start_configurations(spec, storage, storage_url)  # a missing study: refused before any write
     if explicit := artifact_dir or os.environ.get(ENV_ARTIFACTS):
         open_store(Path(explicit))  # an unusable folder is refused before the study exists
     with warnings.catch_warnings():
@@ -115,7 +117,7 @@ def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, arti
         study = optuna.create_study(
             storage=storage,
             study_name=spec.name,
-            direction=spec.direction,  # type: ignore[arg-type]
+            directions=[optuna.study.StudyDirection[o.direction.upper()] for o in spec.goals],
             sampler=sampler,
             pruner=pruner,
             load_if_exists=True,
@@ -137,15 +139,56 @@ def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, arti
     if stored != spec.to_dict():
         study.set_user_attr(SPEC_ATTR, spec.to_dict())  # first run, or a changed budget
     if stored is None:
-        _name_objective(study, spec.metric)
+        _name_objectives(study, [o.name for o in spec.goals])
+    enqueue(study, [*spec.enqueue, *starts])
     return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
 
 
-def _name_objective(study: optuna.Study, metric: str) -> None:
+def _name_objectives(study: optuna.Study, names: list[str]) -> None:
     """The dashboard then labels its axes val_accuracy instead of "Objective 0"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([metric])
+        study.set_metric_names(names)
+
+
+def enqueue(study: optuna.Study, configurations: list[Mapping[str, Any]]) -> list[int | None]:
+    """Queue known configurations to run first (counted in the budget). One already queued or run
+    is skipped, so re-runs and workers starting together queue each once (they take turns under the
+    creation lock). Returns each one's trial number, or None where it was already there."""
+    numbers: list[int | None] = []
+    for params in configurations:
+        before = len(study.get_trials(deepcopy=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "enqueue_trial is experimental" and out-of-range notes
+            study.enqueue_trial(dict(params), skip_if_exists=True)
+        trials = study.get_trials(deepcopy=False)
+        numbers.append(trials[-1].number if len(trials) > before else None)
+    return numbers
+
+
+def warm_start_configurations(spec: StudySpec, storage: BaseStorage, storage_url: str) -> list[dict[str, Any]]:
+    """`warm_start: {study, top}`: the other study's best `top` configurations (its Pareto front
+    first with several objectives), restricted to this space's tuned parameters and values."""
+    if spec.warm_start is None:
+        return []
+    from hpo.search.summary import ranked
+    from hpo.spec.validate import value_problem
+
+    name = spec.warm_start.study
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        raise SpecError(f"{spec.source}: warm_start.study: no study named {name!r} in {mask(storage_url)}") from None
+    other = optuna.load_study(study_name=name, storage=storage)
+    tuned = {p.name: p for p in spec.space if p.tuned}
+    out: list[dict[str, Any]] = []
+    for trial in ranked(other):
+        config = {k: v for k, v in trial.params.items() if k in tuned and value_problem(tuned[k], v) is None}
+        if config and config not in out:
+            out.append(config)
+        if len(out) == spec.warm_start.top:
+            break
+    return out
 
 
 def open_existing(

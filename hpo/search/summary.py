@@ -1,5 +1,6 @@
-"""What a study holds, summarised for a person: counts, the best trial, its test score. No torch:
-`hpo studies`, `hpo best` and `hpo trials` stay fast."""
+"""What a study holds, summarised for a person: counts, the best trial (or the Pareto front of a
+study with several objectives), test scores. No torch: `hpo studies`, `hpo best` and `hpo trials`
+stay fast."""
 
 from __future__ import annotations
 
@@ -8,17 +9,56 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
-TEST_ATTR = "test"  # user attr: the best model's one test-split score
+TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best feasible trial of a single-objective study (None with several objectives)."""
+    if len(study.directions) > 1:
+        return None
     try:
         return study.best_trial
     except ValueError:
         return None
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trials: with several objectives the feasible Pareto front (Optuna's best_trials),
+    ordered by the first objective, best first; else the one best trial."""
+    if len(study.directions) == 1:
+        best = best_trial(study)
+        return [best] if best is not None else []
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(study.best_trials, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
+
+
+def ranked(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed feasible trials, best first: by value, or with several objectives by how many
+    trials dominate each (the front first), then by the first objective."""
+    signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None and all(c <= 0 for c in t.constraints.values())]
+    keys = {t.number: [s * v for s, v in zip(signs, t.values)] for t in done}
+
+    def dominated_by(t: FrozenTrial) -> int:
+        a = keys[t.number]
+        return sum(1 for u in done if all(x <= y for x, y in zip(keys[u.number], a)) and keys[u.number] != a)
+
+    return sorted(done, key=lambda t: (dominated_by(t) if len(signs) > 1 else 0, keys[t.number][0], t.number))
+
+
+@dataclass(frozen=True)
+class FrontTrial:
+    """One trial of the front, as `hpo best` shows it."""
+
+    number: int
+    values: dict[str, float]  # objective -> value
+    measured: dict[str, float]  # constrained metrics that are not objectives (e.g. latency_ms)
+    params: dict[str, Any]
+    test: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -32,22 +72,46 @@ class Summary:
     best_params: dict[str, Any]
     test: dict[str, Any] | None
     n_trials_budget: int | None
+    objectives: tuple[tuple[str, str], ...] = ()  # (name, direction) of each objective
+    front: tuple[FrontTrial, ...] = ()  # several objectives: the Pareto front
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+
+def objective_names(study: optuna.Study, spec: dict[str, Any]) -> list[str]:
+    names = study.metric_names
+    if names is not None:
+        return list(names)
+    return [spec.get("metric", "value")] if len(study.directions) == 1 else [
+        f"objective {i}" for i in range(len(study.directions))]
 
 
 def summarize(study: optuna.Study) -> Summary:
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
-    best = best_trial(study)
     attrs = study.user_attrs
     spec = attrs.get(SPEC_ATTR) or {}
+    names = objective_names(study, spec)
+    directions = [d.name.lower() for d in study.directions]
+    common: dict[str, Any] = {"name": study.study_name, "counts": dict(counts), "test": attrs.get(TEST_ATTR),
+              "n_trials_budget": (spec.get("budget") or {}).get("n_trials"),
+              "objectives": tuple(zip(names, directions))}
+    if len(directions) > 1:
+        constrained = [c.get("metric") for c in spec.get("constraints", []) if c.get("metric") not in names]
+        tests = {r.get("trial"): r for r in ((attrs.get(TEST_ATTR) or {}).get("front") or [])}
+        rows = tuple(FrontTrial(t.number, dict(zip(names, t.values)),
+                                {m: t.user_attrs[m] for m in constrained if m in t.user_attrs},
+                                dict(t.params), tests.get(t.number)) for t in front(study))
+        return Summary(direction=", ".join(directions), metric=", ".join(names), best_number=None,
+                       best_value=None, best_params={}, front=rows, **common)
+    best = best_trial(study)
     return Summary(
-        name=study.study_name,
-        direction=study.direction.name.lower(),
-        metric=spec.get("metric", "value"),
-        counts=dict(counts),
+        direction=directions[0],
+        metric=names[0],
         best_number=best.number if best else None,
         best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
-        test=attrs.get(TEST_ATTR),
-        n_trials_budget=(spec.get("budget") or {}).get("n_trials"),
+        **common,
     )

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from hpo.runtime.listener import Listener
 from hpo.search.budget import count_budget
-from hpo.search.summary import Summary, best_trial
+from hpo.search.summary import Summary, best_trial, front
 
 
 def fmt(value: Any) -> str:
@@ -26,6 +26,8 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if value.is_integer() and abs(value) >= 1e4 and abs(value) < 1e15:
+            return str(int(value))  # a count (n_params) stays a count
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
             return f"{value:.4g}"
         return f"{value:.4f}".rstrip("0").rstrip(".")
@@ -34,9 +36,11 @@ def fmt(value: Any) -> str:
 
 class Progress(Listener):
     def __init__(
-        self, total: int, metric: str, epochs: int, quiet: bool = False, out: TextIO | None = None
+        self, total: int, metric: str, epochs: int, quiet: bool = False, out: TextIO | None = None,
+        objectives: tuple[str, ...] = (),
     ) -> None:
         self.total, self.metric, self.epochs, self.quiet = total, metric, epochs, quiet
+        self.objectives = objectives if len(objectives) > 1 else ()  # names, with several
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
         self.start = time.monotonic()
@@ -61,8 +65,11 @@ class Progress(Listener):
         runs after every trial, in the run's process, while its workers want the cores)."""
         trials = study.get_trials(deepcopy=False)
         b = count_budget(trials, self.total)
-        top = best_trial(study)
-        best = f"best {fmt(top.value)} (#{top.number})" if top is not None else "best -"
+        if self.objectives:
+            best = f"front {len(front(study))} trials"
+        else:
+            top = best_trial(study)
+            best = f"best {fmt(top.value)} (#{top.number})" if top is not None else "best -"
         elapsed = time.monotonic() - self.start
         running = f" running {b.running} |" if b.running > 1 else ""
         pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
@@ -88,9 +95,13 @@ class Progress(Listener):
         if self.tty:
             self._write(self.status, final=False)
             return
-        value = fmt(trial.value) if trial.value is not None else "-"
+        if self.objectives:
+            values = trial.values or [None] * len(self.objectives)
+            shown = "  ".join(f"{n} {fmt(v)}" for n, v in zip(self.objectives, values))
+        else:
+            shown = f"{self.metric} {fmt(trial.value) if trial.value is not None else '-':<8}"
         line = (
-            f"trial {trial.number:>4} {trial.state.name:<8} {self.metric} {value:<8} "
+            f"trial {trial.number:>4} {trial.state.name:<8} {shown} "
             f"epochs {len(trial.intermediate_values):>3}  {self.status}"
         )
         if trial.state.name == "FAIL" and (reason := trial.user_attrs.get("reason")):
@@ -111,6 +122,8 @@ def render_summary(summary: Summary, elapsed: float | None = None) -> str:
     parts = [f"{c[k]} {k.lower()}" for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if c.get(k)]
     took = f" in {elapsed:.1f} s" if elapsed is not None else ""
     lines = [f"Study {summary.name}: {sum(c.values())} trials ({', '.join(parts) or 'none yet'}){took}"]
+    if summary.multi_objective:
+        return "\n".join(lines + render_front(summary))
     if summary.best_number is None:
         lines.append("No trial has completed yet.")
         return "\n".join(lines)
@@ -123,3 +136,21 @@ def render_summary(summary: Summary, elapsed: float | None = None) -> str:
         if t.get("model_path"):
             lines.append(f"Best model: {t['model_path']}")
     return "\n".join(lines)
+
+
+def render_front(summary: Summary) -> list[str]:
+    """The Pareto front as a table: objectives, constrained metrics, test scores, parameters."""
+    if not summary.front:
+        return ["No feasible trial has completed yet: the front is empty."]
+    goals = ", ".join(f"{n} ({d[:3]})" for n, d in summary.objectives)
+    head = [f"Pareto front: {len(summary.front)} trials ({goals}); no other trial beats one of them on every objective"]
+    params = list(dict.fromkeys(k for t in summary.front for k in t.params))
+    measured = list(dict.fromkeys(k for t in summary.front for k in t.measured))
+    tests = list(dict.fromkeys(m for t in summary.front if t.test for m in [t.test["metric"]]))
+    rows = [["trial", *(n for n, _ in summary.objectives), *measured, *tests, *params]]
+    for t in summary.front:
+        rows.append([f"#{t.number}", *(fmt(v) for v in t.values.values()), *(fmt(t.measured.get(m)) for m in measured),
+                     *(fmt(t.test["value"]) if t.test and t.test["metric"] == m else "-" for m in tests),
+                     *(fmt(t.params.get(p)) for p in params)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return head + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -16,19 +16,38 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.errors import HpoError
-from hpo.search.summary import summarize
-from hpo.ui.progress import fmt
+from hpo.search.summary import SPEC_ATTR, objective_names, summarize
+from hpo.ui.progress import fmt, render_front
 
 
-def _plots() -> dict[str, Callable[[optuna.Study], Any]]:
+def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
     from optuna.visualization import matplotlib as vis
 
-    return {
-        "history": vis.plot_optimization_history,
-        "learning_curves": vis.plot_intermediate_values,
-        "importances": vis.plot_param_importances,
-        "parallel_coordinate": vis.plot_parallel_coordinate,
-    }
+    if len(study.directions) == 1:
+        return {
+            "history": vis.plot_optimization_history,
+            "learning_curves": vis.plot_intermediate_values,
+            "importances": vis.plot_param_importances,
+            "parallel_coordinate": vis.plot_parallel_coordinate,
+        }
+    # Several objectives: the front, then each objective's history and importances by name.
+    names = objective_names(study, study.user_attrs.get(SPEC_ATTR) or {})
+    plots: dict[str, Callable[[optuna.Study], Any]] = {}
+    if len(names) in (2, 3):
+        plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, target_names=names)
+    for i, name in enumerate(names):
+        plots[f"history_{name}"] = _per_objective(vis.plot_optimization_history, i, name)
+        plots[f"importances_{name}"] = _per_objective(vis.plot_param_importances, i, name)
+    plots["learning_curves"] = vis.plot_intermediate_values
+    return plots
+
+
+def _per_objective(plot: Callable[..., Any], index: int, name: str) -> Callable[[optuna.Study], Any]:
+    """One of Optuna's single-objective plots, of objective `index`, labelled with its name."""
+    def draw(study: optuna.Study) -> Any:
+        return plot(study, target=lambda t: float(t.values[index]), target_name=name)
+
+    return draw
 
 
 def figures(study: optuna.Study) -> tuple[dict[str, Any], dict[str, str]]:
@@ -41,7 +60,7 @@ def figures(study: optuna.Study) -> tuple[dict[str, Any], dict[str, str]]:
         raise HpoError("hpo report needs matplotlib: pip install 'hpo[report]'") from None
     out: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    for name, plot in _plots().items():
+    for name, plot in _plots(study).items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -79,6 +98,14 @@ def markdown(study: optuna.Study, images: list[str], skipped: dict[str, str]) ->
     lines = [f"# Study {s.name}", ""]
     counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(s.counts.items()))
     lines += [f"- trials: {sum(s.counts.values())} ({counts or 'none'})", f"- metric: {s.metric} ({s.direction})"]
+    if s.multi_objective:
+        lines += ["", "## Pareto front", "", "Pruned and infeasible trials are never on it.", "", "```",
+                  *render_front(s), "```"]
+        if images:
+            lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+        if skipped:
+            lines += ["", "Not drawn:"] + [f"- {name}: {why}" for name, why in skipped.items()]
+        return "\n".join(lines) + "\n"
     if s.best_number is not None:
         lines.append(f"- best trial: #{s.best_number}, {s.metric} = {fmt(s.best_value)}")
     if s.test:
