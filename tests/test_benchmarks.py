@@ -28,6 +28,8 @@ SMOKE = str(ROOT / "benchmarks" / "specs" / "smoke.yaml")
     ("fused.py", ["--group-scaling", "--spec", SMOKE, "--group-size", "2"], "one fused group of K members"),
     ("trial_api.py", ["--repeats", "1", "--spec", SMOKE], ("hpo.Trial / Optuna directly", "same best value: True")),
     ("streamed.py", ["--repeats", "1", "--samples", "2000", "--workers", "0"], "hpo / hand-written"),
+    ("pareto_pruning.py", ["--seeds", "0", "--spec", str(ROOT / "benchmarks" / "specs" / "pareto_smoke.yaml")],
+     "of epochs saved"),
 ])
 def test_benchmark_script_runs(script: str, args: list[str], expect: str | tuple[str, ...]) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],

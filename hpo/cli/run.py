@@ -43,10 +43,18 @@ def validate(spec_file: str) -> None:
     tuned = [p.name for p in spec.space if p.tuned]
     what = (f"train function {spec.train}" if spec.train is not None
             else f"{spec.builtin_data.dataset} data, {spec.model} model")
+    goals = ""
+    if not spec.plain:
+        goals = f"objectives {', '.join(f'{o.name} ({o.direction[:3]})' for o in spec.goals)}"
+        goals += f" pruned on {spec.metric}" if spec.multi_objective else ""
+        goals += f", {len(spec.constraints)} constraint{'s' if len(spec.constraints) > 1 else ''}, " \
+            if spec.constraints else ", "
+    queued = (f", {len(spec.enqueue)} configuration{'s' if len(spec.enqueue) > 1 else ''} queued first"
+              if spec.enqueue else "")
     click.echo(
-        f"{spec_file}: ok - study {spec.name!r}, {what}, "
+        f"{spec_file}: ok - study {spec.name!r}, {what}, {goals}"
         f"{len(tuned)} tuned parameters ({', '.join(tuned)}), {spec.budget.n_trials} trials x "
-        f"{spec.budget.epochs} epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner"
+        f"{spec.budget.epochs} epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner{queued}"
     )
 
 

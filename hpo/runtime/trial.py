@@ -221,7 +221,9 @@ class Trial:
     def measure(self, model: torch.nn.Module, example: Any = None) -> None:
         """Record the model's parameter count and, when the study has a latency_ms objective or
         constraint and `example` (a batch of inputs) is given, its inference latency on the trial's
-        device. Call it after training: these are the values of those objectives."""
+        device: the values of those objectives. Call it once the model is built (with several
+        objectives the pruner then judges the trial among models no larger) and, for latency,
+        with an example after training."""
         self._measured["n_params"] = self._attrs["n_params"] = count_parameters(model)
         if example is not None and "latency_ms" in self._ctx.spec.measures:
             if not isinstance(example, torch.Tensor):
