@@ -1,4 +1,7 @@
-"""Every benchmark script runs (tiny settings, nothing saved); timings are never asserted."""
+"""Every benchmark script runs (tiny settings, nothing saved); timings are never asserted.
+
+Marked slow (outside the default suite, run by CI after it): they keep the scripts working, they
+test no behaviour of hpo's own."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "benchmarks" / "specs" / "smoke.yaml")
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("script,args,expect", [

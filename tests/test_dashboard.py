@@ -107,6 +107,7 @@ def test_dashboard_never_shows_the_password(pg_url, write_spec, runner, tmp_path
     assert all(secret not in page for page in pages) and secret not in log
 
 
+@pytest.mark.slow
 def test_live_study_shows_up_and_reading_never_locks_sqlite(write_spec, tmp_path) -> None:
     """A dashboard polls a SQLite study that a run's two workers are writing (optuna-dashboard#545)."""
     url = f"sqlite:///{tmp_path / 'live.db'}"

@@ -59,6 +59,7 @@ def create(runner, write_spec, url: str, spec: dict, tmp_path: Path) -> None:
     open_for_spec(load_spec(write_spec(spec)), open_storage(url), url, str(tmp_path / "artifacts"))
 
 
+@pytest.mark.slow
 def test_four_workers_share_one_exact_budget(pg_url, write_spec, runner, tmp_path) -> None:
     spec = dict(FAST, name="four", budget={"n_trials": 100, "epochs": 2})
     create(runner, write_spec, pg_url, spec, tmp_path)

@@ -100,6 +100,7 @@ def test_stock_optuna_cli_reads_the_study(write_spec, runner, storage_url) -> No
     assert json.loads(best.stdout)["value"] == {"val_accuracy": load(storage_url).best_value}
 
 
+@pytest.mark.slow
 def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path) -> None:
     spec = small_spec(
         data={"dataset": "synthetic", "n_samples": 20000, "n_features": 64, "n_classes": 4},

@@ -513,6 +513,7 @@ def test_the_dashboard_shows_a_user_studys_curves_metrics_and_params(user_pkg, w
         assert {p["name"] for p in shown["params"]} == set(t.params) and "hidden" in set(t.params)
 
 
+@pytest.mark.slow
 def test_a_trial_killed_more_times_than_the_retry_cap_is_announced_and_cleaned_up(user_pkg, write_spec,
                                                                                   storage_url, tmp_path) -> None:
     spec = user_spec(budget={"n_trials": 1, "epochs": 4}, pruner={"name": "none"})
