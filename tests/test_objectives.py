@@ -62,6 +62,10 @@ def test_a_pareto_study_prunes_keeps_infeasible_trials_off_the_front_and_scores_
     expected = {t.number for t in feasible
                 if not any(dominates(u.values, t.values, pareto.directions) for u in feasible)}
     assert {t.number for t in front} == expected
+    # `hpo trials` says which trials broke a constraint.
+    listed = json.loads(invoke(runner, "trials", "pareto", "--storage", storage_url, "--format", "json").output)
+    assert {r["number"] for r in listed if r["feasible"] is False} == {t.number for t in infeasible}
+    assert "feasible" in invoke(runner, "trials", "pareto", "--storage", storage_url).output.splitlines()[0]
     # `hpo best`: the front, every trial of it scored once on the test split.
     shown = json.loads(invoke(runner, "best", "pareto", "--storage", storage_url, "--format", "json").output)
     assert [o["name"] for o in shown["objectives"]] == ["val_accuracy", "n_params"]

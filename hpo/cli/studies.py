@@ -155,6 +155,7 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
     loaded = _load(study, storage)
     ts = loaded.get_trials(deepcopy=False)
     param_names = sorted({k for t in ts for k in t.params})
+    constrained = any(t.constraints for t in ts)  # a column only for studies with constraints
     records = []
     for t in ts:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
@@ -162,6 +163,8 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
             "number": t.number,
             "state": t.state.name,
             "value": (t.values[0] if t.values and len(t.values) == 1 else t.values),
+            **({"feasible": all(c <= 0 for c in t.constraints.values()) if t.constraints else None}
+               if constrained else {}),
             "epochs": len(t.intermediate_values),
             "seconds": round(duration, 2) if duration is not None else None,
             "reason": t.user_attrs.get("reason", ""),
@@ -181,11 +184,13 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
             return
         from hpo.ui.progress import fmt as show
 
-        head = ["#", "state", "value" if len(loaded.directions) == 1 else "values", "epochs", "seconds", *param_names]
+        feasible = {True: "yes", False: "no", None: "-"}
+        head = ["#", "state", "value" if len(loaded.directions) == 1 else "values",
+                *(["feasible"] if constrained else []), "epochs", "seconds", *param_names]
         rows = [head] + [
             [str(r["number"]), r["state"],
              " ".join(map(show, r["value"])) if isinstance(r["value"], list) else show(r["value"]),
-             str(r["epochs"]), show(r["seconds"]),
+             *([feasible[r["feasible"]]] if constrained else []), str(r["epochs"]), show(r["seconds"]),
              *[show(r[f"params_{k}"]) for k in param_names]]
             for r in records
         ]
