@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo.runtime.trial import dominates
+from hpo.runtime.pruning import dominates
 from tests.conftest import env_without_storage, invoke, small_spec
 
 ENQUEUED = [{"lr": 0.01, "width": 16, "depth": 1, "batch_size": 32}, {"lr": 0.003, "width": 40, "depth": 2}]

@@ -47,9 +47,10 @@ def studies(storage: str | None) -> None:
 
 
 def _table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    from hpo.ui.progress import table_lines
+
+    for line in table_lines(rows):
+        click.echo(line)
 
 
 def _load(name: str, storage: str | None) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -50,14 +50,32 @@ def comparable(known: dict[str, tuple[str, float]]) -> Peers:
     return peer
 
 
-class StudyView:
-    """The study as a pruner sees it: with several objectives, a study of one, the pruned metric
-    (Optuna's pruners read study.direction, which a multi-objective study refuses), holding only
-    the trial's `peers` when given."""
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[optuna.study.StudyDirection]) -> bool:
+    """Whether values `a` are at least as good as `b` in every objective and better in one."""
+    sign = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+    x, y = [s * v for s, v in zip(sign, a)], [s * v for s, v in zip(sign, b)]
+    return all(i <= j for i, j in zip(x, y)) and any(i < j for i, j in zip(x, y))
 
-    def __init__(self, study: optuna.Study, direction: str, peers: Peers | None = None) -> None:
+
+class DirectionView:
+    """A study of several objectives that answers `study.direction` with one metric's direction
+    (which the real study refuses); everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study, direction: str) -> None:
         self._study = study
         self.direction = optuna.study.StudyDirection[direction.upper()]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class StudyView(DirectionView):
+    """The study as a pruner sees it: with several objectives, a study of one, the pruned metric
+    (Optuna's pruners read study.direction and directions), holding only the trial's `peers` when
+    given."""
+
+    def __init__(self, study: optuna.Study, direction: str, peers: Peers | None = None) -> None:
+        super().__init__(study, direction)
         self.peers = peers
 
     @property
@@ -75,9 +93,6 @@ class StudyView:
     @property
     def trials(self) -> list[FrozenTrial]:
         return self.get_trials()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
 
 class Snapshot(StudyView):

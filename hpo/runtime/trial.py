@@ -14,7 +14,7 @@ import math
 import numbers
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -36,7 +36,14 @@ from hpo.runtime.endings import (
 )
 from hpo.runtime.listener import Listener
 from hpo.runtime.measure import count_parameters, latency_ms
-from hpo.runtime.pruning import REFRESH, Peers, Pruning, comparable, decides_from_values
+from hpo.runtime.pruning import (
+    REFRESH,
+    Peers,
+    Pruning,
+    comparable,
+    decides_from_values,
+    dominates,
+)
 from hpo.spec.schema import StudySpec
 from hpo.spec.space import sample
 from hpo.spec.user_code import UserCodeError
@@ -484,13 +491,6 @@ def improves(study: optuna.Study, value: float | list[float]) -> bool:
     except ValueError:  # no completed trial yet
         return True
     return value >= best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
-
-
-def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[optuna.study.StudyDirection]) -> bool:
-    """Whether values `a` are at least as good as `b` in every objective and better in one."""
-    sign = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
-    x, y = [s * v for s, v in zip(sign, a)], [s * v for s, v in zip(sign, b)]
-    return all(i <= j for i, j in zip(x, y)) and any(i < j for i, j in zip(x, y))
 
 
 def _is_storage_error(e: BaseException) -> bool:

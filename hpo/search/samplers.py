@@ -115,17 +115,6 @@ def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSample
     return sampler
 
 
-class _PrunedDirection:
-    """A study of several objectives with a `direction`: the pruned metric's."""
-
-    def __init__(self, study: optuna.Study, direction: str) -> None:
-        self._study = study
-        self.direction = optuna.study.StudyDirection[direction.upper()]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
 class PrunedRankedOn(optuna.samplers.BaseSampler):
     """TPE with several objectives, when hpo prunes: TPE ranks pruned trials by their last
     intermediate value in `study.direction`, which a multi-objective study refuses (Optuna
@@ -136,7 +125,9 @@ class PrunedRankedOn(optuna.samplers.BaseSampler):
         self.inner, self.direction = inner, direction
 
     def _view(self, study: optuna.Study) -> Any:
-        return _PrunedDirection(study, self.direction)
+        from hpo.runtime.pruning import DirectionView
+
+        return DirectionView(study, self.direction)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         return self.inner.infer_relative_search_space(self._view(study), trial)
@@ -193,7 +184,8 @@ def check_strategy(spec: StudySpec) -> None:
         raise SpecError(f"sampler.name: {spec.sampler.name} optimizes one objective; with several use one of: "
                         f"{', '.join(MULTI_OBJECTIVE)}")
     if spec.constraints and spec.sampler.name == "cmaes":
-        raise SpecError("sampler.name: cmaes does not use constraints; use tpe, nsga2, nsga3 or gp")
+        raise SpecError(f"sampler.name: cmaes does not use constraints; use {', '.join(USE_CONSTRAINTS[:-1])} or "
+                        f"{USE_CONSTRAINTS[-1]}")
     if spec.multi_objective and spec.pruner.name == "hyperband":
         raise SpecError("pruner.name: hyperband cannot prune a study with several objectives (its brackets are "
                         "single-objective studies); use successive_halving, median or percentile")

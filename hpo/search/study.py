@@ -156,13 +156,14 @@ def enqueue(study: optuna.Study, configurations: list[Mapping[str, Any]]) -> lis
     is skipped, so re-runs and workers starting together queue each once (they take turns under the
     creation lock). Returns each one's trial number, or None where it was already there."""
     numbers: list[int | None] = []
+    storage, sid = storage_of(study), study_id(study)
     for params in configurations:
-        before = len(study.get_trials(deepcopy=False))
+        before = storage.get_n_trials(sid)  # a count, not a read of every trial
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "enqueue_trial is experimental" and out-of-range notes
             study.enqueue_trial(dict(params), skip_if_exists=True)
-        trials = study.get_trials(deepcopy=False)
-        numbers.append(trials[-1].number if len(trials) > before else None)
+        after = storage.get_n_trials(sid)
+        numbers.append(after - 1 if after > before else None)
     return numbers
 
 

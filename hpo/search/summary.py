@@ -11,6 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.runtime.pruning import dominates
+
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
 
@@ -38,16 +40,15 @@ def front(study: optuna.Study) -> list[FrozenTrial]:
 def ranked(study: optuna.Study) -> list[FrozenTrial]:
     """Completed feasible trials, best first: by value, or with several objectives by how many
     trials dominate each (the front first), then by the first objective."""
-    signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions]
+    directions = study.directions
+    first = -1.0 if directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values is not None and all(c <= 0 for c in t.constraints.values())]
-    keys = {t.number: [s * v for s, v in zip(signs, t.values)] for t in done}
 
     def dominated_by(t: FrozenTrial) -> int:
-        a = keys[t.number]
-        return sum(1 for u in done if all(x <= y for x, y in zip(keys[u.number], a)) and keys[u.number] != a)
+        return sum(1 for u in done if dominates(u.values, t.values, directions)) if len(directions) > 1 else 0
 
-    return sorted(done, key=lambda t: (dominated_by(t) if len(signs) > 1 else 0, keys[t.number][0], t.number))
+    return sorted(done, key=lambda t: (dominated_by(t), first * t.values[0], t.number))
 
 
 @dataclass(frozen=True)

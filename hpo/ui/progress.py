@@ -152,5 +152,10 @@ def render_front(summary: Summary) -> list[str]:
         rows.append([f"#{t.number}", *(fmt(v) for v in t.values.values()), *(fmt(t.measured.get(m)) for m in measured),
                      *(fmt(t.test["value"]) if t.test and t.test["metric"] == m else "-" for m in tests),
                      *(fmt(t.params.get(p)) for p in params)])
+    return head + table_lines(rows)
+
+
+def table_lines(rows: list[list[str]]) -> list[str]:
+    """Rows of text as aligned columns, two spaces apart."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return head + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
