@@ -26,6 +26,7 @@ OPTUNA_ATTRIBUTES = {
     "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period", "_set_trial_param_without_commit"),
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
+    "optuna.samplers._lazy_random_state": ("LazyRandomState",),
 }
 TORCH_FUNCTIONS = ("_fused_adam_", "_fused_adamw_", "_fused_adagrad_", "_fused_sgd_")
 
@@ -93,3 +94,30 @@ def set_param_without_commit(storage: Any, session: Any, *args: Any) -> None:
     """RDBStorage's own parameter write (checks included) inside a session the caller commits, so
     a trial's parameters go in one transaction."""
     storage._set_trial_param_without_commit(session, *args)
+
+
+def reseed_sampler(sampler: Any, seed: list[int]) -> None:
+    """Seed every random stream of an Optuna sampler (and of the samplers it holds: TPE's random
+    sampler for start-up trials, GP's independent one) from `seed`, in place. Optuna's samplers
+    keep their streams in private LazyRandomState attributes, shared with their helpers (NSGA-II's
+    crossover), so they are reseeded, never replaced. A QMC sampler's own scrambling seed is left
+    alone: its sequence is shared by the whole study and indexed in the storage."""
+    import numpy as np
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    seen: set[int] = set()
+
+    def visit(obj: Any, path: str) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for name, value in sorted(vars(obj).items()):
+            if isinstance(value, LazyRandomState):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    entropy = [*seed, *(ord(c) for c in f"{path}.{name}")]
+                    value.rng.seed(np.random.SeedSequence(entropy).generate_state(2))
+            elif isinstance(value, optuna.samplers.BaseSampler):
+                visit(value, f"{path}.{name}")
+
+    visit(sampler, "")

@@ -51,7 +51,10 @@ def run(
     then needs no `train:` key. Workers in other processes import the function by the reference
     stored in the study, so a function defined in a notebook runs here only.
     """
+    from hpo.errors import HpoError
     from hpo.execution.launch import prepare, run_here
+    from hpo.runtime import stopping
+    from hpo.search.failures import advice
     from hpo.search.study import choose_device, open_for_spec
     from hpo.spec.schema import load_spec, spec_from_mapping
     from hpo.spec.user_code import _cache
@@ -76,6 +79,10 @@ def run(
     url = resolve_url(storage)
     with sole_writer(url):
         handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
-        outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
-                           checkpoint_interval=checkpoint_interval)
+        with stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trial in flight
+            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
+                               checkpoint_interval=checkpoint_interval)
+    if outcome.failure is not None:
+        raise HpoError(f"study {loaded.name} stopped on failures: {outcome.failure.reason}; "
+                       f"{advice(loaded.name)}")
     return RunResult(summarize(handle.study), outcome.stopped)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +152,28 @@ def mysql_url():
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
+
+
+@pytest.fixture
+def proxy_url(tmp_path, storage_url):
+    """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
+    need_module("grpc")
+    import socket
+
+    import grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = subprocess.Popen([sys.executable, "-m", "hpo", "proxy", "--storage", storage_url,
+                              "--port", str(port)], env=env_without_storage(), cwd=tmp_path,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait for the proxy to listen: it imports torch and optuna first, which on a loaded CI
+        # machine outlasts the 5 s a worker gives an unanswering proxy.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        proxy.communicate(timeout=30)

@@ -88,7 +88,8 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, 
     create(runner, write_spec, pg_url, spec, tmp_path)
     env = env_for(pg_url, tmp_path / "artifacts")
     hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
-    victim = subprocess.Popen(worker_cmd("killed", *hb), env=env, cwd=tmp_path)
+    # Its own process group: `hpo worker` and the process that trains under it go down together.
+    victim = subprocess.Popen(worker_cmd("killed", *hb), env=env, cwd=tmp_path, start_new_session=True)
     study = optuna.load_study(study_name="killed", storage=pg_url)
 
     def running_with_two_epochs() -> bool:
@@ -96,7 +97,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, 
                    for t in study.get_trials(deepcopy=False))
 
     wait_for(running_with_two_epochs, "the victim's trial to report 2 epochs")
-    victim.send_signal(signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     # A worker started with only the study name and the storage (HPO_STORAGE) takes over.
     rescuer = subprocess.run(worker_cmd("killed", *hb), env=env, cwd=tmp_path,
@@ -182,31 +183,6 @@ def test_redis_workers_take_turns_at_the_budget() -> None:
         client = redis.Redis(host="127.0.0.1", port=6379)
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
-
-
-@pytest.fixture
-def proxy_url(tmp_path, storage_url):
-    """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
-    need_module("grpc")
-    import socket
-
-    import grpc
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proxy = subprocess.Popen([sys.executable, "-m", "hpo", "proxy", "--storage", storage_url,
-                              "--port", str(port)], env=env_without_storage(), cwd=tmp_path,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        # Wait for the proxy to listen: it imports torch and optuna first, which on a loaded CI
-        # machine outlasts the 5 s a worker gives an unanswering proxy.
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=120)
-        yield f"grpc://127.0.0.1:{port}"
-    finally:
-        proxy.send_signal(signal.SIGINT)
-        proxy.communicate(timeout=30)
 
 
 def test_grpc_proxy_serves_workers(write_spec, runner, proxy_url, storage_url) -> None:
@@ -334,14 +310,15 @@ def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on
     env = env_for(pg_url, tmp_path / "artifacts")
     hb = ["--heartbeat-interval", "1", "--grace-period", "3"]
     sleeper = subprocess.Popen([sys.executable, "-m", "hpo", "worker", "frozen", "--threads", "1", *hb],
-                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               start_new_session=True)  # frozen whole, as a VM pause freezes every process
     study = optuna.load_study(study_name="frozen", storage=pg_url)
     wait_for(lambda: any(t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2
                          for t in study.get_trials(deepcopy=False)), "the sleeper's trial to report 2 epochs")
-    sleeper.send_signal(signal.SIGSTOP)
+    os.killpg(sleeper.pid, signal.SIGSTOP)
     rescuer = subprocess.Popen(worker_cmd("frozen", *hb), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: study.get_trials(deepcopy=False)[0].state == TrialState.FAIL, "the rescuer to fail trial 0")
-    sleeper.send_signal(signal.SIGCONT)
+    os.killpg(sleeper.pid, signal.SIGCONT)
     _, err = sleeper.communicate(timeout=600)
     _, rescuer_err = rescuer.communicate(timeout=600)
     assert sleeper.returncode == 0 and rescuer.returncode == 0, err + rescuer_err

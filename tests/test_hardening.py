@@ -296,7 +296,8 @@ def test_disk_full_during_a_checkpoint_fails_that_trial_only(write_spec, runner,
                     "--checkpoint-interval", "0")
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="small", storage=storage_url).trials
-    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    # The budget counts results: the failure costs none of the 4 trials.
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 4
     assert "No space left on device" in trials[0].user_attrs["reason"]
     assert "traceback" in trials[0].user_attrs
     assert "trial    0 FAIL" in result.stderr and "No space left on device" in result.stderr
@@ -320,15 +321,16 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     spec = load_spec(write_spec(small_spec(budget={"n_trials": 3, "epochs": 3}, pruner={"name": "none"})))
     handle = open_for_spec(spec, open_storage(storage_url), storage_url, str(tmp_path / "art"))
     result = run_worker(handle, device=torch.device("cpu"), listener=Flaky())
-    assert result.ran == 3
+    assert result.ran == 4  # the failure costs no budget: 3 results
     trials = handle.study.trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].user_attrs["reason"] == "ValueError: the hook broke at epoch 1"
     assert len(trials[1].intermediate_values) == 2  # what it reported before failing is kept
 
 
-def test_failed_trials_count_against_the_budget(write_spec, runner, storage_url, tmp_path) -> None:
-    """A spec whose every trial fails ends (it does not loop forever) and says so."""
+def test_a_study_whose_every_trial_fails_stops_early_and_says_so(write_spec, runner, storage_url, tmp_path) -> None:
+    """Failed trials cost no budget, so a spec whose every trial fails must still end (it does not
+    loop forever): its first three failures, all alike, stop it with a non-zero exit."""
     from hpo.search.study import UID_ATTR, open_for_spec, system_attrs
     from hpo.spec.schema import load_spec
     from hpo.storage.backends import open_storage
@@ -341,10 +343,12 @@ def test_failed_trials_count_against_the_budget(write_spec, runner, storage_url,
             os.symlink("/dev/full", tmp_path / "art" / f"{uid}-trial{n}-{slot}.ckpt")
     result = invoke(runner, "run", spec_path, "--storage", storage_url, "--artifacts", tmp_path / "art",
                     "--checkpoint-interval", "0")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     states = [t.state for t in optuna.load_study(study_name="small", storage=storage_url).trials]
     assert states == [TrialState.FAIL] * 3
     assert "No trial has completed yet." in result.stdout
+    assert "Stopped: the first 3 trials of this run failed with the same error: OSError: [Errno 28] No space " \
+           "left on device" in result.stderr
     shutil.rmtree(tmp_path / "art")
 
 

@@ -251,7 +251,8 @@ def test_user_code_endings(user_pkg, write_spec, runner, storage_url, monkeypatc
     spec = user_spec(budget={"n_trials": 2, "epochs": 4}, pruner={"name": "none"})
     spec.pop("test")
     result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
-    assert result.exit_code == 0, result.output  # the study goes on
+    # A pruned trial is a result; a run whose every trial failed alike stops and exits non-zero.
+    assert result.exit_code == (0 if state == TrialState.PRUNED else 1), result.output
     for t in load(storage_url).trials:
         assert t.state == state and t.user_attrs["reason"].startswith(reason), t.user_attrs
     if mode == "error":  # the user's own frame is in the traceback
@@ -310,10 +311,11 @@ def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, 
     env = env_without_storage() | {"MODE": "marker", "MARKER": str(tmp_path / "marker")}
     cmd = [sys.executable, "-m", "hpo", "run", str(path), "--storage", pg_url, "--checkpoint-interval", "0",
            "--heartbeat-interval", "1", "--grace-period", "3", "--artifacts", str(tmp_path / "art")]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    # Its own process group: `hpo run` and the process that trains under it go down together.
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
     wait_for(lambda: (tmp_path / "marker").exists() or proc.poll() is not None, "epoch 2")
     wait_for(lambda: len(load(pg_url).trials[0].intermediate_values) >= 3, "epoch 2 in the storage")
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     env.pop("MODE")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -323,7 +325,7 @@ def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, 
     retry = trials[1]
     assert retry.user_attrs["resumed_from_epoch"] > 0
     # Killed on this machine: seen as gone at once, without waiting out the grace period.
-    assert retry.user_attrs["retry_reason"].startswith("trial 0's process (pid ")
+    assert retry.user_attrs["retry_reason"].startswith("resumes trial 0: its process (pid ")
     assert sorted(retry.intermediate_values) == list(range(8))  # no gap, no duplicate
     assert retry.user_attrs["val_loss"] and len(retry.user_attrs["epoch_seconds"]) == 8
 
@@ -525,18 +527,30 @@ def test_a_trial_killed_more_times_than_the_retry_cap_is_announced_and_cleaned_u
            "--heartbeat-interval", "1", "--grace-period", "1", "--artifacts", str(art)]
     for attempt in range(4):  # the first attempt and its 3 retries all die
         died = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        # `hpo run` ends as its process did, and takes the trial back at once, saying so.
         assert died.returncode == -signal.SIGKILL, died.stderr
-        if attempt:
-            # The killed run was on this machine: the next one takes its trial back at once.
-            assert "were left running by a process on this machine that is gone" in died.stderr
-    assert list(art.glob("*.ckpt"))  # the last attempt's checkpoint
-    last = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert last.returncode == 0, last.stderr
-    assert "hpo: trial 3 lost its worker 4 times" in last.stderr and "not retried again" in last.stderr
+        assert f"Error: the worker process was killed by SIGKILL while running trial {attempt}" in died.stderr
+        if attempt < 3:
+            assert list(art.glob("*.ckpt"))  # the checkpoint the retry resumes from
+    assert "hpo: trial 3 lost its worker 4 times" in died.stderr and "not retried again" in died.stderr
     trials = load(storage_url).trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 4
-    assert [t.user_attrs.get("retry_reason", "")[:8] for t in trials] == ["", "trial 0'", "trial 1'", "trial 2'"]
+    assert [t.user_attrs.get("retry_reason", "")[:16] for t in trials] == [
+        "", "resumes trial 0:", "resumes trial 1:", "resumes trial 2:"]
+    assert trials[3].user_attrs["reason"].endswith("not retried again (the limit is 3 retries)")
     assert not list(art.glob("*.ckpt"))  # nothing left behind for a trial that never resumes
+
+
+def _free(path: Path) -> bool:
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
 
 
 def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(user_pkg, write_spec, runner,
@@ -546,17 +560,20 @@ def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(
     path = write_spec(spec)
     env = env_without_storage() | {"MODE": "marker", "MARKER": str(tmp_path / "marker")}
     first = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(path), "--storage", storage_url], env=env,
-                             cwd=tmp_path, stderr=subprocess.DEVNULL)
+                             cwd=tmp_path, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: (tmp_path / "marker").exists() or first.poll() is not None, "the first run's epoch 2")
     second = invoke(runner, "run", path, "--storage", storage_url)
     assert second.exit_code == 1
+    # The pid of the process that trains (under the `hpo run` started): the one to stop.
+    trainer = int(subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True, text=True).stdout)
     assert second.output.strip().splitlines() == [
-        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo run (pid {first.pid}): a SQLite file takes one "
+        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo run (pid {trainer}): a SQLite file takes one "
         "run at a time, which runs its own workers. Wait for it, or use a server storage (postgresql://, "
         "mysql+pymysql://) to add workers from elsewhere"]
     assert invoke(runner, "trials", "mine", "--storage", storage_url).exit_code == 0  # readers are welcome
-    os.kill(first.pid, signal.SIGKILL)  # a killed process lets go of the file
+    os.killpg(first.pid, signal.SIGKILL)  # a killed process lets go of the file
     first.wait()
+    wait_for(lambda: _free(tmp_path / ".hpo.db.writer"), "the killed trainer's threads to be gone with its lock")
     monkeypatched = dict(os.environ)
     assert "MODE" not in monkeypatched
     again = invoke(runner, "run", path, "--storage", storage_url, "--grace-period", "2", "--heartbeat-interval", "1")

@@ -7,7 +7,6 @@ the only place where the project's errors become one-line messages with a non-ze
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Any
 
@@ -16,7 +15,6 @@ import click
 from hpo.cli.base import (
     F,
     _open,
-    _sigterm_as_interrupt,
     artifacts_option,
     storage_option,
 )
@@ -157,7 +155,6 @@ def run(
         from hpo.execution.launch import run_here, run_in_processes
 
         n_workers = workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
-        _sigterm_as_interrupt()
         with _stops():
             if n_workers == 1 and not gpu_ids:
                 outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet,
@@ -167,6 +164,17 @@ def run(
                                            heartbeat=hb, quiet=quiet, checkpoint_interval=checkpoint_interval,
                                            data=data)
     _summary(handle, outcome.elapsed)
+    _fail_on(outcome, handle.spec.name, n_workers)
+
+
+def _fail_on(outcome: Any, name: str, n_workers: int) -> None:
+    """A run that stopped on failures, or whose workers could not go on, exits non-zero with one line."""
+    from hpo.search.failures import advice
+
+    if outcome.errors:
+        raise HpoError(outcome.errors[0] + (f" (and {len(outcome.errors) - 1} more)" if len(outcome.errors) > 1 else ""))
+    if outcome.failure is not None:
+        raise HpoError(f"study {name} stopped on failures; {advice(name)}")
     if outcome.failed_workers:
         raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
                        f"(exit codes {outcome.failed_workers})")
@@ -174,14 +182,16 @@ def run(
 
 @contextlib.contextmanager
 def _stops() -> Any:
-    """Ctrl-C/SIGTERM: say what resumes where, exit 130."""
+    """A stop request: say what resumes where, exit 130 (Ctrl-C, SIGTERM) or 0 (hpo stop)."""
     from hpo.execution.launch import Stopped
+    from hpo.runtime import stopping
 
     try:
-        yield
+        with stopping.handling():
+            yield
     except Stopped as e:
         click.echo(str(e), err=True)
-        sys.exit(130)
+        sys.exit(e.code)
 
 
 def _summary(handle: Any, elapsed: float | None = None) -> None:
@@ -257,7 +267,6 @@ def worker(
       HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
       hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
     """
-    from hpo.execution.processes import ENV_WORKER_INDEX
     from hpo.search.study import choose_device, open_existing
 
     if threads is not None:
@@ -269,16 +278,15 @@ def worker(
 
     with sole_writer(resolve_url(storage)):
         store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
-        index = os.environ.get(ENV_WORKER_INDEX, "0")  # set by the `hpo run` that started this worker
-        handle = open_existing(study, store, url, artifacts, int(index) if index.isdigit() else 0)
+        handle = open_existing(study, store, url, artifacts)
         if fuse is not None:
             handle.spec = handle.spec.fused(fuse)
         from hpo.execution.launch import prepare, run_here
 
         data = prepare(handle.spec, dev)
-        _sigterm_as_interrupt()
         with _stops():
             outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
                                storage_url=url, checkpoint_interval=checkpoint_interval)
     if not quiet:
         _summary(handle, outcome.elapsed)
+    _fail_on(outcome, handle.spec.name, 1)

@@ -219,6 +219,49 @@ def delete(study: str, storage: str | None, yes: bool) -> None:
 
 
 @cli.command()
+@click.argument("study")
+@storage_option
+def stop(study: str, storage: str | None) -> None:
+    """Stop every worker of a study, wherever it runs: each stops at its next report, queues its
+    trial to resume from its checkpoint and exits. The next `hpo run` or `hpo worker` resumes.
+
+    \b
+    Example:
+      hpo stop quickstart --storage postgresql://user@db/hpo
+    """
+    from hpo.search.study import request_stop
+
+    store, url = _open(storage, create=False)
+    running = request_stop(store, study, url)
+    click.echo(f"Asked every worker of study {study!r} to stop ({running} trial{'s' if running != 1 else ''} running); "
+               "each queues its trial at its next report. Resume with hpo run or hpo worker.")
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+def retry(study: str, storage: str | None) -> None:
+    """Queue the study's failed trials again, with their parameters, after fixing their cause.
+
+    Failed trials do not count against the budget; the next `hpo run` or `hpo worker` runs the
+    queued ones first.
+
+    \b
+    Example:
+      hpo retry quickstart
+    """
+    from hpo.search.study import retry_failed
+
+    queued = retry_failed(_load(study, storage))
+    if not queued:
+        click.echo(f"Study {study!r} has no failed trial to retry.")
+        return
+    pairs = ", ".join(f"#{old} as #{new}" for old, new in queued[:10]) + (" ..." if len(queued) > 10 else "")
+    click.echo(f"Queued {len(queued)} failed trial{'s' if len(queued) > 1 else ''} again ({pairs}); "
+               f"run them with: hpo run SPEC, or hpo worker {study}")
+
+
+@cli.command()
 @storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=13000, show_default=True)

@@ -42,12 +42,14 @@ from optuna.trial import TrialState
 from hpo._private import storage_of, study_id, trial_id
 from hpo.data.splits import DataCache, Split
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim
+from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope
 from hpo.runtime.endings import CheckpointPolicy, Deadlines, End, Ending, Stop, is_oom
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import Snapshot
 from hpo.runtime.trial import improves, original_number, trial_attributes, trial_seed
-from hpo.search.budget import budget_status, is_budget_spent, wait_for_running
+from hpo.search.budget import count_budget, is_budget_spent, wait_for_running
+from hpo.search.failures import verdict
 from hpo.search.samplers import effective_n_trials
 from hpo.search.study import StudyHandle
 from hpo.spec.params import Params
@@ -104,16 +106,18 @@ def run_fused_worker(
     listener: Listener | None = None,
     data: DataCache | None = None,
     checkpoint_interval: float = 2.0,
+    since: float | None = None,
 ) -> WorkerResult:
-    """Run trials K at a time until the budget, `n_trials` or the timeout stops this worker."""
+    """Run trials K at a time until the budget, `n_trials`, the timeout or the run's failures
+    (hpo.search.failures) stop this worker."""
     configure_device(device)
     data = data or DataCache(handle.spec.builtin_data, handle.spec.seed, device, handle.spec.model)
     worker = FusedWorker(handle, device, group_size, data, listener or Listener(), checkpoint_interval,
-                         n_trials, timeout if timeout is not None else handle.spec.budget.timeout)
+                         n_trials, timeout if timeout is not None else handle.spec.budget.timeout, since)
     try:
         worker.run()
     except KeyboardInterrupt:
-        _stop_groups(worker.groups.values(), worker.result)
+        _stop_groups(worker.groups.values(), worker.result, f"interrupted ({stopping.requested() or 'stopped'})")
         raise Interrupted(worker.result) from None
     finally:
         worker.beats.close()
@@ -126,7 +130,8 @@ class FusedWorker:
 
     def __init__(self, handle: StudyHandle, device: torch.device, group_size: int, data: DataCache,
                  listener: Listener, checkpoint_interval: float, n_trials: int | None,
-                 timeout: float | None) -> None:
+                 timeout: float | None, since: float | None = None) -> None:
+        self.since = time.time() if since is None else since
         self.handle, self.study, self.spec = handle, handle.study, handle.spec
         self.device, self.group_size, self.data, self.listener = device, group_size, data, listener
         self.n_trials, self.timeout = n_trials, timeout
@@ -145,6 +150,7 @@ class FusedWorker:
     def run(self) -> None:
         reclaim(self.study, self.listener)
         while True:
+            stopping.raise_if_requested()  # hpo stop, or a signal that came inside hpo's own code
             self.fill()
             for key in [k for k, g in self.groups.items() if not len(g)]:
                 del self.groups[key]
@@ -158,7 +164,7 @@ class FusedWorker:
             if self.out_of_time():
                 # The study's timeout: the groups stop at an epoch boundary and every member is
                 # queued to resume from its last checkpoint, as on Ctrl-C.
-                queued = _stop_groups(self.groups.values(), self.result)
+                queued = _stop_groups(self.groups.values(), self.result, "study timeout")
                 self.result.stopped = (f"timeout of {self.timeout:g} s reached; {queued} trials are queued and "
                                        "resume on the next run")
                 return
@@ -221,7 +227,11 @@ class FusedWorker:
             return
         self.lock.acquire()
         try:
-            status = budget_status(self.study, self.total)
+            trials = self.study.get_trials(deepcopy=False)
+            if (failure := verdict(trials, self.since, self.spec.budget.failure_limit)) is not None:
+                self.result.stopped, self.result.failure = failure.reason, failure
+                return
+            status = count_budget(trials, self.total)
             left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental
@@ -260,7 +270,7 @@ class FusedWorker:
                 raise
             # Another worker failed it as stale while this one was stopped, and queued its retry.
             self.beats.ids.discard(trial_id(trial))
-            self.listener.note(f"trial {trial.number} was taken over by another worker while this one was "
+            self.listener.warn(f"trial {trial.number} was taken over by another worker while this one was "
                                "stopped (past the grace period); dropped it, going on")
 
     def _finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
@@ -341,7 +351,7 @@ class FusedWorker:
         group.remove(done)
 
 
-def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult) -> int:
+def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult, why: str) -> int:
     """End every member in flight as FAIL and queue its retry (resuming from its last checkpoint)."""
     members = [m for g in groups for m in g.members]
     for m in members:
@@ -351,7 +361,7 @@ def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult) -> int:
             study.tell(trial, state=TrialState.FAIL)
         except Exception:
             pass  # already told (the interrupt came while it was being finished)
-        requeue(study, trial_id(trial))
+        requeue(study, trial_id(trial), f"{why} in epoch {m.epoch}")
     if members:
         result.interrupted_trial = members[0].key.number
         result.resumes_from_epoch = members[0].checkpoint_epoch

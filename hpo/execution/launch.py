@@ -7,19 +7,25 @@ hpo.ui.progress and leave the summary and exit status to the caller.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
 from hpo.errors import HpoError
+from hpo.execution.supervisor import announce
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
+from hpo.runtime import stopping
 from hpo.runtime.listener import Listener
+from hpo.runtime.stopping import StudyStopWatch
 from hpo.search.budget import budget_status
+from hpo.search.failures import FailureStop, run_verdict
 from hpo.search.results import finalize
 from hpo.search.samplers import effective_n_trials
-from hpo.search.study import StudyHandle, choose_device
+from hpo.search.study import StudyHandle, choose_device, stop_requests
 from hpo.spec.schema import StudySpec
 from hpo.storage.backends import Heartbeat, forget_connections, mask, reason
 from hpo.ui.progress import Progress
@@ -33,6 +39,8 @@ class Outcome:
     elapsed: float
     stopped: str = ""
     failed_workers: list[int] = field(default_factory=list)  # exit codes of workers that failed
+    failure: FailureStop | None = None  # the run stopped on failures, or ended with failures and no result
+    errors: list[str] = field(default_factory=list)  # why workers could not go on, each once
 
 
 def prepare(spec: StudySpec, device: Any) -> DataCache | None:
@@ -45,21 +53,53 @@ def prepare(spec: StudySpec, device: Any) -> DataCache | None:
 
 
 def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Listener, *, n_trials: int | None,
-         timeout: float | None, checkpoint_interval: float) -> WorkerResult:
-    """One worker's trials, fused or one at a time as the spec says."""
+         timeout: float | None, checkpoint_interval: float, since: float) -> WorkerResult:
+    """One worker's trials, fused or one at a time as the spec says, until the budget, a limit,
+    the run's failures or a stop (a signal, or `hpo stop` seen in the study) ends them."""
     spec = handle.spec
-    if spec.execution.mode == "fused":
-        from hpo.execution.fused_worker import run_fused_worker
+    stopping.runs_trials()
+    watch = StudyStopWatch(lambda: stop_requests(handle.study))
+    try:
+        if spec.execution.mode == "fused":
+            from hpo.execution.fused_worker import run_fused_worker
 
-        return run_fused_worker(handle, device=device, group_size=spec.execution.group_size, n_trials=n_trials,
-                                timeout=timeout, listener=listener, data=data,
-                                checkpoint_interval=checkpoint_interval)
-    return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
-                      checkpoint_interval=checkpoint_interval)
+            return run_fused_worker(handle, device=device, group_size=spec.execution.group_size, n_trials=n_trials,
+                                    timeout=timeout, listener=listener, data=data,
+                                    checkpoint_interval=checkpoint_interval, since=since)
+        return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
+                          checkpoint_interval=checkpoint_interval, since=since)
+    finally:
+        watch.close()
 
 
 class Stopped(Exception):
-    """Ctrl-C or SIGTERM ended the run; the message says what resumes where."""
+    """A stop request ended the run (Ctrl-C, SIGTERM: exit status 130; `hpo stop`: 0); the message
+    says what resumes where."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _stopped(result: WorkerResult | None) -> Stopped:
+    by_command = stopping.requested() == "hpo stop"
+    head = "Stopped by hpo stop" if by_command else "Interrupted"
+    if result is not None and result.interrupted_trial is not None:
+        return Stopped(f"{head}: trial {result.interrupted_trial} is queued and resumes from epoch "
+                       f"{result.resumes_from_epoch} on the next run.", 0 if by_command else 130)
+    return Stopped(f"{head}.", 0 if by_command else 130)
+
+
+def failure_outcome(handle: StudyHandle, since: float) -> FailureStop | None:
+    """Whether the run that started at `since` stopped on failures, or ended with failures and no
+    result, judged from the storage (every worker's trials), and told with the user's frames."""
+    stop = run_verdict(handle.study.get_trials(deepcopy=False), since, handle.spec.budget.failure_limit)
+    if stop is not None:
+        print(f"Stopped: {stop.reason}", file=sys.stderr)
+        if stop.frames:
+            print(stop.frames, file=sys.stderr)
+        sys.stderr.flush()
+    return stop
 
 
 def run_here(
@@ -87,21 +127,19 @@ def run_here(
         streamed = f", data streamed through a DataLoader ({getattr(s, 'workers', 0)} workers)"
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}"
                  f"{streamed}, storage {mask(storage_url)}")
-    start = time.monotonic()
+    start, since = time.monotonic(), time.time()
+    announce(storage_url, spec.name)  # the parent of `hpo run`/`hpo worker` takes back what a crash leaves
     try:
         result = work(handle, device, data, progress, n_trials=n_trials, timeout=timeout,
-                      checkpoint_interval=checkpoint_interval)
+                      checkpoint_interval=checkpoint_interval, since=since)
     except Interrupted as e:
         progress.close()
-        r = e.result
-        if r.interrupted_trial is not None:
-            raise Stopped(f"Interrupted: trial {r.interrupted_trial} is queued and resumes from epoch "
-                          f"{r.resumes_from_epoch} on the next run.") from None
-        raise Stopped("Interrupted.") from None
+        raise _stopped(e.result) from None
     progress.close()
     finalize(handle, device, data)
-    progress.say(f"Stopped: {result.stopped}.")
-    return Outcome(time.monotonic() - start, result.stopped)
+    if result.failure is None:
+        progress.say(f"Stopped: {result.stopped}.")
+    return Outcome(time.monotonic() - start, result.stopped, failure=failure_outcome(handle, since))
 
 
 def run_in_processes(
@@ -136,45 +174,90 @@ def run_in_processes(
         extra += ["--fuse", str(spec.execution.group_size)]
     if timeout is not None:
         extra += ["--timeout", str(timeout)]
-    seen: set[int] = set()
-
-    def tick() -> None:
-        for t in study.get_trials(deepcopy=False):
-            if t.state.is_finished() and t.number not in seen:
-                seen.add(t.number)
-                progress.trial_finished(study, t)
-
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
-    start = time.monotonic()
+    start, since, asked = time.monotonic(), time.time(), stop_requests(study)
+    messages: Path | None = None  # forked workers leave their one-line errors here
     procs: Sequence[Process]
     if dev.type != "cpu" or not can_fork():
         procs = launch(spec.name, storage_url, str(handle.artifacts.path.resolve()), plans, extra)
     else:
+        messages = Path(tempfile.mkdtemp(prefix="hpo-workers-"))
+
         def body(index: int) -> int:
-            return _forked_worker(handle, storage_url, index, plans[index].threads, data, heartbeat,
-                                  timeout=timeout, checkpoint_interval=checkpoint_interval)
+            assert messages is not None
+            return _forked_worker(handle, storage_url, messages / str(index), plans[index].threads, data,
+                                  heartbeat, timeout=timeout, checkpoint_interval=checkpoint_interval, since=since)
 
         procs = fork(len(plans), body)
+    watch = _Watch(study, progress, procs)
     try:
-        codes = supervise(procs, tick)
+        codes = supervise(procs, watch.tick)
     except KeyboardInterrupt:
+        watch.tick()  # a worker killed after the grace period left its trial running: queue it now
         progress.close()
         raise Stopped("Interrupted: every worker queued its trial; the next run resumes them.") from None
+    finally:
+        if messages is not None:
+            watch.errors[:0] = _collect(messages)
     progress.close()
+    if stop_requests(study) != asked:
+        raise Stopped("Stopped by hpo stop: every worker queued its trial; the next run resumes them.", 0)
     finalize(handle, dev, data)
+    _say_end(progress, study, timeout)
+    errors = list(dict.fromkeys(watch.errors))
+    failure = None if errors else failure_outcome(handle, since)  # a worker's error says more
+    return Outcome(time.monotonic() - start, "", [c for c in codes if c] or [0 for _ in errors], failure, errors)
+
+
+class _Watch:
+    """What the run sees of its workers between polls: the trials they finish (shown), and the
+    workers that exit, whose trial in flight it queues again at once, with how they ended."""
+
+    def __init__(self, study: Any, progress: Progress, procs: Sequence[Process]) -> None:
+        self.study, self.progress, self.procs = study, progress, procs
+        self.seen: set[int] = set()
+        self.gone: set[int] = set()
+        self.errors: list[str] = []  # what the workers could not go on with
+
+    def tick(self) -> None:
+        from hpo.execution.supervisor import ended
+
+        for p in self.procs:
+            if (code := p.poll()) is not None and p.pid not in self.gone:
+                self.gone.add(p.pid)
+                if reclaim(self.study, self.progress, {p.pid: ended(code)}):
+                    self.errors.append(f"a worker process {ended(code)} under a trial, which is queued to resume "
+                                       "from its checkpoint (sys.exit, os._exit or a crash in the training code, or "
+                                       "the out-of-memory killer)")
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state.is_finished() and t.number not in self.seen:
+                self.seen.add(t.number)
+                self.progress.trial_finished(self.study, t)
+
+
+def _say_end(progress: Progress, study: Any, timeout: float | None) -> None:
     left = budget_status(study, progress.total)
     if left.remaining <= 0 and left.waiting == 0 and left.running == 0:
         progress.say(f"Stopped: study budget of {progress.total} trials reached.")
     elif left.waiting and timeout is not None:
         progress.say(f"Stopped: timeout of {timeout:g} s reached; {left.waiting} trials are queued and resume on "
                      "the next run.")
-    return Outcome(time.monotonic() - start, "", [c for c in codes if c])
 
 
-def _forked_worker(handle: StudyHandle, storage_url: str, index: int, threads: int, data: DataCache | None,
-                   heartbeat: Heartbeat, *, timeout: float | None, checkpoint_interval: float) -> int:
+def _collect(folder: Path) -> list[str]:
+    """The one-line errors the forked workers left in `folder`, in worker order, and the folder gone."""
+    import shutil
+
+    out = [f.read_text().strip() for f in sorted(folder.glob("*"), key=lambda f: int(f.name))]
+    shutil.rmtree(folder, ignore_errors=True)
+    return [line for line in out if line]
+
+
+def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads: int, data: DataCache | None,
+                   heartbeat: Heartbeat, *, timeout: float | None, checkpoint_interval: float, since: float) -> int:
     """A worker forked from `hpo run` after it loaded torch, the user's code and the data: it
-    starts at once, sharing them, with its own storage connection and its sampler's own seed."""
+    starts at once, sharing them, with its own storage connection. An error it cannot go on with
+    is left in `message` for the run, which says each once."""
     import torch
 
     from hpo.search.study import open_existing
@@ -183,14 +266,22 @@ def _forked_worker(handle: StudyHandle, storage_url: str, index: int, threads: i
     torch.set_num_threads(threads)  # as a DataLoader worker does after its fork
     forget_connections(handle.study)
     store = open_storage(storage_url, create=False, heartbeat=heartbeat, checked=True)
-    mine = open_existing(handle.spec.name, store, storage_url, str(handle.artifacts.path.resolve()), index)
+    mine = open_existing(handle.spec.name, store, storage_url, str(handle.artifacts.path.resolve()))
     mine.spec = handle.spec  # with the run's overrides (--fuse, --n-trials)
     try:
-        work(mine, choose_device("cpu"), data, Listener(), n_trials=None, timeout=timeout,
-             checkpoint_interval=checkpoint_interval)
+        work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
+             checkpoint_interval=checkpoint_interval, since=since)
     except Interrupted:
-        return 130
+        return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:
-        print(f"hpo: worker {index}: {e if isinstance(e, HpoError) else reason(e)}", file=sys.stderr, flush=True)
+        message.write_text(str(e) if isinstance(e, HpoError) else f"storage error: {reason(e)}")
         return 1
     return 0
+
+
+class Notes(Listener):
+    """A forked worker's front end: the run's own process shows trials from the storage; the
+    worker says only what the run cannot see there (a trial taken over after a freeze)."""
+
+    def warn(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)

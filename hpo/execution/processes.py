@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from hpo.errors import HpoError
+from hpo.execution.supervisor import stop_with_parent
 from hpo.search.budget import budget_status
 from hpo.search.samplers import effective_n_trials
 from hpo.spec.user_code import ADDED_PATHS
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
     import torch
 
     from hpo.search.study import StudyHandle
-
-ENV_WORKER_INDEX = "HPO_WORKER_INDEX"
-STOP_GRACE = 60.0  # seconds a worker gets to requeue its trial after SIGINT before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -97,10 +95,9 @@ def launch(
     extra: list[str] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
-    for index, p in enumerate(plans):
+    for p in plans:
         env = dict(os.environ)
         env.update(p.env)
-        env[ENV_WORKER_INDEX] = str(index)  # its sampler's seed offset: workers must not propose alike
         env[ENV_STORAGE] = storage_url  # not on the command line, where `ps` would show a password
         if ADDED_PATHS:  # modules beside the study file: the workers import them too
             env["PYTHONPATH"] = os.pathsep.join([*ADDED_PATHS, *filter(None, [env.get("PYTHONPATH")])])
@@ -108,20 +105,8 @@ def launch(
             sys.executable, "-m", "hpo", "worker", study, "--artifacts", artifacts,
             "--device", p.device, "--threads", str(p.threads), "--quiet", *(extra or []),
         ]
-        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with_parent))
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=stop_with_parent))
     return procs
-
-
-def _stop_with_parent() -> None:
-    """In the worker, before it starts: SIGTERM when the run that started it dies (even by kill -9),
-    so it queues its trial and exits instead of writing on unsupervised (Linux; elsewhere a
-    no-op, and its trials come back through heartbeats)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 class Process(Protocol):
@@ -195,7 +180,7 @@ def fork(n: int, body: Callable[[int], int]) -> list[ForkedProcess]:
             code = 1
             try:
                 os.setsid()
-                _stop_with_parent()
+                stop_with_parent()
                 code = body(i)
             except BaseException:
                 import traceback
@@ -226,7 +211,9 @@ def stop(procs: Sequence[Process]) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + STOP_GRACE
+    from hpo.runtime.stopping import grace
+
+    deadline = time.monotonic() + grace() + 5  # a worker kills itself after grace(); this is the backstop
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))

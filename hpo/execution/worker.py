@@ -15,10 +15,12 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo._private import storage_of, study_id
 from hpo.data.splits import DataCache
 from hpo.errors import StorageError, TrialError
+from hpo.runtime import stopping
 from hpo.runtime.endings import CheckpointPolicy, Stop
 from hpo.runtime.listener import Listener
 from hpo.runtime.trial import Trial, TrialContext, TrialRunner
-from hpo.search.budget import budget_status, is_budget_spent, wait_for_running
+from hpo.search.budget import count_budget, is_budget_spent, wait_for_running
+from hpo.search.failures import FailureStop, verdict
 from hpo.search.samplers import effective_n_trials
 from hpo.search.study import StudyHandle
 from hpo.spec.schema import StudySpec
@@ -35,6 +37,7 @@ class WorkerResult:
     interrupted_trial: int | None = None
     resumes_from_epoch: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    failure: FailureStop | None = None  # the run stopped on its failures (hpo.search.failures)
 
 
 class _Tracker(Listener):
@@ -58,6 +61,9 @@ class _Tracker(Listener):
     def note(self, text: str) -> None:
         self.inner.note(text)
 
+    def warn(self, text: str) -> None:
+        self.inner.warn(text)
+
 
 def run_worker(
     handle: StudyHandle,
@@ -69,8 +75,10 @@ def run_worker(
     data: DataCache | None = None,
     wait_for_others: bool = True,
     checkpoint_interval: float = 2.0,
+    since: float | None = None,
 ) -> WorkerResult:
-    """Run trials until the study's budget is met, `n_trials` ran here, or `timeout` passed.
+    """Run trials until the study's budget is met, `n_trials` ran here, `timeout` passed, or the
+    run's failures since `since` (a time.time(); default now) stop it.
 
     KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it by the CLI) ends the trial in flight as
     FAIL, queues its retry and re-raises: the next run resumes it from its last checkpoint.
@@ -97,24 +105,44 @@ def run_worker(
     # The callback costs a storage read per trial: only when someone listens (or on a GPU, where a
     # failed trial's memory is handed back).
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = [after_trial] if listener is not None or device.type == "cuda" else None
+    since = time.time() if since is None else since
     reclaim(study, tracker)
     try:
         while not _limit_reached(result, n_trials, deadline, timeout):
-            lock.acquire()  # held until the next trial exists, so workers never overshoot
-            status = budget_status(study, total)
-            if status.remaining <= 0 and status.waiting == 0:
-                lock.release()
-                if wait_for_others and wait_for_running(study, tracker.note):
-                    continue
-                result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
-                break
-            if not _run_one(study, objective, tracker, lock, callbacks, result, timeout):
+            if stopping.requested():  # a stop that came between trials (hpo stop)
+                raise Interrupted(result)
+            go = _take_slot(study, lock, total, since, spec.budget.failure_limit, result,
+                            tracker.note if wait_for_others else None)
+            if go is None:
+                continue
+            if not go or not _run_one(study, objective, tracker, lock, callbacks, result, timeout):
                 break
     except Exception:
         if _study_gone(study):  # `hpo delete` while this worker ran: say so, no traceback
             raise StorageError(f"study {study.study_name!r} was deleted while this worker ran; stopped") from None
         raise
     return result
+
+
+def _take_slot(study: optuna.Study, lock: BudgetLock, total: int, since: float, limit: int, result: WorkerResult,
+               wait: Callable[[str], None] | None) -> bool | None:
+    """Under the budget lock, held until the next trial exists (so workers never overshoot):
+    True to start a trial (the lock still held), False to stop (the run's failures, or the
+    budget), None to look again (`wait`: trials running elsewhere may still come back)."""
+    lock.acquire()
+    trials = study.get_trials(deepcopy=False)
+    if (failure := verdict(trials, since, limit)) is not None:
+        lock.release()
+        result.stopped, result.failure = failure.reason, failure
+        return False
+    status = count_budget(trials, total)
+    if status.remaining <= 0 and status.waiting == 0:
+        lock.release()
+        if wait is not None and wait_for_running(study, wait):
+            return None
+        result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
+        return False
+    return True
 
 
 def _limit_reached(result: WorkerResult, n_trials: int | None, deadline: float | None, timeout: float | None) -> bool:
@@ -139,7 +167,7 @@ def _run_one(study: optuna.Study, objective: TrialRunner, tracker: _Tracker, loc
         if not stop.ending.end.requeued:
             raise
         lock.release()
-        _requeue_current(study, tracker, objective, result)
+        _requeue_current(study, tracker, objective, result, "study timeout")
         result.stopped = f"timeout of {timeout:g} s reached"
         if result.interrupted_trial is not None:
             result.stopped += (f"; trial {result.interrupted_trial} is queued and resumes from epoch "
@@ -147,11 +175,11 @@ def _run_one(study: optuna.Study, objective: TrialRunner, tracker: _Tracker, loc
         return False
     except KeyboardInterrupt:
         lock.release()  # before the storage writes below
-        _requeue_current(study, tracker, objective, result)
+        _requeue_current(study, tracker, objective, result, f"interrupted ({stopping.requested() or 'stopped'})")
         raise Interrupted(result) from None
     except Exception as e:
         if objective.taken_over is not None:
-            tracker.note(f"trial {objective.taken_over} was taken over by another worker while this one "
+            tracker.warn(f"trial {objective.taken_over} was taken over by another worker while this one "
                          "was stopped (past the grace period); dropped it, going on")
             objective.taken_over = tracker.current = None
             return True
@@ -164,11 +192,14 @@ def _run_one(study: optuna.Study, objective: TrialRunner, tracker: _Tracker, loc
     return True
 
 
-def reclaim(study: optuna.Study, listener: Listener) -> None:
-    """Take back, at once, the trials a killed process on this machine left running."""
-    if numbers := reclaim_orphans(study):
-        listener.note(f"trials {', '.join(map(str, numbers))} were left running by a process on this machine that "
-                      "is gone (killed); they are queued and resume from their checkpoints")
+def reclaim(study: optuna.Study, listener: Listener, exits: Mapping[int, str] | None = None) -> list[int]:
+    """Take back, at once, the trials a process on this machine left running when it ended
+    (`exits`: how the processes this one started ended, by pid, for the trials' reasons)."""
+    if numbers := reclaim_orphans(study, exits):
+        listener.note(f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} {'were' if len(numbers) > 1 else 'was'} "
+                      "left running by a process on this machine that is gone; queued to resume from "
+                      f"{'their checkpoints' if len(numbers) > 1 else 'its checkpoint'}")
+    return numbers
 
 
 def _study_gone(study: optuna.Study) -> bool:
@@ -195,15 +226,18 @@ def training_function(spec: StudySpec, device: torch.device,
     return BuiltinTraining(spec, data), f"model: {spec.model}"
 
 
-def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: TrialRunner, result: WorkerResult) -> None:
+def _requeue_current(study: optuna.Study, tracker: _Tracker, objective: TrialRunner, result: WorkerResult,
+                     why: str) -> None:
     """The trial in flight was stopped from outside (Ctrl-C, the study's timeout): queue its
     retry, which resumes from the trial's last checkpoint."""
     if tracker.current is None:
         return
     trial_id = storage_of(study).get_trial_id_from_study_id_trial_number(study_id(study), tracker.current)
-    if requeue(study, trial_id) is not None:
+    current = objective.current
+    epoch, in_flight = (current.checkpointed_epoch, current._epoch_in_flight()) if current else (0, 0)
+    if requeue(study, trial_id, f"{why} in epoch {in_flight}") is not None:
         result.interrupted_trial = tracker.current
-        result.resumes_from_epoch = objective.current.checkpointed_epoch if objective.current else 0
+        result.resumes_from_epoch = epoch
     tracker.current = None
 
 

@@ -8,8 +8,12 @@ Training code signals an ending by raising a `Stop` (or hpo.TrialPruned); the ru
 from __future__ import annotations
 
 import enum
+import os
+import sysconfig
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 from optuna.trial import TrialState
 
@@ -89,6 +93,31 @@ class StudyTimeout(Stop):
 
     def __init__(self, epoch: int) -> None:
         super().__init__(Ending(End.STUDY_TIMEOUT, f"study timeout in epoch {epoch}"))
+
+
+ERROR_ATTR = "hpo:error"  # system attr of a failed trial: error_record() of its exception
+
+
+def user_frames(e: BaseException, limit: int = 6) -> list[traceback.FrameSummary]:
+    """The frames of `e`'s traceback in the user's own code: neither hpo's nor the standard
+    library's nor an installed package's (torch, numpy...). When the user's code is itself an
+    installed package, the frames below hpo's."""
+    libraries = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_HPO_ROOT)]
+    own = [f for f in frames if not f.filename.startswith(libraries) and not f.filename.startswith("<frozen")]
+    return (own or frames)[-limit:]
+
+
+_HPO_ROOT = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def error_record(e: BaseException) -> dict[str, str]:
+    """What a failed trial keeps of its error: a signature that is the same for every trial the
+    same bug fails (the exception's type and where in the user's code it was raised), and the
+    user's frames, for the message that stops a run."""
+    frames = user_frames(e)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return {"signature": f"{type(e).__name__}{where}", "frames": "".join(traceback.format_list(frames)).rstrip()}
 
 
 def is_oom(e: BaseException) -> bool:

@@ -19,4 +19,8 @@ class Listener:
     def trial_finished(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None: ...
 
     def note(self, text: str) -> None:
-        """A line worth telling the person (a trial taken over, a wait)."""
+        """A line worth telling the person (a wait, trials taken back)."""
+
+    def warn(self, text: str) -> None:
+        """A line every front end shows, a forked worker's too (a trial taken over by another)."""
+        self.note(text)

@@ -24,14 +24,17 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from hpo._private import trial_id
 from hpo.errors import TrialError
+from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope, unsafe_part
 from hpo.runtime.endings import (
+    ERROR_ATTR,
     CheckpointPolicy,
     Deadlines,
     Diverged,
     End,
     Ending,
     Stop,
+    error_record,
     is_oom,
 )
 from hpo.runtime.listener import Listener
@@ -142,6 +145,7 @@ class Trial:
         others are kept per epoch as attributes. Raises hpo.TrialPruned when the pruner says stop,
         and ends the trial when a metric is NaN or infinite or a time limit has passed."""
         trial = self._training("report")
+        stopping.raise_if_requested()
         metric = self._ctx.spec.metric
         values = self._check_report(epoch, metrics)
         now = time.monotonic()
@@ -184,6 +188,7 @@ class Trial:
         trial's final state, kept for the test function when the trial may be the best. `state`
         may also be a function returning it, called only when it is written."""
         self._training("save_checkpoint")
+        stopping.raise_if_requested()
         done = self._last + 1 if self._last is not None else self.start_epoch
         self._state = state
         if not callable(state):
@@ -223,6 +228,7 @@ class Trial:
     def check(self, epoch: int | None = None) -> None:
         """Stop here if the trial's or the study's time is up (hpo's own loop calls it every batch;
         call it inside long epochs to be stopped sooner than at the next report)."""
+        stopping.raise_if_requested()
         self._deadlines.check(self._epoch_in_flight() if epoch is None else epoch)
 
     def measure(self, model: torch.nn.Module, example: Any = None) -> None:
@@ -412,6 +418,7 @@ class TrialRunner:
         ctx.listener.trial_started(ot.number, params, trial.start_epoch)
         try:
             returned = self.train_fn(trial)
+            stopping.raise_if_requested()  # the code swallowed the stop (except BaseException): obey it now
             if ctx.spec.plain:
                 value: float | list[float] = trial._final_value(returned)
                 constraints: dict[str, float] = {}
@@ -427,16 +434,23 @@ class TrialRunner:
         except UserCodeError as e:
             self._record_end(trial, Ending(End.ERROR, str(e)))
             raise  # a mistake in the code, not in these parameters: every trial would fail the same way
+        except SystemExit as e:
+            epoch = trial._epoch_in_flight()
+            self._record_end(trial, Ending(End.ERROR, f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}"))
+            raise UserCodeError(f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}; a training function "
+                                "returns (or raises) instead of exiting") from None
+        except KeyboardInterrupt as e:
+            if why := stopping.requested():  # a stop (Ctrl-C, SIGTERM, hpo stop): the worker queues the trial
+                self._record_end(trial, Ending(End.INTERRUPTED, f"interrupted ({why}) in epoch "
+                                               f"{trial._epoch_in_flight()}; queued to resume from epoch "
+                                               f"{trial.checkpointed_epoch}"))
+                raise
+            self._fail(trial, e, Ending(End.ERROR, "KeyboardInterrupt raised by the training code (no stop was "
+                                                   "requested)"))
         except Exception as e:
             if _is_storage_error(e):
                 raise  # the worker's problem (retry or stop), not a verdict on the trial
-            if is_oom(e):
-                ending = Ending.out_of_memory(ctx.device, _sizes(params))
-            else:
-                ending = Ending.error(e)
-                trial.set_attr("traceback", traceback.format_exc()[-4000:])
-            self._end(trial, ending)
-        # KeyboardInterrupt (Ctrl-C, SIGTERM) passes through: the checkpoint stays for the retry.
+            self._fail(trial, e, Ending.out_of_memory(ctx.device, _sizes(params)) if is_oom(e) else Ending.error(e))
         self._complete(trial, ot, value, constraints)
         return value
 
@@ -453,11 +467,20 @@ class TrialRunner:
         self.ctx.artifacts.remove_checkpoint(trial.number)
         self.current = None
 
+    def _fail(self, trial: Trial, e: BaseException, ending: Ending) -> NoReturn:
+        """An exception in the training code: the trial fails with its reason, its traceback and
+        the record that tells a bug (the same error trial after trial) from bad parameters."""
+        if ending.end is End.ERROR:
+            trial.set_attr("traceback", "".join(traceback.format_exception(e))[-4000:])
+        assert trial._trial is not None
+        trial._trial.storage.set_trial_system_attr(trial_id(trial._trial), ERROR_ATTR, error_record(e))
+        self._end(trial, ending)
+
     def _record_end(self, trial: Trial, ending: Ending) -> None:
         """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
         trial._flush_reports()
-        set_user_attrs(trial._trial, trial._attributes(None if ending.end.requeued else ending.reason))
+        set_user_attrs(trial._trial, trial._attributes(ending.reason))
         if not ending.end.requeued:
             self.ctx.artifacts.remove_checkpoint(trial.number)
             self.current = None

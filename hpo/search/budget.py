@@ -1,7 +1,9 @@
 """The study's total budget, shared by every worker, and the trials that come back as retries.
 
-Every worker counts finished, running, queued and unretried failed trials in the storage before
-it starts another, so re-running a spec resumes and any number of workers stop at the same total.
+The budget counts results: every worker counts complete, pruned, running and queued trials in the
+storage before it starts another, so re-running a spec resumes, any number of workers stop at the
+same total, and a re-run after failures produces the results still missing (failures are bounded
+on their own: hpo.search.failures).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from hpo.storage.retry import OWNER_ATTR, is_local_and_alive, reclaim_orphans
 class BudgetStatus:
     total: int
     finished: int  # COMPLETE + PRUNED
-    failed: int  # FAIL and not queued for a retry
+    failed: int  # FAIL and not queued for a retry: shown, not counted against the total
     running: int
     waiting: int  # queued retries (or enqueued trials)
 
     @property
     def remaining(self) -> int:
-        return self.total - self.finished - self.failed - self.running - self.waiting
+        return self.total - self.finished - self.running - self.waiting
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:

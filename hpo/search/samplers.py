@@ -8,9 +8,11 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._private import reseed_sampler
 from hpo.errors import SpecError
 
 if TYPE_CHECKING:
@@ -102,29 +104,52 @@ def _construct(
         raise SpecError(f"{path}: needs a package that is not installed ({e})") from None
 
 
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; worker i of a run seeds it with seed + i, since samplers seeded alike
-    in parallel workers propose the same parameters (optuna#3056)."""
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, drawing each trial's proposals from the study seed and the trial's
+    number (TrialSeeded)."""
     name, kwargs = spec.sampler.name, dict(spec.sampler.kwargs)
-    fixed: dict[str, Any] = {"seed": spec.seed + worker}
+    fixed: dict[str, Any] = {"seed": spec.seed}
     if name == "grid":
         fixed["search_space"] = grid_space(spec)
     sampler: optuna.samplers.BaseSampler = _construct(_sampler_classes()[name], "sampler", kwargs, fixed)
-    if spec.multi_objective and name == "tpe":
-        return PrunedRankedOn(sampler, spec.direction)
-    return sampler
+    return TrialSeeded(sampler, spec.seed, spec.direction if spec.multi_objective and name == "tpe" else None)
 
 
-class PrunedRankedOn(optuna.samplers.BaseSampler):
-    """TPE with several objectives, when hpo prunes: TPE ranks pruned trials by their last
-    intermediate value in `study.direction`, which a multi-objective study refuses (Optuna
-    expects no pruned trials there, optuna#3450). hpo's pruned trials were stopped on the
-    `prune_on` metric, so that metric's direction ranks them; everything else is TPE's own."""
+def trial_sampler_seed(seed: int, index: int) -> list[int]:
+    """The entropy of the proposals of a study's `index`-th sampled trial."""
+    return [int(x) for x in np.random.SeedSequence([seed, index]).generate_state(2)]
 
-    def __init__(self, inner: optuna.samplers.BaseSampler, direction: str) -> None:
-        self.inner, self.direction = inner, direction
+
+def sampled_index(study: optuna.Study, trial: FrozenTrial) -> int:
+    """How many trials before `trial` drew from the sampler: its place among the sampled ones.
+    Unique across every process of a study, as trial numbers are (worker indices and process
+    start-ups are not), and unchanged by the retries and queued configurations an interruption or
+    the user adds, which carry their parameters with them (hpo marks each: one read of the study,
+    not of every trial)."""
+    from hpo.storage.retry import queued_before
+
+    return trial.number - queued_before(study, trial.number)
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """An Optuna sampler whose random streams are reseeded for every trial from the study seed and
+    the trial's place among the sampled trials (sampled_index). Seeded once per process, samplers in
+    parallel workers or in a resumed run replay the same draws (optuna#3056, #4412) and propose
+    configurations already tried; seeded per trial, what a trial gets depends only on the seed, its
+    place and the trials before it, so a study stopped and resumed (its interrupted trial retried)
+    proposes what an uninterrupted one would.
+
+    `direction` is for TPE with several objectives, when hpo prunes: TPE ranks pruned trials by
+    their last intermediate value in `study.direction`, which a multi-objective study refuses
+    (Optuna expects no pruned trials there, optuna#3450). hpo's pruned trials were stopped on the
+    `prune_on` metric, so that metric's direction ranks them."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int, direction: str | None = None) -> None:
+        self.inner, self.seed, self.direction = inner, seed, direction
 
     def _view(self, study: optuna.Study) -> Any:
+        if self.direction is None:
+            return study
         from hpo.runtime.pruning import DirectionView
 
         return DirectionView(study, self.direction)
@@ -139,13 +164,14 @@ class PrunedRankedOn(optuna.samplers.BaseSampler):
         return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reseed_sampler(self.inner, trial_sampler_seed(self.seed, sampled_index(study, trial)))
         self.inner.before_trial(self._view(study), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
         self.inner.after_trial(self._view(study), trial, state, values)
 
     def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
+        """Optuna asks for this before threads share a sampler; each trial is reseeded anyway."""
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

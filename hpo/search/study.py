@@ -24,6 +24,7 @@ from optuna.storages import BaseStorage
 
 from hpo._private import storage_of, study_id
 from hpo.errors import SettingError, SpecError, StorageError, StudyExistsError
+from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.samplers import make_pruner, make_sampler
 from hpo.search.summary import SPEC_ATTR
 from hpo.spec.schema import StudySpec, spec_from_mapping
@@ -34,6 +35,7 @@ from hpo.storage.artifacts import (
     resolve_artifact_path,
 )
 from hpo.storage.backends import creation_lock, mask
+from hpo.storage.retry import mark_queued
 
 UID_ATTR = "hpo:uid"  # system attr: names the study's checkpoints in the artifact store
 ARTIFACTS_ATTR = "hpo:artifacts"  # system attr: where this study's artifacts were written
@@ -164,6 +166,8 @@ def enqueue(study: optuna.Study, configurations: list[Mapping[str, Any]]) -> lis
             study.enqueue_trial(dict(params), skip_if_exists=True)
         after = storage.get_n_trials(sid)
         numbers.append(after - 1 if after > before else None)
+        if after > before:
+            mark_queued(study, after - 1)
     return numbers
 
 
@@ -192,11 +196,8 @@ def warm_start_configurations(spec: StudySpec, storage: BaseStorage, storage_url
     return out
 
 
-def open_existing(
-    name: str, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None, worker: int = 0
-) -> StudyHandle:
-    """Join a study from the spec stored in it: a worker needs only the name and the storage
-    (`worker`: its index among a run's workers, for its sampler's seed)."""
+def open_existing(name: str, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None) -> StudyHandle:
+    """Join a study from the spec stored in it: a worker needs only the name and the storage."""
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
@@ -210,6 +211,41 @@ def open_existing(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.load_study(
-            study_name=name, storage=storage, sampler=make_sampler(spec, worker), pruner=make_pruner(spec)
+            study_name=name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec)
         )
     return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
+
+
+def stop_requests(study: optuna.Study) -> int:
+    """How many times `hpo stop` was asked for this study: a worker stops when it changes."""
+    value = system_attrs(study).get(STOP_ATTR, 0)
+    return int(value) if isinstance(value, int) else 0
+
+
+def request_stop(storage: BaseStorage, name: str, storage_url: str) -> int:
+    """`hpo stop`: every worker of the study stops at its next report and queues its trial; the
+    next run or worker resumes. Returns how many trials were running."""
+    from optuna.trial import TrialState
+
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        raise StorageError(f"no study named {name!r} in {mask(storage_url)}") from None
+    count = storage.get_study_system_attrs(sid).get(STOP_ATTR, 0)
+    storage.set_study_system_attr(sid, STOP_ATTR, (count if isinstance(count, int) else 0) + 1)
+    return len(storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def retry_failed(study: optuna.Study) -> list[tuple[int, int]]:
+    """`hpo retry`: queue every failed trial that nothing retries yet, with its parameters, to run
+    from the start (a failed trial's checkpoint is gone). Returns (failed, queued) numbers."""
+    from hpo.search.budget import retried_numbers
+    from hpo.storage.retry import requeue_fresh
+
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    out = []
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.number not in retried:
+            out.append((t.number, requeue_fresh(study, t)))
+    return out

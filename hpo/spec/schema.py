@@ -160,6 +160,13 @@ class BudgetSpec:
     epochs: int = 10
     timeout: float | None = None  # seconds for the whole study run
     trial_timeout: float | None = None  # seconds for one trial
+    # Failed trials a run tolerates before it stops (they do not count against n_trials, which
+    # counts results). None: max(10, n_trials // 10).
+    max_failures: int | None = None
+
+    @property
+    def failure_limit(self) -> int:
+        return self.max_failures if self.max_failures is not None else max(10, self.n_trials // 10)
 
 
 @dataclass(frozen=True)
@@ -342,7 +349,7 @@ class StudySpec:
                 "epochs": self.budget.epochs,
                 "timeout": self.budget.timeout,
                 "trial_timeout": self.budget.trial_timeout,
-            },
+            } | ({} if self.budget.max_failures is None else {"max_failures": self.budget.max_failures}),
             "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
                           "pad": "auto" if self.execution.pad is None else self.execution.pad,
                           "workers": "auto" if self.execution.workers is None else self.execution.workers},

@@ -457,12 +457,14 @@ class Validator:
         return str(path)
 
     def budget(self, value: Any) -> BudgetSpec:
-        raw = self.mapping(value, "budget", ["n_trials", "epochs", "timeout", "trial_timeout"])
+        raw = self.mapping(value, "budget", ["n_trials", "epochs", "timeout", "trial_timeout", "max_failures"])
         out: dict[str, Any] = {}
         if "n_trials" in raw:
             out["n_trials"] = self.integer(raw["n_trials"], "budget.n_trials", minimum=1)
         if "epochs" in raw:
             out["epochs"] = self.integer(raw["epochs"], "budget.epochs", minimum=1)
+        if raw.get("max_failures") is not None:
+            out["max_failures"] = self.integer(raw["max_failures"], "budget.max_failures", minimum=0)
         for key in ("timeout", "trial_timeout"):
             if raw.get(key) is not None:
                 out[key] = self.number(raw[key], f"budget.{key}", positive=True)

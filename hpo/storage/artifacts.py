@@ -30,13 +30,15 @@ def default_artifact_path(storage_url: str) -> Path:
     db = sqlite_path(storage_url)
     if db is not None:
         return db.with_name(db.stem + "-artifacts")
-    return Path("hpo-artifacts")
+    return Path("hpo-artifacts").resolve()
 
 
 def resolve_artifact_path(cli_value: str | None, storage_url: str, recorded: str | None) -> Path:
-    """--artifacts, else $HPO_ARTIFACTS, else where the study recorded it, else the default."""
+    """--artifacts, else $HPO_ARTIFACTS, else where the study recorded it, else the default:
+    absolute from the start, so training code that changes the working directory (os.chdir)
+    still writes its checkpoints where the study keeps them."""
     value = cli_value or os.environ.get(ENV_ARTIFACTS) or recorded
-    return Path(value) if value else default_artifact_path(storage_url)
+    return Path(value).expanduser().resolve() if value else default_artifact_path(storage_url)
 
 
 def open_store(path: Path) -> FileSystemArtifactStore:

@@ -96,7 +96,8 @@ def scrub(text: str, url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file behind a sqlite URL, or None for other URLs and in-memory SQLite."""
+    """The file behind a sqlite URL, or None for other URLs and in-memory SQLite: resolved, so a
+    file reached through a symlink or `..` is known as itself (its one-writer and budget locks)."""
     if not url.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
@@ -104,7 +105,7 @@ def sqlite_path(url: str) -> Path | None:
     database = make_url(url).database
     if not database or database == ":memory:":
         return None
-    return Path(database)
+    return Path(database).expanduser().resolve()
 
 
 @contextlib.contextmanager
@@ -587,14 +588,15 @@ class BudgetLock:
     """A lock held from "is there budget left?" until the new trial exists.
 
     Without it two workers can both see one trial left and both start one. PostgreSQL and MySQL
-    have named locks for this, Redis (the journal's server) a lock key, SQLite a file lock beside
+    have named locks for this, Redis (the journal's server) a lock key, SQLite a lease file beside
     the database (the workers of one run share it), and behind a gRPC proxy the proxy checks the
     budget itself (hpo.search.proxy).
 
-    The hold is bounded by the server: a holder that stops answering (frozen, paused, cut off) for
-    `hold_limit` seconds while holding it loses its session, and with it the lock, so one stuck
-    worker cannot stall the study (PostgreSQL's idle_in_transaction_session_timeout, MySQL's
-    wait_timeout, the Redis key's expiry). Sampling and creating a trial take well under a second.
+    The hold is bounded: a holder that stops answering (frozen, paused, cut off) for `hold_limit`
+    seconds while holding it loses it, so one stuck worker cannot stall the study (PostgreSQL's
+    idle_in_transaction_session_timeout, MySQL's wait_timeout, the Redis key's expiry, the SQLite
+    lease's expiry; a SQLite holder that is gone loses it at once). Sampling and creating a trial
+    take well under a second.
     """
 
     hold_limit = 15.0  # seconds
@@ -611,7 +613,8 @@ class BudgetLock:
         database = self.engine.url.database if self.engine is not None and self.dialect == "sqlite" else None
         if database and database != ":memory:":
             # The slots of one run on one SQLite file: a lock file beside it, freed by a kill.
-            self.file_path: Path | None = Path(database).with_name(f".{Path(database).name}.budget")
+            path = Path(database).expanduser().resolve()  # as sqlite_path(): one lease per real file
+            self.file_path: Path | None = path.with_name(f".{path.name}.budget")
         else:
             self.file_path = None
         client, prefix = redis_journal(backend)
@@ -625,11 +628,10 @@ class BudgetLock:
         elif self.redis_lock is not None:
             self.held = bool(self.redis_lock.acquire())
         elif self.file_path is not None:
-            import fcntl
-
-            if self.file is None:
-                self.file = open(self.file_path, "a")
-            fcntl.flock(self.file, fcntl.LOCK_EX)
+            delay = 0.002
+            while not self._lease(take=True):
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
             self.held = True
 
     def _acquire(self) -> None:
@@ -651,14 +653,45 @@ class BudgetLock:
             self._drop()
             raise
 
+    def _lease(self, take: bool) -> bool:
+        """The SQLite lease: "owner expiry" in the file, read and written under a file lock held
+        only for that. `take`: take it if free, expired, or its holder is gone (True if taken);
+        else give it up if this process holds it. A flock held across sampling would make a frozen
+        holder stall every worker for as long as it is frozen."""
+        import fcntl
+
+        from hpo.storage.retry import is_gone, owner
+
+        assert self.file_path is not None
+        if self.file is None:
+            self.file = open(self.file_path, "a+")
+        me = owner()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        try:
+            self.file.seek(0)
+            holder, _, expiry = self.file.read().strip().rpartition(" ")
+            mine = holder == me
+            free = not holder or mine or float(expiry or 0) < time.time() or is_gone(holder)
+            if take and free:
+                self._write_lease(f"{me} {time.time() + self.hold_limit:.3f}")
+            elif not take and mine:
+                self._write_lease("")
+            return take and free
+        finally:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+
+    def _write_lease(self, text: str) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(text)
+        self.file.flush()
+
     def release(self) -> None:
         if not self.held:
             return
         self.held = False
-        if self.file is not None:
-            import fcntl
-
-            fcntl.flock(self.file, fcntl.LOCK_UN)
+        if self.file_path is not None:
+            self._lease(take=False)
             return
         if self.redis_lock is not None:
             try:

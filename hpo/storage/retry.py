@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
@@ -25,24 +26,62 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         self.max_retry = max_retry  # None: no limit, as Optuna's own callback
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.retry(study, trial, f"trial {trial.number}'s worker stopped sending heartbeats (killed, frozen or cut "
-                                 "off); this retry resumes from its last checkpoint")
+        self.retry(study, trial, "its worker stopped sending heartbeats (killed, frozen or cut off)")
 
-    def retry(self, study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
-        """Queue the failed `trial`'s retry, recording `reason` on it, unless the cap is reached."""
-        history = [*trial.system_attrs.get("retry_history", ()), trial.number]
-        if self.max_retry is not None and len(history) > self.max_retry:
+    def exhausted(self, trial: FrozenTrial) -> bool:
+        return self.max_retry is not None and len(trial.system_attrs.get("retry_history", ())) + 1 > self.max_retry
+
+    def outcome(self, trial: FrozenTrial, what: str) -> str:
+        """The reason the failed trial keeps: what happened, and whether it comes back."""
+        if self.exhausted(trial):
+            return f"{what}; not retried again (the limit is {self.max_retry} retries)"
+        return f"{what}; queued to resume from its last checkpoint"
+
+    def retry(self, study: optuna.Study, trial: FrozenTrial, what: str) -> None:
+        """Queue the failed `trial`'s retry, saying `what` happened, unless the cap is reached."""
+        if self.exhausted(trial):
+            history = [*trial.system_attrs.get("retry_history", ()), trial.number]
             _forget_checkpoints(study, int(history[0]))
             print(f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
                   f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
                   f"{self.max_retry} retries)", file=sys.stderr, flush=True)
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            super().__call__(study, trial)
-        retry = study.get_trials(deepcopy=False)[-1]
-        if (retry.system_attrs.get("retry_history") or [None])[-1] == trial.number and retry.state == TrialState.WAITING:
-            storage_of(study).set_trial_user_attr(trial_id(retry), "retry_reason", reason)
+        queue_retry(study, trial, f"resumes trial {trial.number}: {what}", inherit=True)
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: bool) -> int:
+    """Queue `trial` (failed) again with its parameters, as Optuna's retry callbacks do, and return
+    the new trial's number. It keeps the first attempt's number in its retry history (its seed and
+    checkpoint for the training code); `inherit`: it resumes, with the epochs already reported.
+    Unlike Optuna's callbacks it copies none of the failed trial's user attributes (a reason or a
+    traceback would stay on a retry that completes): it says only `why` it exists."""
+    storage = storage_of(study)
+    template = optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        intermediate_values=dict(trial.intermediate_values) if inherit else None,
+        system_attrs={"failed_trial": trial.number,
+                      "retry_history": [*trial.system_attrs.get("retry_history", ()), trial.number]},
+        user_attrs={"retry_reason": why[:500]},
+    )
+    number = storage.get_trial_number_from_id(storage.create_new_trial(study_id(study), template_trial=template))
+    mark_queued(study, number)
+    return number
+
+
+QUEUED = "hpo:queued:"  # study system attrs, one per trial created with its parameters (a retry, a queued one)
+
+
+def mark_queued(study: optuna.Study, number: int) -> None:
+    """Record that trial `number` carries its parameters (the sampler proposes nothing for it), so
+    the sampler can tell each trial's place among the sampled ones from one read of the study.
+    One key per trial: processes marking at once never overwrite each other."""
+    storage_of(study).set_study_system_attr(study_id(study), f"{QUEUED}{number}", True)
+
+
+def queued_before(study: optuna.Study, number: int) -> int:
+    """How many trials before `number` were created with their parameters."""
+    attrs = storage_of(study).get_study_system_attrs(study_id(study))
+    return sum(1 for key in attrs if key.startswith(QUEUED) and int(key[len(QUEUED):]) < number)
 
 
 def _forget_checkpoints(study: optuna.Study, number: int) -> None:
@@ -62,18 +101,17 @@ def _forget_checkpoints(study: optuna.Study, number: int) -> None:
             path.unlink()
 
 
-def requeue(study: optuna.Study, trial_id: int) -> FrozenTrial | None:
-    """Queue a retry of an interrupted trial, the way a heartbeat-stale trial is retried."""
-    trial = storage_of(study).get_trial(trial_id)
+def requeue(study: optuna.Study, tid: int, why: str = "interrupted") -> FrozenTrial | None:
+    """Queue a retry of an interrupted trial (already failed, its reason written), the way a
+    heartbeat-stale trial is retried; the retry says which trial it resumes, and why."""
+    trial = storage_of(study).get_trial(tid)
     if trial.state != TrialState.FAIL:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
+    queue_retry(study, trial, f"resumes trial {trial.number}: {why}", inherit=True)
     return trial
 
 
-OWNER_ATTR = "hpo:owner"  # "host:pid:start" of the process running a trial
+OWNER_ATTR = "hpo:owner"  # "machine:pid:start" of the process running a trial (machine: see _machine)
 
 
 def claim(storage: BaseStorage, tid: int) -> None:
@@ -83,14 +121,27 @@ def claim(storage: BaseStorage, tid: int) -> None:
 
 
 def owner() -> str:
-    """This process, as a trial records it: host, pid and the pid's start time (a pid is reused)."""
+    """This process, as a trial records it: where its pid means something, the pid, and the pid's
+    start time (a pid is reused)."""
     global _owner
     if _owner is None or _owner[0] != os.getpid():
-        _owner = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}")
+        _owner = (os.getpid(), f"{_machine()}:{os.getpid()}:{_started(os.getpid())}")
     return _owner[1]
 
 
 _owner: tuple[int, str] | None = None
+
+
+def _machine() -> str:
+    """Where a pid names one process: the host name, this boot of its kernel, and the PID
+    namespace. Containers with host networking share the host name but not the PID namespace: a
+    pid recorded in another namespace says nothing here, so only its heartbeats can tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        boot = namespace = "?"
+    return f"{socket.gethostname()}/{boot}/{namespace}".replace(":", "=")
 
 
 def _started(pid: int) -> str:
@@ -104,14 +155,14 @@ def _started(pid: int) -> str:
     return "Z" if fields[0] == "Z" else fields[19]
 
 
-def _gone(recorded: str) -> bool:
-    """True when `recorded` names a process on this host that no longer runs."""
+def is_gone(recorded: str) -> bool:
+    """True when `recorded` names a process of this machine and PID namespace that no longer runs."""
     parts = recorded.rsplit(":", 2)
     if len(parts) != 3:
         return False
-    host, pid_text, start = parts
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine: its heartbeats (and the grace period) decide
+    machine, pid_text, start = parts
+    if machine != _machine() or not pid_text.isdigit() or "?" in machine:
+        return False  # another machine or namespace: its heartbeats (and the grace period) decide
     pid = int(pid_text)
     try:
         os.kill(pid, 0)
@@ -124,29 +175,39 @@ def _gone(recorded: str) -> bool:
 
 def is_local_and_alive(recorded: object) -> bool:
     """True when `recorded` (an OWNER_ATTR) names a live process on this machine."""
-    return isinstance(recorded, str) and recorded.rsplit(":", 2)[0] == socket.gethostname() and not _gone(recorded)
+    return isinstance(recorded, str) and recorded.rsplit(":", 2)[0] == _machine() and not is_gone(recorded)
 
 
-def reclaim_orphans(study: optuna.Study) -> list[int]:
+def reclaim_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None) -> list[int]:
     """Retry now, without waiting out the grace period, every running trial whose process is
-    known to be gone (same host, pid no longer alive): a `kill -9` of a whole run leaves its
-    trials RUNNING, and the next run on this machine takes them back at once. Returns their numbers."""
+    known to be gone (same machine and PID namespace, pid no longer alive): a `kill -9` of a
+    whole run leaves its trials RUNNING, and the next run on this machine takes them back at once.
+    `exits` says how processes this one started ended, by pid ("exited with status 0"), for the
+    reason. Returns the trials' numbers."""
     storage = storage_of(study)
     callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     taken = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         recorded = t.system_attrs.get(OWNER_ATTR)
-        if not isinstance(recorded, str) or not _gone(recorded):
+        if not isinstance(recorded, str) or not is_gone(recorded):
             continue
+        # The storage's own retry (its cap), or one without a cap where the storage has none (a journal).
+        retrier = callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
+        pid = recorded.split(":")[-2]
+        what = f"its process (pid {pid}) {(exits or {}).get(int(pid), 'ended')} during the trial"
         try:
+            storage.set_trial_user_attr(trial_id(t), "reason", retrier.outcome(t, what))  # while it can be written
             if not storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
                 continue
         except Exception:
             continue  # another worker took it back first
-        # The storage's own retry (its cap), or one without a cap where the storage has none (a journal).
-        retrier = callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
-        retrier.retry(study, storage.get_trial(trial_id(t)),
-                      f"trial {t.number}'s process (pid {recorded.split(':')[-2]}) on this machine is gone; this "
-                      "retry resumes from its last checkpoint")
+        retrier.retry(study, storage.get_trial(trial_id(t)), what)
         taken.append(t.number)
     return taken
+
+
+def requeue_fresh(study: optuna.Study, trial: FrozenTrial) -> int:
+    """Queue a failed trial again with its parameters, from the start, for `hpo retry` after the
+    cause was fixed. Returns the new trial's number."""
+    why = str(trial.user_attrs.get("reason") or "failed")
+    return queue_retry(study, trial, f"hpo retry: trial {trial.number} again ({why})", inherit=False)

@@ -74,7 +74,7 @@ class Progress(Listener):
         running = f" running {b.running} |" if b.running > 1 else ""
         pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
         return (
-            f"[{b.finished + b.failed}/{self.total}] {best} |{running} "
+            f"[{b.finished}/{self.total}] {best} |{running} "
             f"pruned {pruned} failed {b.failed} | {elapsed:5.0f}s"
         )
 
