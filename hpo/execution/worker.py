@@ -102,9 +102,10 @@ def run_worker(
 
     lock = BudgetLock(storage_of(study), study_id(study))
     objective.on_start = lock.release
-    # The callback costs a storage read per trial: only when someone listens (or on a GPU, where a
-    # failed trial's memory is handed back).
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = [after_trial] if listener is not None or device.type == "cuda" else None
+    # The callback costs a storage read per trial: only when someone listens to finished trials (or
+    # on a GPU, where a failed trial's memory is handed back).
+    listens = listener is not None and type(listener).trial_finished is not Listener.trial_finished
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = [after_trial] if listens or device.type == "cuda" else None
     since = time.time() if since is None else since
     reclaim(study, tracker)
     try:

@@ -628,10 +628,10 @@ class BudgetLock:
         elif self.redis_lock is not None:
             self.held = bool(self.redis_lock.acquire())
         elif self.file_path is not None:
-            delay = 0.002
+            delay = 0.001
             while not self._lease(take=True):
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                time.sleep(delay)  # a holder keeps it for the few ms of sampling: look again soon
+                delay = min(delay * 2, 0.005)
             self.held = True
 
     def _acquire(self) -> None:
