@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
     ("workers.py", ["--repeats", "1", "--trials", "4", "--workers", "1,2", "--storage", "postgres"],
      "2 workers / 1 worker"),
     ("startup.py", ["--repeats", "1"], "first trained epoch"),
+    ("hand_workers.py", ["--repeats", "1", "--trials", "3", "--workers", "2"], "no flags / --threads 1"),
     ("whole_process.py", ["--seeds", "0", "1", "--trials", "4", "--epochs", "2"], "hpo / script wall time"),
     ("fused.py", ["--repeats", "1", "--spec", SMOKE, "--group-size", "2"], "Fused / one at a time"),
     ("fused.py", ["--seeds", "0,1", "--spec", SMOKE, "--group-size", "2", "--pad", "true"],

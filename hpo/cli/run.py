@@ -237,7 +237,9 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this many seconds; a trial still running then is queued to resume.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for this worker.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for this worker [default: its share of the CPUs it may use, divided among the hpo "
+                   "workers of this host].")
 @fuse_option
 @artifacts_option
 @heartbeat_options
@@ -267,13 +269,11 @@ def worker(
       HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
       hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
     """
-    from hpo.search.study import choose_device, open_existing
+    from hpo.execution.share import HostSlot, device_for
+    from hpo.search.study import open_existing
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    dev = choose_device(device)
+    slot = HostSlot()  # this worker's place among the host's hpo workers: its threads, its GPU
+    dev = device_for(device, slot)
     from hpo.storage.backends import resolve_url, sole_writer
 
     with sole_writer(resolve_url(storage)):
@@ -286,7 +286,7 @@ def worker(
         data = prepare(handle.spec, dev)
         with _stops():
             outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
-                               storage_url=url, checkpoint_interval=checkpoint_interval)
+                               storage_url=url, checkpoint_interval=checkpoint_interval, slot=slot, threads=threads)
     if not quiet:
         _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, 1)

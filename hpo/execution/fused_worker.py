@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import optuna
@@ -107,6 +107,7 @@ def run_fused_worker(
     data: DataCache | None = None,
     checkpoint_interval: float = 2.0,
     since: float | None = None,
+    before_trial: Callable[[], object] = lambda: None,
 ) -> WorkerResult:
     """Run trials K at a time until the budget, `n_trials`, the timeout or the run's failures
     (hpo.search.failures) stop this worker."""
@@ -114,6 +115,7 @@ def run_fused_worker(
     data = data or DataCache(handle.spec.builtin_data, handle.spec.seed, device, handle.spec.model)
     worker = FusedWorker(handle, device, group_size, data, listener or Listener(), checkpoint_interval,
                          n_trials, timeout if timeout is not None else handle.spec.budget.timeout, since)
+    worker.before_fill = before_trial
     try:
         worker.run()
     except KeyboardInterrupt:
@@ -146,6 +148,7 @@ class FusedWorker:
         self.key_names = SHARED if self.spec.execution.pads(device.type) else SHARED + PADDED
         self.limits: dict[int, Deadlines] = {}  # per trial: budget.trial_timeout, checked every epoch
         self.policy = CheckpointPolicy(checkpoint_interval)  # its cost is one member's checkpoint
+        self.before_fill: Callable[[], object] = lambda: None
 
     def run(self) -> None:
         reclaim(self.study, self.listener)
@@ -225,6 +228,7 @@ class FusedWorker:
         coming back as a retry) changes what is left."""
         if self.in_flight() >= self.group_size or not self.can_start():
             return
+        self.before_fill()  # this worker's share of the host's CPUs, read again
         self.lock.acquire()
         try:
             trials = self.study.get_trials(deepcopy=False)
@@ -276,7 +280,7 @@ class FusedWorker:
     def _finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
         member = group.members[index]
         trial: optuna.Trial = member.key
-        extra = {"n_params": member.n_params, "fused_group_size": self.group_size}
+        extra = {"n_params": member.n_params, "fused_group_size": self.group_size, "threads": torch.get_num_threads()}
         set_user_attrs(trial, trial_attributes(self.spec.metric, member.curves, member.epoch_seconds, self.device,
                                                member.resumed_from, extra, ending.reason))
         if ending.end is End.COMPLETE and value is not None and improves(self.study, value):

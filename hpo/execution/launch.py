@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
 from hpo.errors import HpoError
+from hpo.execution.share import HostSlot, ThreadShare
 from hpo.execution.supervisor import announce
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
 from hpo.runtime import stopping
@@ -53,9 +54,10 @@ def prepare(spec: StudySpec, device: Any) -> DataCache | None:
 
 
 def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Listener, *, n_trials: int | None,
-         timeout: float | None, checkpoint_interval: float, since: float) -> WorkerResult:
+         timeout: float | None, checkpoint_interval: float, since: float, threads: ThreadShare) -> WorkerResult:
     """One worker's trials, fused or one at a time as the spec says, until the budget, a limit,
-    the run's failures or a stop (a signal, or `hpo stop` seen in the study) ends them."""
+    the run's failures or a stop (a signal, or `hpo stop` seen in the study) ends them; before
+    each trial the worker takes its share of the host's CPUs."""
     spec = handle.spec
     stopping.runs_trials()
     watch = StudyStopWatch(lambda: stop_requests(handle.study))
@@ -65,9 +67,9 @@ def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Lis
 
             return run_fused_worker(handle, device=device, group_size=spec.execution.group_size, n_trials=n_trials,
                                     timeout=timeout, listener=listener, data=data,
-                                    checkpoint_interval=checkpoint_interval, since=since)
+                                    checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
         return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
-                          checkpoint_interval=checkpoint_interval, since=since)
+                          checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
     finally:
         watch.close()
 
@@ -112,9 +114,15 @@ def run_here(
     quiet: bool,
     storage_url: str,
     checkpoint_interval: float = 2.0,
+    slot: HostSlot | None = None,
+    threads: int | None = None,
 ) -> Outcome:
-    """Run trials in this process (fused or one at a time), then score the best model."""
+    """Run trials in this process (fused or one at a time), then score the best model. `slot`:
+    this worker's place among the host's hpo workers (taken here when not given); `threads`:
+    --threads, which wins over its share of the CPUs."""
     spec = handle.spec
+    slot = slot or HostSlot()
+    share = ThreadShare(slot, threads)
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
                         objectives=tuple(o.name for o in spec.goals))
     fused = ""
@@ -125,16 +133,19 @@ def run_here(
     if data is not None and data.streamed is not None:
         s = data.streamed.train
         streamed = f", data streamed through a DataLoader ({getattr(s, 'workers', 0)} workers)"
-    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {device}{fused}"
+    where = f"{device}, {share.apply().describe()}"
+    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {where}{fused}"
                  f"{streamed}, storage {mask(storage_url)}")
     start, since = time.monotonic(), time.time()
     announce(storage_url, spec.name)  # the parent of `hpo run`/`hpo worker` takes back what a crash leaves
     try:
         result = work(handle, device, data, progress, n_trials=n_trials, timeout=timeout,
-                      checkpoint_interval=checkpoint_interval, since=since)
+                      checkpoint_interval=checkpoint_interval, since=since, threads=share)
     except Interrupted as e:
         progress.close()
         raise _stopped(e.result) from None
+    finally:
+        slot.close()
     progress.close()
     finalize(handle, device, data)
     if result.failure is None:
@@ -263,14 +274,14 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     from hpo.search.study import open_existing
     from hpo.storage.backends import open_storage
 
-    torch.set_num_threads(threads)  # as a DataLoader worker does after its fork
+    torch.set_num_threads(threads)  # as a DataLoader worker does after its fork; its share before each trial
     forget_connections(handle.study)
     store = open_storage(storage_url, create=False, heartbeat=heartbeat, checked=True)
     mine = open_existing(handle.spec.name, store, storage_url, str(handle.artifacts.path.resolve()))
     mine.spec = handle.spec  # with the run's overrides (--fuse, --n-trials)
     try:
         work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
-             checkpoint_interval=checkpoint_interval, since=since)
+             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot()))
     except Interrupted:
         return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:

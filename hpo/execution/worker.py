@@ -76,6 +76,7 @@ def run_worker(
     wait_for_others: bool = True,
     checkpoint_interval: float = 2.0,
     since: float | None = None,
+    before_trial: Callable[[], object] = lambda: None,
 ) -> WorkerResult:
     """Run trials until the study's budget is met, `n_trials` ran here, `timeout` passed, or the
     run's failures since `since` (a time.time(); default now) stop it.
@@ -116,6 +117,8 @@ def run_worker(
                             tracker.note if wait_for_others else None)
             if go is None:
                 continue
+            if go:
+                before_trial()  # this worker's share of the host's CPUs, read again
             if not go or not _run_one(study, objective, tracker, lock, callbacks, result, timeout):
                 break
     except Exception:

@@ -55,7 +55,7 @@ from hpo.storage.backends import report_all, set_user_attrs
 from hpo.storage.retry import claim
 
 # Attributes the runtime writes itself: a metric may not take these names.
-RESERVED = ("epoch_seconds", "device", "reason", "traceback", "resumed_from_epoch", "n_params", "latency_ms",
+RESERVED = ("epoch_seconds", "device", "threads", "reason", "traceback", "resumed_from_epoch", "n_params", "latency_ms",
             "train_seconds")
 
 
@@ -415,6 +415,7 @@ class TrialRunner:
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
         inherited = dict(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else {}
         trial = self.current = Trial(ctx, params, number, ot, envelope, inherited)
+        trial.set_attr("threads", torch.get_num_threads())  # the worker's share of its host when it started
         ctx.listener.trial_started(ot.number, params, trial.start_epoch)
         try:
             returned = self.train_fn(trial)

@@ -1,0 +1,206 @@
+"""What a worker may use of its host, shared with the other hpo workers there: CPU threads and a GPU.
+
+Left alone, every worker runs torch's default of one thread per core, so K workers on a host run
+K x cores threads that spin against each other. Each worker that trains holds a slot, a file in
+a folder of this host locked with flock for the worker's life (a `kill -9` frees it with the
+process; there is no server), counts the slots held, and takes its share of the CPUs it may use:
+its CPU affinity (taskset, Slurm's binding), a cgroup's CPU quota (a container's or pod's limit)
+and SLURM_CPUS_PER_TASK. The count is read again before every trial, so the share follows the
+workers that start and end. `--threads` and a user's OMP_NUM_THREADS win; so do `--device cuda:N`
+and CUDA_VISIBLE_DEVICES over the GPU a slot picks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+ENV_SLOTS = "HPO_SLOTS_DIR"  # the host-wide folder of slot files (default: the temp folder)
+MAX_SLOTS = 4096
+
+
+def slots_dir() -> Path:
+    return Path(os.environ.get(ENV_SLOTS) or Path(tempfile.gettempdir()) / f"hpo-slots-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Cpus:
+    """The CPUs this process may use, and what limits them."""
+
+    count: int
+    limit: str  # "affinity", "cgroup quota" or "SLURM_CPUS_PER_TASK"
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> Cpus:
+    try:
+        found = [Cpus(len(os.sched_getaffinity(0)), "affinity")]
+    except AttributeError:  # not Linux
+        found = [Cpus(os.cpu_count() or 1, "affinity")]
+    if (quota := cgroup_quota(cgroup_root)) is not None:
+        found.append(Cpus(max(1, math.ceil(quota)), "cgroup quota"))
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        found.append(Cpus(int(slurm), "SLURM_CPUS_PER_TASK"))
+    return min(found, key=lambda c: c.count)
+
+
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota, in CPUs, of this process's cgroup and its ancestors: cgroup v2's
+    `cpu.max` ("max 100000" or "QUOTA PERIOD") or v1's cpu.cfs_quota_us / cpu.cfs_period_us.
+    torch counts the machine's cores, not the quota."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: the unified hierarchy
+            bases = [root, root / "unified"]
+        elif "cpu" in controllers.split(","):
+            bases = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+        else:
+            continue
+        for base in bases:
+            folder = base / path.lstrip("/")
+            while True:
+                quotas.extend(_quota(folder))
+                if folder == base or base not in folder.parents:
+                    break
+                folder = folder.parent
+    return min(quotas) if quotas else None
+
+
+def _quota(folder: Path) -> list[float]:
+    try:
+        if (v2 := folder / "cpu.max").is_file():
+            quota, period = v2.read_text().split()[:2]
+            return [] if quota == "max" else [int(quota) / int(period)]
+        if (v1 := folder / "cpu.cfs_quota_us").is_file():
+            quota_us = int(v1.read_text())
+            return [] if quota_us <= 0 else [quota_us / int((folder / "cpu.cfs_period_us").read_text())]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
+class HostSlot:
+    """This worker's place among the hpo workers of this host: the lowest slot file it could lock."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or slots_dir()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.file: IO[str] | None = None
+        self.index = -1
+        for i in range(MAX_SLOTS):
+            f = open(self.folder / f"{i}.slot", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            self.file, self.index = f, i
+            return
+
+    def held(self) -> list[int]:
+        """The slots held now, this one included, in order. A slot that can be locked shared is
+        free (its worker ended, even by kill -9); one held exclusively is a live worker's."""
+        out = []
+        for path in self.folder.glob("*.slot"):
+            if not path.stem.isdigit():
+                continue
+            i = int(path.stem)
+            if i == self.index:
+                out.append(i)
+                continue
+            with open(path, "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    out.append(i)
+        return sorted(out)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+@dataclass(frozen=True)
+class Share:
+    threads: int
+    rank: int  # 0-based among the workers of this host
+    workers: int
+    cpus: Cpus
+    chosen: bool  # set by --threads or OMP_NUM_THREADS, not by the share
+
+    def describe(self) -> str:
+        plural = "s" if self.threads > 1 else ""
+        usable = f"{self.cpus.count} usable CPU{'s' if self.cpus.count > 1 else ''}"
+        if self.cpus.limit != "affinity":
+            usable += f" ({self.cpus.limit})"
+        how = " (as asked)" if self.chosen else ""
+        return f"worker {self.rank + 1} of {self.workers} on this host: {self.threads} thread{plural}{how} of {usable}"
+
+
+def explicit_threads(asked: int | None) -> int | None:
+    """--threads, else a user's OMP_NUM_THREADS: these win over the share."""
+    if asked is not None:
+        return asked
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() and int(omp) > 0 else None
+
+
+def share(slot: HostSlot, asked: int | None = None) -> Share:
+    """This worker's threads now: its explicit setting, else the CPUs it may use divided among the
+    workers of the host (the first ones take the remainder)."""
+    cpus = usable_cpus()
+    held = slot.held() or [slot.index]
+    workers = len(held)
+    rank = held.index(slot.index) if slot.index in held else workers - 1
+    if (chosen := explicit_threads(asked)) is not None:
+        return Share(chosen, rank, workers, cpus, True)
+    threads = max(1, cpus.count // workers + (1 if rank < cpus.count % workers else 0))
+    return Share(threads, rank, workers, cpus, False)
+
+
+def pick_gpu(slot_index: int, gpus: list[int]) -> int:
+    """The GPU a worker takes among `gpus` (ids): distinct ones first, round-robin once the
+    workers outnumber them."""
+    return gpus[slot_index % len(gpus)]
+
+
+class ThreadShare:
+    """Sets torch's threads to this worker's share before each trial, as the host's workers come and go."""
+
+    def __init__(self, slot: HostSlot, asked: int | None = None) -> None:
+        self.slot, self.asked = slot, asked
+
+    def apply(self) -> Share:
+        import torch
+
+        now = share(self.slot, self.asked)
+        if torch.get_num_threads() != now.threads:
+            torch.set_num_threads(now.threads)
+        return now
+
+
+def device_for(name: str | None, slot: HostSlot) -> torch.device:
+    """`--device` for a worker: `auto` on a host with several GPUs takes the slot's GPU (distinct
+    ones first); CUDA_VISIBLE_DEVICES or an explicit cuda:N win."""
+    import torch
+
+    from hpo.search.study import choose_device
+
+    if name in (None, "auto") and "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.is_available() \
+            and torch.cuda.device_count() > 1:
+        return torch.device(f"cuda:{pick_gpu(slot.index, list(range(torch.cuda.device_count())))}")
+    return choose_device(name)
