@@ -6,6 +6,7 @@ outside the repository; storages are real SQLite, PostgreSQL and Redis."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -279,12 +280,14 @@ SLOW = pytest.mark.slow  # the default suite keeps one case of each kind
 
 
 @pytest.mark.parametrize(("mode", "reason", "workers"), [
-    ("exit", "train: fastpkg.digits:train: called sys.exit(0) in epoch 1", "2"),
-    pytest.param("exit", "train: fastpkg.digits:train: called sys.exit(0) in epoch 1", "1", marks=SLOW),
+    ("exit", r"train: fastpkg\.digits:train: called sys\.exit\(0\) in epoch 1", "2"),
+    pytest.param("exit", r"train: fastpkg\.digits:train: called sys\.exit\(0\) in epoch 1", "1", marks=SLOW),
     ("os_exit", "exited with status 0 during the trial", "1"),
-    pytest.param("os_exit", "exited with status 0 during the trial", "2", marks=SLOW),
-    ("kbint", "KeyboardInterrupt raised by the training code (no stop was requested)", "2"),
-    pytest.param("kbint", "KeyboardInterrupt raised by the training code (no stop was requested)", "1", marks=SLOW),
+    # With two workers the other one may take the trial back first: it sees the process gone, not how.
+    pytest.param("os_exit", r"(exited with status 0|ended) during the trial", "2", marks=SLOW),
+    ("kbint", r"KeyboardInterrupt raised by the training code \(no stop was requested\)", "2"),
+    pytest.param("kbint", r"KeyboardInterrupt raised by the training code \(no stop was requested\)", "1",
+                 marks=SLOW),
 ])
 def test_a_process_that_ends_under_a_trial_fails_it_with_the_reason_and_a_non_zero_exit(
         user_pkg, write_spec, tmp_path, mode, reason, workers) -> None:
@@ -296,7 +299,7 @@ def test_a_process_that_ends_under_a_trial_fails_it_with_the_reason_and_a_non_ze
     assert not [t for t in done if t.state == TrialState.RUNNING]
     assert not [t for t in done if t.state == TrialState.COMPLETE]
     failed = [t for t in done if t.state == TrialState.FAIL]
-    assert failed and all(reason in t.user_attrs["reason"] for t in failed), [t.user_attrs for t in failed]
+    assert failed and all(re.search(reason, t.user_attrs["reason"]) for t in failed), [t.user_attrs for t in failed]
 
 
 def _alive(pids: list[int]) -> list[int]:

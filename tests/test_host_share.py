@@ -72,6 +72,7 @@ def test_threads_and_omp_num_threads_win_over_the_share(user_pkg, write_spec, ru
     assert [t.user_attrs["threads"] for t in trials(storage_url)] == [2, 3]
 
 
+@pytest.mark.slow
 def test_workers_on_one_host_split_its_cpus_and_the_share_follows_them(user_pkg, write_spec, runner, slots,  # noqa: F811
                                                                         storage_url, tmp_path) -> None:
     """Another worker holds a slot (as every worker does); this one takes half the CPUs. The other

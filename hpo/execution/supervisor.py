@@ -80,8 +80,10 @@ def supervise_self() -> None:
         print(f"Error: {message}", file=sys.stderr, flush=True)
         code = code or 1
     if code < 0:  # end as the child did, so whoever started `hpo` sees the same status
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled, nor need resetting
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+        code = 128 - code  # a signal whose default is to go on: exit as a shell reports it
     os._exit(code)
 
 
