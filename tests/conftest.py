@@ -177,3 +177,21 @@ def proxy_url(tmp_path, storage_url):
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=30)
+
+
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, package: str, modules: dict[str, str]) -> Path:
+    """A user's package in a folder outside the repository, importable through PYTHONPATH as an
+    installed one would be, fresh for each test (not cached by hpo or Python)."""
+    root = tmp_path / "site"
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    for module, source in modules.items():
+        (root / package / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in [m for m in sys.modules if m.startswith(package)]:
+        monkeypatch.delitem(sys.modules, name)
+    from hpo.spec import user_code
+
+    monkeypatch.setattr(user_code, "_cache", {})
+    return root

@@ -19,7 +19,13 @@ import pytest
 from optuna.trial import TrialState
 
 from hpo.storage.backends import open_storage
-from tests.conftest import env_without_storage, invoke, need_module, wait_for
+from tests.conftest import (
+    env_without_storage,
+    invoke,
+    need_module,
+    user_package,
+    wait_for,
+)
 
 # A user's package: a small digits MLP trained for real, full batch (a trial takes ~20 ms), with a
 # misbehaviour picked by $MODE at epoch 1 of the trials named by $AT (all when unset).
@@ -80,20 +86,9 @@ def train(trial: hpo.Trial):
 
 @pytest.fixture
 def user_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "site"
-    (root / "fastpkg").mkdir(parents=True)
-    (root / "fastpkg" / "__init__.py").write_text("")
-    (root / "fastpkg" / "digits.py").write_text(PACKAGE)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in ("MODE", "AT", "MARKER"):
         monkeypatch.delenv(name, raising=False)
-    for name in [m for m in sys.modules if m.startswith("fastpkg")]:
-        monkeypatch.delitem(sys.modules, name)
-    from hpo.spec import user_code
-
-    monkeypatch.setattr(user_code, "_cache", {})
-    return root
+    return user_package(tmp_path, monkeypatch, "fastpkg", {"digits": PACKAGE})
 
 
 def spec(name: str = "fast", n_trials: int = 6, **overrides) -> dict:

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, wait_for
+from tests.conftest import env_without_storage, invoke, user_package, wait_for
 
 # The user's package: a digits classifier with its own Dataset, model and loop. `MODE` (an
 # environment variable) picks a misbehaviour for the ending tests.
@@ -163,20 +163,9 @@ def test(trial: hpo.Trial):
 def user_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """`userpkg` in a folder outside the repository, importable through PYTHONPATH as a user's
     package would be (an installed package works the same way)."""
-    root = tmp_path / "site"
-    (root / "userpkg").mkdir(parents=True)
-    (root / "userpkg" / "__init__.py").write_text("")
-    (root / "userpkg" / "digits.py").write_text(PACKAGE)
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("TEST_LOG", str(tmp_path / "test_calls.jsonl"))
     monkeypatch.delenv("MODE", raising=False)
-    for name in [m for m in sys.modules if m.startswith("userpkg")]:
-        monkeypatch.delitem(sys.modules, name)
-    from hpo.spec import user_code
-
-    monkeypatch.setattr(user_code, "_cache", {})  # each test's package is new
-    return root
+    return user_package(tmp_path, monkeypatch, "userpkg", {"digits": PACKAGE})
 
 
 def user_spec(**overrides) -> dict:
