@@ -137,24 +137,27 @@ def sampled(url: str, name: str = "fast") -> list[tuple]:
 # ---- 1. no configuration proposed twice ------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_raised_budget_proposes_new_configurations_the_same_as_one_run(user_pkg, write_spec, runner,
-                                                                        tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'resumed.db'}"
-    path = write_spec(spec())
+                                                                        tmp_path, request, backend) -> None:
+    url = f"sqlite:///{tmp_path / 'resumed.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    path, once_path = write_spec(spec()), write_spec(spec(name="once"), "once.yaml")
     for n in ("3", "6"):
         assert invoke(runner, "run", path, "--storage", url, "--n-trials", n).exit_code == 0
-    once = f"sqlite:///{tmp_path / 'once.db'}"
-    assert invoke(runner, "run", path, "--storage", once).exit_code == 0
+    once = url if backend == "postgresql" else f"sqlite:///{tmp_path / 'once.db'}"
+    assert invoke(runner, "run", once_path, "--storage", once).exit_code == 0
     resumed = sampled(url)
     assert len(resumed) == len(set(resumed)) == 6
-    assert resumed == sampled(once)  # one worker, same seed: resumed or not, the same trials
+    assert resumed == sampled(once, "once")  # one worker, same seed: resumed or not, the same trials
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_in_a_trial_resumes_with_the_trials_of_an_uninterrupted_one(user_pkg, write_spec, tmp_path,
-                                                                                 sig) -> None:
-    path, url = write_spec(spec()), f"sqlite:///{tmp_path / 'hpo.db'}"
+                                                                                 request, backend, sig) -> None:
+    path = write_spec(spec())
+    url = f"sqlite:///{tmp_path / 'hpo.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     env = env_without_storage() | {"MODE": "hold", "AT": "2", "MARKER": str(tmp_path / "marker"),
                                    "HPO_CHECKPOINT_INTERVAL": "0"}
     proc = start("run", path, "--storage", url, "--workers", "1", env=env, cwd=tmp_path)
@@ -175,9 +178,10 @@ def test_a_run_stopped_in_a_trial_resumes_with_the_trials_of_an_uninterrupted_on
     retry = next(t for t in trials(url) if "failed_trial" in t.system_attrs)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1
     assert retry.user_attrs["retry_reason"].startswith("resumes trial 2: ")
-    once = f"sqlite:///{tmp_path / 'once.db'}"
-    assert hpo("run", path, "--storage", once, "--workers", "1", env=env, cwd=tmp_path).returncode == 0
-    assert sampled(url) == sampled(once) and len(set(sampled(url))) == 6
+    once = f"sqlite:///{tmp_path / 'once.db'}" if backend == "sqlite" else url
+    once_path = write_spec(spec(name="once"), "once.yaml")
+    assert hpo("run", once_path, "--storage", once, "--workers", "1", env=env, cwd=tmp_path).returncode == 0
+    assert sampled(url) == sampled(once, "once") and len(set(sampled(url))) == 6
 
 
 @pytest.mark.slow
@@ -186,8 +190,8 @@ def test_workers_started_by_hand_and_runs_at_once_on_postgresql_propose_distinct
     path = write_spec(spec(n_trials=12))
     assert invoke(runner, "create", path, "--storage", pg_url).exit_code == 0
     env = env_without_storage() | {"HPO_STORAGE": pg_url, "OMP_NUM_THREADS": "1"}
-    procs = [start("worker", "fast", "--threads", "1", "--quiet", env=env, cwd=tmp_path) for _ in range(2)]
-    procs.append(start("run", path, "--workers", "1", env=env, cwd=tmp_path))
+    procs = [start("worker", "fast", "--threads", "1", "--quiet", env=env, cwd=tmp_path)]
+    procs += [start("run", path, "--workers", "1", env=env, cwd=tmp_path) for _ in range(2)]  # several runs at once
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
