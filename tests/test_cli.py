@@ -148,3 +148,18 @@ def test_commands_that_train_nothing_import_no_torch(args, write_spec, runner, s
             "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')" % argv)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "NO TORCH", done.stdout + done.stderr
+
+
+def test_every_commands_help_imports_neither_optuna_nor_a_database_driver(tmp_path) -> None:
+    """`hpo CMD --help` answers at once (it took ~0.5 s, importing Optuna and SQLAlchemy)."""
+    import subprocess
+    import sys
+
+    from hpo.cli.run import cli
+
+    for name in sorted(cli.commands):
+        code = ("import sys\nsys.argv = ['hpo', %r, '--help']\nfrom hpo.cli import main\ntry:\n    main()\n"
+                "except SystemExit:\n    pass\nprint(sorted(m for m in ('optuna', 'sqlalchemy', 'torch') if m in "
+                "sys.modules))" % name)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert done.stdout.strip().splitlines()[-1] == "[]", (name, done.stdout[-300:], done.stderr[-300:])

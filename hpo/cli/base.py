@@ -58,6 +58,8 @@ class _Group(click.Group):
 
 def _is_storage_failure(e: BaseException) -> bool:
     """The database refused a write or a query (read-only file, lost server past the retries)."""
+    if "sqlalchemy" not in sys.modules:
+        return False  # nothing has talked to a database (click's own exits, --help): no import for nothing
     try:
         from optuna.exceptions import StorageInternalError
         from sqlalchemy.exc import SQLAlchemyError
@@ -90,6 +92,8 @@ def cli() -> None:
       hpo run studies/quickstart.yaml
       hpo best quickstart
     """
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return  # help imports nothing more (Optuna alone takes ~0.25 s)
     import logging
 
     import optuna
