@@ -175,33 +175,3 @@ def test_three_workers_count_each_other(slots) -> None:
             p.kill()
             p.wait()
 
-
-def test_a_worker_past_the_hosts_cpus_waits_its_turn(user_pkg, write_spec, runner, slots, storage_url,  # noqa: F811
-                                                      tmp_path) -> None:
-    """One CPU and another worker already on it: this one says it waits, starts no trial, and
-    trains once the other ends (kill -9 here)."""
-    import time
-
-    _created(runner, write_spec, storage_url, 2)
-    other = subprocess.Popen([sys.executable, "-c", "import time; from hpo.execution.share import HostSlot; "
-                              "s = HostSlot(); print(s.index, flush=True); time.sleep(600)"],
-                             env=env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}, stdout=subprocess.PIPE,
-                             text=True)
-    assert other.stdout is not None and other.stdout.readline().strip() == "0"
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "hpo", "worker", "fast", "--storage",
-                             storage_url], env=env_without_storage() | {"HPO_SLOTS_DIR": str(slots)},
-                            cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
-    header = proc.stderr.readline()
-    assert "worker 2 of 2 on this host: waits for one of 1 usable CPU" in header, header
-    said = proc.stderr.readline()
-    assert "it starts a trial when another worker of this host ends" in said, said
-    assert trials(storage_url) == []  # it said it waits after looking: nothing started
-    ended = time.time()
-    other.kill()
-    other.wait()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    done = trials(storage_url)
-    assert len(done) == 2 and all(t.datetime_start.timestamp() >= ended for t in done)
-    assert [t.user_attrs["threads"] for t in done] == [1, 1]

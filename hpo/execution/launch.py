@@ -69,8 +69,7 @@ def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Lis
                                     timeout=timeout, listener=listener, data=data,
                                     checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
         return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
-                          checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply,
-                          turn=threads.turn)
+                          checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
     finally:
         watch.close()
 
@@ -282,7 +281,7 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     mine.spec = handle.spec  # with the run's overrides (--fuse, --n-trials)
     try:
         work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
-             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot()))
+             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads))
     except Interrupted:
         return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:

@@ -16,8 +16,7 @@ import fcntl
 import math
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -143,19 +142,11 @@ class Share:
     cpus: Cpus
     chosen: bool  # set by --threads or OMP_NUM_THREADS, not by the share
 
-    @property
-    def waits(self) -> bool:
-        """More workers than CPUs: the ones past the CPUs wait their turn (three workers on two
-        cores then train as fast as two, not a third slower), unless threads were asked for."""
-        return not self.chosen and self.rank >= self.cpus.count
-
     def describe(self) -> str:
         plural = "s" if self.threads > 1 else ""
         usable = f"{self.cpus.count} usable CPU{'s' if self.cpus.count > 1 else ''}"
         if self.cpus.limit != "affinity":
             usable += f" ({self.cpus.limit})"
-        if self.waits:
-            return f"worker {self.rank + 1} of {self.workers} on this host: waits for one of {usable}"
         how = " (as asked)" if self.chosen else ""
         return f"worker {self.rank + 1} of {self.workers} on this host: {self.threads} thread{plural}{how} of {usable}"
 
@@ -190,25 +181,22 @@ def pick_gpu(slot_index: int, gpus: list[int]) -> int:
 class ThreadShare:
     """Sets torch's threads to this worker's share before each trial, as the host's workers come and go."""
 
-    def __init__(self, slot: HostSlot, asked: int | None = None) -> None:
-        self.slot, self.asked = slot, asked
-        self.waiting = False
+    def __init__(self, slot: HostSlot, asked: int | None = None, cap: int | None = None) -> None:
+        """`cap`: at most this many threads. A worker forked from a process that already ran
+        torch's thread pool keeps to the threads it was forked with: OpenMP started before a
+        fork can hang the child's first parallel region with more threads (seen: a forked worker
+        stuck in Linear.forward after its share rose to 2)."""
+        self.slot, self.asked, self.cap = slot, asked, cap
 
     def apply(self) -> Share:
         import torch
 
         now = share(self.slot, self.asked)
+        if self.cap is not None and now.threads > self.cap:
+            now = replace(now, threads=self.cap)
         if torch.get_num_threads() != now.threads:
             torch.set_num_threads(now.threads)
         return now
-
-    def turn(self, note: Callable[[str], None]) -> bool:
-        """Whether this worker may start a trial now (see Share.waits); says so once when it waits."""
-        now = self.apply()
-        if now.waits and not self.waiting:
-            note(f"{now.describe()}: it starts a trial when another worker of this host ends")
-        self.waiting = now.waits
-        return not now.waits
 
 
 def device_for(name: str | None, slot: HostSlot) -> torch.device:
