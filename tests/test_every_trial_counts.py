@@ -137,7 +137,7 @@ def sampled(url: str, name: str = "fast") -> list[tuple]:
 # ---- 1. no configuration proposed twice ------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_a_raised_budget_proposes_new_configurations_the_same_as_one_run(user_pkg, write_spec, runner,
                                                                         tmp_path, request, backend) -> None:
     url = f"sqlite:///{tmp_path / 'resumed.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
@@ -263,6 +263,7 @@ def test_forked_workers_say_a_bug_once_with_the_users_frames(user_pkg, write_spe
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_mistake_in_the_training_code_is_one_line_in_forked_workers_too(user_pkg, write_spec, tmp_path) -> None:
     doc = spec(n_trials=4, metric="val_loss", direction="minimize")  # never reported
     result = hpo("run", write_spec(doc), "--workers", "2", cwd=tmp_path)
@@ -279,12 +280,13 @@ SLOW = pytest.mark.slow  # the default suite keeps one case of each kind
 
 
 @pytest.mark.parametrize(("mode", "reason", "workers"), [
-    ("exit", r"train: fastpkg\.digits:train: called sys\.exit\(0\) in epoch 1", "2"),
+    pytest.param("exit", r"train: fastpkg\.digits:train: called sys\.exit\(0\) in epoch 1", "2", marks=SLOW),
     pytest.param("exit", r"train: fastpkg\.digits:train: called sys\.exit\(0\) in epoch 1", "1", marks=SLOW),
     ("os_exit", "exited with status 0 during the trial", "1"),
     # With two workers the other one may take the trial back first: it sees the process gone, not how.
     pytest.param("os_exit", r"(exited with status 0|ended) during the trial", "2", marks=SLOW),
-    ("kbint", r"KeyboardInterrupt raised by the training code \(no stop was requested\)", "2"),
+    pytest.param("kbint", r"KeyboardInterrupt raised by the training code \(no stop was requested\)", "2",
+                 marks=SLOW),
     pytest.param("kbint", r"KeyboardInterrupt raised by the training code \(no stop was requested\)", "1",
                  marks=SLOW),
 ])
@@ -313,7 +315,8 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("workers", [pytest.param("1", marks=SLOW), "2"])
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_code_that_swallows_the_stop_is_killed_after_the_grace_period_and_its_trial_queued(
         user_pkg, write_spec, tmp_path, workers) -> None:
     marker = tmp_path / "marker"
@@ -412,6 +415,7 @@ def test_training_code_that_changes_directory_keeps_writing_the_studys_artifacts
     assert list((tmp_path / "hpo-artifacts").iterdir())
 
 
+@pytest.mark.slow
 def test_a_sqlite_file_reached_through_a_symlink_is_the_same_file(user_pkg, write_spec, tmp_path) -> None:
     marker = tmp_path / "marker"
     env = env_without_storage() | {"MODE": "hold", "MARKER": str(marker)}

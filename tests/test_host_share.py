@@ -61,6 +61,7 @@ def test_a_worker_bound_to_one_cpu_trains_on_one_thread_and_says_so(user_pkg, wr
     assert [t.user_attrs["threads"] for t in trials(storage_url)] == [1, 1]
 
 
+@pytest.mark.slow
 def test_threads_and_omp_num_threads_win_over_the_share(user_pkg, write_spec, runner, slots, storage_url,  # noqa: F811
                                                         tmp_path) -> None:
     _created(runner, write_spec, storage_url, 2)
@@ -101,6 +102,7 @@ def test_workers_on_one_host_split_its_cpus_and_the_share_follows_them(user_pkg,
     assert [t.user_attrs["threads"] for t in trials(storage_url)] == [cpus // 2] * 3 + [cpus] * 2
 
 
+@pytest.mark.slow
 def test_a_cgroup_cpu_quota_bounds_the_threads(user_pkg, write_spec, runner, slots, storage_url,  # noqa: F811
                                                tmp_path) -> None:
     """A container's or pod's CPU limit below the machine's cores: torch counts the cores, hpo the quota."""
