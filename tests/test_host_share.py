@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -177,3 +178,36 @@ def test_three_workers_count_each_other(slots) -> None:
             p.kill()
             p.wait()
 
+
+
+def test_a_worker_past_the_hosts_cpus_waits_while_the_others_train_not_for_a_frozen_one(  # noqa: F811
+        user_pkg, write_spec, runner, slots, storage_url, tmp_path) -> None:
+    """One usable CPU, and another worker already busy on the host: this one says it waits and
+    starts no trial (three workers on two cores then go as fast as two). The other is frozen
+    (SIGSTOP): it uses no CPU, so this one goes on and trains, rather than wait for ever."""
+    _created(runner, write_spec, storage_url, 2)
+    env = env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}
+    other = subprocess.Popen([sys.executable, "-c", "from hpo.execution.share import HostSlot; s = HostSlot(); "
+                              "print(s.index, flush=True)\nwhile True: pass"], env=env, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "0"
+        proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "hpo", "worker", "fast", "--storage",
+                                 storage_url], env=env, cwd=tmp_path, stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True)
+        assert proc.stderr is not None
+        header = proc.stderr.readline()
+        assert "worker 2 of 2 on this host: 1 thread of 1 usable CPU" in header, header
+        said = proc.stderr.readline()
+        assert "the 1 usable CPU is busy with other workers; it starts a trial when one is free" in said, said
+        assert trials(storage_url) == []  # it said so after looking: nothing started
+        frozen = time.time()
+        os.kill(other.pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        done = trials(storage_url)
+        assert len(done) == 2 and all(t.datetime_start.timestamp() >= frozen - 1 for t in done)
+        assert [t.user_attrs["threads"] for t in done] == [1, 1]
+    finally:
+        other.kill()
+        other.wait()

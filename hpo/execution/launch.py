@@ -69,7 +69,8 @@ def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Lis
                                     timeout=timeout, listener=listener, data=data,
                                     checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
         return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
-                          checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
+                          checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply,
+                          turn=threads.turn)
     finally:
         watch.close()
 

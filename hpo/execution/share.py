@@ -16,6 +16,8 @@ import fcntl
 import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -107,6 +109,10 @@ class HostSlot:
             except BlockingIOError:
                 f.close()
                 continue
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} {_pid_namespace()}\n")  # who holds it: see ThreadShare.turn
+            f.flush()
             self.file, self.index = f, i
             return
 
@@ -127,6 +133,14 @@ class HostSlot:
                 except BlockingIOError:
                     out.append(i)
         return sorted(out)
+
+    def pid(self, index: int) -> int | None:
+        """The process that holds slot `index`, when it is in this process's PID namespace."""
+        try:
+            pid, ns = (self.folder / f"{index}.slot").read_text().split()[:2]
+        except (OSError, ValueError):
+            return None
+        return int(pid) if pid.isdigit() and ns == _pid_namespace() else None
 
     def close(self) -> None:
         if self.file is not None:
@@ -149,6 +163,32 @@ class Share:
             usable += f" ({self.cpus.limit})"
         how = " (as asked)" if self.chosen else ""
         return f"worker {self.rank + 1} of {self.workers} on this host: {self.threads} thread{plural}{how} of {usable}"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "-"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy(pids: list[int], interval: float = 0.5, share: float = 0.2) -> int:
+    """How many of `pids` used at least `share` of a CPU over the next `interval` seconds: a
+    worker that is stopped, frozen or idle uses none, so it keeps no other worker waiting."""
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(interval)
+    after = {pid: cpu_seconds(pid) for pid in pids}
+    return sum(1 for pid in pids if (b := before[pid]) is not None and (a := after[pid]) is not None
+               and a - b >= share * interval)
 
 
 def explicit_threads(asked: int | None) -> int | None:
@@ -187,6 +227,7 @@ class ThreadShare:
         fork can hang the child's first parallel region with more threads (seen: a forked worker
         stuck in Linear.forward after its share rose to 2)."""
         self.slot, self.asked, self.cap = slot, asked, cap
+        self.waiting = False
 
     def apply(self) -> Share:
         import torch
@@ -197,6 +238,24 @@ class ThreadShare:
         if torch.get_num_threads() != now.threads:
             torch.set_num_threads(now.threads)
         return now
+
+    def turn(self, note: Callable[[str], None]) -> bool:
+        """Whether this worker may start a trial now. A worker past the host's CPUs (three on two
+        cores) waits while as many workers before it are busy training, rather than time-slice
+        with them: three then go as fast as two, not slower. A worker before it that is stopped or
+        idle does not count (it is measured, not assumed), so nothing waits on a frozen process.
+        Threads that were asked for (--threads, OMP_NUM_THREADS) never wait."""
+        now = self.apply()
+        if now.chosen or now.rank < now.cpus.count:
+            self.waiting = False
+            return True
+        ahead = [pid for i in self.slot.held()[:now.rank] if (pid := self.slot.pid(i)) is not None]
+        waits = busy(ahead) >= now.cpus.count
+        if waits and not self.waiting:
+            note(f"worker {now.rank + 1} of {now.workers} on this host: the {now.cpus.count} usable CPU"
+                 f"{'s are' if now.cpus.count > 1 else ' is'} busy with other workers; it starts a trial when one is free")
+        self.waiting = waits
+        return not waits
 
 
 def device_for(name: str | None, slot: HostSlot) -> torch.device:

@@ -77,6 +77,7 @@ def run_worker(
     checkpoint_interval: float = 2.0,
     since: float | None = None,
     before_trial: Callable[[], object] = lambda: None,
+    turn: Callable[[Callable[[str], None]], bool] = lambda note: True,
 ) -> WorkerResult:
     """Run trials until the study's budget is met, `n_trials` ran here, `timeout` passed, or the
     run's failures since `since` (a time.time(); default now) stop it.
@@ -113,6 +114,8 @@ def run_worker(
         while not _limit_reached(result, n_trials, deadline, timeout):
             if stopping.requested():  # a stop that came between trials (hpo stop)
                 raise Interrupted(result)
+            if not turn(tracker.note) and not _all_taken(study, total):
+                continue  # more workers than CPUs on this host, the others busy: turn() waited a moment
             go = _take_slot(study, lock, total, since, spec.budget.failure_limit, result,
                             tracker.note if wait_for_others else None)
             if go is None:
@@ -147,6 +150,12 @@ def _take_slot(study: optuna.Study, lock: BudgetLock, total: int, since: float, 
         result.stopped, result.budget_reached = f"study budget of {total} trials reached", True
         return False
     return True
+
+
+def _all_taken(study: optuna.Study, total: int) -> bool:
+    """Every trial of the budget is running or done: a waiting worker goes on, to see it end."""
+    status = count_budget(study.get_trials(deepcopy=False), total)
+    return status.remaining <= 0 and status.waiting == 0
 
 
 def _limit_reached(result: WorkerResult, n_trials: int | None, deadline: float | None, timeout: float | None) -> bool:
