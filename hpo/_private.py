@@ -21,9 +21,12 @@ OPTUNA_ATTRIBUTES = {
     "optuna.trial.FrozenTrial": ("_trial_id",),
     "optuna.storages._CachedStorage": ("_backend",),
     "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
-    "optuna.storages._rdb.models": ("TrialModel", "TrialUserAttributeModel", "TrialIntermediateValueModel"),
+    "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
+                                    "TrialIntermediateValueModel"),
     "optuna.storages._rdb.storage": ("_create_scoped_session",),
-    "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period", "_set_trial_param_without_commit"),
+    # ResilientRDBStorage overrides the two private calls Optuna's cached storage makes on it.
+    "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period", "_set_trial_param_without_commit",
+                                   "_set_trial_param", "_create_new_trial"),
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
     "optuna.samplers._lazy_random_state": ("LazyRandomState",),
@@ -67,6 +70,19 @@ def rdb_session(storage: Any) -> Any:
     from optuna.storages._rdb.storage import _create_scoped_session
 
     return _create_scoped_session(storage.scoped_session, True)
+
+
+def microsecond_times_on_mysql() -> None:
+    """Optuna's tables declare their times as DateTime, which MySQL and MariaDB store to the whole
+    second (a trial's start and end, its heartbeat): tables created after this call store them to
+    the microsecond there, as PostgreSQL and SQLite do. Tables that exist keep their columns."""
+    from sqlalchemy import DateTime
+    from sqlalchemy.dialects import mysql
+
+    for table in rdb_models().BaseModel.metadata.tables.values():
+        for column in table.columns:
+            if type(column.type) is DateTime:
+                column.type = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def rdb_models() -> Any:

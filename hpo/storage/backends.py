@@ -26,6 +26,7 @@ from optuna.storages import BaseStorage, RDBStorage
 
 from hpo._private import (
     backend_of,
+    microsecond_times_on_mysql,
     rdb_models,
     rdb_session,
     redis_journal,
@@ -255,11 +256,10 @@ def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
 # RDBStorage methods that touch the database, including the private ones _CachedStorage and the
 # heartbeat thread call directly.
 _DB_METHODS = (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "create_new_study", "set_study_user_attr", "set_study_system_attr",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
-    "_create_new_trial", "get_trial_param",
-    "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
+    "create_new_trial", "get_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
     "get_best_trial", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
@@ -296,7 +296,9 @@ def is_connection_error(e: BaseException | None) -> bool:
 
 
 class ResilientRDBStorage(RDBStorage):
-    """RDBStorage that waits out a database restart (retrying with backoff) instead of failing.
+    """RDBStorage that waits out a database restart (retrying with backoff) instead of failing,
+    and writes a trial's parameters in one transaction. It keeps RDBStorage's contract (Optuna's
+    StorageTestCase runs against it in tests/test_storage_contract.py).
 
     The heartbeat thread's writes are retried too: otherwise one failed heartbeat would end the
     thread and the healthy trial would later be declared stale.
@@ -306,33 +308,103 @@ class ResilientRDBStorage(RDBStorage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._params: list[tuple[Any, ...]] = []  # parameters not written yet (see _set_trial_param)
+        self._batch_state()
+
+    def _batch_state(self) -> None:
+        self._params: list[tuple[Any, ...]] = []  # parameters not written yet (see set_trial_param)
         self._params_lock = threading.Lock()
+        self._running: dict[int, int] = {}  # trial id -> study id, of the trials this object started
+        self._known: dict[tuple[int, str], Any] = {}  # (study id, parameter) -> a distribution it holds
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Picklable as RDBStorage is (joblib, copy.deepcopy of a study): what it holds back is
+        written first, and the copy starts with no lock, batch or cache of its own."""
+        self.write_params()
+        state = super().__getstate__()
+        for name in ("_params", "_params_lock", "_running", "_known"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._batch_state()
+        if self.engine.name == "sqlite":
+            _sqlite_pragmas(self)
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
+        study = self._running.get(trial_id)
+        known = self._known.get((study, param_name)) if study is not None else None
+        if known is not None:
+            try:
+                optuna.distributions.check_distribution_compatibility(known, distribution)
+            except ValueError:
+                known = None  # the database has the last word, below
+        self._set_trial_param(trial_id, param_name, param_value_internal, distribution, known)
 
     def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any,
-                         previous_distribution: Any = None) -> None:
-        """Held until the storage's next call, then written with the trial's other parameters in
-        one transaction: Optuna's suggest API commits each parameter on its own, the largest
-        storage cost of a short trial after its reports. Any read or write (the next epoch's
-        pruning read at the latest) writes them first, so nothing reads the trial without them."""
+                         previous_distribution: Any) -> None:
+        """As RDBStorage: a finished or unknown trial raises, a distribution that does not match the
+        study's raises ValueError, at this call. Where this object started the trial and the
+        study's distribution of the parameter is known (Optuna's cached storage passes it; else
+        this object saw it), the check is made here and the write held until the next call, which
+        writes the trial's parameters in one transaction: Optuna's suggest API commits each one on
+        its own, the largest storage cost of a short trial after its reports. Any other call
+        writes them first, so nothing reads the trial without them."""
+        study = self._running.get(trial_id)
+        if study is None or previous_distribution is None:
+            self._db(super()._set_trial_param, trial_id, param_name, param_value_internal, distribution,
+                     previous_distribution)
+            if study is not None:
+                self._known.setdefault((study, param_name), distribution)
+            return
+        optuna.distributions.check_distribution_compatibility(previous_distribution, distribution)
         with self._params_lock:
             self._params.append((trial_id, param_name, param_value_internal, distribution, previous_distribution))
 
-    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
-        self._set_trial_param(trial_id, param_name, param_value_internal, distribution, None)
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        frozen = self._db(super()._create_new_trial, study_id, template_trial)
+        if frozen.state == optuna.trial.TrialState.RUNNING:
+            self._running[trial_id(frozen)] = study_id
+        return frozen
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        done: bool = self._db(super().set_trial_state_values, trial_id, state, values)
+        if state.is_finished():
+            self._running.pop(trial_id, None)
+        return done
+
+    def delete_study(self, study_id: int) -> None:
+        self._db(super().delete_study, study_id)
+        self._known = {k: v for k, v in self._known.items() if k[0] != study_id}
+        self._running = {t: s for t, s in self._running.items() if s != study_id}
+
+    def _db(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """A database call: what is held back is written first, and a dropped connection is retried."""
+        if self._params:
+            self.write_params()
+        return call_with_retry(method, *args, retry_for=self.retry_for, on_retry=self.reset_session, **kwargs)
 
     def write_params(self) -> None:
+        """What set_trial_param held back, a transaction per trial (behind `hpo proxy` the held
+        parameters can be several workers'). A trial ended meanwhile by another process (failed
+        as stale) takes its parameters with it, as its own next write will say; the others are
+        written all the same."""
         with self._params_lock:
             pending, self._params = self._params, []
-        if not pending:
-            return
+        by_trial: dict[int, list[tuple[Any, ...]]] = {}
+        for args in pending:
+            by_trial.setdefault(args[0], []).append(args)
+        for rows in by_trial.values():
 
-        def write() -> None:
-            with rdb_session(self) as session:
-                for args in pending:
-                    set_param_without_commit(self, session, *args)
+            def write(rows: list[tuple[Any, ...]] = rows) -> None:
+                with rdb_session(self) as session:
+                    for args in rows:
+                        set_param_without_commit(self, session, *args)
 
-        call_with_retry(write, retry_for=self.retry_for, on_retry=self.reset_session)
+            try:
+                call_with_retry(write, retry_for=self.retry_for, on_retry=self.reset_session)
+            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                self._running.pop(rows[0][0], None)
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one transaction: Optuna's API commits each one apart,
@@ -478,9 +550,10 @@ def _retrying(name: str) -> Any:
 
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        if self._params and name != "record_heartbeat":  # not from the heartbeat thread
-            self.write_params()
-        return call_with_retry(method, self, *args, retry_for=self.retry_for, on_retry=self.reset_session, **kwargs)
+        if name == "record_heartbeat":  # from the heartbeat thread: the trial's own thread writes its parameters
+            return call_with_retry(method, self, *args, retry_for=self.retry_for, on_retry=self.reset_session,
+                                   **kwargs)
+        return self._db(method, self, *args, **kwargs)
 
     return wrapper
 
@@ -557,6 +630,8 @@ def open_storage(
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 4, "max_overflow": 8}
         if scheme.startswith(("postgresql", "mysql", "mariadb")):
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        if scheme.startswith(("mysql", "mariadb")):
+            microsecond_times_on_mysql()  # Optuna's times to the second there otherwise
     hb: dict[str, object] = {}
     try:
         with warnings.catch_warnings():
