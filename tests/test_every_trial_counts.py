@@ -45,6 +45,9 @@ def train(trial: hpo.Trial):
     at = os.environ.get("AT")
     mode = os.environ.get("MODE", "") if at is None or int(at) == trial.number else ""
     torch.manual_seed(trial.seed % 2**31)
+    if os.environ.get("SEEN"):  # what the code sees of its trial
+        with open(os.environ["SEEN"], "a") as f:
+            f.write(f"{trial.number} {trial.first_number} {trial.seed}\\n")
     p = trial.params
     model = nn.Sequential(nn.Linear(64, p["hidden"]), nn.ReLU(), nn.Linear(p["hidden"], 10))
     opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"])
@@ -86,7 +89,7 @@ def train(trial: hpo.Trial):
 
 @pytest.fixture
 def user_pkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("MODE", "AT", "MARKER"):
+    for name in ("MODE", "AT", "MARKER", "SEEN"):
         monkeypatch.delenv(name, raising=False)
     return user_package(tmp_path, monkeypatch, "fastpkg", {"digits": PACKAGE})
 
@@ -220,6 +223,8 @@ def test_a_bug_stops_the_run_in_three_trials_and_a_rerun_after_the_fix_produces_
         user_pkg, write_spec, runner, storage_url, monkeypatch) -> None:
     path = write_spec(spec(n_trials=8))
     monkeypatch.setenv("MODE", "raise")
+    seen = storage_url.removeprefix("sqlite:///") + ".seen"
+    monkeypatch.setenv("SEEN", seen)
     result = invoke(runner, "run", path, "--storage", storage_url)
     assert result.exit_code == 1
     assert "Stopped: the first 3 trials of this run failed with the same error: ValueError: bad batch shape " \
@@ -235,6 +240,13 @@ def test_a_bug_stops_the_run_in_three_trials_and_a_rerun_after_the_fix_produces_
         "Queued 3 failed trials again (#0 as #3, #1 as #4, #2 as #5)")
     again = invoke(runner, "run", path, "--storage", storage_url)
     assert again.exit_code == 0, again.output
+    numbers = [line.split() for line in Path(seen).read_text().splitlines()]
+    # The code sees each retry's own number (hpo's lines, `hpo trials` and the dashboard say #3),
+    # the attempt it retries, and that attempt's seed.
+    assert [(n, first) for n, first, _ in numbers[:6]] == [("0", "0"), ("1", "1"), ("2", "2"),
+                                                            ("3", "0"), ("4", "1"), ("5", "2")]
+    seeds = {n: seed for n, _, seed in numbers}
+    assert [seeds["3"], seeds["4"], seeds["5"]] == [seeds["0"], seeds["1"], seeds["2"]]
     done = trials(storage_url)
     assert sum(t.state == TrialState.COMPLETE for t in done) == 8  # the budget counts results
     assert [key(t) for t in done[3:6]] == [key(t) for t in done[:3]]  # retried with their parameters
@@ -492,3 +504,18 @@ def test_the_python_api_raises_when_a_run_stops_on_failures(user_pkg, storage_ur
     monkeypatch.delenv("MODE")
     result = hpo.run(spec(n_trials=4), storage=storage_url, quiet=True, artifacts=str(tmp_path / "art"))
     assert result.summary.counts == {"COMPLETE": 4, "FAIL": 3}
+
+
+def test_hpo_enqueue_refuses_a_parameter_its_branch_does_not_use(user_pkg, write_spec, runner, storage_url) -> None:
+    """`momentum` applies only with SGD: queued with Adam it would be dropped without a word."""
+    space = {"optimizer": ["sgd", "adam"], "lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+             "momentum": {"type": "float", "low": 0.0, "high": 0.95, "when": {"optimizer": "sgd"}},
+             "hidden": 16}
+    assert invoke(runner, "create", write_spec(spec(space=space)), "--storage", storage_url).exit_code == 0
+    bad = invoke(runner, "enqueue", "fast", "optimizer=adam", "momentum=0.9", "--storage", storage_url)
+    assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
+        "Error: hpo enqueue fast: enqueue.momentum: does not apply when optimizer=adam (only when optimizer is sgd); "
+        "leave it out"]
+    assert trials(storage_url) == []
+    ok = invoke(runner, "enqueue", "fast", "optimizer=sgd", "momentum=0.9", "--storage", storage_url)
+    assert ok.exit_code == 0 and "Queued trial 0" in ok.output

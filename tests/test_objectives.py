@@ -118,10 +118,15 @@ def test_hpo_enqueue_and_warm_start_from_another_study(pareto, write_spec, runne
     bad = invoke(runner, "enqueue", "pareto", "lr=5", "--storage", storage_url)
     assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
         "Error: hpo enqueue pareto: enqueue.lr: 5 is outside the range 0.0001..0.1"]
-    ok = invoke(runner, "enqueue", "pareto", "lr=0.02", "width=9", "--storage", storage_url)
+    spent = invoke(runner, "enqueue", "pareto", "lr=0.02", "width=9", "--storage", storage_url)
+    assert spent.exit_code == 1 and len(spent.output.strip().splitlines()) == 1, spent.output
+    assert spent.output.startswith("Error: study 'pareto' has spent its budget of 12 trials (12 finished, 0 running, "
+                                   "0 queued): raise it") and "--past-budget" in spent.output
+    assert len(optuna.load_study(study_name="pareto", storage=storage_url).trials) == 12  # nothing queued
+    ok = invoke(runner, "enqueue", "pareto", "lr=0.02", "width=9", "--storage", storage_url, "--past-budget")
     assert ok.exit_code == 0 and "Queued trial 12" in ok.output
     assert "not queued again" in invoke(runner, "enqueue", "pareto", "lr=0.02", "width=9",
-                                        "--storage", storage_url).output
+                                        "--storage", storage_url, "--past-budget").output
     # warm_start: the other study's front, best first, queued ahead of this study's own trials.
     front = sorted(pareto.best_trials, key=lambda t: -t.values[0])
     spec = small_spec(name="follow", warm_start={"study": "pareto", "top": 2}, budget={"n_trials": 4, "epochs": 2})

@@ -143,7 +143,7 @@ def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path
     assert retried.user_attrs["resumed_from_epoch"] >= 2
     assert sorted(retried.intermediate_values) == list(range(8))  # earlier epochs kept
     assert len(retried.user_attrs["train_loss"]) == 8
-    assert "resuming from its checkpoint at epoch" in rerun.stderr
+    assert "trial 1: resuming from the checkpoint of trial 0 at epoch" in rerun.stderr
 
 
 def test_sigterm_is_handled_like_ctrl_c(write_spec, tmp_path) -> None:

@@ -106,10 +106,13 @@ def best(study: str, storage: str | None, fmt: str) -> None:
 @click.argument("study")
 @click.argument("values", nargs=-1, required=True, metavar="NAME=VALUE...")
 @storage_option
-def enqueue(study: str, values: tuple[str, ...], storage: str | None) -> None:
+@click.option("--past-budget", is_flag=True,
+              help="Queue it even though the study's budget is spent: it then runs as one trial more.")
+def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budget: bool) -> None:
     """Queue a known configuration to run before any new trial (counted in the budget, once).
 
-    Parameters left out are sampled as usual; each value is checked against the study's space.
+    Parameters left out are sampled as usual; each value is checked against the study's space,
+    and a parameter must apply to the configuration (its `when:`).
 
     \b
     Example:
@@ -134,6 +137,14 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None) -> None:
         config[name] = parse_yaml(text, f"hpo enqueue: {name}") if text else ""
     params = Validator(f"hpo enqueue {study}").configuration(config, "enqueue", spec.space)
     shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    from hpo.search.budget import budget_status
+    from hpo.search.samplers import effective_n_trials
+
+    status = budget_status(loaded, effective_n_trials(spec))
+    if status.remaining <= 0 and not past_budget:
+        raise HpoError(f"study {study!r} has spent its budget of {status.total} trials ({status.finished} finished, "
+                       f"{status.running} running, {status.waiting} queued): raise it (hpo run SPEC --n-trials "
+                       f"{status.total + 1}) and queue again, or queue this one past the budget with --past-budget")
     number = queue(loaded, [params])[0]
     if number is None:
         click.echo(f"Already queued or run in study {study!r}: {shown}; not queued again.")

@@ -263,7 +263,8 @@ class FusedWorker:
         claim(storage_of(self.study), trial_id(trial))
         self.result.ran += 1
         self.limits[trial.number] = Deadlines.start(self.spec.budget.trial_timeout, None)
-        self.listener.trial_started(trial.number, params.to_dict(), member.epoch)
+        self.listener.trial_started(trial.number, params.to_dict(), member.epoch,
+                                    None if member.number == trial.number else member.number)
 
     def finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
         trial: optuna.Trial = group.members[index].key

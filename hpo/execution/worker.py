@@ -47,9 +47,10 @@ class _Tracker(Listener):
         self.inner = inner
         self.current: int | None = None
 
-    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int,
+                      first: int | None = None) -> None:
         self.current = number
-        self.inner.trial_started(number, params, resumed_epoch)
+        self.inner.trial_started(number, params, resumed_epoch, first)
 
     def epoch_done(self, number: int, epoch: int, value: float) -> None:
         self.inner.epoch_done(number, epoch, value)

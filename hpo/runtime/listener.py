@@ -12,7 +12,9 @@ import optuna
 class Listener:
     """Progress hooks for a front end (the CLI's progress line); the default does nothing."""
 
-    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None: ...
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int,
+                      first: int | None = None) -> None:
+        """`first`: the trial this one retries (its first attempt's number), if it is a retry."""
 
     def epoch_done(self, number: int, epoch: int, value: float) -> None: ...
 

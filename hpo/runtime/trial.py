@@ -110,7 +110,10 @@ class Trial:
         self.params = params
         self.device = ctx.device
         self.epochs = ctx.spec.budget.epochs
-        self.number = number  # the first attempt's number: a retry keeps it (and its seed)
+        # The study's number for this trial, as hpo's lines, `hpo trials` and the dashboard show it;
+        # a retry is a new trial that keeps its first attempt's seed and checkpoint.
+        self.number = optuna_trial.number if optuna_trial is not None else number
+        self.first_number = number  # the first attempt's number (this one's, unless a retry)
         self.seed = trial_seed(ctx.spec.seed, number)
         self.start_epoch = envelope.epoch if envelope else 0
         self._ctx = ctx
@@ -136,7 +139,8 @@ class Trial:
         self._deadlines = Deadlines.start(ctx.spec.budget.trial_timeout, ctx.study_deadline)
 
     def __repr__(self) -> str:
-        return f"hpo.Trial(number={self.number}, params={self.params!r}, start_epoch={self.start_epoch})"
+        first = f", first_number={self.first_number}" if self.first_number != self.number else ""
+        return f"hpo.Trial(number={self.number}{first}, params={self.params!r}, start_epoch={self.start_epoch})"
 
     # ---- the API -----------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class Trial:
             t0 = time.monotonic()
             envelope = Envelope(done, self._checked(state() if callable(state) else state), self._curves,
                                 self._epoch_seconds)
-            self._ctx.artifacts.save_checkpoint(self.number, envelope.to_dict())
+            self._ctx.artifacts.save_checkpoint(self.first_number, envelope.to_dict())
             self._last_checkpoint = time.monotonic()
             self._ctx.policy.cost = self._last_checkpoint - t0
             self.checkpointed_epoch = done
@@ -416,7 +420,7 @@ class TrialRunner:
         inherited = dict(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else {}
         trial = self.current = Trial(ctx, params, number, ot, envelope, inherited)
         trial.set_attr("threads", torch.get_num_threads())  # the worker's share of its host when it started
-        ctx.listener.trial_started(ot.number, params, trial.start_epoch)
+        ctx.listener.trial_started(ot.number, params, trial.start_epoch, None if number == ot.number else number)
         try:
             returned = self.train_fn(trial)
             stopping.raise_if_requested()  # the code swallowed the stop (except BaseException): obey it now
@@ -465,7 +469,7 @@ class TrialRunner:
         if trial._state is not None and feasible and improves(ot.study, value):
             # Only a trial that may be the best keeps its final state (the test function's input).
             self.ctx.artifacts.upload(ot, "model.pt", trial._final_state())
-        self.ctx.artifacts.remove_checkpoint(trial.number)
+        self.ctx.artifacts.remove_checkpoint(trial.first_number)
         self.current = None
 
     def _fail(self, trial: Trial, e: BaseException, ending: Ending) -> NoReturn:
@@ -483,7 +487,7 @@ class TrialRunner:
         trial._flush_reports()
         set_user_attrs(trial._trial, trial._attributes(ending.reason))
         if not ending.end.requeued:
-            self.ctx.artifacts.remove_checkpoint(trial.number)
+            self.ctx.artifacts.remove_checkpoint(trial.first_number)
             self.current = None
 
     def _end(self, trial: Trial, ending: Ending) -> NoReturn:

@@ -294,6 +294,12 @@ class Validator:
         for name, v in raw.items():
             if (problem := value_problem(by_name[name], v)) is not None:
                 raise self.fail(f"{path}.{name}", problem)
+        for name in raw:  # a parameter its `when:` rules out would be dropped without a word
+            for other, allowed in by_name[name].when:
+                if other in raw and raw[other] not in allowed:
+                    wanted = " or ".join(str(a) for a in allowed)
+                    raise self.fail(f"{path}.{name}", f"does not apply when {other}={raw[other]} (only when "
+                                                      f"{other} is {wanted}); leave it out")
         return {name: float(v) if by_name[name].kind == "float" else v for name, v in raw.items()}
 
     def warm_start(self, top: dict[str, Any], name: str) -> WarmStart | None:

@@ -78,9 +78,11 @@ class Progress(Listener):
             f"pruned {pruned} failed {b.failed} | {elapsed:5.0f}s"
         )
 
-    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int) -> None:
+    def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int,
+                      first: int | None = None) -> None:
         if resumed_epoch:
-            self.say(f"trial {number}: resuming from its checkpoint at epoch {resumed_epoch}")
+            of = f" of trial {first}" if first is not None else ""
+            self.say(f"trial {number}: resuming from the checkpoint{of} at epoch {resumed_epoch}")
 
     def epoch_done(self, number: int, epoch: int, value: float) -> None:
         if self.tty:
@@ -104,8 +106,10 @@ class Progress(Listener):
             f"trial {trial.number:>4} {trial.state.name:<8} {shown} "
             f"epochs {len(trial.intermediate_values):>3}  {self.status}"
         )
-        if trial.state.name == "FAIL" and (reason := trial.user_attrs.get("reason")):
-            line += f"  ({reason[:120]})"
+        reason = trial.user_attrs.get("reason") or ""
+        # Why a trial failed, or ended early other than by the pruner's rule (diverged, timed out).
+        if trial.state.name == "FAIL" or (trial.state.name == "PRUNED" and reason and not reason.startswith("pruned by")):
+            line += f"  ({reason[:120]})" if reason else ""
         self._write(line, final=True)
 
     def note(self, text: str) -> None:
