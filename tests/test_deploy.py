@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hpo.cli.run import cli
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 VAR = re.compile(r"\$\{(\w+)(?::[-?]([^}]*))?\}")
@@ -89,12 +94,30 @@ def test_dockerfile_installs_hpo_without_another_torch() -> None:
     assert "STOPSIGNAL SIGTERM" in text
 
 
-def test_slurm_array_job_runs_hpo_worker() -> None:
+def _shell_files() -> list[Path]:
+    return sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and (
+        p.suffix in (".sh", ".sbatch") or p.read_text(errors="replace").startswith("#!/bin/bash")))
+
+
+@pytest.mark.parametrize("path", _shell_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shell_file_parses_in_bash_and_passes_shellcheck(path: Path) -> None:
+    """Read by bash, checked by bash: `bash -n` (a quote that opens inside ${...} kills every
+    array task at line 1 of its run), then shellcheck."""
+    parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr
+    if shutil.which("shellcheck") is None:
+        missing("shellcheck is not installed (apt-get install shellcheck)")
+    checked = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+def test_the_slurm_job_runs_hpo_worker_on_the_device_slurm_gives_it() -> None:
     text = (ROOT / "deploy" / "slurm" / "hpo-worker.sbatch").read_text()
-    assert re.search(r"^#SBATCH --array=", text, re.M) and "#SBATCH --gres=gpu:1" in text
+    assert re.search(r"^#SBATCH --array=", text, re.M) and "#SBATCH --gres" not in text  # a GPU: --gres=gpu:1
     assert re.search(r"^#SBATCH --signal=B?:?TERM", text, re.M)
     line = next(ln for ln in text.splitlines() if ln.startswith("exec hpo "))
     argv = ["digits_mlp" if a == "$STUDY" else a for a in shlex.split(line.removeprefix("exec "))]
+    assert argv[argv.index("--device") + 1] == "auto"
     parses_as_hpo_command(argv)
 
 
@@ -109,3 +132,60 @@ def test_kubernetes_job_takes_the_storage_from_a_secret() -> None:
     assert "value" not in env["HPO_STORAGE"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def _tool(name: str) -> str:
+    """A validator installed with the test dependencies, beside this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        missing(f"{name} is not installed (pip install -e '.[dev]')")
+    return str(path)
+
+
+def test_the_kubernetes_job_validates_against_kubernetes_own_schemas() -> None:
+    """Strict (no property Kubernetes does not know), offline, for a current Kubernetes."""
+    done = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.31.0",
+                           str(ROOT / "deploy" / "k8s" / "hpo-worker-job.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0 and "passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_docker_compose_validates_against_the_compose_specification() -> None:
+    done = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                           str(ROOT / "docker-compose.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_hpo_variable_the_cluster_files_set_is_one_hpo_reads() -> None:
+    """An environment variable spelled wrong in a manifest is silently ignored by hpo."""
+    names = set()
+    for service in compose()["services"].values():
+        names |= set(service.get("environment") or {})
+    job = yaml.safe_load((ROOT / "deploy" / "k8s" / "hpo-worker-job.yaml").read_text())
+    names |= {e["name"] for c in job["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    names |= set(re.findall(r"\b(HPO_\w+)=", (ROOT / "deploy" / "slurm" / "hpo-worker.sbatch").read_text()))
+    source = "\n".join(p.read_text() for p in (ROOT / "hpo").rglob("*.py"))
+    read = {n for n in names if n.startswith("HPO_") and f'"{n}"' in source}
+    assert {n for n in names if n.startswith("HPO_")} == read and read, names
+
+
+def test_workers_use_the_artifact_folder_the_study_was_created_with_and_say_when_told_otherwise(
+        write_spec, runner, pg_url, tmp_path, monkeypatch) -> None:
+    """`hpo create` on a laptop records the study's folder; a worker elsewhere uses it, unless
+    --artifacts or HPO_ARTIFACTS point it at another one, which it says in one line."""
+    from tests.conftest import invoke, small_spec
+
+    shared = tmp_path / "shared-artifacts"
+    spec = write_spec(small_spec(name="places", budget={"n_trials": 1, "epochs": 1}))
+    assert invoke(runner, "create", spec, "--storage", pg_url, "--artifacts", str(shared)).exit_code == 0
+    monkeypatch.delenv("HPO_ARTIFACTS", raising=False)
+    plain = invoke(runner, "worker", "places", "--storage", pg_url, "--quiet")
+    assert plain.exit_code == 0, plain.output
+    assert "Note: artifacts go to" not in plain.output and any(shared.rglob("*"))
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("HPO_ARTIFACTS", str(elsewhere))
+    told = invoke(runner, "worker", "places", "--storage", pg_url, "--quiet")
+    assert told.exit_code == 0, told.output
+    notes = [ln for ln in told.output.splitlines() if ln.startswith("Note: artifacts go to")]
+    assert notes == [f"Note: artifacts go to {elsewhere} (--artifacts or HPO_ARTIFACTS), not to the study's folder "
+                     f"{shared}; trials this worker resumes find no checkpoint from workers that use the study's "
+                     "folder"], told.output

@@ -153,6 +153,7 @@ def test(trial: hpo.Trial):
     model = Net(trial.params["hidden"])
     model.load_state_dict(state["model"])
     acc, loss = evaluate(model, Digits("val"))
+    time.sleep(float(os.environ.get("TEST_SLEEP", "0")))  # a long test set: other workers end meanwhile
     with open(os.environ["TEST_LOG"], "a") as f:
         f.write(json.dumps({"number": trial.number, "params": trial.params}) + "\\n")
     return {"test_acc": acc, "test_loss": loss}
@@ -227,6 +228,24 @@ def test_a_train_function_study_runs_prunes_and_scores_the_best_once(user_pkg, w
     assert len((tmp_path / "test_calls.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_workers_started_by_hand_score_the_test_set_once_and_report_the_same_score(
+        user_pkg, write_spec, runner, pg_url, tmp_path, monkeypatch) -> None:
+    """Two `hpo worker` end together; the first to finish scores, the other reports its record."""
+    assert invoke(runner, "create", write_spec(user_spec(budget={"n_trials": 6, "epochs": 3})),
+                  "--storage", pg_url).exit_code == 0
+    env = env_without_storage() | {"TEST_SLEEP": "3"}
+    procs = [subprocess.Popen([sys.executable, "-m", "hpo", "worker", "mine", "--storage", pg_url, "--threads", "1"],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    calls = (tmp_path / "test_calls.jsonl").read_text().splitlines()
+    assert len(calls) == 1, calls
+    scored = [next(ln for ln in out.splitlines() if "of the best model" in ln) for out, _ in outs]
+    assert scored[0] == scored[1], scored
+
+
 @pytest.mark.parametrize(
     ("mode", "state", "reason"),
     [
@@ -244,6 +263,9 @@ def test_user_code_endings(user_pkg, write_spec, runner, storage_url, monkeypatc
     assert result.exit_code == (0 if state == TrialState.PRUNED else 1), result.output
     for t in load(storage_url).trials:
         assert t.state == state and t.user_attrs["reason"].startswith(reason), t.user_attrs
+        # ... and the progress line says why, not only the trial's record
+        line = next(ln for ln in result.stderr.splitlines() if ln.startswith(f"trial {t.number:>4} {state.name}"))
+        assert f"({reason}" in line, line
     if mode == "error":  # the user's own frame is in the traceback
         assert "in explode" in t.user_attrs["traceback"] and "digits.py" in t.user_attrs["traceback"]
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo._private import storage_of
+from hpo._private import storage_of, study_id
 from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
 from hpo.search.summary import TEST_ATTR, best_trial, front
 from hpo.storage.artifacts import UID_RE, find_artifact, own_file
@@ -20,37 +21,93 @@ if TYPE_CHECKING:
     from hpo.data.splits import DataCache
 
 
+SCORING_ATTR = "hpo:scoring"  # {"key", "owner", "since"}: the worker scoring the test set now, or None
+SCORING_LIMIT = 3600.0  # seconds after which a claim on another machine is taken as abandoned
+
+
 def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None = None) -> dict[str, Any] | None:
     """Score the best trial once on the test data and record it: hpo's own loop scores its saved
     model on the test split and saves it as the study's model; a user's `test` function is called
     with the best trial's params and final state. With several objectives every trial of the
-    Pareto front is scored once (the first `test_top` of it when the spec says), each model saved."""
+    Pareto front is scored once (the first `test_top` of it when the spec says), each model saved.
+    Once per study: the first worker to get here scores, the others wait for its record."""
     study = handle.study
     if handle.spec.multi_objective:
-        done = {r["trial"]: r for r in (study.user_attrs.get(TEST_ATTR) or {}).get("front") or []}
-        records = []
-        trials = front(study)[:handle.spec.test_top]
-        if data is None and handle.spec.train is None and any(t.number not in done for t in trials):
-            from hpo.data.splits import DataCache
+        numbers = [t.number for t in front(study)[:handle.spec.test_top]]
 
-            spec = handle.spec  # loaded once for every model of the front
-            data = DataCache(spec.builtin_data, spec.seed, device, spec.model)
-        for t in trials:
-            record = done.get(t.number) or _score(handle, t, device, data, f"model_trial{t.number}.pt")
-            if record is not None:
-                records.append(record)
-        if [r["trial"] for r in records] != list(done):
-            study.set_user_attr(TEST_ATTR, {"front": records})
-        return {"front": records}
+        def front_done(r: dict[str, Any] | None) -> bool:
+            return r is not None and [x["trial"] for x in r.get("front") or []] == numbers
+
+        return _once(study, f"front:{numbers}", front_done, lambda: _score_front(handle, device, data))
     best = best_trial(study)
     if best is None:
         return None
-    recorded: dict[str, Any] | None = study.user_attrs.get(TEST_ATTR)
-    if recorded and recorded.get("trial") == best.number:
-        return recorded
+    chosen = best
+
+    def best_done(r: dict[str, Any] | None) -> bool:
+        return r is not None and r.get("trial") == chosen.number
+
+    return _once(study, f"best:{best.number}", best_done, lambda: _score_best(handle, chosen, device, data))
+
+
+def _once(study: optuna.Study, key: str, done: Callable[[dict[str, Any] | None], bool],
+          score: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """`score()` and its record, unless another worker has scored `key` (its record is returned)
+    or is scoring it now (waited for, as long as its process lives)."""
+    from hpo.storage.backends import BudgetLock
+    from hpo.storage.retry import is_gone, owner
+
+    storage, sid = storage_of(study), study_id(study)
+    while True:
+        recorded = storage.get_study_user_attrs(sid).get(TEST_ATTR)
+        if done(recorded):
+            return recorded
+        lock = BudgetLock(storage, sid)  # a short hold, as when a trial is created
+        lock.acquire()
+        try:
+            held = storage.get_study_system_attrs(sid).get(SCORING_ATTR)
+            if held and held.get("key") == key and not is_gone(held["owner"]) \
+                    and time.time() - held["since"] < SCORING_LIMIT:
+                mine = held["owner"] == owner()
+            else:
+                storage.set_study_system_attr(sid, SCORING_ATTR, {"key": key, "owner": owner(), "since": time.time()})
+                mine = True
+        finally:
+            lock.release()
+        if mine:
+            break
+        time.sleep(0.5)  # another worker scores the same model: its record comes soon
+    try:
+        record = score()
+    finally:
+        storage.set_study_system_attr(sid, SCORING_ATTR, None)
+    return record
+
+
+def _score_front(handle: StudyHandle, device: torch.device, data: DataCache | None) -> dict[str, Any]:
+    study = handle.study
+    done = {r["trial"]: r for r in (study.user_attrs.get(TEST_ATTR) or {}).get("front") or []}
+    records = []
+    trials = front(study)[:handle.spec.test_top]
+    if data is None and handle.spec.train is None and any(t.number not in done for t in trials):
+        from hpo.data.splits import DataCache
+
+        spec = handle.spec  # loaded once for every model of the front
+        data = DataCache(spec.builtin_data, spec.seed, device, spec.model)
+    for t in trials:
+        record = done.get(t.number) or _score(handle, t, device, data, f"model_trial{t.number}.pt")
+        if record is not None:
+            records.append(record)
+    if [r["trial"] for r in records] != list(done):
+        study.set_user_attr(TEST_ATTR, {"front": records})
+    return {"front": records}
+
+
+def _score_best(handle: StudyHandle, best: FrozenTrial, device: torch.device,
+                data: DataCache | None) -> dict[str, Any] | None:
     record = _score(handle, best, device, data, "best_model.pt")
     if record is not None:
-        study.set_user_attr(TEST_ATTR, record)
+        handle.study.set_user_attr(TEST_ATTR, record)
     return record
 
 

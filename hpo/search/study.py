@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -85,7 +86,13 @@ def system_attrs(study: optuna.Study) -> dict[str, Any]:
 
 def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) -> Artifacts:
     system = system_attrs(study)
-    path = resolve_artifact_path(artifact_dir, storage_url, system.get(ARTIFACTS_ATTR))
+    recorded = system.get(ARTIFACTS_ATTR)
+    path = resolve_artifact_path(artifact_dir, storage_url, recorded)
+    if recorded is not None and Path(recorded) != path:
+        # Checkpoints and models then live in two places: say so once, with the way back.
+        print(f"Note: artifacts go to {path} (--artifacts or HPO_ARTIFACTS), not to the study's folder {recorded}; "
+              "trials this worker resumes find no checkpoint from workers that use the study's folder",
+              file=sys.stderr, flush=True)
     store = open_store(path)
     if system.get(ARTIFACTS_ATTR) is None:
         storage_of(study).set_study_system_attr(study_id(study), ARTIFACTS_ATTR, str(path.resolve()))
