@@ -211,3 +211,31 @@ def test_a_worker_past_the_hosts_cpus_waits_while_the_others_train_not_for_a_fro
     finally:
         other.kill()
         other.wait()
+
+
+def test_workers_on_other_cpus_or_in_another_slurm_task_keep_their_own_share(slots) -> None:
+    """Only workers that may run on the same CPUs, in the same Slurm allocation, share them: two
+    array tasks on one node each own their CPUs (seen on a real Slurm: the second task waited for
+    the first), and so do workers bound to different cores."""
+    if usable_cpus().count < 2:
+        missing("this test needs 2 usable CPUs")
+    env = env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}
+    holder = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "import time; from hpo.execution.share "
+                               "import HostSlot; s = HostSlot(); print(s.index, flush=True); time.sleep(600)"],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    probe = "from hpo.execution.share import HostSlot, share; print(share(HostSlot()).workers)"
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "0"
+
+        def workers(*prefix: str, extra: dict | None = None) -> str:
+            done = subprocess.run([*prefix, sys.executable, "-c", probe], env=env | (extra or {}),
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        assert workers() == "2"  # CPUs 0-1 overlap the holder's CPU 1
+        assert workers("taskset", "-c", "0") == "1"  # CPU 0 alone: its own
+        assert workers(extra={"SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1"}) == "1"  # a Slurm task's own CPUs
+    finally:
+        holder.kill()
+        holder.wait()

@@ -157,7 +157,9 @@ def test_the_shipped_job_file_runs_an_array_of_workers_to_the_studys_budget(stud
     code, logs = sbatch(study_env, tmp_path)
     assert code == 0 and len(logs) == 2, logs
     assert not any("Traceback" in log or "Error" in log for log in logs), logs
-    assert all("worker" in log and "1 usable CPU (SLURM_CPUS_PER_TASK)" in log for log in logs), logs
+    # Each task owns the CPU Slurm gave it: one thread each, and neither waits for the other.
+    assert all("worker 1 of 1 on this host: 1 thread of 1 usable CPU (SLURM_CPUS_PER_TASK)" in log for log in logs), logs
+    assert all("trial " in log and "busy with other workers" not in log for log in logs), logs
     trials = optuna.load_study(study_name="onslurm", storage=pg_url).trials
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 6 and len(trials) == 6
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no configuration twice

@@ -111,7 +111,7 @@ class HostSlot:
                 continue
             f.seek(0)
             f.truncate()
-            f.write(f"{os.getpid()} {_pid_namespace()}\n")  # who holds it: see ThreadShare.turn
+            f.write(f"{os.getpid()} {_pid_namespace()} {_cpu_list()} {_allocation()}\n")  # see peers(), turn()
             f.flush()
             self.file, self.index = f, i
             return
@@ -134,13 +134,33 @@ class HostSlot:
                     out.append(i)
         return sorted(out)
 
+    def _record(self, index: int) -> list[str]:
+        try:
+            return (self.folder / f"{index}.slot").read_text().split()
+        except OSError:
+            return []
+
     def pid(self, index: int) -> int | None:
         """The process that holds slot `index`, when it is in this process's PID namespace."""
-        try:
-            pid, ns = (self.folder / f"{index}.slot").read_text().split()[:2]
-        except (OSError, ValueError):
+        record = self._record(index)
+        if len(record) < 2:
             return None
+        pid, ns = record[:2]
         return int(pid) if pid.isdigit() and ns == _pid_namespace() else None
+
+    def peers(self) -> list[int]:
+        """The held slots whose workers share CPUs with this one, this one included, in order:
+        those that may run on some of the same CPUs, within the same Slurm allocation (two array
+        tasks on one node each hold their own CPUs, bound to them or not)."""
+        mine = set(_cpu_list().split(","))
+        out = []
+        for i in self.held():
+            record = self._record(i)
+            if i == self.index or len(record) < 4:  # a record being written: counted, to be safe
+                out.append(i)
+            elif record[3] == _allocation() and mine & set(record[2].split(",")):
+                out.append(i)
+        return out
 
     def close(self) -> None:
         if self.file is not None:
@@ -163,6 +183,21 @@ class Share:
             usable += f" ({self.cpus.limit})"
         how = " (as asked)" if self.chosen else ""
         return f"worker {self.rank + 1} of {self.workers} on this host: {self.threads} thread{plural}{how} of {usable}"
+
+
+def _cpu_list() -> str:
+    try:
+        return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return ",".join(str(c) for c in range(os.cpu_count() or 1))
+
+
+def _allocation() -> str:
+    """The Slurm task this process runs in (its CPUs are its own), or "-" outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "-"
+    return f"slurm:{job}.{os.environ.get('SLURM_ARRAY_TASK_ID', '')}.{os.environ.get('SLURM_PROCID', '0')}"
 
 
 def _pid_namespace() -> str:
@@ -203,7 +238,7 @@ def share(slot: HostSlot, asked: int | None = None) -> Share:
     """This worker's threads now: its explicit setting, else the CPUs it may use divided among the
     workers of the host (the first ones take the remainder)."""
     cpus = usable_cpus()
-    held = slot.held() or [slot.index]
+    held = slot.peers() or [slot.index]
     workers = len(held)
     rank = held.index(slot.index) if slot.index in held else workers - 1
     if (chosen := explicit_threads(asked)) is not None:
@@ -249,7 +284,7 @@ class ThreadShare:
         if now.chosen or now.rank < now.cpus.count:
             self.waiting = False
             return True
-        ahead = [pid for i in self.slot.held()[:now.rank] if (pid := self.slot.pid(i)) is not None]
+        ahead = [pid for i in self.slot.peers()[:now.rank] if (pid := self.slot.pid(i)) is not None]
         waits = busy(ahead) >= now.cpus.count
         if waits and not self.waiting:
             note(f"worker {now.rank + 1} of {now.workers} on this host: the {now.cpus.count} usable CPU"
