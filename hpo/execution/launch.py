@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from hpo.data.splits import DataCache
 from hpo.errors import HpoError
 from hpo.execution.share import HostSlot, ThreadShare
-from hpo.execution.supervisor import announce
+from hpo.execution.supervisor import announce, finished
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
 from hpo.runtime import stopping
 from hpo.runtime.listener import Listener
@@ -143,10 +143,12 @@ def run_here(
         result = work(handle, device, data, progress, n_trials=n_trials, timeout=timeout,
                       checkpoint_interval=checkpoint_interval, since=since, threads=share)
     except Interrupted as e:
+        finished()  # the trial in flight is queued
         progress.close()
         raise _stopped(e.result) from None
     finally:
         slot.close()
+    finished()
     progress.close()
     finalize(handle, device, data)
     if result.failure is None:
