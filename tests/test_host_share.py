@@ -53,6 +53,19 @@ def _worker(url: str, *args: str, prefix: tuple[str, ...] = (), env: dict | None
                           env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def _busy_worker_and_one_more(env: dict, url: str, study: str, cwd: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """A process that holds slot 0 and keeps a CPU busy (a worker training), then `hpo worker`
+    bound to one CPU: the second worker of the host, past its usable CPUs."""
+    other = subprocess.Popen([sys.executable, "-c", "from hpo.execution.share import HostSlot; s = HostSlot(); "
+                              "print(s.index, flush=True)\nwhile True: pass"], env=env, stdout=subprocess.PIPE,
+                             text=True)
+    assert other.stdout is not None and other.stdout.readline().strip() == "0"
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "hpo", "worker", study, "--storage", url],
+                            env=env, cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    return other, proc
+
+
 def test_a_worker_bound_to_one_cpu_trains_on_one_thread_and_says_so(user_pkg, write_spec, runner, slots,  # noqa: F811
                                                                      storage_url, tmp_path) -> None:
     _created(runner, write_spec, storage_url, 2)
@@ -186,25 +199,19 @@ def test_a_worker_past_the_hosts_cpus_waits_while_the_others_train_not_for_a_fro
     starts no trial (three workers on two cores then go as fast as two). The other is frozen
     (SIGSTOP): it uses no CPU, so this one goes on and trains, rather than wait for ever."""
     _created(runner, write_spec, storage_url, 2)
-    env = env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}
-    other = subprocess.Popen([sys.executable, "-c", "from hpo.execution.share import HostSlot; s = HostSlot(); "
-                              "print(s.index, flush=True)\nwhile True: pass"], env=env, stdout=subprocess.PIPE,
-                             text=True)
+    other, proc = _busy_worker_and_one_more(env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}, storage_url,
+                                            "fast", tmp_path)
     try:
-        assert other.stdout is not None and other.stdout.readline().strip() == "0"
-        proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "hpo", "worker", "fast", "--storage",
-                                 storage_url], env=env, cwd=tmp_path, stderr=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, text=True)
         assert proc.stderr is not None
-        header = proc.stderr.readline()
-        assert "worker 2 of 2 on this host: 1 thread of 1 usable CPU" in header, header
-        said = proc.stderr.readline()
-        assert "the 1 usable CPU is busy with other workers; it starts a trial when one is free" in said, said
+        said = proc.stderr.readline()  # before its header: it waits before loading torch and the data
+        assert said.strip() == ("worker 2 of 2 on this host: the 1 usable CPU is busy with other workers; it starts a "
+                                "trial when one is free"), said
         assert trials(storage_url) == []  # it said so after looking: nothing started
         frozen = time.time()
         os.kill(other.pid, signal.SIGSTOP)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+        assert "worker 2 of 2 on this host: 1 thread of 1 usable CPU" in err.splitlines()[0], err
         done = trials(storage_url)
         assert len(done) == 2 and all(t.datetime_start.timestamp() >= frozen - 1 for t in done)
         assert [t.user_attrs["threads"] for t in done] == [1, 1]
@@ -239,3 +246,28 @@ def test_workers_on_other_cpus_or_in_another_slurm_task_keep_their_own_share(slo
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_worker_that_waits_for_a_cpu_ends_when_the_study_is_done_meanwhile(runner, write_spec, slots,
+                                                                             storage_url, tmp_path) -> None:
+    """The workers ahead used up the budget while it waited: it ends at once, with one line."""
+    import optuna
+
+    from tests.conftest import small_spec
+
+    assert invoke(runner, "create", write_spec(small_spec(name="done", budget={"n_trials": 2, "epochs": 1})),
+                  "--storage", storage_url).exit_code == 0
+    other, proc = _busy_worker_and_one_more(env_without_storage() | {"HPO_SLOTS_DIR": str(slots)}, storage_url,
+                                            "done", tmp_path)
+    try:
+        assert proc.stderr is not None and "busy with other workers" in proc.stderr.readline()
+        study = optuna.load_study(study_name="done", storage=storage_url)
+        for value in (0.5, 0.6):  # what the workers ahead finished meanwhile
+            study.add_trial(optuna.trial.create_trial(value=value))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert err.strip().splitlines()[-1] == "Stopped: study done used up its budget while this worker waited for a CPU."
+        assert len(study.trials) == 2
+    finally:
+        other.kill()
+        other.wait()

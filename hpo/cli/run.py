@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -269,10 +270,14 @@ def worker(
       HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
       hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
     """
-    from hpo.execution.share import HostSlot, device_for
-    from hpo.search.study import open_existing
+    from hpo.execution.share import HostSlot, device_for, wait_to_start
 
     slot = HostSlot()  # this worker's place among the host's hpo workers: its threads, its GPU
+    if not wait_to_start(slot, threads, _budget_used(storage, study), lambda line: click.echo(line, err=True)):
+        click.echo(f"Stopped: study {study} used up its budget while this worker waited for a CPU.", err=True)
+        return
+    from hpo.search.study import open_existing
+
     dev = device_for(device, slot)
     from hpo.storage.backends import resolve_url, sole_writer
 
@@ -290,3 +295,35 @@ def worker(
     if not quiet:
         _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, 1)
+
+
+def _budget_used(storage: str | None, study: str) -> Callable[[], bool]:
+    """Whether every trial of the study's budget is running or done, read with the storage alone
+    (no torch): for a worker that waits for a CPU before it starts. A study that cannot be read
+    counts as not done; the worker then starts and says why it cannot go on."""
+    opened: list[Any] = []
+
+    def used() -> bool:
+        import optuna
+
+        from hpo.search.budget import count_budget
+        from hpo.search.samplers import effective_n_trials
+        from hpo.search.summary import SPEC_ATTR
+        from hpo.spec.schema import spec_from_mapping
+        from hpo.storage.backends import open_storage, resolve_url
+
+        try:
+            if not opened:
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                store = open_storage(resolve_url(storage), create=False, heartbeat=None)
+                opened.append(optuna.load_study(study_name=study, storage=store))
+            found = opened[0]
+            stored = found.user_attrs.get(SPEC_ATTR)
+            if stored is None:
+                return False
+            status = count_budget(found.get_trials(deepcopy=False), effective_n_trials(spec_from_mapping(stored, study)))
+        except Exception:
+            return False
+        return status.remaining <= 0 and status.waiting == 0
+
+    return used

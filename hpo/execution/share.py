@@ -284,13 +284,40 @@ class ThreadShare:
         if now.chosen or now.rank < now.cpus.count:
             self.waiting = False
             return True
-        ahead = [pid for i in self.slot.peers()[:now.rank] if (pid := self.slot.pid(i)) is not None]
-        waits = busy(ahead) >= now.cpus.count
+        waits = _cpus_taken(self.slot, now)
         if waits and not self.waiting:
-            note(f"worker {now.rank + 1} of {now.workers} on this host: the {now.cpus.count} usable CPU"
-                 f"{'s are' if now.cpus.count > 1 else ' is'} busy with other workers; it starts a trial when one is free")
+            note(_waits_line(now))
         self.waiting = waits
         return not waits
+
+
+def _cpus_taken(slot: HostSlot, now: Share) -> bool:
+    """As many workers before this one as it may use CPUs are busy training (a half-second look)."""
+    ahead = [pid for i in slot.peers()[:now.rank] if (pid := slot.pid(i)) is not None]
+    return busy(ahead) >= now.cpus.count
+
+
+def _waits_line(now: Share) -> str:
+    return (f"worker {now.rank + 1} of {now.workers} on this host: the {now.cpus.count} usable CPU"
+            f"{'s are' if now.cpus.count > 1 else ' is'} busy with other workers; it starts a trial when one is free")
+
+
+def wait_to_start(slot: HostSlot, asked: int | None, study_done: Callable[[], bool],
+                  note: Callable[[str], None]) -> bool:
+    """A worker started past the host's CPUs (a third on two cores) waits here, before it imports
+    torch and loads its data: seconds of CPU that would slow the workers that train. It goes on
+    when a CPU is free (True), or ends when the study needs no more trials (False). Cheap to
+    call: it reads slot files and /proc, and the storage through `study_done` while it waits."""
+    said = False
+    while True:
+        now = share(slot, asked)
+        if now.chosen or now.rank < now.cpus.count or not _cpus_taken(slot, now):
+            return True
+        if study_done():
+            return False
+        if not said:
+            note(_waits_line(now))
+            said = True
 
 
 def device_for(name: str | None, slot: HostSlot) -> torch.device:
