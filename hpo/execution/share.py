@@ -3,11 +3,13 @@
 Left alone, every worker runs torch's default of one thread per core, so K workers on a host run
 K x cores threads that spin against each other. Each worker that trains holds a slot, a file in
 a folder of this host locked with flock for the worker's life (a `kill -9` frees it with the
-process; there is no server), counts the slots held, and takes its share of the CPUs it may use:
-its CPU affinity (taskset, Slurm's binding), a cgroup's CPU quota (a container's or pod's limit)
-and SLURM_CPUS_PER_TASK. The count is read again before every trial, so the share follows the
-workers that start and end. `--threads` and a user's OMP_NUM_THREADS win; so do `--device cuda:N`
-and CUDA_VISIBLE_DEVICES over the GPU a slot picks.
+process; there is no server), counts the slots of the workers that may run on the same CPUs in
+the same Slurm allocation, and takes its share of the CPUs it may use: its CPU affinity
+(taskset, Slurm's binding), a cgroup's CPU quota (a container's or pod's limit) and
+SLURM_CPUS_PER_TASK. The count is read again before every trial, so the share follows the
+workers that start and end; a worker past the CPUs waits while the workers ahead of it are busy.
+`--threads` and a user's OMP_NUM_THREADS win; so do `--device cuda:N` and CUDA_VISIBLE_DEVICES
+over the GPU a slot picks.
 """
 
 from __future__ import annotations
