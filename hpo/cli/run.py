@@ -321,9 +321,9 @@ def _budget_used(storage: str | None, study: str) -> Callable[[], bool]:
             stored = found.user_attrs.get(SPEC_ATTR)
             if stored is None:
                 return False
-            status = count_budget(found.get_trials(deepcopy=False), effective_n_trials(spec_from_mapping(stored, study)))
+            total = effective_n_trials(spec_from_mapping(stored, study))
+            return count_budget(found.get_trials(deepcopy=False), total).all_taken
         except Exception:
             return False
-        return status.remaining <= 0 and status.waiting == 0
 
     return used

@@ -251,7 +251,7 @@ class _Watch:
 
 def _say_end(progress: Progress, study: Any, timeout: float | None) -> None:
     left = budget_status(study, progress.total)
-    if left.remaining <= 0 and left.waiting == 0 and left.running == 0:
+    if left.all_taken and left.running == 0:
         progress.say(f"Stopped: study budget of {progress.total} trials reached.")
     elif left.waiting and timeout is not None:
         progress.say(f"Stopped: timeout of {timeout:g} s reached; {left.waiting} trials are queued and resume on "

@@ -144,7 +144,7 @@ def _take_slot(study: optuna.Study, lock: BudgetLock, total: int, since: float, 
         result.stopped, result.failure = failure.reason, failure
         return False
     status = count_budget(trials, total)
-    if status.remaining <= 0 and status.waiting == 0:
+    if status.all_taken:
         lock.release()
         if wait is not None and wait_for_running(study, wait):
             return None
@@ -156,7 +156,7 @@ def _take_slot(study: optuna.Study, lock: BudgetLock, total: int, since: float, 
 def _all_taken(study: optuna.Study, total: int) -> bool:
     """Every trial of the budget is running or done: a waiting worker goes on, to see it end."""
     status = count_budget(study.get_trials(deepcopy=False), total)
-    return status.remaining <= 0 and status.waiting == 0
+    return status.all_taken
 
 
 def _limit_reached(result: WorkerResult, n_trials: int | None, deadline: float | None, timeout: float | None) -> bool:

@@ -33,6 +33,11 @@ class BudgetStatus:
     def remaining(self) -> int:
         return self.total - self.finished - self.running - self.waiting
 
+    @property
+    def all_taken(self) -> bool:
+        """Every trial of the budget is running or done: none left to start, none queued."""
+        return self.remaining <= 0 and self.waiting == 0
+
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that live on in a retry (they do not count against the budget)."""
