@@ -154,13 +154,12 @@ class HostSlot:
         """The held slots whose workers share CPUs with this one, this one included, in order:
         those that may run on some of the same CPUs, within the same Slurm allocation (two array
         tasks on one node each hold their own CPUs, bound to them or not)."""
-        mine = set(_cpu_list().split(","))
+        mine, allocation = set(_cpu_list().split(",")), _allocation()
         out = []
         for i in self.held():
             record = self._record(i)
-            if i == self.index or len(record) < 4:  # a record being written: counted, to be safe
-                out.append(i)
-            elif record[3] == _allocation() and mine & set(record[2].split(",")):
+            # This worker, a record still being written (counted, to be safe), or a peer.
+            if i == self.index or len(record) < 4 or (record[3] == allocation and mine & set(record[2].split(","))):
                 out.append(i)
         return out
 
@@ -177,6 +176,12 @@ class Share:
     workers: int
     cpus: Cpus
     chosen: bool  # set by --threads or OMP_NUM_THREADS, not by the share
+    ahead: tuple[int, ...] = ()  # the slots of the workers before this one that share its CPUs
+
+    @property
+    def past_cpus(self) -> bool:
+        """More workers before this one than CPUs to share (a third on two cores), threads not asked for."""
+        return not self.chosen and self.rank >= self.cpus.count
 
     def describe(self) -> str:
         plural = "s" if self.threads > 1 else ""
@@ -243,10 +248,11 @@ def share(slot: HostSlot, asked: int | None = None) -> Share:
     held = slot.peers() or [slot.index]
     workers = len(held)
     rank = held.index(slot.index) if slot.index in held else workers - 1
+    ahead = tuple(held[:rank])
     if (chosen := explicit_threads(asked)) is not None:
-        return Share(chosen, rank, workers, cpus, True)
+        return Share(chosen, rank, workers, cpus, True, ahead)
     threads = max(1, cpus.count // workers + (1 if rank < cpus.count % workers else 0))
-    return Share(threads, rank, workers, cpus, False)
+    return Share(threads, rank, workers, cpus, False, ahead)
 
 
 def pick_gpu(slot_index: int, gpus: list[int]) -> int:
@@ -283,10 +289,7 @@ class ThreadShare:
         idle does not count (it is measured, not assumed), so nothing waits on a frozen process.
         Threads that were asked for (--threads, OMP_NUM_THREADS) never wait."""
         now = self.apply()
-        if now.chosen or now.rank < now.cpus.count:
-            self.waiting = False
-            return True
-        waits = _cpus_taken(self.slot, now)
+        waits = now.past_cpus and _cpus_taken(self.slot, now)
         if waits and not self.waiting:
             note(_waits_line(now))
         self.waiting = waits
@@ -295,8 +298,7 @@ class ThreadShare:
 
 def _cpus_taken(slot: HostSlot, now: Share) -> bool:
     """As many workers before this one as it may use CPUs are busy training (a half-second look)."""
-    ahead = [pid for i in slot.peers()[:now.rank] if (pid := slot.pid(i)) is not None]
-    return busy(ahead) >= now.cpus.count
+    return busy([pid for i in now.ahead if (pid := slot.pid(i)) is not None]) >= now.cpus.count
 
 
 def _waits_line(now: Share) -> str:
@@ -313,7 +315,7 @@ def wait_to_start(slot: HostSlot, asked: int | None, study_done: Callable[[], bo
     said = False
     while True:
         now = share(slot, asked)
-        if now.chosen or now.rank < now.cpus.count or not _cpus_taken(slot, now):
+        if not (now.past_cpus and _cpus_taken(slot, now)):
             return True
         if study_done():
             return False
