@@ -158,7 +158,7 @@ class DataCache:
     def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp") -> None:
         self.streamed: Data | None = None
         if spec.is_user:
-            user = load_user_data(spec, device)
+            user = load_user_data(spec, device, seed)
             if user.streams is not None:
                 s = user.streams
                 self.streamed = Data(s["train"], s["val"], s["test"], user.input_shape, user.n_outputs, user.task)

@@ -61,10 +61,12 @@ class UserData:
     task: str
 
 
-def load_user_data(spec: DataSpec, device: torch.device) -> UserData:
+def load_user_data(spec: DataSpec, device: torch.device, seed: int = 0) -> UserData:
+    from hpo.data.seeding import seed_all
     from hpo.spec.user_code import load
 
     fn = load(spec.dataset, KEY)
+    seed_all(seed)  # a function that draws (a random split, generated data) gives the same data every run
     try:
         out = fn()
     except Exception as e:

@@ -25,10 +25,11 @@ class Envelope:
     state: Any  # the training code's own state
     curves: dict[str, list[float]] = field(default_factory=dict)  # every reported metric, per epoch
     epoch_seconds: list[float] = field(default_factory=list)
+    rng: dict[str, Any] | None = None  # the random streams when it was saved (hpo.runtime.seeding)
 
     def to_dict(self) -> dict[str, Any]:
         return {"hpo_checkpoint": FORMAT, "epoch": self.epoch, "state": self.state,
-                "curves": self.curves, "epoch_seconds": self.epoch_seconds}
+                "curves": self.curves, "epoch_seconds": self.epoch_seconds, "rng": self.rng}
 
     @staticmethod
     def from_dict(raw: Mapping[str, Any] | None) -> Envelope | None:
@@ -36,7 +37,7 @@ class Envelope:
         if not raw or raw.get("hpo_checkpoint") != FORMAT:
             return None
         return Envelope(int(raw["epoch"]), raw["state"], {k: list(v) for k, v in raw["curves"].items()},
-                        list(raw["epoch_seconds"]))
+                        list(raw["epoch_seconds"]), raw.get("rng"))
 
 
 _SCALARS = (int, float, bool, str, bytes, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)

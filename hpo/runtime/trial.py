@@ -24,6 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from hpo._private import trial_id
 from hpo.errors import TrialError
+from hpo.data import seeding
 from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope, unsafe_part
 from hpo.runtime.endings import (
@@ -201,7 +202,7 @@ class Trial:
             self._flush_reports()  # a retry resumes here and inherits the reports: none may be missing
             t0 = time.monotonic()
             envelope = Envelope(done, self._checked(state() if callable(state) else state), self._curves,
-                                self._epoch_seconds)
+                                self._epoch_seconds, seeding.capture())
             self._ctx.artifacts.save_checkpoint(self.first_number, envelope.to_dict())
             self._last_checkpoint = time.monotonic()
             self._ctx.policy.cost = self._last_checkpoint - t0
@@ -419,6 +420,9 @@ class TrialRunner:
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
         inherited = dict(ot.storage.get_trial(trial_id(ot)).intermediate_values) if number != ot.number else {}
         trial = self.current = Trial(ctx, params, number, ot, envelope, inherited)
+        seeding.seed_all(trial.seed)
+        if envelope is not None and envelope.rng is not None:
+            seeding.restore(envelope.rng)  # the streams as they were when the checkpoint was saved
         trial.set_attr("threads", torch.get_num_threads())  # the worker's share of its host when it started
         ctx.listener.trial_started(ot.number, params, trial.start_epoch, None if number == ot.number else number)
         try:

@@ -169,6 +169,7 @@ def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, s
 
 def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.device) -> dict[str, Any]:
     """Call the spec's `test` function once, on the best trial: its params and final saved state."""
+    from hpo.data import seeding
     from hpo.runtime.trial import Trial, TrialContext, _as_number
     from hpo.spec.space import resolve_values
     from hpo.spec.user_code import UserCodeError, load
@@ -182,6 +183,7 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
                   best.number, None)
     trial.start_epoch = trial.epochs
     trial._state = handle.artifacts.read(model_id) if model_id is not None else None
+    seeding.seed_all(trial.seed)
     out = test_fn(trial)
     name = spec.metric.replace("val_", "test_") if spec.metric.startswith("val_") else f"test_{spec.metric}"
     raw = out if isinstance(out, Mapping) else {name: out}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from hpo.data.splits import DataCache
+from hpo.data.seeding import seed_all
 from hpo.runtime.trial import Trial
 from hpo.spec.params import Params
 from hpo.spec.schema import StudySpec
@@ -32,7 +33,7 @@ class BuiltinTraining:
         params = Params.from_mapping(trial.params)
         trainers = []
         for k, data in enumerate(self.data.folds(params.scaling)):  # one fold unless cv_folds
-            torch.manual_seed(fold_seed(trial.seed, k))
+            seed_all(fold_seed(trial.seed, k))  # a model factory may draw from random or NumPy too
             model = build_model(self.spec.model, trial.params, data.input_shape, data.n_outputs)
             t = Trainer(model, params, data, trial.epochs, trial.device, fold_seed(trial.seed, k))
             t.check = trial.check  # the trial's and the study's time limits, every batch
