@@ -132,7 +132,8 @@ def test_python_dash_m_entry_point(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["validate", "QUICKSTART"], ["studies"], ["best", "small"],
-                                  ["trials", "small"]], ids=lambda a: a[0])
+                                  ["trials", "small"], ["show", "small", "0"], ["logs", "small", "0"]],
+                         ids=lambda a: a[0])
 def test_commands_that_train_nothing_import_no_torch(args, write_spec, runner, storage_url, tmp_path) -> None:
     """Importing torch takes seconds; a command that only reads a study must not pay for it."""
     import subprocess

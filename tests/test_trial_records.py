@@ -15,7 +15,8 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import env_without_storage, user_package
+from hpo.cli import cli
+from tests.conftest import env_without_storage, invoke, user_package, wait_for
 
 # Draws from Python's random, NumPy and torch, and from a DataLoader that shuffles with 0 or 2
 # loader processes (each item carries a draw made in the process that loaded it). MODE=die ends
@@ -108,3 +109,109 @@ def test_user_code_repeats_its_draws_and_a_resumed_trial_continues_them(tmp_path
     assert "resum" in resumed.stderr
     # Trial 0 came back as a retry (the later trials' numbers, and so their draws, moved on).
     assert _curves(crashed)[0] == runs[0][0]
+
+
+# A training function that talks: to stdout, to stderr, through `warnings`, and (for large
+# learning rates) fails. WAIT_FOR (a file) holds trial 0 at its first epoch until it exists.
+TALKER = '''
+import os, sys, time, warnings
+
+
+def train(trial):
+    print(f"hello from trial {trial.number} lr={trial.params['lr']}")
+    for epoch in range(trial.start_epoch, trial.epochs):
+        print(f"epoch {epoch} of trial {trial.number}", file=sys.stderr)
+        marker = os.environ.get("WAIT_FOR")
+        if marker and trial.number == 0:
+            print("waiting", flush=True)
+            while not os.path.exists(marker):
+                time.sleep(0.05)
+        if trial.params["lr"] > 0.5:
+            warnings.warn("that learning rate is large")
+            raise ValueError(f"lr {trial.params['lr']} is too large")
+        trial.report(epoch, score=trial.params["lr"] * (epoch + 1))
+'''
+
+
+def _talker_spec(tmp_path: Path, n_trials: int = 4) -> Path:
+    spec = {"name": "talk", "train": "talkpkg.code:train", "metric": "score", "direction": "maximize",
+            "space": {"lr": [0.1, 0.9, 0.2, 0.3]}, "sampler": {"name": "grid"},
+            "budget": {"n_trials": n_trials, "epochs": 2, "max_failures": 10}}
+    path = tmp_path / "talk.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_each_trial_keeps_what_it_printed_and_hpo_show_tells_it_whole(tmp_path, monkeypatch, runner):
+    from optuna.artifacts import get_all_artifact_meta
+
+    user_package(tmp_path, monkeypatch, "talkpkg", {"code": TALKER})
+    spec = _talker_spec(tmp_path)
+    result = invoke(runner, "run", spec)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="talk", storage=f"sqlite:///{tmp_path / 'hpo.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].params["lr"] == 0.9
+    for t in study.trials:
+        names = [m.filename for m in get_all_artifact_meta(t, storage=study._storage)]
+        assert names.count("log.txt") == 1, (t.number, names)
+    assert not list((tmp_path / "hpo-artifacts").glob("*.log"))  # live logs are gone once uploaded
+
+    bad = failed[0].number
+    log = invoke(runner, "logs", "talk", str(bad)).output
+    assert f"hello from trial {bad} lr=0.9" in log
+    assert f"epoch 0 of trial {bad}" in log
+    assert "UserWarning: that learning rate is large" in log
+    assert "ValueError: lr 0.9 is too large" in log
+    assert all(f"trial {n} " not in log for n in range(5) if n != bad)  # only this trial's lines
+
+    shown = invoke(runner, "show", "talk", str(bad)).output
+    assert f"Trial {bad} of study talk: FAIL" in shown
+    assert "Reason: ValueError: lr 0.9 is too large" in shown
+    where, full = shown.index("Where in your code"), shown.index("Traceback")
+    assert where < full and "talkpkg/code.py" in shown[where:full]  # the user's frames first
+    assert shown.index("Log") > full and "hello from trial" in shown.split("\nLog")[-1]
+
+    good = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.params["lr"] == 0.3)
+    shown = invoke(runner, "show", "talk", str(good.number)).output
+    assert "Curves (per epoch)" in shown and "0.6" in shown  # score 0.3 * 2 at epoch 1
+    assert "lr  0.3" in shown
+    missing = runner.invoke(cli, ["show", "talk", "99"])  # 4 results and the failed trial: 0-4
+    assert missing.exit_code == 1 and "Error: study talk has no trial 99 (trials 0-4)" in missing.output
+
+
+@pytest.mark.slow
+def test_workers_label_their_lines_and_logs_follow_a_running_trial(tmp_path, monkeypatch):
+    """Two local workers: every line a trial prints on the terminal says its number; `hpo logs
+    --follow` prints a running trial's output as it comes and ends with the trial."""
+    root = user_package(tmp_path, monkeypatch, "talkpkg", {"code": TALKER})
+    spec, marker = _talker_spec(tmp_path), tmp_path / "go"
+    env = {**env_without_storage(), "WAIT_FOR": str(marker), "PYTHONPATH": str(root)}
+    run = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(spec), "--workers", "2"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        db = f"sqlite:///{tmp_path / 'hpo.db'}"
+        wait_for(lambda: (tmp_path / "hpo.db").exists() and any(
+            "waiting" in p.read_text() for p in (tmp_path / "hpo-artifacts").glob("*.log")), "trial 0 to wait")
+        follow = subprocess.Popen([sys.executable, "-m", "hpo", "logs", "talk", "0", "--follow", "--storage", db],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        assert follow.stdout is not None
+        first = follow.stdout.readline()
+        assert first.startswith("hello from trial 0")  # the live log, while trial 0 runs
+        marker.touch()
+        rest = follow.stdout.read()
+        assert follow.wait(timeout=120) == 0
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            import os
+            import signal
+
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, err
+    assert "epoch 1 of trial 0" in rest  # followed to the trial's end
+    printed = [line for line in (out + err).splitlines() if "of trial" in line or "hello from" in line]
+    assert printed and all(line.startswith("[trial ") for line in printed)
+    for line in printed:
+        number = line.split("]")[0].removeprefix("[trial ")
+        assert f"trial {number}" in line.split("] ", 1)[1]

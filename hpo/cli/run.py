@@ -291,7 +291,8 @@ def worker(
         data = prepare(handle.spec, dev)
         with _stops():
             outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
-                               storage_url=url, checkpoint_interval=checkpoint_interval, slot=slot, threads=threads)
+                               storage_url=url, checkpoint_interval=checkpoint_interval, slot=slot, threads=threads,
+                               label_output=True)
     if not quiet:
         _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, 1)

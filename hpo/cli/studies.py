@@ -209,6 +209,70 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
         _table(rows)
 
 
+def _handle(name: str, storage: str | None, artifacts: str | None) -> Any:
+    from hpo.search.study import open_existing
+
+    store, url = _open(storage, create=False)
+    return open_existing(name, store, url, artifacts)
+
+
+@cli.command()
+@click.argument("study")
+@click.argument("number", metavar="TRIAL", type=click.IntRange(min=0))
+@storage_option
+@artifacts_option
+@click.option("--lines", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many of the log's last lines to show.")
+def show(study: str, number: int, storage: str | None, artifacts: str | None, lines: int) -> None:
+    """Show one trial whole: state, reason, parameters, each metric per epoch, attributes, the
+    traceback (your frames first), its checkpoint and model files and the end of its log.
+
+    \b
+    Example:
+      hpo show quickstart 12
+    """
+    from hpo.ui.trial_view import find_trial, render
+
+    handle = _handle(study, storage, artifacts)
+    click.echo(render(handle, find_trial(handle.study, number), lines))
+
+
+@cli.command()
+@click.argument("study")
+@click.argument("number", metavar="TRIAL", type=click.IntRange(min=0))
+@storage_option
+@artifacts_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the trial runs.")
+def logs(study: str, number: int, storage: str | None, artifacts: str | None, follow: bool) -> None:
+    """Print what a trial's code wrote to stdout and stderr (and how it ended).
+
+    Logs are kept in the study's artifact folder: for trials that ran on other machines, pass the
+    shared folder with --artifacts.
+
+    \b
+    Example:
+      hpo logs quickstart 12
+      hpo logs mystudy 40 --follow --storage postgresql://user@db/hpo
+    """
+    from hpo.ui import trial_view
+
+    handle = _handle(study, storage, artifacts)
+    trial = trial_view.find_trial(handle.study, number)
+    if follow:
+        try:
+            trial_view.follow(handle, number, lambda text: click.echo(text, nl=False))
+        except KeyboardInterrupt:
+            pass
+        return
+    text = trial_view.log_of(handle, trial)
+    if text is None:
+        state = trial.state.name.lower()
+        click.echo(f"Trial {number} ({state}) has no log: it printed nothing"
+                   f"{', or has not started' if state == 'waiting' else ''}.", err=True)
+        return
+    click.echo(text, nl=False)
+
+
 @cli.command()
 @click.argument("study")
 @storage_option

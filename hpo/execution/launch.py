@@ -54,7 +54,8 @@ def prepare(spec: StudySpec, device: Any) -> DataCache | None:
 
 
 def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Listener, *, n_trials: int | None,
-         timeout: float | None, checkpoint_interval: float, since: float, threads: ThreadShare) -> WorkerResult:
+         timeout: float | None, checkpoint_interval: float, since: float, threads: ThreadShare,
+         label_output: bool = False) -> WorkerResult:
     """One worker's trials, fused or one at a time as the spec says, until the budget, a limit,
     the run's failures or a stop (a signal, or `hpo stop` seen in the study) ends them; before
     each trial the worker takes its share of the host's CPUs."""
@@ -70,7 +71,7 @@ def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Lis
                                     checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply)
         return run_worker(handle, device=device, n_trials=n_trials, timeout=timeout, listener=listener, data=data,
                           checkpoint_interval=checkpoint_interval, since=since, before_trial=threads.apply,
-                          turn=threads.turn)
+                          turn=threads.turn, label_output=label_output)
     finally:
         watch.close()
 
@@ -117,10 +118,12 @@ def run_here(
     checkpoint_interval: float = 2.0,
     slot: HostSlot | None = None,
     threads: int | None = None,
+    label_output: bool = False,
 ) -> Outcome:
     """Run trials in this process (fused or one at a time), then score the best model. `slot`:
     this worker's place among the host's hpo workers (taken here when not given); `threads`:
-    --threads, which wins over its share of the CPUs."""
+    --threads, which wins over its share of the CPUs; `label_output`: one worker among others
+    (`hpo worker`), so what a trial prints says its number."""
     spec = handle.spec
     slot = slot or HostSlot()
     share = ThreadShare(slot, threads)
@@ -141,7 +144,7 @@ def run_here(
     announce(storage_url, spec.name)  # the parent of `hpo run`/`hpo worker` takes back what a crash leaves
     try:
         result = work(handle, device, data, progress, n_trials=n_trials, timeout=timeout,
-                      checkpoint_interval=checkpoint_interval, since=since, threads=share)
+                      checkpoint_interval=checkpoint_interval, since=since, threads=share, label_output=label_output)
     except Interrupted as e:
         finished()  # the trial in flight is queued
         progress.close()
@@ -284,7 +287,8 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     mine.spec = handle.spec  # with the run's overrides (--fuse, --n-trials)
     try:
         work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
-             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads))
+             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads),
+             label_output=True)
     except Interrupted:
         return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:

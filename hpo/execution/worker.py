@@ -79,6 +79,7 @@ def run_worker(
     since: float | None = None,
     before_trial: Callable[[], object] = lambda: None,
     turn: Callable[[Callable[[str], None]], bool] = lambda note: True,
+    label_output: bool = False,  # other workers print to this terminal: a trial's lines say its number
 ) -> WorkerResult:
     """Run trials until the study's budget is met, `n_trials` ran here, `timeout` passed, or the
     run's failures since `since` (a time.time(); default now) stop it.
@@ -93,8 +94,8 @@ def run_worker(
     total = effective_n_trials(spec)
     timeout = timeout if timeout is not None else spec.budget.timeout
     deadline = time.monotonic() + timeout if timeout else None
-    ctx = TrialContext(spec, handle.artifacts, device, tracker, CheckpointPolicy(checkpoint_interval), deadline, who)
-    objective = TrialRunner(ctx, train_fn)
+    objective = TrialRunner(TrialContext(spec, handle.artifacts, device, tracker, CheckpointPolicy(checkpoint_interval),
+                                         deadline, who, label_output), train_fn)
     result = WorkerResult()
 
     def after_trial(s: optuna.Study, t: FrozenTrial) -> None:

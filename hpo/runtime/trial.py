@@ -39,6 +39,7 @@ from hpo.runtime.endings import (
     is_oom,
 )
 from hpo.runtime.listener import Listener
+from hpo.runtime.output import TrialOutput
 from hpo.runtime.measure import count_parameters, latency_ms
 from hpo.runtime.pruning import (
     REFRESH,
@@ -76,6 +77,7 @@ class TrialContext:
     policy: CheckpointPolicy = field(default_factory=lambda: CheckpointPolicy(2.0))
     study_deadline: float | None = None  # time.monotonic(): trials still running then are requeued
     who: str = "train"  # names the training code in messages: "train: pkg.mod:train"
+    label_output: bool = False  # several workers share the terminal: what a trial prints says its number
 
 
 def original_number(trial: optuna.Trial) -> int:
@@ -400,15 +402,17 @@ class TrialRunner:
     # Set when the trial in flight was finished by another worker while this one was stopped
     # (frozen past the grace period, cut off): its number, for the worker to drop it and go on.
     taken_over: int | None = None
+    output: TrialOutput | None = None  # the log of the trial in flight
 
     def __call__(self, ot: optuna.Trial) -> float | list[float]:
-        try:
-            return self._run(ot)
-        except UpdateFinishedTrialError:
-            # Another worker failed this trial as stale and queued its retry: nothing more may be
-            # written to it. Optuna's tell() then refuses too; the worker drops it and goes on.
-            self.taken_over, self.current = ot.number, None
-            raise
+        with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output) as self.output:
+            try:
+                return self._run(ot)
+            except UpdateFinishedTrialError:
+                # Another worker failed this trial as stale and queued its retry: nothing more may be
+                # written to it. Optuna's tell() then refuses too; the worker drops it and goes on.
+                self.taken_over, self.current = ot.number, None
+                raise
 
     def _run(self, ot: optuna.Trial) -> float | list[float]:
         self.on_start()
@@ -480,7 +484,10 @@ class TrialRunner:
         """An exception in the training code: the trial fails with its reason, its traceback and
         the record that tells a bug (the same error trial after trial) from bad parameters."""
         if ending.end is End.ERROR:
-            trial.set_attr("traceback", "".join(traceback.format_exception(e))[-4000:])
+            text = "".join(traceback.format_exception(e))
+            trial.set_attr("traceback", text[-4000:])
+            if self.output is not None:
+                self.output.note(text)
         assert trial._trial is not None
         trial._trial.storage.set_trial_system_attr(trial_id(trial._trial), ERROR_ATTR, error_record(e))
         self._end(trial, ending)
@@ -488,6 +495,8 @@ class TrialRunner:
     def _record_end(self, trial: Trial, ending: Ending) -> None:
         """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
+        if self.output is not None:
+            self.output.note(f"[hpo] trial {trial.number}: {ending.reason or ending.end.value}")
         trial._flush_reports()
         set_user_attrs(trial._trial, trial._attributes(ending.reason))
         if not ending.end.requeued:

@@ -203,7 +203,7 @@ def delete_study(study: optuna.Study) -> int:
     """Delete a study and the files it put in its artifact store; returns files removed.
 
     Everything read from the study is untrusted (anyone who can write the database can write it):
-    only names hpo itself creates (Optuna's uuid artifact ids, this study's `<uid>-trialN-a.ckpt`)
+    only names hpo itself creates (Optuna's uuid artifact ids, this study's `<uid>-trialN-a.ckpt` and `<uid>-trialN.log`)
     are removed, only as regular files directly inside the recorded artifact folder, never through
     a link."""
     from optuna.artifacts import get_all_artifact_meta
@@ -219,6 +219,7 @@ def delete_study(study: optuna.Study) -> int:
         uid = system.get(UID_ATTR)
         if isinstance(uid, str) and UID_RE.match(uid):
             names.update(p.name for p in base.glob(f"{uid}-trial*.ckpt"))
+            names.update(p.name for p in base.glob(f"{uid}-trial*.log"))  # logs of trials still running
         for name in names:
             if (path := own_file(base, name, uid)) is not None:
                 path.unlink()

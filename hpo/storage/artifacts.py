@@ -23,6 +23,7 @@ from hpo.errors import StorageError
 from hpo.storage.backends import sqlite_path
 
 ENV_ARTIFACTS = "HPO_ARTIFACTS"
+LOG_FILENAME = "log.txt"  # a trial's output, as an artifact of the trial
 
 
 def default_artifact_path(storage_url: str) -> Path:
@@ -80,6 +81,10 @@ class Artifacts:
         base = f"{self.uid}-trial{number}"
         return f"{base}-a.ckpt", f"{base}-b.ckpt"
 
+    def checkpoint_files(self, number: int) -> list[Path]:
+        """The checkpoint files a trial (by original number) has now."""
+        return [self.path / slot for slot in self._slots(number) if (self.path / slot).is_file()]
+
     def save_checkpoint(self, number: int, state: dict[str, Any]) -> None:
         slot = self._slots(number)[int(state["epoch"]) % 2]
         self.store.write(slot, _serialize(state))
@@ -126,6 +131,21 @@ class Artifacts:
                 mimetype="application/octet-stream",  # a PyTorch file, whatever .pt guesses as
             )
 
+    def log_path(self, number: int) -> Path:
+        """Where a running trial's output is written (read by `hpo logs --follow`)."""
+        return self.path / f"{self.uid}-trial{number}.log"
+
+    def upload_log(self, trial: optuna.Trial, path: Path) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / LOG_FILENAME
+            file.write_bytes(path.read_bytes())
+            return upload_artifact(artifact_store=self.store, file_path=str(file), study_or_trial=trial,
+                                   mimetype="text/plain")
+
+    def read_text(self, artifact_id: str) -> str:
+        with self.store.open_reader(artifact_id) as f:
+            return bytes(f.read()).decode("utf-8", errors="replace")
+
     def read(self, artifact_id: str) -> dict[str, Any]:
         with self.store.open_reader(artifact_id) as f:
             return _deserialize(f.read())
@@ -155,7 +175,7 @@ def own_file(base: Path, name: Any, uid: Any) -> Path | None:
     checkpoint slots, a regular file (not a link), directly inside `base`."""
     if not isinstance(name, str):
         return None
-    ckpt = isinstance(uid, str) and re.fullmatch(rf"{re.escape(uid)}-trial\d+-[ab]\.ckpt", name)
+    ckpt = isinstance(uid, str) and re.fullmatch(rf"{re.escape(uid)}-trial\d+(-[ab]\.ckpt|\.log)", name)
     if not (_ARTIFACT_RE.match(name) or ckpt):
         return None
     path = base / name
