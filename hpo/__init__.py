@@ -17,6 +17,8 @@ _EXPORTS = {
     "TrialPruned": "hpo.runtime.trial",
     "run": "hpo.api",
     "RunResult": "hpo.api",
+    "load_best": "hpo.api",
+    "BestState": "hpo.search.export",
     "load_spec": "hpo.spec.schema",
     "StudySpec": "hpo.spec.schema",
     "HpoError": "hpo.errors",

@@ -86,3 +86,30 @@ def run(
         raise HpoError(f"study {loaded.name} stopped on failures: {outcome.failure.reason}; "
                        f"{advice(loaded.name)}")
     return RunResult(summarize(handle.study), outcome.stopped)
+
+
+def load_best(study: str | Path, *, storage: str | None = None, artifacts: str | None = None,
+              trial: int | None = None) -> Any:
+    """The best model of a study, or of a file `hpo export` wrote (`study` ending in .pt).
+
+    hpo's own loop and model factories: the trained `nn.Module`, in eval mode on the CPU, taking
+    raw inputs (the input scaling it was trained with is part of it; with cross-validation the
+    ensemble of its fold models). A `train:` study: an `hpo.BestState` with the best trial's
+    parameters and what its last `save_checkpoint()` saved. With several objectives `trial=`
+    chooses a member of the Pareto front.
+    """
+    from hpo.search.export import exported, model_from, read_export
+    from hpo.search.study import open_existing
+    from hpo.spec.user_code import load_references
+    from hpo.storage.backends import open_storage, resolve_url
+
+    path = Path(study).expanduser()
+    if path.suffix == ".pt" and path.is_file():
+        export = read_export(path)
+    else:
+        url = resolve_url(storage)
+        handle = open_existing(str(study), open_storage(url, create=False, heartbeat=None), url, artifacts)
+        if handle.spec.train is None:
+            load_references(handle.spec)  # a model factory is imported with a one-line error
+        export = exported(handle, trial)
+    return model_from(export)

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hpo.cli import cli
 from hpo.runtime.pruning import dominates
 from tests.conftest import env_without_storage, invoke, small_spec
 
@@ -244,3 +245,29 @@ def test_a_small_model_is_pruned_only_against_models_no_larger() -> None:
     # hopeless small model waits; a larger one with peers enough is stopped.
     assert pruning.should_prune({0: 0.2, 1: 0.3}, peers=comparable({"n_params": ("minimize", 500)})) is False
     assert pruning.should_prune({0: 0.2, 1: 0.3}, peers=comparable({"n_params": ("minimize", 8000)})) is True
+
+
+def test_a_front_member_is_exported_and_loaded_by_choice(pareto, runner, storage_url, tmp_path) -> None:
+    """With several objectives `hpo export` and `hpo.load_best` take a member of the Pareto front;
+    without one (or with another trial) they say which trials are on it."""
+    import torch
+
+    import hpo
+    from hpo.search.summary import front
+
+    members = [t.number for t in front(pareto)]
+    unchosen = runner.invoke(cli, ["export", "pareto", "--storage", storage_url, "--out", str(tmp_path / "m.pt")])
+    assert unchosen.exit_code == 1
+    assert f"choose a trial of its Pareto front ({', '.join(map(str, members))})" in unchosen.output
+    off = next(t.number for t in pareto.trials if t.number not in members)
+    assert runner.invoke(cli, ["export", "pareto", "--storage", storage_url, "--out", str(tmp_path / "m.pt"),
+                               "--trial", str(off)]).exit_code == 1
+    last = members[-1]
+    assert invoke(runner, "export", "pareto", "--storage", storage_url, "--out", tmp_path / "m.pt",
+                  "--trial", last).exit_code == 0
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    chosen = next(t for t in pareto.trials if t.number == last)
+    assert saved["trial"] == last and saved["values"] == {"val_accuracy": chosen.values[0],
+                                                          "n_params": chosen.values[1]}
+    model = hpo.load_best("pareto", storage=storage_url, trial=last)
+    assert sum(p.numel() for p in model.parameters()) == chosen.values[1]

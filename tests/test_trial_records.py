@@ -215,3 +215,94 @@ def test_workers_label_their_lines_and_logs_follow_a_running_trial(tmp_path, mon
     for line in printed:
         number = line.split("]")[0].removeprefix("[trial ")
         assert f"trial {number}" in line.split("] ", 1)[1]
+
+
+# A model factory with a parameter of the user's own (`hidden`) beside hpo's (`lr`, `batch_size`).
+FACTORY = '''
+import numpy as np
+from torch import nn
+
+
+def build(params, input_shape, n_outputs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), params["hidden"]), nn.ReLU(),
+                         nn.Linear(params["hidden"], n_outputs))
+
+
+def train(trial):
+    import torch
+    model = build(trial.params, (64,), 10)
+    for epoch in range(trial.start_epoch, trial.epochs):
+        trial.report(epoch, score=trial.params["hidden"] + epoch)
+        trial.save_checkpoint({"model": model.state_dict(), "epoch": epoch})
+'''
+
+# In a fresh process: the best model from the study and from the exported file, scored on the
+# study's test split (raw inputs), against the test score hpo recorded.
+CHECK = '''
+import json, sys
+import torch
+import hpo
+from hpo.data.splits import load_raw
+from hpo.spec.schema import spec_from_mapping
+
+url, out = sys.argv[1], sys.argv[2]
+model = hpo.load_best("fac", storage=url)
+export = torch.load(out, weights_only=True)
+spec = spec_from_mapping(export["spec"], "export")
+raw = load_raw(spec.builtin_data, spec.seed)
+x, y = torch.as_tensor(raw.x_test), torch.as_tensor(raw.y_test)
+with torch.no_grad():
+    accuracy = [(m(x).argmax(1) == y).double().mean().item() for m in (model, hpo.load_best(out))]
+print(json.dumps({"kind": type(model).__name__, "training": model.training, "accuracy": accuracy,
+                  "recorded": export["test"]["accuracy"], "params": export["params"], "values": export["values"]}))
+'''
+
+
+@pytest.mark.parametrize("folds", [0, 3], ids=["holdout", "cv3"])
+def test_the_best_model_comes_back_in_a_fresh_process_with_its_exact_test_score(folds, tmp_path, monkeypatch,
+                                                                                  runner):
+    user_package(tmp_path, monkeypatch, "facpkg", {"models": FACTORY})
+    data: dict[str, object] = {"dataset": "digits"}
+    if folds:
+        data["cv_folds"] = folds
+    spec = {"name": "fac", "model": "facpkg.models:build", "metric": "val_accuracy", "seed": 1, "data": data,
+            "space": {"hidden": [16, 48], "lr": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True},
+                      "batch_size": 64},
+            "budget": {"n_trials": 3, "epochs": 3}}
+    path = tmp_path / "fac.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert invoke(runner, "run", path).exit_code == 0
+    out = tmp_path / "exported" / "best.pt"
+    said = invoke(runner, "export", "fac", "--out", out)
+    assert said.exit_code == 0 and f"Wrote {out}: the model of trial" in said.output
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    done = subprocess.run([sys.executable, "-c", CHECK, url, str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path / "exported", env={**env_without_storage(), "PYTHONPATH": str(tmp_path / "site")})
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["kind"] == "Predictor" and got["training"] is False
+    assert got["accuracy"] == [got["recorded"], got["recorded"]]  # exactly the score hpo reported
+    study = optuna.load_study(study_name="fac", storage=url)
+    assert got["params"]["hidden"] == study.best_params["hidden"]  # the user's own parameter is there
+    assert got["params"]["batch_size"] == 64  # fixed values too, which Optuna's params leave out
+    assert got["values"] == {"val_accuracy": study.best_value}
+
+
+def test_load_best_of_a_train_study_gives_the_final_state_and_every_parameter(tmp_path, monkeypatch, runner):
+    import hpo
+
+    user_package(tmp_path, monkeypatch, "facpkg", {"models": FACTORY})
+    spec = {"name": "own", "train": "facpkg.models:train", "metric": "score", "direction": "maximize",
+            "space": {"hidden": [4, 8], "fixed": 7}, "budget": {"n_trials": 2, "epochs": 2}}
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert invoke(runner, "run", path).exit_code == 0
+    best = hpo.load_best("own", storage=f"sqlite:///{tmp_path / 'hpo.db'}")
+    assert isinstance(best, hpo.BestState)
+    assert best.params == {"hidden": 8, "fixed": 7} and best.values == {"score": 9.0}
+    assert best.state["epoch"] == 1 and best.state["model"]["3.weight"].shape == (10, 8)
+    assert invoke(runner, "export", "own", "--out", tmp_path / "own.pt").exit_code == 0
+    assert hpo.load_best(str(tmp_path / "own.pt")).params == best.params
+    wrong = runner.invoke(cli, ["export", "own", "--out", str(tmp_path / "x.pt"), "--trial", "5"])
+    assert wrong.exit_code == 1 and "trial 5 is not the best trial of study own" in wrong.output
+    assert not (tmp_path / "x.pt").exists()

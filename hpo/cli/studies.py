@@ -276,6 +276,45 @@ def logs(study: str, number: int, storage: str | None, artifacts: str | None, fo
 @cli.command()
 @click.argument("study")
 @storage_option
+@artifacts_option
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True,
+              help="The file to write (e.g. best.pt).")
+@click.option("--trial", "number", type=click.IntRange(min=0), default=None,
+              help="With several objectives: the Pareto front member to export.")
+def export(study: str, storage: str | None, artifacts: str | None, out_file: str, number: int | None) -> None:
+    """Write the best model (weights, every parameter, spec, values, test score) to one file that
+    torch.load(path, weights_only=True) reads; hpo.load_best(path) rebuilds the model from it.
+
+    \b
+    Example:
+      hpo export quickstart --out best.pt
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from hpo.search.export import exported
+    from hpo.ui.progress import fmt
+
+    data = exported(_handle(study, storage, artifacts), number)
+    out = Path(out_file).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.close(fd)
+    torch.save(data, tmp)
+    os.replace(tmp, out)  # never half a file under the name asked for
+    values = ", ".join(f"{k} {fmt(v)}" for k, v in data["values"].items())
+    test = "".join(f", test {k} {fmt(v)}" for k, v in (data["test"] or {}).items() if not k.endswith("loss"))
+    what = "model" if "model" in data else "final state"
+    click.echo(f"Wrote {out}: the {what} of trial {data['trial']} ({values}{test}). "
+               f"Load it with hpo.load_best({str(out)!r}) or torch.load(path, weights_only=True).")
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
 @click.option("--yes", is_flag=True, help="Really delete; required.")
 def delete(study: str, storage: str | None, yes: bool) -> None:
     """Delete a study, its trials and its saved models and checkpoints.

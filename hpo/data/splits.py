@@ -51,6 +51,20 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """How a fold's raw inputs (and a regression's targets) were scaled for its model: x' = (x -
+    x_shift) / x_scale, fitted on the fold's training part; a saved model carries it."""
+
+    x_shift: torch.Tensor
+    x_scale: torch.Tensor
+    y_shift: float = 0.0
+    y_scale: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"x_shift": self.x_shift, "x_scale": self.x_scale, "y_shift": self.y_shift, "y_scale": self.y_scale}
+
+
+@dataclass(frozen=True)
 class Data:
     """One fold, scaled and on the device (or, for user data too large for it, streamed)."""
 
@@ -60,6 +74,7 @@ class Data:
     input_shape: tuple[int, ...]
     n_outputs: int
     task: str
+    scaling: Scaling | None = None  # None: streamed data, which is not scaled
 
 
 def split(source: Source, spec: DataSpec, seed: int) -> RawData:
@@ -132,6 +147,7 @@ def to_device(raw: RawData, fold: int, scaling: str, device: torch.device) -> Da
     x_train = raw.x_dev[tr]
     shift, scale = _scaler(x_train, scaling)
     regression = raw.task == "regression"
+    y_shift, y_scale = 0.0, 1.0
     if regression:  # train on a standardized target: val_mse 1.0 means "no better than the mean"
         y_shift, y_scale = float(raw.y_dev[tr].mean()), float(raw.y_dev[tr].std() or 1.0)
     y_dtype = torch.float32 if regression else torch.int64
@@ -149,6 +165,7 @@ def to_device(raw: RawData, fold: int, scaling: str, device: torch.device) -> Da
         input_shape=raw.input_shape,
         n_outputs=raw.n_outputs,
         task=raw.task,
+        scaling=Scaling(torch.from_numpy(shift.copy()), torch.from_numpy(scale.copy()), y_shift, y_scale),
     )
 
 

@@ -145,6 +145,8 @@ def _score(handle: StudyHandle, best: FrozenTrial, device: torch.device, data: D
         "model_family": spec.model,
         "input_shape": list(folds[0].input_shape),
         "n_outputs": folds[0].n_outputs,
+        "task": folds[0].task,
+        "scalings": [f.scaling.to_dict() if f.scaling is not None else None for f in folds],
         "spec": spec.to_dict(),
         "trial": best.number,
         "test": scores,

@@ -4,7 +4,9 @@ A running trial's checkpoint is overwritten in place each epoch under an id deri
 study and the trial's *original* number, so a retried trial (a new Optuna trial) finds it without
 any storage write per epoch. Two slots are written in turn: a worker killed in the middle of a
 write leaves the other slot intact. Final weights of completed trials and the study's best model
-are uploaded with `optuna.artifacts.upload_artifact`, so the dashboard lists them.
+are uploaded with `optuna.artifacts.upload_artifact`, so the dashboard lists them (and serves
+them: it takes only Optuna's uuid artifact ids, so the files bear no extension; `hpo export`
+writes a model to a file of its own).
 """
 
 from __future__ import annotations
@@ -123,13 +125,8 @@ class Artifacts:
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / filename
             torch.save(state, file)
-            return upload_artifact(
-                artifact_store=self.store,
-                file_path=str(file),
-                study_or_trial=target,
-                storage=storage,
-                mimetype="application/octet-stream",  # a PyTorch file, whatever .pt guesses as
-            )
+            # a PyTorch file, whatever .pt guesses as
+            return self._upload(target, file, storage, "application/octet-stream")
 
     def log_path(self, number: int) -> Path:
         """Where a running trial's output is written (read by `hpo logs --follow`)."""
@@ -139,8 +136,12 @@ class Artifacts:
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / LOG_FILENAME
             file.write_bytes(path.read_bytes())
-            return upload_artifact(artifact_store=self.store, file_path=str(file), study_or_trial=trial,
-                                   mimetype="text/plain")
+            return self._upload(trial, file, None, "text/plain")
+
+    def _upload(self, target: optuna.Trial | optuna.trial.FrozenTrial | optuna.Study, file: Path,
+                storage: optuna.storages.BaseStorage | None, mimetype: str) -> str:
+        return upload_artifact(artifact_store=self.store, file_path=str(file), study_or_trial=target,
+                               storage=storage, mimetype=mimetype)
 
     def read_text(self, artifact_id: str) -> str:
         with self.store.open_reader(artifact_id) as f:

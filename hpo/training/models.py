@@ -152,3 +152,34 @@ def build_model(family: str, params: Params | Mapping[str, Any], input_shape: tu
     return model
 
 
+
+
+class Predictor(nn.Module):
+    """A trained model (or a cross-validated trial's k fold models) that takes raw inputs: each
+    fold's input scaling is applied exactly as in training, and a regression's outputs
+    are put back in the target's units. Classification returns logits for one model and, for an
+    ensemble, the log of the mean predicted probability (argmax and softmax read both alike)."""
+
+    def __init__(self, models: list[nn.Module], scalings: list[dict[str, Any]], task: str) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.task = task
+        for i, s in enumerate(scalings):
+            self.register_buffer(f"x_shift{i}", torch.as_tensor(s["x_shift"]))
+            self.register_buffer(f"x_scale{i}", torch.as_tensor(s["x_scale"]))
+        self.y = [(float(s.get("y_shift", 0.0)), float(s.get("y_scale", 1.0))) for s in scalings]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, model in enumerate(self.models):
+            shift, scale = getattr(self, f"x_shift{i}"), getattr(self, f"x_scale{i}")
+            scaled = ((x - shift) / scale).float()  # in x's precision, as the data was scaled
+            out: torch.Tensor = model(scaled).float()
+            if self.task == "regression":
+                out = out * self.y[i][1] + self.y[i][0]
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        if self.task == "regression":
+            return torch.stack(outs).mean(0)
+        return torch.stack([o.softmax(-1) for o in outs]).mean(0).log()
