@@ -223,3 +223,24 @@ def test_report_writes_plots_matching_the_study(finished, runner, tmp_path) -> N
     assert pruned and min(len(ln.get_xdata()) for ln in curves) < 4  # pruned curves are cut short
     summary = (out / "summary.md").read_text()
     assert f"best trial: #{study.best_trial.number}" in summary and "test accuracy of the best model" in summary
+    # Each axis names the study's metric, not Optuna's "Objective Value".
+    assert figs["history"].axes[0].get_ylabel() == "val_accuracy"
+    assert figs["learning_curves"].axes[0].get_ylabel().startswith("val_accuracy")
+    assert "val_accuracy" in figs["importances"].axes[0].get_xlabel()
+
+
+def test_report_without_matplotlib_says_which_extra_to_install(finished, tmp_path) -> None:
+    """The README's install has no matplotlib: one line, exit 1, nothing written."""
+    import subprocess
+    import sys
+
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    env = {**os.environ, "PYTHONPATH": str(stub.parent)}
+    done = subprocess.run([sys.executable, "-m", "hpo", "report", "small", "--storage", finished, "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("Error: hpo report draws with matplotlib, which is not installed: pip install "
+                                   "'hpo[report]' (or pip install matplotlib)")
+    assert not (tmp_path / "r").exists()

@@ -24,11 +24,14 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
     from optuna.visualization import matplotlib as vis
 
     if len(study.directions) == 1:
-        return {
-            "history": vis.plot_optimization_history,
-            "learning_curves": vis.plot_intermediate_values,
-            "importances": vis.plot_param_importances,
-            "parallel_coordinate": vis.plot_parallel_coordinate,
+        metric = (study.metric_names or [str((study.user_attrs.get(SPEC_ATTR) or {}).get("metric", "value"))])[0]
+        return {  # every axis says which metric it shows, not "Objective Value"
+            "history": lambda s: vis.plot_optimization_history(s, target_name=metric),
+            "learning_curves": lambda s: _labelled(vis.plot_intermediate_values(s), f"{metric} (reported each epoch)",
+                                                   "epoch"),
+            "importances": lambda s: _labelled(vis.plot_param_importances(s, target_name=metric), "parameter",
+                                               f"importance for {metric}"),
+            "parallel_coordinate": lambda s: vis.plot_parallel_coordinate(s, target_name=metric),
         }
     # Several objectives: the front, then each objective's history and importances by name.
     names = objective_names(study, study.user_attrs.get(SPEC_ATTR) or {})
@@ -42,6 +45,12 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
     return plots
 
 
+def _labelled(ax: Any, ylabel: str, xlabel: str) -> Any:
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    return ax
+
+
 def _per_objective(plot: Callable[..., Any], index: int, name: str) -> Callable[[optuna.Study], Any]:
     """One of Optuna's single-objective plots, of objective `index`, labelled with its name."""
     def draw(study: optuna.Study) -> Any:
@@ -52,12 +61,7 @@ def _per_objective(plot: Callable[..., Any], index: int, name: str) -> Callable[
 
 def figures(study: optuna.Study) -> tuple[dict[str, Any], dict[str, str]]:
     """Matplotlib figures by name, and why any plot could not be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-    except ImportError:
-        raise HpoError("hpo report needs matplotlib: pip install 'hpo[report]'") from None
+    _matplotlib()
     out: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, plot in _plots(study).items():
@@ -75,8 +79,20 @@ def figures(study: optuna.Study) -> tuple[dict[str, Any], dict[str, str]]:
     return out, skipped
 
 
+def _matplotlib() -> None:
+    """matplotlib (an extra: the core install has no plots), without a display, or one line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        raise HpoError("hpo report draws with matplotlib, which is not installed: pip install 'hpo[report]' "
+                       "(or pip install matplotlib)") from None
+
+
 def write_report(study: optuna.Study, out_dir: Path) -> list[Path]:
     """Write <name>.png for each plot and summary.md; returns the files written."""
+    _matplotlib()
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
