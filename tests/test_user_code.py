@@ -139,6 +139,44 @@ def blob_arrays():
     return d.x.numpy(), d.y.numpy()
 
 
+def blob_tuple():
+    return Blobs(1200, 1), Blobs(300, 2), Blobs(300, 3)
+
+
+def blob_pair():
+    return Blobs(1200, 1), Blobs(300, 2)
+
+
+def blob_one():
+    return Blobs(1800, 4)
+
+
+class Signal(Dataset):
+    """1-D signals of one channel: items of shape (1, 16), as a Conv1d takes them."""
+
+    classes = [0, 1, 2]
+
+    def __init__(self, n, seed):
+        self.blobs = Blobs(n, seed)
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        x, y = self.blobs[i]
+        return x[None], y
+
+
+def signals():
+    return {"train": Signal(1200, 1), "val": Signal(300, 2), "test": Signal(300, 3)}
+
+
+def conv1d(params, input_shape, n_outputs):
+    channels, length = input_shape  # the shape of one item, as the batches bring it
+    return nn.Sequential(nn.Conv1d(channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * length, n_outputs))
+
+
 def not_data():
     return 42
 
@@ -365,10 +403,16 @@ def test_a_model_factory_study_trains_the_users_module_in_hpos_loop(user_pkg, wr
         ({"dataset": "userpkg.digits:blobs"}, False),
         ({"dataset": "userpkg.digits:blobs", "max_resident_mb": 0.01, "loader_workers": 0}, True),
         ({"dataset": "userpkg.digits:blob_arrays", "split": {"train": 0.6, "val": 0.2, "test": 0.2}}, False),
+        ({"dataset": "userpkg.digits:blob_tuple"}, False),
+        ({"dataset": "userpkg.digits:blob_one", "max_resident_mb": 0.01, "loader_workers": 0,
+          "split": {"train": 0.6, "val": 0.2, "test": 0.2}}, True),
+        ({"dataset": "userpkg.digits:signals", "max_resident_mb": 0.01, "loader_workers": 0}, True),
     ],
-    ids=["datasets, resident", "datasets, streamed", "arrays, split by hpo"],
+    ids=["datasets, resident", "datasets, streamed", "arrays, split by hpo", "a (train, val, test) tuple",
+         "one dataset, streamed, split by hpo", "1-d signals, streamed, to a Conv1d factory"],
 )
 def test_user_data_trains_in_hpos_loop(user_pkg, write_spec, runner, storage_url, data, streamed) -> None:
+    conv = data["dataset"].endswith("signals")
     spec = {
         "name": "blobs",
         "data": data,
@@ -377,13 +421,35 @@ def test_user_data_trains_in_hpos_loop(user_pkg, write_spec, runner, storage_url
         "pruner": {"name": "none"},
         "budget": {"n_trials": 2, "epochs": 3},
     }
+    if conv:
+        spec["model"] = "userpkg.digits:conv1d"
     result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)
     assert result.exit_code == 0, result.output
     study = load(storage_url, "blobs")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert study.best_value > 0.8 and study.user_attrs["test"]["value"] > 0.8
-    assert study.best_trial.user_attrs["n_params"] == 16 * 32 + 32 + 32 * 3 + 3
+    n_params = (1 * 4 * 3 + 4 + 4 * 16 * 3 + 3) if conv else (16 * 32 + 32 + 32 * 3 + 3)
+    assert study.best_trial.user_attrs["n_params"] == n_params
     assert ("data streamed through a DataLoader" in result.output) == streamed
+    if "split" in data and streamed:  # hpo split the one Dataset by index: 60/20/20 of 1,800, no item twice
+        import torch
+
+        from hpo.data.user import load_user_data
+        from hpo.spec.schema import load_spec
+
+        user = load_user_data(load_spec(write_spec(spec)).data, torch.device("cpu"), seed=3)
+        assert user.streams is not None
+        sets = {k: set(v.dataset.indices) for k, v in user.streams.items()}
+        assert {k: len(v) for k, v in sets.items()} == {"train": 1080, "val": 360, "test": 360}
+        assert len(sets["train"] | sets["val"] | sets["test"]) == 1800
+
+
+def test_a_data_function_returning_train_and_val_only_is_told_in_one_line(user_pkg, write_spec, runner,
+                                                                           storage_url) -> None:
+    spec = {"name": "bad", "data": {"dataset": "userpkg.digits:blob_pair"}, "space": {"lr": [0.1, 0.01]}}
+    line = _bad(user_pkg, write_spec, runner, storage_url, spec)
+    assert line == ("Error: data.dataset: userpkg.digits:blob_pair returned 2 sets (train, val); hpo also needs a "
+                    "test set, scored once on the best model: return (train, val, test), or one set for hpo to split")
 
 
 def test_a_factory_that_returns_no_module_stops_with_one_line(user_pkg, write_spec, runner, storage_url) -> None:

@@ -1,8 +1,9 @@
 """The user's own data: `data: {dataset: module:function}` for hpo's own loop.
 
 The function takes no arguments and returns either one set (hpo splits it with `split:`, as for
-the built-in datasets) or a dict `{"train": ..., "val": ..., "test": ...}` (`val` may be left out:
-it is then carved from train by the split's fractions). A set is a map-style torch `Dataset` of
+the built-in datasets, streamed or not), a dict `{"train": ..., "val": ..., "test": ...}` (`val`
+may be left out: it is then carved from train by the split's fractions), or a tuple `(train,
+val, test)`. A set is a map-style torch `Dataset` of
 `(x, y)` pairs, or a pair `(X, y)` of tensors or NumPy arrays.
 
 Data that fits `data.max_resident_mb` is gathered into tensors once and lives on the device, with
@@ -73,25 +74,55 @@ def load_user_data(spec: DataSpec, device: torch.device, seed: int = 0) -> UserD
         raise DataError(f"{KEY}: {spec.dataset} raised {type(e).__name__}: {e}") from None
     parts = _parts(out, spec)
     first = _sample(parts[next(iter(parts))], next(iter(parts)), spec)
-    input_shape = tuple(first[0].shape) if first[0].dim() != 2 else (1, *first[0].shape)
     budget = spec.max_resident_mb if spec.max_resident_mb is not None else _default_budget(device)
     size = sum(len(p) for p in parts.values()) * first[0].numel() * 4 / 2**20
     if size <= budget or all(isinstance(p, tuple) for p in parts.values()):
+        # Resident: an item of shape (H, W) is an image of one channel, held as (1, H, W).
+        input_shape = tuple(first[0].shape) if first[0].dim() != 2 else (1, *first[0].shape)
         arrays = {name: _gather(p, name, spec) for name, p in parts.items()}
         return UserData(arrays, None, input_shape, _outputs(arrays, spec.task), spec.task)
     if spec.cv_folds:
         raise DataError(f"data.cv_folds: the data ({size:.0f} MiB) is streamed, not held on the device; "
                         "cross-validation needs it resident (raise data.max_resident_mb)")
-    missing = {"train", "val", "test"} - set(parts)
-    if missing:
-        raise DataError(f"{KEY}: {spec.dataset} returned data too large for the device ({size:.0f} MiB > "
-                        f"{budget:.0f}) without {', '.join(sorted(missing))}: return a dict with train, val "
-                        "and test Datasets for streaming")
+    n_out = _stream_classes(parts.get("train", parts.get("all"))) if spec.task == "classification" else 1
+    parts = split_stream(parts, spec, seed)
     workers = spec.loader_workers if spec.loader_workers is not None else min(4, _cores())
     streams = {name: Stream(p, workers, device.type == "cuda") for name, p in parts.items()}
     _sample(parts["train"], "train", spec)
-    n_out = _stream_classes(parts["train"]) if spec.task == "classification" else 1
-    return UserData(None, streams, input_shape, n_out, spec.task)
+    # Streamed: batches are what the Dataset returns, so the model sees each item's own shape.
+    return UserData(None, streams, tuple(first[0].shape), n_out, spec.task)
+
+
+def split_stream(parts: dict[str, Any], spec: DataSpec, seed: int) -> dict[str, Any]:
+    """train, val and test Datasets of streamed data: one set is split by `split:`'s fractions, a
+    missing val is carved from train; by index (torch's Subset of the returned Dataset), stratified
+    when the Dataset has `targets`, with the study's seed."""
+    from sklearn.model_selection import train_test_split
+    from torch.utils.data import Subset
+
+    def cut(dataset: Any, index: np.ndarray, share: float, name: str) -> tuple[np.ndarray, np.ndarray]:
+        targets = getattr(dataset, "targets", None)
+        labels = np.asarray(targets)[index] if targets is not None and spec.task == "classification" else None
+        try:
+            keep, away = train_test_split(index, test_size=share, random_state=seed, stratify=labels)
+        except ValueError as e:
+            raise DataError(f"data.split: cannot split {name} ({len(index)} items) this way ({e})") from None
+        return np.sort(keep), np.sort(away)
+
+    out = dict(parts)
+    base = out.pop("all", None)
+    if base is not None:
+        index, test = cut(base, np.arange(len(base)), spec.split.test, "the returned set")
+        out["test"] = Subset(base, test.tolist())
+    else:
+        base = out["train"]
+        index = np.arange(len(base))
+    if "val" in out:
+        out["train"] = Subset(base, index.tolist()) if len(index) < len(base) else base
+    else:
+        train, val = cut(base, index, spec.split.val / (spec.split.train + spec.split.val), "train")
+        out["train"], out["val"] = Subset(base, train.tolist()), Subset(base, val.tolist())
+    return out
 
 
 def _default_budget(device: torch.device) -> float:
@@ -107,6 +138,11 @@ def _cores() -> int:
 
 
 def _parts(out: Any, spec: DataSpec) -> dict[str, Any]:
+    if isinstance(out, (tuple, list)) and len(out) in (2, 3) and all(_is_set(v) for v in out):
+        if len(out) == 2:
+            raise DataError(f"{KEY}: {spec.dataset} returned 2 sets (train, val); hpo also needs a test set, "
+                            "scored once on the best model: return (train, val, test), or one set for hpo to split")
+        out = dict(zip(("train", "val", "test"), out))
     if isinstance(out, Mapping):
         unknown = set(out) - {"train", "val", "test"}
         if unknown or "train" not in out:
@@ -118,6 +154,17 @@ def _parts(out: Any, spec: DataSpec) -> dict[str, Any]:
         parts = {k: _set(v, k, spec) for k, v in out.items()}
         return parts
     return {"all": _set(out, "the returned set", spec)}
+
+
+def _is_set(value: Any) -> bool:
+    """A torch Dataset, or a pair (X, y) of arrays: one of several sets returned as a tuple (an
+    (X, y) pair itself holds arrays, not sets)."""
+    from torch.utils.data import Dataset
+
+    if isinstance(value, Dataset):
+        return True
+    return isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, (np.ndarray, torch.Tensor)) for v in value)
 
 
 def _set(value: Any, name: str, spec: DataSpec) -> Any:
