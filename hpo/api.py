@@ -77,7 +77,7 @@ def run(
     dev = choose_device(device)
     data = prepare(loaded, dev)
     url = resolve_url(storage)
-    with sole_writer(url):
+    with sole_writer(url, loaded.name):
         handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
         with stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trial in flight
             outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,

@@ -438,7 +438,7 @@ def test_a_sqlite_file_reached_through_a_symlink_is_the_same_file(user_pkg, writ
         (tmp_path / "link.db").symlink_to(tmp_path / "hpo.db")
         other = hpo("worker", "fast", "--storage", "sqlite:///link.db", cwd=tmp_path)
         assert other.returncode == 1
-        assert f"Error: {tmp_path / 'hpo.db'} is in use by another hpo run (pid " in other.stderr
+        assert f"Error: study fast in {tmp_path / 'hpo.db'} is being run by another hpo process (pid " in other.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)

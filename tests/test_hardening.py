@@ -468,3 +468,19 @@ def test_a_data_path_that_is_not_a_data_file_is_refused_without_reading_it(write
     result = invoke(runner, "run", write_spec(spec))
     assert result.exit_code == 1
     assert result.output.strip() == "Error: data.path: /etc/passwd is not a .csv file"
+
+
+def test_a_sqlite_file_on_a_network_filesystem_is_told_apart_from_a_local_one(tmp_path) -> None:
+    """SQLite's locks and WAL mode do not hold across machines: hpo refuses to write a SQLite
+    file on a network filesystem (read from the mount table, deepest mount point first)."""
+    from hpo.storage.backends import network_filesystem
+
+    info = ("22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+            "40 22 0:40 / /shared rw,relatime shared:5 - nfs4 srv:/export rw,vers=4.2\n"
+            "41 40 0:41 / /shared/local rw,relatime - ext4 /dev/sdb1 rw\n"
+            "42 22 0:42 / /mnt/my\\040share rw - cifs //srv/share rw\n")
+    assert network_filesystem(Path("/shared/studies/hpo.db"), info) == "nfs4"
+    assert network_filesystem(Path("/shared/local/hpo.db"), info) is None  # a local disk mounted below it
+    assert network_filesystem(Path("/sharedother/hpo.db"), info) is None
+    assert network_filesystem(Path("/mnt/my share/hpo.db"), info) == "cifs"
+    assert network_filesystem(tmp_path / "hpo.db") is None  # this machine's temporary folder

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, user_package, wait_for
+from tests.conftest import env_without_storage, invoke, small_spec, user_package, wait_for
 
 # The user's package: a digits classifier with its own Dataset, model and loop. `MODE` (an
 # environment variable) picks a misbehaviour for the ending tests.
@@ -630,7 +630,7 @@ def _free(path: Path) -> bool:
         return True
 
 
-def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(user_pkg, write_spec, runner,
+def test_a_second_run_of_a_study_on_one_sqlite_file_is_refused_until_the_first_is_gone(user_pkg, write_spec, runner,
                                                                                 storage_url, tmp_path) -> None:
     spec = user_spec(budget={"n_trials": 2, "epochs": 4}, pruner={"name": "none"})
     spec.pop("test")
@@ -644,13 +644,20 @@ def test_a_second_process_on_one_sqlite_file_is_refused_until_the_first_is_gone(
     # The pid of the process that trains (under the `hpo run` started): the one to stop.
     trainer = int(subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True, text=True).stdout)
     assert second.output.strip().splitlines() == [
-        f"Error: {tmp_path / 'hpo.db'} is in use by another hpo run (pid {trainer}): a SQLite file takes one "
-        "run at a time, which runs its own workers. Wait for it, or use a server storage (postgresql://, "
-        "mysql+pymysql://) to add workers from elsewhere"]
+        f"Error: study mine in {tmp_path / 'hpo.db'} is being run by another hpo process (pid {trainer}): on a "
+        "SQLite file a study is run by one hpo run at a time, which runs its own workers (--workers K). Wait for "
+        "it, or use a server storage (postgresql://, mysql+pymysql://) to add workers from elsewhere"]
     assert invoke(runner, "trials", "mine", "--storage", storage_url).exit_code == 0  # readers are welcome
+    # Another study on the same file runs to its end meanwhile.
+    other = invoke(runner, "run", write_spec(small_spec(name="other", budget={"n_trials": 2, "epochs": 2}),
+                                             "other.yaml"), "--storage", storage_url)
+    assert other.exit_code == 0, other.output
+    assert len(load(storage_url, "other").trials) == 2
     os.killpg(first.pid, signal.SIGKILL)  # a killed process lets go of the file
     first.wait()
-    wait_for(lambda: _free(tmp_path / ".hpo.db.writer"), "the killed trainer's threads to be gone with its lock")
+    locks = list(tmp_path.glob(".hpo.db.mine-*.writer"))
+    assert len(locks) == 1
+    wait_for(lambda: _free(locks[0]), "the killed trainer's threads to be gone with its lock")
     monkeypatched = dict(os.environ)
     assert "MODE" not in monkeypatched
     again = invoke(runner, "run", path, "--storage", storage_url, "--grace-period", "2", "--heartbeat-interval", "1")

@@ -74,7 +74,7 @@ def test_a_second_run_on_the_same_file_is_refused_while_the_workers_are_its_own(
                                 text=True, timeout=120)
         assert second.returncode == 1
         trainer = subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True, text=True).stdout.strip()
-        assert f"is in use by another hpo run (pid {trainer})" in second.stderr  # the process under `hpo run`
+        assert f"is being run by another hpo process (pid {trainer})" in second.stderr  # the process under `hpo run`
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=120)

@@ -150,7 +150,7 @@ def run(
 
     data = prepare(spec, dev)  # user code and data errors come before storage
     hb = _heartbeat(heartbeat_interval, grace_period)
-    with sole_writer(resolve_url(storage)):  # one process per SQLite file, refused before any write
+    with sole_writer(resolve_url(storage), spec.name):  # one run per study on a SQLite file, refused before any write
         store, url = _open(storage, create=True, heartbeat=hb)
         handle = open_for_spec(spec, store, url, artifacts)
         from hpo.execution.launch import run_here, run_in_processes
@@ -281,7 +281,7 @@ def worker(
     dev = device_for(device, slot)
     from hpo.storage.backends import resolve_url, sole_writer
 
-    with sole_writer(resolve_url(storage)):
+    with sole_writer(resolve_url(storage), study):
         store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
         handle = open_existing(study, store, url, artifacts)
         if fuse is not None:

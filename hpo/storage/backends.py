@@ -42,7 +42,7 @@ _log = logging.getLogger("hpo.storage.backends")
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 ENV_STORAGE = "HPO_STORAGE"
-ENV_WRITER = "HPO_SQLITE_WRITER"  # "<pid>:<path>" of the run holding a SQLite file, for its workers
+ENV_WRITER = "HPO_SQLITE_WRITER"  # "<pid>:<path>:<study>" of the run holding a study on SQLite, for its workers
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,14 @@ def resolve_url(url: str | None) -> str:
 
 
 def mask(url: str) -> str:
-    """The URL with any password replaced by ***, for messages, logs and the dashboard. Parsed by
+    """The URL with any password replaced by ***, for messages, logs and the dashboard, and a
+    relative SQLite file's absolute path beside it. Parsed by
     hand, not by a URL library: the credentials run to the *last* '@' (a password with an
     unencoded '@' must not show its tail), and `password=` in the query is masked too."""
     if "://" not in url:
         return url
+    if (db := sqlite_path(url)) is not None and not url.startswith("sqlite:////"):
+        return f"{url} ({db})"  # a relative file: where it is (runs from another folder use another file)
     scheme, rest = url.split("://", 1)
     if "@" in rest:
         creds, host = rest.rsplit("@", 1)
@@ -161,43 +164,79 @@ def creation_lock(url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sole_writer(url: str) -> Iterator[None]:
-    """Hold an embedded SQLite file for this run: a second `hpo run` or `hpo worker` on the same
-    file is refused in one line (readers such as `hpo dashboard` are not). The run's own worker
-    processes (its slots, all on this machine) share the file: WAL mode, a 60 s busy timeout, the
-    retried transactions of ResilientRDBStorage and the budget's file lock make that safe on a
-    local disk; an unrelated process joining is what is refused. A kill releases it with the
-    process."""
+def sole_writer(url: str, study: str) -> Iterator[None]:
+    """Hold a study on an embedded SQLite file for this run: a second `hpo run` or `hpo worker` of
+    the same study on the same file is refused in one line (other studies on the file, and readers
+    such as `hpo dashboard`, are not). Several processes share one file safely on a local disk:
+    WAL mode, a 60 s busy timeout, the retried transactions of ResilientRDBStorage, the creation
+    lock and the budget's file lock; each process takes its share of the CPUs. What stays refused
+    is a second run of one study, which has its own workers (`--workers K`) and would double
+    them. A kill releases it with the process."""
     path = sqlite_path(url)
     if path is None or not path.parent.is_dir():
         yield
         return
-    if os.environ.get(ENV_WRITER) == f"{os.getppid()}:{path.resolve()}":
-        yield  # a worker started by the `hpo run` that holds the file: its slots share it
+    if (kind := network_filesystem(path.resolve())) is not None:
+        raise StorageError(f"{path} is on a network filesystem ({kind}): SQLite's locks and WAL mode do not work "
+                           "across machines, so hpo does not write it there; keep the file on a local disk, or use "
+                           "a server storage (postgresql://, mysql+pymysql://) for workers on several machines")
+    held = f"{os.getppid()}:{path.resolve()}:{study}"
+    if os.environ.get(ENV_WRITER) == held:
+        yield  # a worker started by the `hpo run` that holds the study: its slots share it
         return
     import fcntl
+    import hashlib
 
-    with open(path.with_name(f".{path.name}.writer"), "a+") as f:
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", study)[:40] + "-" + hashlib.sha1(study.encode()).hexdigest()[:8]
+    with open(path.with_name(f".{path.name}.{tag}.writer"), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             pid = f.read().strip() or "?"
             raise StorageError(
-                f"{path} is in use by another hpo run (pid {pid}): a SQLite file takes one run at a time, which "
-                "runs its own workers. Wait for it, or use a server storage (postgresql://, mysql+pymysql://) "
-                "to add workers from elsewhere"
+                f"study {study} in {path} is being run by another hpo process (pid {pid}): on a SQLite file a "
+                "study is run by one hpo run at a time, which runs its own workers (--workers K). Wait for it, "
+                "or use a server storage (postgresql://, mysql+pymysql://) to add workers from elsewhere"
             ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        os.environ[ENV_WRITER] = f"{os.getpid()}:{path.resolve()}"  # inherited by this run's workers
+        before = os.environ.get(ENV_WRITER)
+        os.environ[ENV_WRITER] = f"{os.getpid()}:{path.resolve()}:{study}"  # inherited by this run's workers
         try:
             yield
         finally:
-            os.environ.pop(ENV_WRITER, None)
+            if before is None:
+                os.environ.pop(ENV_WRITER, None)
+            else:
+                os.environ[ENV_WRITER] = before
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs", "lustre", "gpfs",
+                       "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone")
+
+
+def network_filesystem(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the network filesystem `path` lies on (from /proc/self/mountinfo), or None."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None  # not Linux: nothing to go on
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        fstype = line.split(" - ", 1)[1].split()[0]
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind if kind in NETWORK_FILESYSTEMS else None
 
 
 def _check_holds_studies(url: str, path: Path | None) -> None:
