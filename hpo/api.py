@@ -14,6 +14,13 @@ from hpo.search.summary import FrontTrial, Summary, summarize
 class RunResult:
     summary: Summary  # counts, best trial (or Pareto front), its parameters and test score
     stopped: str  # why the run ended ("study budget of 30 trials reached", ...)
+    study_name: str = ""
+    storage: str = ""
+    artifacts: str | None = None
+
+    def load_best(self, trial: int | None = None) -> Any:
+        """The best model (or with several objectives, front member `trial`): see hpo.load_best."""
+        return load_best(self.study_name, storage=self.storage, artifacts=self.artifacts, trial=trial)
 
     @property
     def front(self) -> tuple[FrontTrial, ...]:
@@ -37,7 +44,11 @@ def run(
     spec: str | Path | Mapping[str, Any],
     *,
     train: Callable[..., Any] | None = None,
+    test: Callable[..., Any] | None = None,
+    model: Callable[..., Any] | None = None,
+    data: Callable[..., Any] | None = None,
     storage: str | None = None,
+    workers: int | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
     device: str = "auto",
@@ -45,47 +56,104 @@ def run(
     quiet: bool = False,
     checkpoint_interval: float = 2.0,
 ) -> RunResult:
-    """Create or resume the study in `spec` (a file, or the same keys as a dict) and run it here.
+    """Create or resume the study in `spec` (a file, or the same keys as a dict, as any YAML loader
+    reads them) and run it as `hpo run` does: one local worker process per CPU core unless
+    `workers` (else $HPO_WORKERS) or the spec's `execution.workers` says otherwise, progress on stderr unless `quiet`,
+    then the best model scored once.
 
-    `train` passes the training function as an object (a notebook's `def train(trial)`); the spec
-    then needs no `train:` key. Workers in other processes import the function by the reference
-    stored in the study, so a function defined in a notebook runs here only.
+    `train`, `test`, `model` and `data` take function objects (or put them in the dict under
+    `train`, `test`, `model`, `data.dataset`), also ones defined in `__main__` or a notebook: the
+    local workers are forked from this process and run these very objects. Workers elsewhere
+    (`hpo worker`) import the function by the `module:function` stored in the study, so a function
+    of `__main__` runs here only.
     """
     from hpo.errors import HpoError
-    from hpo.execution.launch import prepare, run_here
+    from hpo.execution.launch import RunOptions, run_study
     from hpo.runtime import stopping
     from hpo.search.failures import advice
-    from hpo.search.study import choose_device, open_for_spec
-    from hpo.spec.schema import load_spec, spec_from_mapping
-    from hpo.spec.user_code import _cache
-    from hpo.storage.backends import Heartbeat, open_storage, resolve_url, sole_writer
+    from hpo.search.summary import summarize
+    from hpo.storage.backends import resolve_url
 
-    if isinstance(spec, Mapping):
-        doc = dict(spec)
-        if train is not None:
-            doc.setdefault("train", f"{train.__module__}:{train.__qualname__}")
-        loaded = spec_from_mapping(doc, "<spec>")
-    else:
-        loaded = load_spec(spec)
-        if train is not None and loaded.train is None:
-            raise ValueError("train= needs a spec with train: (or pass the spec as a dict)")
-    if train is not None:
-        assert loaded.train is not None
-        _cache[loaded.train] = train  # this object, not a re-import, runs here
+    loaded = _spec_with_functions(spec, {"train": train, "test": test, "model": model, "data.dataset": data})
     if n_trials is not None:
         loaded = loaded.with_budget(n_trials=n_trials)
-    dev = choose_device(device)
-    data = prepare(loaded, dev)
-    url = resolve_url(storage)
-    with sole_writer(url, loaded.name):
-        handle = open_for_spec(loaded, open_storage(url, create=True, heartbeat=Heartbeat()), url, artifacts)
-        with stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trial in flight
-            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet, storage_url=url,
-                               checkpoint_interval=checkpoint_interval)
+    options = RunOptions(resolve_url(storage), workers if workers is not None else _env_workers(), None, device,
+                         timeout, quiet=quiet,
+                         checkpoint_interval=checkpoint_interval, artifacts=artifacts)
+    with _optuna_quiet(), stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trials in flight
+        handle, outcome, _ = run_study(loaded, options)
+    if outcome.errors:
+        raise HpoError(outcome.errors[0])
     if outcome.failure is not None:
         raise HpoError(f"study {loaded.name} stopped on failures: {outcome.failure.reason}; "
                        f"{advice(loaded.name)}")
-    return RunResult(summarize(handle.study), outcome.stopped)
+    return RunResult(summarize(handle.study), outcome.stopped, handle.study.study_name, options.storage_url,
+                     artifacts)
+
+
+_FUNCTION_KEYS = ("train", "test", "model", "data.dataset")
+
+
+def _env_workers() -> int | None:
+    """$HPO_WORKERS, as `hpo run --workers` reads it."""
+    import os
+
+    from hpo.errors import SettingError
+
+    text = os.environ.get("HPO_WORKERS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise SettingError("HPO_WORKERS", f"must be a whole number of workers >= 1, not {text!r}")
+    return int(text)
+
+
+def _spec_with_functions(spec: str | Path | Mapping[str, Any], functions: Mapping[str, Callable[..., Any] | None]
+                         ) -> Any:
+    """The spec, its function keys given as objects (arguments, or values in a dict) replaced by
+    their `module:function` and the objects kept for this process and its forked workers."""
+    from hpo.errors import SpecError
+    from hpo.spec.schema import read_as_hpo_would, read_spec_document, spec_from_mapping
+    from hpo.spec.user_code import _cache
+
+    if isinstance(spec, Mapping):
+        doc, source = read_as_hpo_would(dict(spec)), "<spec>"
+    else:
+        doc, source = read_spec_document(Path(spec)), str(spec)
+    if not isinstance(doc, dict):
+        return spec_from_mapping(doc, source)  # says what is wrong with it
+    for key in _FUNCTION_KEYS:
+        parent, name = (doc, key) if "." not in key else (doc.setdefault("data", {}), key.split(".")[1])
+        given = functions.get(key)
+        value = given if given is not None else (parent.get(name) if isinstance(parent, dict) else None)
+        if not callable(value):
+            continue
+        qualname = getattr(value, "__qualname__", "")
+        if not qualname.isidentifier():
+            raise SpecError(f"{source}: {key}: {qualname or type(value).__name__} is not a function defined at the "
+                            "top of a module or notebook cell; define it with def at the top level")
+        reference = f"{value.__module__}:{qualname}"
+        parent[name] = reference
+        _cache[reference] = value  # this object, not a re-import, runs here and in forked workers
+    if doc.get("data") == {}:
+        del doc["data"]
+    return spec_from_mapping(doc, source)
+
+
+class _optuna_quiet:
+    """Optuna's INFO lines (a trial finished, ...) are not printed: hpo prints its own progress.
+    Its level is put back after the run."""
+
+    def __enter__(self) -> None:
+        import optuna
+
+        self.level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(self.level)
 
 
 def load_best(study: str | Path, *, storage: str | None = None, artifacts: str | None = None,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "examples" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("example", ["fashion_cnn", "model_factory"])
+@pytest.mark.parametrize("example", ["fashion_cnn", "model_factory", "lightning_digits"])
 def test_example_runs_as_its_readme_shows(example: str, tmp_path: Path) -> None:
     spec = ROOT / "examples" / example / "study.yaml"
     if example == "fashion_cnn" and not Path("/usr/share/datasets/fashion-mnist").is_dir():

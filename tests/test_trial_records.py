@@ -306,3 +306,43 @@ def test_load_best_of_a_train_study_gives_the_final_state_and_every_parameter(tm
     wrong = runner.invoke(cli, ["export", "own", "--out", str(tmp_path / "x.pt"), "--trial", "5"])
     assert wrong.exit_code == 1 and "trial 5 is not the best trial of study own" in wrong.output
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_each_trials_curves_are_written_as_tensorboard_event_files(write_spec, runner, storage_url,
+                                                                   tmp_path) -> None:
+    """`execution: {tensorboard: true}`: every reported metric of every trial, read back with
+    TensorBoard's own reader, equals what the study holds."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import small_spec
+
+    spec = small_spec(execution={"tensorboard": True}, budget={"n_trials": 3, "epochs": 3})
+    assert invoke(runner, "run", write_spec(spec), "--storage", storage_url).exit_code == 0
+    study = optuna.load_study(study_name="small", storage=storage_url)
+    base = tmp_path / "hpo-artifacts" / "tensorboard" / "small"
+    assert sorted(p.name for p in base.iterdir()) == [f"trial-{t.number}" for t in study.trials]
+    for t in study.trials:
+        events = EventAccumulator(str(base / f"trial-{t.number}"))
+        events.Reload()
+        assert {"val_accuracy", "val_loss", "train_loss", "epoch_seconds"} <= set(events.Tags()["scalars"])
+        got = {e.step: e.value for e in events.Scalars("val_accuracy")}
+        assert got == pytest.approx(t.intermediate_values, rel=1e-6)  # float32 in the event file
+        losses = [e.value for e in events.Scalars("train_loss")]
+        assert losses == pytest.approx(t.user_attrs["train_loss"], rel=1e-5)
+
+
+def test_tensorboard_without_its_package_is_one_line_before_anything_runs(write_spec, runner, storage_url,
+                                                                          tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from tests.conftest import small_spec
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    path = write_spec(small_spec(execution={"tensorboard": True}))
+    result = runner.invoke(cli, ["run", str(path), "--storage", storage_url])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {path}: execution.tensorboard: needs the tensorboard package: pip "
+                                     "install 'hpo[tensorboard]' (or pip install tensorboard)")
+    assert not (tmp_path / "hpo.db").exists()

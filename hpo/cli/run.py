@@ -134,36 +134,20 @@ def run(
       hpo run studies/digits_mlp.yaml --workers 4
       hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
     """
-    from hpo.execution.processes import auto_workers, parse_gpus
-    from hpo.search.study import choose_device, open_for_spec
+    from hpo.execution.launch import RunOptions, run_study
+    from hpo.execution.processes import parse_gpus
     from hpo.spec.schema import load_spec
-    from hpo.storage.backends import resolve_url, sole_writer
+    from hpo.storage.backends import resolve_url
 
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
     if fuse is not None:
         spec = spec.fused(fuse)
-    gpu_ids = parse_gpus(gpus) if gpus is not None else None
-    dev = choose_device("cuda" if gpu_ids else device)
-    from hpo.execution.launch import prepare
-
-    data = prepare(spec, dev)  # user code and data errors come before storage
-    hb = _heartbeat(heartbeat_interval, grace_period)
-    with sole_writer(resolve_url(storage), spec.name):  # one run per study on a SQLite file, refused before any write
-        store, url = _open(storage, create=True, heartbeat=hb)
-        handle = open_for_spec(spec, store, url, artifacts)
-        from hpo.execution.launch import run_here, run_in_processes
-
-        n_workers = workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
-        with _stops():
-            if n_workers == 1 and not gpu_ids:
-                outcome = run_here(handle, dev, data, timeout=timeout, n_trials=None, quiet=quiet,
-                                   storage_url=url, checkpoint_interval=checkpoint_interval)
-            else:
-                outcome = run_in_processes(handle, url, n_workers, gpu_ids, device, timeout=timeout,
-                                           heartbeat=hb, quiet=quiet, checkpoint_interval=checkpoint_interval,
-                                           data=data)
+    options = RunOptions(resolve_url(storage), workers, parse_gpus(gpus) if gpus is not None else None, device,
+                         timeout, _heartbeat(heartbeat_interval, grace_period), quiet, checkpoint_interval, artifacts)
+    with _stops():
+        handle, outcome, n_workers = run_study(spec, options)
     _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, n_workers)
 

@@ -50,6 +50,10 @@ def prepare(spec: StudySpec, device: Any) -> DataCache | None:
     from hpo.spec.user_code import load_references
 
     load_references(spec)
+    if spec.execution.tensorboard:
+        from hpo.runtime.tensorboard import check_available
+
+        check_available(spec.source)
     return DataCache(spec.builtin_data, spec.seed, device, spec.model) if spec.train is None else None
 
 
@@ -303,3 +307,44 @@ class Notes(Listener):
 
     def warn(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a study here: what `hpo run`'s flags and `hpo.run()`'s arguments say."""
+
+    storage_url: str
+    workers: int | None = None  # None: execution.workers, else one per core (or per GPU)
+    gpu_ids: list[int] | None = None
+    device: str = "auto"
+    timeout: float | None = None
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    quiet: bool = False
+    checkpoint_interval: float = 2.0
+    artifacts: str | None = None
+
+
+def run_study(spec: StudySpec, options: RunOptions) -> tuple[StudyHandle, Outcome, int]:
+    """The run sequence of `hpo run` and `hpo.run()`: the device, the user's code and data (before
+    any storage is touched, so those mistakes write nothing), the study held on a SQLite file,
+    the storage and the study opened, then the trials in this process (one worker) or in local
+    worker processes. Returns the study, how the run ended and how many workers ran."""
+    from hpo.execution.processes import auto_workers
+    from hpo.search.study import open_for_spec
+    from hpo.storage.backends import open_storage, sole_writer
+
+    gpu_ids = options.gpu_ids
+    dev = choose_device("cuda" if gpu_ids else options.device)
+    data = prepare(spec, dev)
+    with sole_writer(options.storage_url, spec.name):  # one run per study on a SQLite file, refused before any write
+        store = open_storage(options.storage_url, create=True, heartbeat=options.heartbeat)
+        handle = open_for_spec(spec, store, options.storage_url, options.artifacts)
+        n_workers = options.workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
+        if n_workers == 1 and not gpu_ids:
+            outcome = run_here(handle, dev, data, timeout=options.timeout, n_trials=None, quiet=options.quiet,
+                               storage_url=options.storage_url, checkpoint_interval=options.checkpoint_interval)
+        else:
+            outcome = run_in_processes(handle, options.storage_url, n_workers, gpu_ids, options.device,
+                                       timeout=options.timeout, heartbeat=options.heartbeat, quiet=options.quiet,
+                                       checkpoint_interval=options.checkpoint_interval, data=data)
+    return handle, outcome, n_workers

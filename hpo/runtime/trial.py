@@ -40,6 +40,7 @@ from hpo.runtime.endings import (
 )
 from hpo.runtime.listener import Listener
 from hpo.runtime.output import TrialOutput
+from hpo.runtime.tensorboard import CurveWriter, folder
 from hpo.runtime.measure import count_parameters, latency_ms
 from hpo.runtime.pruning import (
     REFRESH,
@@ -140,6 +141,8 @@ class Trial:
         self._last_checkpoint = self._started
         self.checkpointed_epoch = self.start_epoch
         self._deadlines = Deadlines.start(ctx.spec.budget.trial_timeout, ctx.study_deadline)
+        self._tensorboard = (CurveWriter(folder(ctx.artifacts.path, ctx.spec.name, number))
+                             if ctx.spec.execution.tensorboard and optuna_trial is not None else None)
 
     def __repr__(self) -> str:
         first = f", first_number={self.first_number}" if self.first_number != self.number else ""
@@ -157,6 +160,8 @@ class Trial:
         values = self._check_report(epoch, metrics)
         now = time.monotonic()
         self._epoch_seconds.append(now - self._last_report)
+        if self._tensorboard is not None:
+            self._tensorboard.add(epoch, values, now - self._last_report)
         self._last_report = now
         for name, value in values.items():
             self._curves.setdefault(name, []).append(value)
@@ -448,15 +453,16 @@ class TrialRunner:
             self._record_end(trial, Ending(End.ERROR, str(e)))
             raise  # a mistake in the code, not in these parameters: every trial would fail the same way
         except SystemExit as e:
+            if why := stopping.requested():  # a framework that exits on Ctrl-C (Lightning): the stop, obeyed
+                self._record_end(trial, _interrupted(trial, why))
+                raise KeyboardInterrupt from None
             epoch = trial._epoch_in_flight()
             self._record_end(trial, Ending(End.ERROR, f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}"))
             raise UserCodeError(f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}; a training function "
                                 "returns (or raises) instead of exiting") from None
         except KeyboardInterrupt as e:
             if why := stopping.requested():  # a stop (Ctrl-C, SIGTERM, hpo stop): the worker queues the trial
-                self._record_end(trial, Ending(End.INTERRUPTED, f"interrupted ({why}) in epoch "
-                                               f"{trial._epoch_in_flight()}; queued to resume from epoch "
-                                               f"{trial.checkpointed_epoch}"))
+                self._record_end(trial, _interrupted(trial, why))
                 raise
             self._fail(trial, e, Ending(End.ERROR, "KeyboardInterrupt raised by the training code (no stop was "
                                                    "requested)"))
@@ -470,6 +476,8 @@ class TrialRunner:
     def _complete(self, trial: Trial, ot: optuna.Trial, value: float | list[float],
                   constraints: dict[str, float]) -> None:
         trial._flush_reports()
+        if trial._tensorboard is not None:
+            trial._tensorboard.close()
         set_user_attrs(ot, trial._attributes(None))
         for key, excess in constraints.items():
             ot.set_constraint(key, excess)
@@ -498,6 +506,8 @@ class TrialRunner:
         if self.output is not None:
             self.output.note(f"[hpo] trial {trial.number}: {ending.reason or ending.end.value}")
         trial._flush_reports()
+        if trial._tensorboard is not None:
+            trial._tensorboard.close()
         set_user_attrs(trial._trial, trial._attributes(ending.reason))
         if not ending.end.requeued:
             self.ctx.artifacts.remove_checkpoint(trial.first_number)
@@ -511,6 +521,11 @@ class TrialRunner:
         if ending.end.state == optuna.trial.TrialState.PRUNED:
             raise optuna.TrialPruned(ending.reason)
         raise TrialError(ending.reason or ending.end.value)
+
+
+def _interrupted(trial: Trial, why: str) -> Ending:
+    return Ending(End.INTERRUPTED, f"interrupted ({why}) in epoch {trial._epoch_in_flight()}; queued to resume "
+                                   f"from epoch {trial.checkpointed_epoch}")
 
 
 def _sizes(params: Mapping[str, Any]) -> str:

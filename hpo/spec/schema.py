@@ -183,6 +183,9 @@ class ExecutionSpec:
     # Worker processes of one `hpo run` (its slots). None ("auto"): one per CPU core, each on one
     # thread (small models leave a second intra-op thread idle), or one per listed GPU.
     workers: int | None = None
+    # Each trial's reported curves also as TensorBoard event files, under
+    # <artifacts>/tensorboard/<study>/trial-<N> (the `tensorboard` extra).
+    tensorboard: bool = False
 
     def pads(self, device_type: str) -> bool:
         return self.pad if self.pad is not None else device_type == "cuda"
@@ -352,7 +355,8 @@ class StudySpec:
             } | ({} if self.budget.max_failures is None else {"max_failures": self.budget.max_failures}),
             "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
                           "pad": "auto" if self.execution.pad is None else self.execution.pad,
-                          "workers": "auto" if self.execution.workers is None else self.execution.workers},
+                          "workers": "auto" if self.execution.workers is None else self.execution.workers,
+                          **({"tensorboard": True} if self.execution.tensorboard else {})},
         }
 
     def search_definition(self) -> dict[str, Any]:
@@ -375,11 +379,21 @@ class _Loader(yaml.SafeLoader):
     """
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def read_as_hpo_would(doc: Any) -> Any:
+    """A document another YAML loader produced (PyYAML's `safe_load` leaves `1e-4` as text), with
+    such text read as the number a study file gives: a dict passed to `hpo.run` means the same as
+    the file it came from."""
+    if isinstance(doc, Mapping):
+        return {k: read_as_hpo_would(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [read_as_hpo_would(v) for v in doc]
+    if isinstance(doc, str) and _EXPONENT_FLOAT.match(doc):
+        return float(doc.replace("_", ""))
+    return doc
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
@@ -417,7 +431,11 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
-    path = Path(path)
+    return spec_from_mapping(read_spec_document(Path(path)), str(path))
+
+
+def read_spec_document(path: Path) -> Any:
+    """A study file's YAML document, read with hpo's loader; every way it cannot be read is one line."""
     source = str(path)
     try:
         if path.is_dir():
@@ -436,7 +454,7 @@ def load_spec(path: str | Path) -> StudySpec:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{source}: is not UTF-8 text (bad byte at offset {e.start})") from None
-    return spec_from_mapping(parse_yaml(text, source), source)
+    return parse_yaml(text, source)
 
 
 def spec_from_mapping(doc: Any, source: str) -> StudySpec:

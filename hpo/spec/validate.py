@@ -340,7 +340,7 @@ class Validator:
         return self.choice(value, "model", MODELS)
 
     def execution(self, value: Any) -> ExecutionSpec:
-        raw = self.mapping(value, "execution", ["mode", "group_size", "pad", "workers"])
+        raw = self.mapping(value, "execution", ["mode", "group_size", "pad", "workers", "tensorboard"])
         mode = self.choice(raw.get("mode", "sequential"), "execution.mode", ["sequential", "fused"])
         size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
         if size > 1024:
@@ -351,7 +351,11 @@ class Validator:
         workers = raw.get("workers", "auto")
         if workers != "auto":
             workers = self.integer(workers, "execution.workers", minimum=1)
-        return ExecutionSpec(mode, size, None if pad == "auto" else pad, None if workers == "auto" else workers)
+        tensorboard = raw.get("tensorboard", False)
+        if not isinstance(tensorboard, bool):
+            raise self.fail("execution.tensorboard", "must be true or false")
+        return ExecutionSpec(mode, size, None if pad == "auto" else pad, None if workers == "auto" else workers,
+                             tensorboard)
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
         """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""

@@ -1,0 +1,1 @@
+"""Adapters between hpo's trial API and other training frameworks (optional extras)."""
