@@ -51,7 +51,8 @@ def test_best_shows_params_test_score_and_model(finished, runner) -> None:
     data = json.loads(invoke(runner, "best", "small", "--storage", finished, "--format", "json").output)
     assert data["best_value"] == study.best_value and data["params"] == study.best_params
     model = Path(data["test"]["model_path"])
-    assert model.is_file()
+    assert model.is_file() and model.name.endswith("-best_model.pt")  # the artifact, named for a person
+    assert model.samefile(model.with_name(data["test"]["model_artifact"]))
     import torch
 
     bundle = torch.load(model, weights_only=True)

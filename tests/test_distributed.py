@@ -83,6 +83,7 @@ def test_run_with_workers_never_overshoots_the_budget(pg_url, write_spec, runner
     assert "Study overshoot: 30 trials (30 complete)" in result.stdout
 
 
+@pytest.mark.slow  # ~20 s
 def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, runner, tmp_path) -> None:
     spec = dict(LONG, name="killed")
     create(runner, write_spec, pg_url, spec, tmp_path)
@@ -301,6 +302,7 @@ def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
     assert backend.get_study_id_from_name("heal") >= 0
 
 
+@pytest.mark.slow  # ~20 s
 def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on(pg_url, write_spec, runner,
                                                                                tmp_path) -> None:
     """SIGSTOP past the grace period (a VM pause, a partition), a rescuer retries the trial, SIGCONT:

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, user_package, wait_for
+from tests.conftest import env_without_storage, need_module, user_package, wait_for
 
-pytest.importorskip("lightning")
+need_module("lightning")
 
 PACKAGE = '''
 import os, time

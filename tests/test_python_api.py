@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env_without_storage
+from tests.conftest import env_without_storage, need_module
 
 # A study as a newcomer writes it inline: PyYAML reads `1e-4` as text.
 SPEC = '''
@@ -87,9 +87,10 @@ def test_a_script_runs_its_own_functions_on_local_workers_like_hpo_run(tmp_path)
     assert "Study auto:" not in done.stderr  # quiet=True: no progress either
 
 
+@pytest.mark.slow  # a Jupyter kernel's start-up
 def test_a_notebook_runs_a_study_with_functions_defined_in_its_cells(tmp_path) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat = need_module("nbformat")
+    nbclient = need_module("nbclient")
     db = f"sqlite:///{tmp_path / 'hpo.db'}"
     cells = [
         FUNCTIONS,

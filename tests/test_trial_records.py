@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from hpo.cli import cli
-from tests.conftest import env_without_storage, invoke, user_package, wait_for
+from tests.conftest import env_without_storage, invoke, need_module, user_package, wait_for
 
 # Draws from Python's random, NumPy and torch, and from a DataLoader that shuffles with 0 or 2
 # loader processes (each item carries a draw made in the process that loaded it). MODE=die ends
@@ -312,7 +312,7 @@ def test_each_trials_curves_are_written_as_tensorboard_event_files(write_spec, r
                                                                    tmp_path) -> None:
     """`execution: {tensorboard: true}`: every reported metric of every trial, read back with
     TensorBoard's own reader, equals what the study holds."""
-    pytest.importorskip("tensorboard")
+    need_module("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tests.conftest import small_spec

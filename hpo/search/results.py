@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial
 from hpo._private import storage_of, study_id
 from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
 from hpo.search.summary import TEST_ATTR, best_trial, front
-from hpo.storage.artifacts import UID_RE, find_artifact, own_file
+from hpo.storage.artifacts import UID_RE, find_artifact, named_links, own_file
 
 if TYPE_CHECKING:
     import torch
@@ -152,11 +152,12 @@ def _score(handle: StudyHandle, best: FrozenTrial, device: torch.device, data: D
         "test": scores,
     }
     artifact_id = handle.artifacts.upload(study, filename, bundle)
-    return _record(handle, best, metric, scores[metric.removeprefix("test_")], scores, artifact_id)
+    return _record(handle, best, metric, scores[metric.removeprefix("test_")], scores, artifact_id, filename)
 
 
 def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, scores: dict[str, float],
-            artifact_id: str | None) -> dict[str, Any]:
+            artifact_id: str | None, name: str) -> dict[str, Any]:
+    """The test record of a scored trial; its model (`artifact_id`) is also linked as `<uid>-<name>`."""
     return {
         "trial": best.number,
         "metric": metric,
@@ -165,7 +166,7 @@ def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, s
         "val_value": best.values[0] if len(best.values) == 1 else dict(zip(handle.study.metric_names or [],
                                                                               best.values)),
         "model_artifact": artifact_id,
-        "model_path": str(handle.artifacts.file_of(artifact_id).resolve()) if artifact_id else None,
+        "model_path": str(handle.artifacts.named(artifact_id, name).resolve()) if artifact_id else None,
     }
 
 
@@ -198,16 +199,16 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
     if not scores:
         raise UserCodeError(f"{who}: returned no scores; return a number or a dict of numbers")
     metric = name if name in scores else next(iter(scores))
-    return _record(handle, best, metric, scores[metric], scores, model_id)
+    return _record(handle, best, metric, scores[metric], scores, model_id, f"trial{best.number}-model.pt")
 
 
 def delete_study(study: optuna.Study) -> int:
     """Delete a study and the files it put in its artifact store; returns files removed.
 
     Everything read from the study is untrusted (anyone who can write the database can write it):
-    only names hpo itself creates (Optuna's uuid artifact ids, this study's `<uid>-trialN-a.ckpt` and `<uid>-trialN.log`)
-    are removed, only as regular files directly inside the recorded artifact folder, never through
-    a link."""
+    only names hpo itself creates (Optuna's uuid artifact ids and their `<id>-best_model.pt` links,
+    this study's `<uid>-trialN-a.ckpt` and `<uid>-trialN.log`) are removed, only as regular files
+    directly inside the recorded artifact folder, never through a link."""
     from optuna.artifacts import get_all_artifact_meta
 
     system = system_attrs(study)
@@ -222,6 +223,7 @@ def delete_study(study: optuna.Study) -> int:
         if isinstance(uid, str) and UID_RE.match(uid):
             names.update(p.name for p in base.glob(f"{uid}-trial*.ckpt"))
             names.update(p.name for p in base.glob(f"{uid}-trial*.log"))  # logs of trials still running
+        names.update(link for n in list(names) if isinstance(n, str) for link in named_links(base, n))
         for name in names:
             if (path := own_file(base, name, uid)) is not None:
                 path.unlink()

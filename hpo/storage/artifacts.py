@@ -154,6 +154,22 @@ class Artifacts:
     def file_of(self, artifact_id: str) -> Path:
         return self.path / artifact_id
 
+    def named(self, artifact_id: str, name: str) -> Path:
+        """The artifact under a name a person recognises, `<artifact id>-<name>` ending in .pt, beside
+        it: a hard link (the same file, no copy), a copy where the filesystem has none. The
+        dashboard keeps serving the artifact by its id."""
+        target = self.path / f"{artifact_id}-{name}"
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.file_of(artifact_id), tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(self.file_of(artifact_id), tmp)
+        os.replace(tmp, target)  # a reader sees the old model or the new one, never half of one
+        return target
+
 
 def find_artifact(
     target: optuna.trial.FrozenTrial | optuna.Study,
@@ -168,7 +184,16 @@ def find_artifact(
 
 
 UID_RE = re.compile(r"^[0-9a-f]{12}$")
-_ARTIFACT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def named_links(base: Path, artifact_id: str) -> list[str]:
+    """The `<id>-<name>.pt` links `Artifacts.named` made of an artifact (none for a name that is
+    not an artifact id)."""
+    if not _ARTIFACT_RE.match(artifact_id) or artifact_id.endswith(".pt"):
+        return []
+    return [p.name for p in base.glob(f"{artifact_id}-*.pt")]
+# Optuna's uuid artifact ids, and the named links of scored models (`<id>-best_model.pt`).
+_ARTIFACT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(-[A-Za-z0-9_]+\.pt)?$")
 
 
 def own_file(base: Path, name: Any, uid: Any) -> Path | None:
