@@ -53,6 +53,7 @@ def train(trial):
         marker = os.environ.get("DIE_MARKER")
         if marker and trial.first_number == 0 and epoch == 1 and not os.path.exists(marker):
             open(marker, "w").close()
+            print(f"trial {trial.number} ends its process", flush=True)
             os._exit(3)
 '''
 
@@ -104,6 +105,10 @@ def test_user_code_repeats_its_draws_and_a_resumed_trial_continues_them(tmp_path
 
     died = _run(spec, crashed, {"DIE_MARKER": str(tmp_path / "died")})
     assert died.returncode == 3, died.stderr
+    # What the dead process's trial printed is still there (its live log, never uploaded).
+    logs = subprocess.run([sys.executable, "-m", "hpo", "logs", "draws", "0", "--storage", f"sqlite:///{crashed}"],
+                          cwd=tmp_path, env=env_without_storage(), capture_output=True, text=True, timeout=120)
+    assert logs.stdout == "trial 0 ends its process\n", logs.stderr
     resumed = _run(spec, crashed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resum" in resumed.stderr

@@ -41,7 +41,8 @@ def log_of(handle: StudyHandle, trial: FrozenTrial) -> str | None:
             trial = find_trial(handle.study, trial.number)
     artifact = find_artifact(trial, LOG_FILENAME, storage_of(handle.study))
     if artifact is None:
-        return None
+        # A process killed under its trial (kill -9, out of memory) left the live file behind.
+        return live.read_text(encoding="utf-8", errors="replace") if live.is_file() else None
     try:
         return handle.artifacts.read_text(artifact)
     except FileNotFoundError:
