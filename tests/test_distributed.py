@@ -115,6 +115,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, 
     assert sorted(retry.intermediate_values) == list(range(8))
 
 
+@pytest.mark.slow  # ~15 s
 def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -> None:
     spec = dict(FAST, name="restart", budget={"n_trials": 40, "epochs": 3},
                 data={"dataset": "synthetic", "n_samples": 3000, "n_features": 16, "n_classes": 2})

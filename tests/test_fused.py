@@ -376,6 +376,7 @@ def test_an_unfused_checkpoint_resumes_fused_and_a_fused_one_unfused(digits: Dat
     assert_same([r.val for r in resumed.fit()], straight[2:])
 
 
+@pytest.mark.slow  # ~15 s
 @pytest.mark.parametrize("first_fused", [False, True], ids=["one at a time, then fused", "fused, then one at a time"])
 def test_a_study_interrupted_in_one_mode_resumes_in_the_other(write_spec, tmp_path, first_fused: bool) -> None:
     import signal

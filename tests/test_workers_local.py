@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import env_without_storage, small_spec, wait_for
@@ -100,6 +101,7 @@ def _running(url: str, name: str, epochs: int) -> list[optuna.trial.FrozenTrial]
     return [t for t in trials if len(t.intermediate_values) >= epochs and "hpo:owner" in t.system_attrs]
 
 
+@pytest.mark.slow  # ~15 s
 def test_kill_9_of_the_whole_run_resumes_every_trial_in_flight_at_once(write_spec, tmp_path) -> None:
     """Both workers and the run itself are killed with two trials in flight; the next run sees
     their processes are gone (same machine), so it takes them back without waiting out the
