@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpo"
@@ -104,3 +105,23 @@ def test_functions_fit_on_a_screen() -> None:
                 if length > 65 and "# long:" not in lines[node.lineno - 1]:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, "functions over 65 lines: " + ", ".join(long)
+
+
+def test_only_the_cli_spells_flags() -> None:
+    """A flag written outside hpo/cli (a rebuilt `hpo worker` command line, an error naming
+    `--gpus`) breaks at run time when the flag is renamed: below the CLI, settings are typed and
+    errors name the setting. Docstrings and comments may mention flags."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "cli":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if re.search(r"(^|[\s(\[`])--[a-z][a-z-]+", node.value):
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value[:40]!r}")
+    assert not offenders, "flags spelled below hpo/cli: " + ", ".join(offenders)

@@ -645,8 +645,9 @@ def test_a_second_run_of_a_study_on_one_sqlite_file_is_refused_until_the_first_i
     trainer = int(subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True, text=True).stdout)
     assert second.output.strip().splitlines() == [
         f"Error: study mine in {tmp_path / 'hpo.db'} is being run by another hpo process (pid {trainer}): on a "
-        "SQLite file a study is run by one hpo run at a time, which runs its own workers (--workers K). Wait for "
-        "it, or use a server storage (postgresql://, mysql+pymysql://) to add workers from elsewhere"]
+        "SQLite file a study is run by one hpo run at a time, which runs its own workers (as many as its workers "
+        "setting says). Wait for it, or use a server storage (postgresql://, mysql+pymysql://) to add workers from "
+        "elsewhere"]
     assert invoke(runner, "trials", "mine", "--storage", storage_url).exit_code == 0  # readers are welcome
     # Another study on the same file runs to its end meanwhile.
     other = invoke(runner, "run", write_spec(small_spec(name="other", budget={"n_trials": 2, "epochs": 2}),

@@ -152,3 +152,29 @@ def test_one_worker_repeats_the_same_trials(write_spec, tmp_path) -> None:
         assert done.returncode == 0, done.stderr
         runs.append([(t.params, t.value) for t in load(url, "busy").trials])
     assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
+def test_worker_processes_hpo_run_starts_get_typed_settings_not_flags(write_spec, tmp_path, monkeypatch) -> None:
+    """The `hpo worker` processes `hpo run` starts (one per GPU; here on the CPU) get their
+    settings as a typed WorkerSettings in their environment: the artifact folder, threads, fusion
+    and checkpoint interval it names are the ones they run with."""
+    from hpo.execution.processes import ENV_SETTINGS, WorkerPlan, WorkerSettings, launch
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    spec = write_spec(small_spec(name="typed", budget={"n_trials": 4, "epochs": 2}))
+    created = subprocess.run([sys.executable, "-m", "hpo", "create", str(spec), "--storage", url], cwd=tmp_path,
+                             env=env_without_storage(), capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stderr
+    art = tmp_path / "elsewhere"
+    settings = WorkerSettings(str(art), "cpu", 1, heartbeat_interval=1, grace_period=3, checkpoint_interval=0.0,
+                              fuse=2, timeout=None)
+    monkeypatch.setattr(os, "environ", env_without_storage())
+    procs = launch("typed", url, [WorkerPlan("cpu", 1, {"OMP_NUM_THREADS": "1"})], settings)
+    assert ENV_SETTINGS not in os.environ  # given to the child only
+    assert [p.wait(timeout=300) for p in procs] == [0]
+    study = load(url, "typed")
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) + \
+        [t.state for t in study.trials].count(TrialState.PRUNED) == 4
+    assert {t.user_attrs.get("fused_group_size") for t in study.trials} == {2}  # fuse=2 reached the worker
+    assert {t.user_attrs["threads"] for t in study.trials} == {1}
+    assert any(art.iterdir())  # its models went to the folder the settings named

@@ -254,8 +254,14 @@ def worker(
       HPO_STORAGE=postgresql://user@db/hpo hpo worker digits_mlp
       hpo worker digits_mlp --storage postgresql://user@db/hpo --n-trials 10 --device cuda:1
     """
+    from hpo.execution.processes import WorkerSettings
     from hpo.execution.share import HostSlot, device_for, wait_to_start
 
+    if (given := WorkerSettings.take_from_environment()) is not None:  # started by `hpo run` (--gpus)
+        artifacts, device, threads, fuse, timeout = (given.artifacts, given.device, given.threads, given.fuse,
+                                                     given.timeout)
+        heartbeat_interval, grace_period, quiet = given.heartbeat_interval, given.grace_period, True
+        checkpoint_interval = given.checkpoint_interval
     slot = HostSlot()  # this worker's place among the host's hpo workers: its threads, its GPU
     if not wait_to_start(slot, threads, _budget_used(storage, study), lambda line: click.echo(line, err=True)):
         click.echo(f"Stopped: study {study} used up its budget while this worker waited for a CPU.", err=True)

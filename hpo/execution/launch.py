@@ -178,7 +178,7 @@ def run_in_processes(
 ) -> Outcome:
     """Start local workers (forked from this process on a CPU, `hpo worker` processes for GPUs),
     show their progress from the storage, then score."""
-    from hpo.execution.processes import can_fork, fork, launch, plan, supervise
+    from hpo.execution.processes import WorkerSettings, can_fork, fork, launch, plan, supervise
 
     spec, study = handle.spec, handle.study
     dev = choose_device("cuda" if gpu_ids else device)
@@ -189,18 +189,15 @@ def run_in_processes(
              else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each")
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
                  f"{n_workers} workers ({where}), storage {mask(storage_url)}")
-    extra = ["--heartbeat-interval", str(heartbeat.interval), "--grace-period", str(heartbeat.grace),
-             "--checkpoint-interval", str(checkpoint_interval)]
-    if spec.execution.mode == "fused":
-        extra += ["--fuse", str(spec.execution.group_size)]
-    if timeout is not None:
-        extra += ["--timeout", str(timeout)]
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
     start, since, asked = time.monotonic(), time.time(), stop_requests(study)
     messages: Path | None = None  # forked workers leave their one-line errors here
     procs: Sequence[Process]
     if dev.type != "cpu" or not can_fork():
-        procs = launch(spec.name, storage_url, str(handle.artifacts.path.resolve()), plans, extra)
+        settings = WorkerSettings(str(handle.artifacts.path.resolve()), "cuda", 1, heartbeat.interval, heartbeat.grace,
+                                  checkpoint_interval, spec.execution.group_size if spec.execution.mode == "fused"
+                                  else None, timeout)
+        procs = launch(spec.name, storage_url, plans, settings)
     else:
         messages = Path(tempfile.mkdtemp(prefix="hpo-workers-"))
 

@@ -11,16 +11,17 @@ gets SIGTERM (Linux), so none writes on unsupervised.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
-from hpo.errors import HpoError
+from hpo.errors import SettingError
 from hpo.execution.supervisor import stop_with_parent
 from hpo.search.budget import budget_status
 from hpo.search.samplers import effective_n_trials
@@ -40,15 +41,44 @@ class WorkerPlan:
     env: dict[str, str]
 
 
+ENV_SETTINGS = "HPO_WORKER_SETTINGS"  # a started worker's WorkerSettings, as JSON
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What `hpo run` gives each `hpo worker` process it starts (one per GPU): typed, and passed in
+    the environment rather than as a command line, so only hpo.cli spells flags and a renamed
+    flag cannot break these workers at run time."""
+
+    artifacts: str
+    device: str
+    threads: int
+    heartbeat_interval: int
+    grace_period: int
+    checkpoint_interval: float
+    fuse: int | None = None
+    timeout: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def take_from_environment() -> WorkerSettings | None:
+        """The settings of a worker `hpo run` started, removed from the environment (its own
+        children are not such workers), or None for a worker started by hand."""
+        text = os.environ.pop(ENV_SETTINGS, None)
+        return WorkerSettings(**json.loads(text)) if text else None
+
+
 def parse_gpus(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
-        raise HpoError(f"--gpus: {text!r} is not a comma-separated list of GPU numbers, e.g. 0,1") from None
+        raise SettingError("gpus", f"{text!r} is not a comma-separated list of GPU numbers, e.g. 0,1") from None
     if not ids or any(i < 0 for i in ids):
-        raise HpoError(f"--gpus: {text!r} is not a comma-separated list of GPU numbers, e.g. 0,1")
+        raise SettingError("gpus", f"{text!r} is not a comma-separated list of GPU numbers, e.g. 0,1")
     if len(set(ids)) != len(ids):
-        raise HpoError(f"--gpus: {text!r} names a GPU twice")
+        raise SettingError("gpus", f"{text!r} names a GPU twice")
     return ids
 
 
@@ -87,25 +117,20 @@ def plan(workers: int, gpus: list[int] | None, device: str, cpu_count: int | Non
     return out
 
 
-def launch(
-    study: str,
-    storage_url: str,
-    artifacts: str,
-    plans: list[WorkerPlan],
-    extra: list[str] | None = None,
-) -> list[subprocess.Popen[bytes]]:
+def launch(study: str, storage_url: str, plans: list[WorkerPlan], settings: WorkerSettings
+           ) -> list[subprocess.Popen[bytes]]:
+    """One `hpo worker STUDY` process per plan, its settings (with the plan's device and threads)
+    and the storage URL in its environment."""
     procs = []
     for p in plans:
         env = dict(os.environ)
         env.update(p.env)
         env[ENV_STORAGE] = storage_url  # not on the command line, where `ps` would show a password
+        env[ENV_SETTINGS] = replace(settings, device=p.device, threads=p.threads).to_json()
         if ADDED_PATHS:  # modules beside the study file: the workers import them too
             env["PYTHONPATH"] = os.pathsep.join([*ADDED_PATHS, *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [
-            sys.executable, "-m", "hpo", "worker", study, "--artifacts", artifacts,
-            "--device", p.device, "--threads", str(p.threads), "--quiet", *(extra or []),
-        ]
-        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=stop_with_parent))
+        procs.append(subprocess.Popen([sys.executable, "-m", "hpo", "worker", study], env=env,
+                                      start_new_session=True, preexec_fn=stop_with_parent))
     return procs
 
 

@@ -196,8 +196,9 @@ def sole_writer(url: str, study: str) -> Iterator[None]:
             pid = f.read().strip() or "?"
             raise StorageError(
                 f"study {study} in {path} is being run by another hpo process (pid {pid}): on a SQLite file a "
-                "study is run by one hpo run at a time, which runs its own workers (--workers K). Wait for it, "
-                "or use a server storage (postgresql://, mysql+pymysql://) to add workers from elsewhere"
+                "study is run by one hpo run at a time, which runs its own workers (as many as its workers "
+                "setting says). Wait for it, or use a server storage (postgresql://, mysql+pymysql://) to add "
+                "workers from elsewhere"
             ) from None
         f.seek(0)
         f.truncate()
