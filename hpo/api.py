@@ -71,7 +71,6 @@ def run(
     from hpo.execution.launch import RunOptions, run_study
     from hpo.runtime import stopping
     from hpo.search.failures import advice
-    from hpo.search.summary import summarize
     from hpo.storage.backends import resolve_url
 
     loaded = _spec_with_functions(spec, {"train": train, "test": test, "model": model, "data.dataset": data})

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
     ("streamed.py", ["--repeats", "1", "--samples", "2000", "--workers", "0"], "hpo / hand-written"),
     ("pareto_pruning.py", ["--seeds", "0", "--spec", str(ROOT / "benchmarks" / "specs" / "pareto_smoke.yaml")],
      "of epochs saved"),
+    ("python_api.py", ["--repeats", "1", "--spec", SMOKE], "hpo.run / hpo run"),
 ])
 def test_benchmark_script_runs(script: str, args: list[str], expect: str | tuple[str, ...]) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],

@@ -186,6 +186,6 @@ def test_workers_use_the_artifact_folder_the_study_was_created_with_and_say_when
     told = invoke(runner, "worker", "places", "--storage", pg_url, "--quiet")
     assert told.exit_code == 0, told.output
     notes = [ln for ln in told.output.splitlines() if ln.startswith("Note: artifacts go to")]
-    assert notes == [f"Note: artifacts go to {elsewhere} (--artifacts or HPO_ARTIFACTS), not to the study's folder "
-                     f"{shared}; trials this worker resumes find no checkpoint from workers that use the study's "
-                     "folder"], told.output
+    assert notes == [f"Note: artifacts go to {elsewhere} (the artifact folder this worker was given, or "
+                     f"HPO_ARTIFACTS), not to the study's folder {shared}; trials this worker resumes find no "
+                     "checkpoint from workers that use the study's folder"], told.output

@@ -123,7 +123,7 @@ def test_lightning_trials_report_prune_and_resume_after_kill_9(tmp_path, monkeyp
         os.killpg(killed.pid, signal.SIGKILL)  # as the out-of-memory killer would
         killed.communicate()
     again = _run(spec, env)
-    out, err = again.communicate(timeout=600)
+    _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     study = optuna.load_study(study_name="light", storage=f"sqlite:///{tmp_path / 'hpo.db'}")
     by_state = {s: [t for t in study.trials if t.state == s] for s in TrialState}

@@ -16,7 +16,13 @@ import pytest
 import yaml
 
 from hpo.cli import cli
-from tests.conftest import env_without_storage, invoke, need_module, user_package, wait_for
+from tests.conftest import (
+    env_without_storage,
+    invoke,
+    need_module,
+    user_package,
+    wait_for,
+)
 
 # Draws from Python's random, NumPy and torch, and from a DataLoader that shuffles with 0 or 2
 # loader processes (each item carries a draw made in the process that loaded it). MODE=die ends

@@ -90,7 +90,8 @@ def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) 
     path = resolve_artifact_path(artifact_dir, storage_url, recorded)
     if recorded is not None and Path(recorded) != path:
         # Checkpoints and models then live in two places: say so once, with the way back.
-        print(f"Note: artifacts go to {path} (the artifacts setting or HPO_ARTIFACTS), not to the study's folder {recorded}; "
+        print(f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), not "
+              f"to the study's folder {recorded}; "
               "trials this worker resumes find no checkpoint from workers that use the study's folder",
               file=sys.stderr, flush=True)
     store = open_store(path)

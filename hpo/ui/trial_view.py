@@ -47,7 +47,8 @@ def log_of(handle: StudyHandle, trial: FrozenTrial) -> str | None:
         return handle.artifacts.read_text(artifact)
     except FileNotFoundError:
         raise HpoError(f"the log of trial {trial.number} is not in the artifact folder {handle.artifacts.path} "
-                       "(another machine's? give the shared folder as the artifacts setting or HPO_ARTIFACTS)") from None
+                       "(another machine's? give this command the shared artifact folder, or set "
+                       "HPO_ARTIFACTS)") from None
 
 
 def follow(handle: StudyHandle, number: int, write: Callable[[str], None], poll: float = 0.5) -> None:
