@@ -83,12 +83,7 @@ def test_dashboard_json_api_shows_trials_curves_and_attrs(finished, tmp_path) ->
                 assert "pruned by the median rule" in attrs["reason"]
             # Weights are kept exactly for the trials that were the best so far when they completed.
             names = [a["filename"] for a in shown["artifacts"]]
-            assert [n for n in names if n != "log.txt"] == (["model.pt"] if t.number in kept else [])
-            if t.state == TrialState.PRUNED:  # its log says how it ended, downloadable from the dashboard
-                log = next(a for a in shown["artifacts"] if a["filename"] == "log.txt")
-                with urllib.request.urlopen(f"{dash.url}/artifacts/{studies[0]['study_id']}/{shown['trial_id']}/"
-                                            f"{log['artifact_id']}") as r:
-                    assert "pruned by the median rule" in r.read().decode()
+            assert names == (["model.pt"] if t.number in kept else [])  # hpo's loop prints nothing: no log
         assert "best_model.pt" in [a["filename"] for a in detail["artifacts"]]
         # An artifact is served from the store the study recorded.
         artifact = detail["artifacts"][0]

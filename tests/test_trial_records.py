@@ -187,6 +187,18 @@ def test_each_trial_keeps_what_it_printed_and_hpo_show_tells_it_whole(tmp_path, 
     shown = invoke(runner, "show", "talk", str(good.number)).output
     assert "Curves (per epoch)" in shown and "0.6" in shown  # score 0.3 * 2 at epoch 1
     assert "lr  0.3" in shown
+    # The log is the trial's artifact: optuna-dashboard lists it and serves it.
+    from tests.test_dashboard import Dashboard
+
+    dash = Dashboard(f"sqlite:///{tmp_path / 'hpo.db'}", tmp_path)
+    try:
+        sid = dash.get("/api/studies")["study_summaries"][0]["study_id"]
+        shown = next(t for t in dash.get(f"/api/studies/{sid}")["trials"] if t["number"] == bad)
+        meta = next(a for a in shown["artifacts"] if a["filename"] == "log.txt")
+        assert "ValueError: lr 0.9 is too large" in dash.text(f"/artifacts/{sid}/{shown['trial_id']}/"
+                                                             f"{meta['artifact_id']}")
+    finally:
+        dash.close()
     missing = runner.invoke(cli, ["show", "talk", "99"])  # 4 results and the failed trial: 0-4
     assert missing.exit_code == 1 and "Error: study talk has no trial 99 (trials 0-4)" in missing.output
 

@@ -3,7 +3,8 @@
 While a trial runs, Python's `sys.stdout` and `sys.stderr` write to the terminal as before and to
 a log file of that trial in the study's artifact folder (`<uid>-trial<N>.log`, so `hpo logs
 --follow` can read it from any machine that shares the folder); a traceback that failed the trial
-goes to the log only. When the trial ends the log is uploaded to Optuna's artifact store as the
+goes to the log only, and so does how the trial ended when it printed anything. A trial that
+printed nothing keeps no log. When the trial ends the log is uploaded to Optuna's artifact store as the
 trial's `log.txt` (the dashboard lists it) and the live file removed. When several workers share
 a terminal, each line they print starts with `[trial N] `.
 
@@ -119,8 +120,15 @@ class TrialOutput:
         return self
 
     def note(self, text: str) -> None:
+        """Add to the log only (a traceback): not shown on the terminal."""
         if self.log is not None:
             self.log.write(text if text.endswith("\n") else text + "\n")
+
+    def footnote(self, text: str) -> None:
+        """How the trial ended, added to a log that has something in it: a trial that printed
+        nothing keeps no log (no file, no storage write), its reason is in its attributes."""
+        if self.log is not None and self.log.size:
+            self.note(text)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -504,7 +504,7 @@ class TrialRunner:
         """Write why the trial ended, with its curves; drop its checkpoint unless it comes back."""
         assert trial._trial is not None
         if self.output is not None:
-            self.output.note(f"[hpo] trial {trial.number}: {ending.reason or ending.end.value}")
+            self.output.footnote(f"[hpo] trial {trial.number}: {ending.reason or ending.end.value}")
         trial._flush_reports()
         if trial._tensorboard is not None:
             trial._tensorboard.close()
