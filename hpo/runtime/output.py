@@ -25,6 +25,7 @@ from typing import Any, TextIO, cast
 import optuna
 
 from hpo.storage.artifacts import Artifacts
+from hpo.storage.backends import reason
 
 LOG_LIMIT = 10 * 2**20  # bytes kept per trial; past it the terminal still shows what is printed
 
@@ -140,11 +141,15 @@ class TrialOutput:
         if self.log is None:
             return
         self.log.close()
-        if self.path.stat().st_size:
-            try:
+        try:
+            if self.path.is_file() and self.path.stat().st_size:
                 self.artifacts.upload_log(self.trial, self.path)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # taken over by another worker: the trial is not this worker's to write to
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # taken over by another worker: the trial is not this worker's to write to
+        except Exception as e:  # a storage hiccup must not cost the trial its ending: the file stays
+            print(f"hpo: the log of trial {self.trial.number} stays at {self.path} (not uploaded: {reason(e)})",
+                  file=sys.stderr, flush=True)
+            return
         self.path.unlink(missing_ok=True)
 
 
