@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from hpo.data.splits import DataCache
-from hpo.runtime.endings import Deadlines
+from hpo.runtime.endings import Deadlines, Diverged, TimeLimit
 from hpo.spec.params import NORMS, OPTIMIZERS, SCHEDULERS, Params
 from hpo.spec.schema import DataSpec
 from hpo.training.models import build_model
-from hpo.training.trainer import Diverged, TimeLimit, Trainer, evaluate
+from hpo.training.trainer import Trainer, evaluate
 
 CPU = torch.device("cpu")
 

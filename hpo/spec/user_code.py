@@ -28,11 +28,6 @@ class UserCodeError(HpoError):
     """User code cannot be imported, or used the trial API wrongly: one line saying what and where."""
 
 
-def is_reference(text: Any) -> bool:
-    """Whether a spec value names user code (`module:function` or `file.py:function`)."""
-    return isinstance(text, str) and ":" in text
-
-
 def check_reference(text: Any) -> str | None:
     """Why `text` is not a well-formed reference, or None."""
     if not isinstance(text, str) or text.count(":") != 1:

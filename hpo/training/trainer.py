@@ -20,7 +20,7 @@ from torch import nn
 from hpo.data.splits import Data, Split
 from hpo.data.user import Stream
 from hpo.runtime.checkpoints import load_optimizer_by_name, optimizer_by_name
-from hpo.runtime.endings import Diverged, StudyTimeout, TimeLimit  # noqa: F401  (re-exported)
+from hpo.runtime.endings import Diverged
 from hpo.spec.params import Params
 from hpo.training.optim import Schedule, eval_mode, make_optimizer, train_mode
 
@@ -52,12 +52,6 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if task == "regression":
         return F.mse_loss(out.squeeze(-1).float(), y)
     return F.cross_entropy(out.float(), y)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, split: Split | Stream, device: torch.device) -> torch.Tensor:
-    """Float32 outputs for a whole split, computed in large batches."""
-    return outputs_and_labels(model, split, device)[0]
 
 
 @torch.inference_mode()
