@@ -152,6 +152,13 @@ def build_model(family: str, params: Params | Mapping[str, Any], input_shape: tu
     return model
 
 
+def ensemble_mean(outputs: list[torch.Tensor], task: str) -> torch.Tensor:
+    """How a cross-validated trial's fold models predict together, for its test score and for the
+    model hpo.load_best gives back: the mean output (regression) or the mean predicted
+    probability (classification)."""
+    if task == "regression":
+        return torch.stack(outputs).mean(0)
+    return torch.stack([o.softmax(-1) for o in outputs]).mean(0)
 
 
 class Predictor(nn.Module):
@@ -180,6 +187,5 @@ class Predictor(nn.Module):
             outs.append(out)
         if len(outs) == 1:
             return outs[0]
-        if self.task == "regression":
-            return torch.stack(outs).mean(0)
-        return torch.stack([o.softmax(-1) for o in outs]).mean(0).log()
+        mean = ensemble_mean(outs, self.task)
+        return mean if self.task == "regression" else mean.log()

@@ -22,6 +22,7 @@ from hpo.data.user import Stream
 from hpo.runtime.checkpoints import load_optimizer_by_name, optimizer_by_name
 from hpo.runtime.endings import Diverged
 from hpo.spec.params import Params
+from hpo.training.models import ensemble_mean
 from hpo.training.optim import Schedule, eval_mode, make_optimizer, train_mode
 
 EVAL_BATCH = 4096  # evaluation needs no gradients, so big batches are cheap and fast
@@ -113,10 +114,7 @@ def evaluate_ensemble(
         return evaluate(models[0], splits[0], task, device)
     pairs = [outputs_and_labels(m, s, device) for m, s in zip(models, splits)]
     outs, y = [o for o, _ in pairs], _as_target(pairs[0][1], task)
-    if task == "regression":
-        return score(torch.stack(outs).mean(0), y, task)
-    probs = torch.stack([o.softmax(-1) for o in outs]).mean(0)
-    return score(probs, y, task, probabilities=True)
+    return score(ensemble_mean(outs, task), y, task, probabilities=task != "regression")
 
 
 class Trainer:
