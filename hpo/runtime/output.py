@@ -68,29 +68,42 @@ class _Tee:
 
 
 class _Log:
-    """The trial's log file: appended and flushed at every write (loader processes share it)."""
+    """The trial's log file, opened at the first write (a trial that prints nothing costs no file
+    I/O), appended and flushed at every write (loader processes share it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = path.open("a", encoding="utf-8", errors="replace")
-        self.size = path.stat().st_size
+        self.file: TextIO | None = None
+        self.size = 0
         self.lock = threading.Lock()
-        self.full = False
+        self.done = False  # closed, full, or the folder refused the file
 
     def write(self, text: str) -> None:
         with self.lock:
-            if self.full or self.file.closed:
+            if self.done:
                 return
             if self.size + len(text) > LOG_LIMIT:
                 text = f"\n[hpo: the log of this trial stops here, at {LOG_LIMIT // 2**20} MiB]\n"
-                self.full = True
-            self.file.write(text)
-            self.file.flush()
+                self.done = True
+            try:
+                if self.file is None:
+                    self.file = self.path.open("a", encoding="utf-8", errors="replace")
+                self.file.write(text)
+                self.file.flush()
+            except OSError:  # an unwritable folder is reported where checkpoints are written
+                self.done = True
+                return
             self.size += len(text)
+
+    def has_content(self) -> bool:
+        """Something was written, here or by a loader process forked from here."""
+        return self.size > 0 or (self.path.is_file() and self.path.stat().st_size > 0)
 
     def close(self) -> None:
         with self.lock:
-            self.file.close()
+            self.done = True
+            if self.file is not None:
+                self.file.close()
 
 
 class TrialOutput:
@@ -106,10 +119,7 @@ class TrialOutput:
         self.showwarning: Any = None
 
     def __enter__(self) -> TrialOutput:
-        try:
-            self.log = _Log(self.path)
-        except OSError:
-            return self  # no log (an unwritable folder is reported where checkpoints are written)
+        self.log = _Log(self.path)
         prefix = f"[trial {self.trial.number}] " if self.label else ""
         self.saved = sys.stdout, sys.stderr
         sys.stdout = cast(TextIO, _Tee(sys.stdout, self.log, prefix))
@@ -128,7 +138,7 @@ class TrialOutput:
     def footnote(self, text: str) -> None:
         """How the trial ended, added to a log that has something in it: a trial that printed
         nothing keeps no log (no file, no storage write), its reason is in its attributes."""
-        if self.log is not None and self.log.size:
+        if self.log is not None and self.log.has_content():
             self.note(text)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -142,8 +152,9 @@ class TrialOutput:
             return
         self.log.close()
         try:
-            if self.path.is_file() and self.path.stat().st_size:
-                self.artifacts.upload_log(self.trial, self.path)
+            if not self.log.has_content():
+                return
+            self.artifacts.upload_log(self.trial, self.path)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # taken over by another worker: the trial is not this worker's to write to
         except Exception as e:  # a storage hiccup must not cost the trial its ending: the file stays

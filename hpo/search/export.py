@@ -91,9 +91,9 @@ def exported(handle: StudyHandle, number: int | None = None) -> dict[str, Any]:
 
 def model_from(export: dict[str, Any]) -> Any:
     """hpo's trained model from an export (eval mode, on the CPU), or a BestState for a `train:` study."""
-    values = {k: export["values"][k] for k in export["values"]}
     if "model" not in export:
-        return BestState(int(export["trial"]), dict(export["params"]), values, export.get("test"), export["state"])
+        return BestState(int(export["trial"]), dict(export["params"]), dict(export["values"]), export.get("test"),
+                         export["state"])
     from hpo.training.models import Predictor, build_model
 
     m = export["model"]

@@ -157,7 +157,7 @@ def _score(handle: StudyHandle, best: FrozenTrial, device: torch.device, data: D
 
 def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, scores: dict[str, float],
             artifact_id: str | None, name: str) -> dict[str, Any]:
-    """The test record of a scored trial; its model (`artifact_id`) is also linked as `<uid>-<name>`."""
+    """The test record of a scored trial; its model (`artifact_id`) is also linked as `<artifact id>-<name>`."""
     return {
         "trial": best.number,
         "metric": metric,

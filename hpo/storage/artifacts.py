@@ -184,6 +184,8 @@ def find_artifact(
 
 
 UID_RE = re.compile(r"^[0-9a-f]{12}$")
+# Optuna's uuid artifact ids, and the named links of scored models (`<id>-best_model.pt`).
+_ARTIFACT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(-[A-Za-z0-9_]+\.pt)?$")
 
 
 def named_links(base: Path, artifact_id: str) -> list[str]:
@@ -192,8 +194,6 @@ def named_links(base: Path, artifact_id: str) -> list[str]:
     if not _ARTIFACT_RE.match(artifact_id) or artifact_id.endswith(".pt"):
         return []
     return [p.name for p in base.glob(f"{artifact_id}-*.pt")]
-# Optuna's uuid artifact ids, and the named links of scored models (`<id>-best_model.pt`).
-_ARTIFACT_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(-[A-Za-z0-9_]+\.pt)?$")
 
 
 def own_file(base: Path, name: Any, uid: Any) -> Path | None:
