@@ -157,6 +157,8 @@ class TrialOutput:
             self.artifacts.upload_log(self.trial, self.path)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # taken over by another worker: the trial is not this worker's to write to
+        except KeyError:
+            pass  # the study was deleted under the trial (`hpo delete`): nobody can ask for its log
         except Exception as e:  # a storage hiccup must not cost the trial its ending: the file stays
             print(f"hpo: the log of trial {self.trial.number} stays at {self.path} (not uploaded: {reason(e)})",
                   file=sys.stderr, flush=True)
