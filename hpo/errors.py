@@ -6,6 +6,8 @@ escapes is a bug in hpo, not a user mistake, and is allowed to show a traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class HpoError(Exception):
     """Something the user can fix: the message says what and how."""
@@ -44,3 +46,16 @@ class StudyExistsError(SpecError):
 class TrialError(HpoError):
     """One trial failed inside the runtime (an internal signal to Optuna's optimize: the trial is
     recorded as failed with its reason and the study goes on); not shown to the user as an error."""
+
+
+def is_storage_failure(e: BaseException) -> bool:
+    """The database refused a write or a query (read-only file, lost server past the retries): the
+    worker's problem (retry or stop, one line), never a verdict on a trial or a bug in hpo."""
+    if "sqlalchemy" not in sys.modules:
+        return False  # nothing has talked to a database (click's own exits, --help): no import for nothing
+    try:
+        from optuna.exceptions import StorageInternalError
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, (SQLAlchemyError, StorageInternalError))

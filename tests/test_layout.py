@@ -125,3 +125,43 @@ def test_only_the_cli_spells_flags() -> None:
                 if re.search(r"(^|[\s(\[`])--[a-z][a-z-]+", node.value):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value[:40]!r}")
     assert not offenders, "flags spelled below hpo/cli: " + ", ".join(offenders)
+
+
+def calls_outside(names: set[str], allowed: set[str]) -> list[str]:
+    """`x.name(...)` and `name(...)` calls of any of `names` in modules other than `allowed` (paths
+    under hpo/); `x.upload(..., "model.pt", ...)` counts as a call named `upload model.pt`."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = (node.func.attr if isinstance(node.func, ast.Attribute)
+                    else node.func.id if isinstance(node.func, ast.Name) else "")
+            if any(isinstance(a, ast.Constant) and a.value == "model.pt" for a in node.args):
+                name += " model.pt"
+            if name in names:
+                found.append(f"hpo/{where}:{node.lineno} {name}()")
+    return found
+
+
+def test_one_lifecycle_starts_and_ends_every_trial() -> None:
+    """One-at-a-time and fused trials are claimed, told their state, given their best model and
+    rid of their checkpoints in hpo/runtime/lifecycle.py alone (issue 29): a second home for any
+    of it is where the two kinds of trial would drift apart."""
+    offenders = calls_outside({"tell", "optimize", "claim", "remove_checkpoint", "upload model.pt", "set_constraint",
+                               "requeue"}, {"runtime/lifecycle.py", "storage/artifacts.py", "storage/retry.py"})
+    assert not offenders, "a trial started or ended outside the lifecycle: " + ", ".join(offenders)
+
+
+def test_workers_take_trial_slots_with_one_call() -> None:
+    """Creating a trial within the study's budget is one call (hpo/search/slots.py): the budget
+    lock, the count and `study.ask` never appear in a worker loop."""
+    offenders = calls_outside({"ask", "acquire"}, {"search/slots.py", "search/proxy.py", "search/results.py",
+                                                   "storage/backends.py"})
+    offenders += [f"{m} imports BudgetLock" for m, to, _ in all_imports()
+                  if to == "hpo.storage.backends" and m.startswith("hpo.execution")
+                  and "BudgetLock" in (PACKAGE.parent / (m.replace(".", "/") + ".py")).read_text()]
+    assert not offenders, "trial slots taken outside hpo/search/slots.py: " + ", ".join(offenders)

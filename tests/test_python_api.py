@@ -29,12 +29,21 @@ budget: {{n_trials: 6, epochs: 3}}
 
 FUNCTIONS = '''
 import os
+import time
 import torch
 import hpo
 
 
 def train(trial):
     trial.set_attr("pid", os.getpid())
+    # The first TOGETHER trials wait (up to a minute) until as many processes have started one, so
+    # every local worker runs a trial however loaded the machine is.
+    together = int(os.environ.get("TOGETHER", "0"))
+    if trial.number < together:
+        open(f"started-{os.getpid()}", "w").close()
+        deadline = time.monotonic() + 60
+        while len([p for p in os.listdir(".") if p.startswith("started-")]) < together and time.monotonic() < deadline:
+            time.sleep(0.01)
     for epoch in range(trial.start_epoch, trial.epochs):
         trial.report(epoch, score=trial.params["lr"] * (epoch + 1) + trial.params["hidden"])
         trial.save_checkpoint({"w": torch.full((trial.params["hidden"],), trial.params["lr"], dtype=torch.float64)})
@@ -69,11 +78,13 @@ def test_a_script_runs_its_own_functions_on_local_workers_like_hpo_run(tmp_path)
     script.write_text("SPEC = " + repr(SPEC) + "\n" + SCRIPT)
     db = f"sqlite:///{tmp_path / 'hpo.db'}"
     env = {k: v for k, v in env_without_storage().items() if k != "HPO_WORKERS"}  # hpo.run's own default
+    cores = len(os.sched_getaffinity(0))
+    # The first trials wait for each other, so that every worker runs one however loaded the machine.
+    env["TOGETHER"] = str(min(cores, 6))
     done = subprocess.run([sys.executable, str(script), db], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    cores = len(os.sched_getaffinity(0))
     # One worker process per core, forked from the script: each ran __main__'s train.
     assert len(got["auto"]["pids"]) == min(cores, 6) and got["me"] not in got["auto"]["pids"]
     assert got["one"]["pids"] == [got["me"]]  # execution.workers: 1 runs here

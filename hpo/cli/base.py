@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hpo.errors import HpoError, SettingError, StudyExistsError
+from hpo.errors import HpoError, SettingError, StudyExistsError, is_storage_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +32,7 @@ class _Group(click.Group):
         except HpoError as e:
             raise click.ClickException(str(e)) from None
         except Exception as e:
-            if not _is_storage_failure(e):
+            if not is_storage_failure(e):
                 raise  # a bug in hpo: keep the traceback
             from hpo.storage.backends import reason
 
@@ -54,18 +54,6 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(130)
-
-
-def _is_storage_failure(e: BaseException) -> bool:
-    """The database refused a write or a query (read-only file, lost server past the retries)."""
-    if "sqlalchemy" not in sys.modules:
-        return False  # nothing has talked to a database (click's own exits, --help): no import for nothing
-    try:
-        from optuna.exceptions import StorageInternalError
-        from sqlalchemy.exc import SQLAlchemyError
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, (SQLAlchemyError, StorageInternalError))
 
 
 def storage_option(f: F) -> F:

@@ -27,68 +27,38 @@ Ctrl-C requeues every member in flight.
 from __future__ import annotations
 
 import math
-import threading
 import time
-import traceback
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 import torch
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
 
-from hpo._private import storage_of, study_id, trial_id
+from hpo._private import trial_id
 from hpo.data.splits import DataCache, Split
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim
 from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope
 from hpo.runtime.endings import CheckpointPolicy, Deadlines, End, Ending, Stop, is_oom
+from hpo.runtime.lifecycle import (
+    Attempt,
+    Lifecycle,
+    Outcome,
+    TakenOver,
+    trial_attributes,
+)
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import Snapshot
-from hpo.runtime.trial import improves, original_number, trial_attributes, trial_seed
-from hpo.search.budget import count_budget, is_budget_spent, wait_for_running
-from hpo.search.failures import verdict
+from hpo.runtime.trial import trial_seed
+from hpo.search.budget import wait_for_running
 from hpo.search.samplers import effective_n_trials
+from hpo.search.slots import TrialSlots
 from hpo.search.study import StudyHandle
 from hpo.spec.params import Params
 from hpo.spec.space import suggest
-from hpo.storage.backends import BudgetLock, report_all, set_user_attrs
-from hpo.storage.retry import claim, requeue
+from hpo.storage.backends import report_all
 from hpo.training.fused import PADDED, SHARED, FusedGroup
 from hpo.training.trainer import configure_device, metric_value
-
-
-class _Heartbeats:
-    """Records a heartbeat for every member in flight (Optuna does this only inside optimize)."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        storage: Any = storage_of(study)  # an RDB storage (heartbeats) or a journal/proxy (none)
-        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-        self.storage = storage
-        self.ids: set[int] = set()
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-        if self.interval:
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            for tid in list(self.ids):
-                try:
-                    self.storage.record_heartbeat(tid)
-                except Exception:
-                    pass  # the next beat retries; a dead worker is what staleness is for
-
-    def add(self, trial_id: int) -> None:
-        self.ids.add(trial_id)
-        if self.interval:
-            self.storage.record_heartbeat(trial_id)
-
-    def close(self) -> None:
-        self.stop.set()
 
 
 def _structure(params: Params, names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -119,10 +89,10 @@ def run_fused_worker(
     try:
         worker.run()
     except KeyboardInterrupt:
-        _stop_groups(worker.groups.values(), worker.result, f"interrupted ({stopping.requested() or 'stopped'})")
+        worker.stop_groups(f"interrupted ({stopping.requested() or 'stopped'})")
         raise Interrupted(worker.result) from None
     finally:
-        worker.beats.close()
+        worker.life.close()
     return worker.result
 
 
@@ -139,8 +109,8 @@ class FusedWorker:
         self.n_trials, self.timeout = n_trials, timeout
         self.deadline = time.monotonic() + timeout if timeout else None
         self.total = effective_n_trials(self.spec)
-        self.lock = BudgetLock(storage_of(self.study), study_id(self.study))
-        self.beats = _Heartbeats(self.study)
+        self.slots = TrialSlots(self.study, self.total, self.since, self.spec.budget.failure_limit)
+        self.life = Lifecycle(self.study, handle.artifacts, listener)
         self.result = WorkerResult()
         # One fused group per structure among the trials in flight; at most `group_size` trials in
         # flight in all, as `group_size` parallel workers would have.
@@ -167,7 +137,7 @@ class FusedWorker:
             if self.out_of_time():
                 # The study's timeout: the groups stop at an epoch boundary and every member is
                 # queued to resume from its last checkpoint, as on Ctrl-C.
-                queued = _stop_groups(self.groups.values(), self.result, "study timeout")
+                queued = self.stop_groups("study timeout")
                 self.result.stopped = (f"timeout of {self.timeout:g} s reached; {queued} trials are queued and "
                                        "resume on the next run")
                 return
@@ -189,6 +159,16 @@ class FusedWorker:
             if values is not None:
                 self.decide(group, values, snapshot)
 
+    def stop_groups(self, why: str) -> int:
+        """End every member in flight and queue its retry (resuming from its last checkpoint)."""
+        members = [m for g in self.groups.values() for m in g.members]
+        for m in members:
+            self.life.abandon(m.key.trial, f"{why} in epoch {m.epoch}")
+        if members:
+            self.result.interrupted_trial = members[0].key.trial.number
+            self.result.resumes_from_epoch = members[0].checkpoint_epoch
+        return len(members)
+
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -204,92 +184,45 @@ class FusedWorker:
             return False
         return True
 
-    def budget_reached(self) -> None:
-        self.result.stopped, self.result.budget_reached = f"study budget of {self.total} trials reached", True
-
-    def ask(self) -> tuple[optuna.Trial, Params, int] | None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat
-                trial = self.study.ask()
-        except Exception as e:
-            if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
-                raise
-            self.budget_reached()
-            return None
-        number = original_number(trial)  # before suggest(), which fills trial.params
-        return trial, suggest(trial, self.spec), number
-
     def fill(self) -> None:
-        """Refill every free slot from the sampler; each trial joins the group of its structure.
-
-        One budget read serves every trial this fill starts: under the lock no other worker
-        starts one, and none of the changes others can make (a trial finishing, failing, or
-        coming back as a retry) changes what is left."""
+        """Refill every free slot from the sampler (one slot call for them all); each trial joins
+        the group of its structure."""
         if self.in_flight() >= self.group_size or not self.can_start():
             return
         self.before_fill()  # this worker's share of the host's CPUs, read again
-        self.lock.acquire()
-        try:
-            trials = self.study.get_trials(deepcopy=False)
-            if (failure := verdict(trials, self.since, self.spec.budget.failure_limit)) is not None:
-                self.result.stopped, self.result.failure = failure.reason, failure
-                return
-            status = count_budget(trials, self.total)
-            left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # experimental
-                optuna.storages.fail_stale_trials(self.study)
-            while self.in_flight() < self.group_size and self.can_start():
-                if left <= 0:
-                    self.budget_reached()
-                    return
-                asked = self.ask()
-                if asked is None:
-                    return
-                left -= 1
-                self.start(*asked)
-        finally:
-            self.lock.release()
+        taken = self.slots.take(self.group_size - self.in_flight(), self.can_start, self.start)
+        if taken.stopped:
+            self.result.stopped, self.result.failure = taken.stopped, taken.failure
+            self.result.budget_reached = taken.budget_reached
 
-    def start(self, trial: optuna.Trial, params: Params, number: int) -> None:
+    def start(self, trial: optuna.Trial) -> None:
+        attempt = self.life.start(trial)
+        params = suggest(trial, self.spec)
         key = _structure(params, self.key_names)
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = FusedGroup(self.data.folds(params.scaling)[0], self.device)
-        member = group.add(trial, params, trial_seed(self.spec.seed, number), self.spec.budget.epochs, number)
-        _resume(group, len(group) - 1, Envelope.from_dict(self.handle.artifacts.load_checkpoint(number)))
-        self.beats.add(trial_id(trial))
-        claim(storage_of(self.study), trial_id(trial))
+        member = group.add(attempt, params, trial_seed(self.spec.seed, attempt.number), self.spec.budget.epochs,
+                           attempt.number)
+        _resume(group, len(group) - 1, attempt.envelope)
         self.result.ran += 1
         self.limits[trial.number] = Deadlines.start(self.spec.budget.trial_timeout, None)
-        self.listener.trial_started(trial.number, params.to_dict(), member.epoch,
-                                    None if member.number == trial.number else member.number)
+        self.listener.trial_started(trial.number, params.to_dict(), member.epoch, attempt.retry_of)
 
-    def finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
-        trial: optuna.Trial = group.members[index].key
-        try:
-            self._finish(group, index, ending, value)
-        except (UpdateFinishedTrialError, ValueError):
-            if not storage_of(self.study).get_trial(trial_id(trial)).state.is_finished():
-                raise
-            # Another worker failed it as stale while this one was stopped, and queued its retry.
-            self.beats.ids.discard(trial_id(trial))
-            self.listener.warn(f"trial {trial.number} was taken over by another worker while this one was "
-                               "stopped (past the grace period); dropped it, going on")
-
-    def _finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None) -> None:
+    def finish(self, group: FusedGroup, index: int, ending: Ending, value: float | None = None,
+               error: BaseException | None = None) -> None:
         member = group.members[index]
-        trial: optuna.Trial = member.key
+        attempt: Attempt = member.key
         extra = {"n_params": member.n_params, "fused_group_size": self.group_size, "threads": torch.get_num_threads()}
-        set_user_attrs(trial, trial_attributes(self.spec.metric, member.curves, member.epoch_seconds, self.device,
-                                               member.resumed_from, extra, ending.reason))
-        if ending.end is End.COMPLETE and value is not None and improves(self.study, value):
-            self.handle.artifacts.upload(trial, "model.pt", _member_state(group, index).state)
-        self.handle.artifacts.remove_checkpoint(member.number)
-        frozen = self.study.tell(trial, value if ending.end is End.COMPLETE else None, state=ending.end.state)
-        self.beats.ids.discard(trial_id(trial))
-        self.listener.trial_finished(self.study, frozen)
+        attributes = trial_attributes(self.spec.metric, member.curves, member.epoch_seconds, self.device,
+                                      member.resumed_from, extra, ending.reason)
+        complete = ending.end is End.COMPLETE and value is not None
+        outcome = Outcome(ending, attributes, [value] if complete and value is not None else None, error=error,
+                          model=lambda: _member_state(group, index).state)
+        try:
+            self.life.end(attempt, outcome)
+        except TakenOver as e:
+            self.listener.warn(str(e))
 
     def train(self, group: FusedGroup, reports: list[tuple[optuna.Trial, float, int]]) -> dict[int, float] | None:
         """One epoch of one group: {member index: value} for the members whose loss is finite, each
@@ -317,16 +250,15 @@ class FusedWorker:
             m.epoch += 1
             if math.isfinite(loss) and math.isfinite(val["loss"]):
                 values[i] = value
-                reports.append((m.key, value, m.epoch - 1))
-                self.listener.epoch_done(m.key.number, m.epoch - 1, value)
+                reports.append((m.key.trial, value, m.epoch - 1))
+                self.listener.epoch_done(m.key.trial.number, m.epoch - 1, value)
         return values
 
     def fail_group(self, group: FusedGroup, e: Exception) -> None:
         """End every member of a group whose epoch raised (out of memory, an error)."""
         ending = Ending.out_of_memory(self.device, f"a fused group of {len(group)}") if is_oom(e) else Ending.error(e)
-        for i, m in enumerate(group.members):
-            m.key.set_user_attr("traceback", traceback.format_exc()[-4000:])
-            self.finish(group, i, ending)
+        for i in range(len(group)):
+            self.finish(group, i, ending, error=e)
         group.remove(list(range(len(group))))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -335,7 +267,7 @@ class FusedWorker:
         """End the members that are done (diverged, finished, out of time, pruned); checkpoint the rest."""
         done: list[int] = []
         for i, m in enumerate(group.members):
-            trial: optuna.Trial = m.key
+            trial: optuna.Trial = m.key.trial
             epoch = m.epoch - 1
             if i in values and m.epoch >= m.epochs:
                 ending: Ending | None = Ending(End.COMPLETE)
@@ -354,23 +286,6 @@ class FusedWorker:
                 self.policy.cost = m.last_checkpoint - t0
                 m.checkpoint_epoch = m.epoch
         group.remove(done)
-
-
-def _stop_groups(groups: Iterable[FusedGroup], result: WorkerResult, why: str) -> int:
-    """End every member in flight as FAIL and queue its retry (resuming from its last checkpoint)."""
-    members = [m for g in groups for m in g.members]
-    for m in members:
-        trial: optuna.Trial = m.key
-        study = trial.study
-        try:
-            study.tell(trial, state=TrialState.FAIL)
-        except Exception:
-            pass  # already told (the interrupt came while it was being finished)
-        requeue(study, trial_id(trial), f"{why} in epoch {m.epoch}")
-    if members:
-        result.interrupted_trial = members[0].key.number
-        result.resumes_from_epoch = members[0].checkpoint_epoch
-    return len(members)
 
 
 def _verdict(m: Any, finite: bool, epoch: int, limit: Deadlines) -> Ending | None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
-from hpo.errors import HpoError
+from hpo.errors import HpoError, is_storage_failure
 from hpo.execution.share import HostSlot, ThreadShare
 from hpo.execution.supervisor import announce, finished
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
@@ -293,7 +294,12 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     except Interrupted:
         return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:
-        message.write_text(str(e) if isinstance(e, HpoError) else f"storage error: {reason(e)}")
+        if isinstance(e, HpoError):
+            message.write_text(str(e))
+        elif is_storage_failure(e):
+            message.write_text(f"storage error: {reason(e)}")
+        else:  # a bug in hpo: its traceback, as the run's own process would show it
+            message.write_text("".join(traceback.format_exception(e)).rstrip())
         return 1
     return 0
 

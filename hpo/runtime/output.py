@@ -108,8 +108,7 @@ class _Log:
 
 class TrialOutput:
     """`with TrialOutput(artifacts, trial, label):` keeps what the trial prints; `note()` adds to
-    the log only (a traceback). On exit the log is uploaded to the trial, which must still be
-    running then (Optuna refuses attributes on a finished trial)."""
+    the log only (a traceback); `finish()` uploads the log to the trial while it still runs."""
 
     def __init__(self, artifacts: Artifacts, trial: optuna.Trial, label: bool) -> None:
         self.artifacts, self.trial, self.label = artifacts, trial, label
@@ -143,16 +142,23 @@ class TrialOutput:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop keeping what is printed and upload the log: before the trial is told its state
+        (Optuna refuses attributes on a finished trial). Once; the exit does it if not done."""
         if self.saved is not None:
             for stream in self.saved:
                 stream.flush()
             sys.stdout, sys.stderr = self.saved
             warnings.showwarning = self.showwarning
+            self.saved = None
         if self.log is None:
             return
-        self.log.close()
+        log, self.log = self.log, None
+        log.close()
         try:
-            if not self.log.has_content():
+            if not log.has_content():
                 return
             self.artifacts.upload_log(self.trial, self.path)
         except optuna.exceptions.UpdateFinishedTrialError:

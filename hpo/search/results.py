@@ -173,7 +173,7 @@ def _record(handle: StudyHandle, best: FrozenTrial, metric: str, value: float, s
 def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.device) -> dict[str, Any]:
     """Call the spec's `test` function once, on the best trial: its params and final saved state."""
     from hpo.data import seeding
-    from hpo.runtime.trial import Trial, TrialContext, _as_number
+    from hpo.runtime.trial import Trial, TrialContext, TrialRecord, as_number
     from hpo.spec.space import resolve_values
     from hpo.spec.user_code import UserCodeError, load
 
@@ -182,17 +182,17 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
     who = f"test: {spec.test}"
     test_fn = load(spec.test, "test")
     model_id = find_artifact(best, "model.pt", storage_of(handle.study))
-    trial = Trial(TrialContext(spec, handle.artifacts, device, who=who), resolve_values(spec, best.params),
-                  best.number, None)
+    state = handle.artifacts.read(model_id) if model_id is not None else None
+    record = TrialRecord(TrialContext(spec, handle.artifacts, device, who=who), best.number, None, state=state)
+    trial = Trial(record, resolve_values(spec, best.params))
     trial.start_epoch = trial.epochs
-    trial._state = handle.artifacts.read(model_id) if model_id is not None else None
     seeding.seed_all(trial.seed)
     out = test_fn(trial)
     name = spec.metric.replace("val_", "test_") if spec.metric.startswith("val_") else f"test_{spec.metric}"
     raw = out if isinstance(out, Mapping) else {name: out}
     scores: dict[str, float] = {}
     for key, value in raw.items():
-        number = _as_number(value)
+        number = as_number(value)
         if number is None:
             raise UserCodeError(f"{who}: returned {key}={value!r}; return a number or a dict of numbers")
         scores[str(key)] = number

@@ -6,7 +6,7 @@ import difflib
 import inspect
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import optuna
@@ -168,10 +168,26 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self.inner.before_trial(self._view(study), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.inner.after_trial(self._view(study), trial, state, values)
+        # Optuna's grid sampler stops the study once every point was tried, which Optuna allows
+        # only inside study.optimize; hpo ends trials with study.tell, and its budget already stops
+        # a grid at its size (effective_n_trials).
+        self.inner.after_trial(cast(optuna.Study, _NoStop(self._view(study))), trial, state, values)
 
     def reseed_rng(self) -> None:
         """Optuna asks for this before threads share a sampler; each trial is reseeded anyway."""
+
+
+class _NoStop:
+    """A study whose `stop()` does nothing; everything else is the study's own."""
+
+    def __init__(self, study: Any) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def stop(self) -> None:
+        pass
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

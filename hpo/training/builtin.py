@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from hpo.data.splits import DataCache
 from hpo.data.seeding import seed_all
+from hpo.data.splits import DataCache
 from hpo.runtime.trial import Trial
 from hpo.spec.params import Params
 from hpo.spec.schema import StudySpec

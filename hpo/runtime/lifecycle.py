@@ -1,0 +1,222 @@
+"""The one lifecycle of a trial, whoever trains it: started (claimed, its heartbeat, its first
+attempt's number, checkpoint and reports found), ended (attributes, constraints, the model kept if
+it may be the best, its checkpoint removed unless it comes back, its state told), requeued to
+resume from its checkpoint, or found taken over by another worker.
+
+`TrialRunner` (one trial at a time, the user's `train` or hpo's own loop) and the fused worker
+(K trials trained as one batched model) both start and end their trials here; how a trial ends is
+decided by hpo.runtime.endings.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo._private import storage_of, trial_id
+from hpo.runtime.checkpoints import Envelope
+from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record
+from hpo.runtime.listener import Listener
+from hpo.runtime.pruning import dominates
+from hpo.storage.artifacts import Artifacts
+from hpo.storage.backends import set_user_attrs
+from hpo.storage.retry import claim, requeue
+
+
+class TakenOver(Exception):
+    """Another worker failed this trial as stale while this one was stopped (frozen past the
+    grace period, cut off) and queued its retry: nothing more may be written to it."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"trial {number} was taken over by another worker while this one was stopped (past "
+                         "the grace period); dropped it, going on")
+        self.number = number
+
+
+@dataclass
+class Attempt:
+    """One attempt at a trial, as `Lifecycle.start` found it."""
+
+    trial: optuna.Trial
+    number: int  # the first attempt's number: a retry keeps its seed and checkpoint
+    envelope: Envelope | None  # the last checkpoint, to resume from
+    inherited: dict[int, float] = field(default_factory=dict)  # epochs an earlier attempt reported
+
+    @property
+    def retry_of(self) -> int | None:
+        return None if self.number == self.trial.number else self.number
+
+
+@dataclass
+class Outcome:
+    """What the runtime records when a trial ends."""
+
+    ending: Ending
+    attributes: dict[str, Any]
+    values: list[float] | None = None  # one per objective, for a complete trial
+    constraints: dict[str, float] = field(default_factory=dict)
+    model: Callable[[], Any] | None = None  # the final training state, read only when the trial may be the best
+    error: BaseException | None = None  # an exception in training code: its traceback and record
+    requeue_why: str = ""  # for a requeued ending: what the retry says ("study timeout in epoch 3")
+
+
+class Heartbeats:
+    """Records a heartbeat for every trial this worker has in flight, from one thread (Optuna
+    does this only inside `study.optimize`, one thread per trial)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage: Any = storage_of(study)  # an RDB storage (heartbeats) or a journal/proxy (none)
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.storage = storage
+        self.ids: set[int] = set()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if self.interval:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        assert self.interval is not None
+        while not self.stop.wait(self.interval):
+            for tid in list(self.ids):
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:
+                    pass  # the next beat retries; a dead worker is what staleness is for
+
+    def add(self, tid: int) -> None:
+        self.ids.add(tid)
+        if self.interval:
+            self.storage.record_heartbeat(tid)
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+class Lifecycle:
+    """Starts and ends the trials of one worker on one study."""
+
+    def __init__(self, study: optuna.Study, artifacts: Artifacts, listener: Listener | None = None) -> None:
+        self.study, self.artifacts = study, artifacts
+        self.listener = listener or Listener()
+        self.storage = storage_of(study)
+        self.beats = Heartbeats(study)
+
+    def close(self) -> None:
+        self.beats.close()
+
+    def start(self, trial: optuna.Trial) -> Attempt:
+        """Claim a new trial (a kill -9 of this process is seen at once) and find what an earlier
+        attempt left: call before its parameters are sampled (a retry is created with them)."""
+        tid = trial_id(trial)
+        self.beats.add(tid)
+        claim(self.storage, tid)
+        number = original_number(trial)
+        envelope = Envelope.from_dict(self.artifacts.load_checkpoint(number))
+        # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
+        inherited = dict(self.storage.get_trial(tid).intermediate_values) if number != trial.number else {}
+        return Attempt(trial, number, envelope, inherited)
+
+    def end(self, attempt: Attempt, outcome: Outcome) -> FrozenTrial:
+        """Write the trial's record and tell its state; a requeued ending queues its retry, which
+        resumes from the checkpoint kept for it. Raises TakenOver when another worker ended it."""
+        trial, ending = attempt.trial, outcome.ending
+        with self.owned(trial):
+            attributes = dict(outcome.attributes)
+            if outcome.error is not None and ending.end is End.ERROR:
+                attributes["traceback"] = "".join(traceback.format_exception(outcome.error))[-4000:]
+            set_user_attrs(trial, attributes)
+            if outcome.error is not None:  # tells a bug (the same error trial after trial) from bad parameters
+                self.storage.set_trial_system_attr(trial_id(trial), ERROR_ATTR, error_record(outcome.error))
+            for key, excess in outcome.constraints.items():
+                trial.set_constraint(key, excess)
+            complete = ending.end is End.COMPLETE and outcome.values is not None
+            feasible = all(v <= 0 for v in outcome.constraints.values())
+            if complete and feasible and outcome.model is not None and improves(self.study, outcome.values or []):
+                # Only a trial that may be the best keeps its final state (the test function's input).
+                self.artifacts.upload(trial, "model.pt", outcome.model())
+            if not ending.end.requeued:
+                self.artifacts.remove_checkpoint(attempt.number)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's word on a failed trial: hpo says it itself
+                frozen = self.study.tell(trial, outcome.values if complete else None, state=ending.end.state)
+        self.beats.ids.discard(trial_id(trial))
+        if ending.end.requeued:
+            requeue(self.study, trial_id(trial), outcome.requeue_why)
+        self.listener.trial_finished(self.study, frozen)
+        return frozen
+
+    def abandon(self, trial: optuna.Trial, why: str) -> bool:
+        """A trial stopped from outside before it could be ended (Ctrl-C in a fused round, a storage
+        error): told failed if it is not yet, and queued to resume from its last checkpoint.
+        False when it was already finished (by this worker or another)."""
+        self.beats.ids.discard(trial_id(trial))
+        try:
+            self.study.tell(trial, state=TrialState.FAIL)
+        except Exception:
+            pass  # already told (the stop came while it was being ended)
+        return requeue(self.study, trial_id(trial), why) is not None
+
+    def taken_over(self, trial: optuna.Trial) -> bool:
+        return self.storage.get_trial(trial_id(trial)).state.is_finished()
+
+    @contextmanager
+    def owned(self, trial: optuna.Trial) -> Iterator[None]:
+        """Writes to a trial this worker believes it runs: the one place a trial taken over by
+        another worker is noticed (Optuna refuses writes to a finished trial)."""
+        try:
+            yield
+        except (UpdateFinishedTrialError, ValueError):
+            if not self.taken_over(trial):
+                raise
+            self.beats.ids.discard(trial_id(trial))
+            raise TakenOver(trial.number) from None
+
+
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the first attempt of this trial: retries share its seed and checkpoint."""
+    if not trial.params:  # a retry is created with its parameters; a fresh trial has none yet
+        return trial.number
+    attrs = trial.storage.get_trial_system_attrs(trial_id(trial))
+    history = attrs.get("retry_history") or []
+    return int(history[0]) if history else trial.number
+
+
+def improves(study: optuna.Study, values: Sequence[float]) -> bool:
+    """Whether `values` beat every completed trial so far (ties included), so its final state must
+    be kept for the test scoring; the others' are not saved. With several objectives: whether no
+    trial on the Pareto front dominates it."""
+    values = list(values)
+    if len(values) > 1:
+        return not any(dominates(t.values, values, study.directions) for t in study.best_trials)
+    try:
+        best = study.best_value
+    except ValueError:  # no completed trial yet
+        return True
+    value = values[0]
+    return value >= best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best
+
+
+def trial_attributes(metric: str, curves: Mapping[str, list[float]], epoch_seconds: list[float], device: Any,
+                     resumed_from: int, extra: Mapping[str, Any], reason: str | None) -> dict[str, Any]:
+    """What a user reads on a trial's page (one at a time or fused), written once, at the end, in one
+    commit: every reported metric but the study's own (that is the trial's learning curve) per epoch,
+    seconds per epoch, the device, and why it was stopped early if it was."""
+    attrs: dict[str, Any] = {name: [round(v, 6) for v in values] for name, values in curves.items() if name != metric}
+    attrs["epoch_seconds"] = [round(v, 4) for v in epoch_seconds]
+    attrs["device"] = str(device)
+    if resumed_from:
+        attrs["resumed_from_epoch"] = resumed_from
+    attrs.update(extra)
+    if reason:
+        attrs["reason"] = reason
+    return attrs

@@ -1,0 +1,145 @@
+"""One trial at a time: sample its parameters, run the training function (the user's `train` or
+hpo's own loop) with an `hpo.Trial`, and end it through the trial lifecycle (hpo.runtime.lifecycle)
+as hpo.runtime.endings decides."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial
+
+from hpo.data import seeding
+from hpo.errors import is_storage_failure
+from hpo.runtime import stopping
+from hpo.runtime.endings import End, Ending, Stop, is_oom
+from hpo.runtime.lifecycle import Attempt, Lifecycle, Outcome
+from hpo.runtime.output import TrialOutput
+from hpo.runtime.trial import Trial, TrialContext, TrialPruned, TrialRecord
+from hpo.spec.space import sample
+from hpo.spec.user_code import UserCodeError
+
+
+@dataclass
+class TrialRunner:
+    """Runs the trials a worker hands it, one at a time. Raises, after ending the trial: a
+    UserCodeError (a mistake every trial would repeat), KeyboardInterrupt (a stop: the trial is
+    queued to resume), Stop (the study's timeout: queued too), TakenOver, a storage error."""
+
+    ctx: TrialContext
+    life: Lifecycle
+    train_fn: Callable[[Trial], Any]
+    current: TrialRecord | None = None  # the trial in flight
+    resumes_from: int | None = None  # the epoch the last requeued trial resumes from
+    output: TrialOutput | None = None  # the log of the trial in flight
+
+    def run(self, ot: optuna.Trial) -> FrozenTrial:
+        self.current, self.resumes_from = None, None
+        with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output) as self.output:
+            try:
+                with self.life.owned(ot):
+                    return self._run(ot)
+            except KeyboardInterrupt:
+                # A stop outside the training code (sampling, a storage write): queued all the same.
+                if self.resumes_from is None:
+                    self._finish_output()
+                    record = self.current
+                    why = f"interrupted ({stopping.requested() or 'stopped'})"
+                    if self.life.abandon(ot, f"{why} in epoch {record.epoch_in_flight() if record else 0}"):
+                        self.resumes_from = record.checkpointed_epoch if record else 0
+                raise
+
+    def _run(self, ot: optuna.Trial) -> FrozenTrial:
+        ctx = self.ctx
+        attempt = self.life.start(ot)
+        params = sample(ot, ctx.spec)
+        record = self.current = TrialRecord(ctx, attempt.number, ot, attempt.envelope, attempt.inherited)
+        trial = Trial(record, params)
+        seeding.seed_all(trial.seed)
+        if attempt.envelope is not None and attempt.envelope.rng is not None:
+            seeding.restore(attempt.envelope.rng)  # the streams as they were when the checkpoint was saved
+        record.attrs["threads"] = torch.get_num_threads()  # the worker's share of its host when it started
+        ctx.listener.trial_started(ot.number, params, record.start_epoch, attempt.retry_of)
+        try:
+            returned = self.train_fn(trial)
+            stopping.raise_if_requested()  # the code swallowed the stop (except BaseException): obey it now
+            values = record.objective_values(returned)
+            constraints = record.constraint_values()
+        except Stop as e:
+            frozen = self._end(attempt, record, e.ending)
+            if e.ending.end.requeued:
+                raise  # the study's timeout: the worker stops, the trial resumes on the next run
+            return frozen
+        except optuna.TrialPruned as e:
+            reason = str(e) if isinstance(e, TrialPruned) else f"pruned by {ctx.who}: {e}".rstrip(": ")
+            return self._end(attempt, record, Ending(End.PRUNED, reason))
+        except UpdateFinishedTrialError:
+            raise  # taken over: the lifecycle says so
+        except UserCodeError as e:
+            self._end(attempt, record, Ending(End.ERROR, str(e)))
+            raise  # a mistake in the code, not in these parameters: every trial would fail the same way
+        except SystemExit as e:
+            if why := stopping.requested():  # a framework that exits on Ctrl-C (Lightning): the stop, obeyed
+                self._end(attempt, record, _interrupted(record, why))
+                raise KeyboardInterrupt from None
+            epoch = record.epoch_in_flight()
+            self._end(attempt, record, Ending(End.ERROR, f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}"))
+            raise UserCodeError(f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}; a training function "
+                                "returns (or raises) instead of exiting") from None
+        except KeyboardInterrupt as e:
+            if why := stopping.requested():  # a stop (Ctrl-C, SIGTERM, hpo stop): the trial is queued
+                self._end(attempt, record, _interrupted(record, why))
+                raise
+            return self._end(attempt, record, Ending(End.ERROR, "KeyboardInterrupt raised by the training code "
+                                                                "(no stop was requested)"), e)
+        except Exception as e:
+            if is_storage_failure(e):
+                raise  # the worker's problem (retry or stop), not a verdict on the trial
+            ending = Ending.out_of_memory(ctx.device, _sizes(params)) if is_oom(e) else Ending.error(e)
+            return self._end(attempt, record, ending, e)
+        record.close()
+        self._finish_output()
+        model = record.final_state if record.state is not None else None
+        return self.life.end(attempt, Outcome(Ending(End.COMPLETE), record.attributes(None), values, constraints,
+                                              model))
+
+    def _end(self, attempt: Attempt, record: TrialRecord, ending: Ending,
+             error: BaseException | None = None) -> FrozenTrial:
+        """End the trial early, with why in its log (a requeued one: queued to resume)."""
+        if self.output is not None:
+            if error is not None and ending.end is End.ERROR:
+                self.output.note("".join(traceback.format_exception(error)))
+            self.output.footnote(f"[hpo] trial {record.number}: {ending.reason or ending.end.value}")
+        record.close()
+        self._finish_output()
+        why = ""
+        if ending.end is End.STUDY_TIMEOUT:
+            why = f"study timeout in epoch {record.epoch_in_flight()}"
+        elif ending.end is End.INTERRUPTED:
+            why = f"interrupted ({stopping.requested() or 'stopped'}) in epoch {record.epoch_in_flight()}"
+        frozen = self.life.end(attempt, Outcome(ending, record.attributes(ending.reason), error=error,
+                                                requeue_why=why))
+        if ending.end.requeued:
+            self.resumes_from = record.checkpointed_epoch
+        return frozen
+
+
+    def _finish_output(self) -> None:
+        if self.output is not None:
+            self.output.finish()
+
+
+def _interrupted(record: TrialRecord, why: str) -> Ending:
+    return Ending(End.INTERRUPTED, f"interrupted ({why}) in epoch {record.epoch_in_flight()}; queued to resume "
+                                   f"from epoch {record.checkpointed_epoch}")
+
+
+def _sizes(params: Mapping[str, Any]) -> str:
+    """The parameters that size a model, for an out-of-memory reason."""
+    keys = [k for k in ("batch_size", "width", "depth") if k in params] or list(params)[:6]
+    return ", ".join(f"{k}={params[k]}" for k in keys)
