@@ -28,8 +28,8 @@ from hpo.data.splits import DataCache
 from hpo.execution.fused_worker import run_fused_worker
 from hpo.execution.worker import run_worker
 from hpo.search.study import open_for_spec
+from hpo.spec.loading import load_spec
 from hpo.spec.params import Params
-from hpo.spec.schema import load_spec
 from hpo.storage.backends import open_storage
 from hpo.training.fused import PADDED, SHARED, FusedGroup
 from hpo.training.models import build_model

@@ -20,8 +20,8 @@ from _common import HERE, record, table
 
 from hpo.data.splits import DataCache
 from hpo.runtime.measure import count_parameters
+from hpo.spec.loading import load_spec
 from hpo.spec.params import Params
-from hpo.spec.schema import load_spec
 from hpo.training.models import build_model
 from hpo.training.trainer import Trainer, configure_device
 

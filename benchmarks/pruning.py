@@ -22,7 +22,8 @@ from _common import HERE, median, record, shown, table, warm_up
 
 from hpo.execution.worker import run_worker
 from hpo.search.study import open_for_spec
-from hpo.spec.schema import PrunerSpec, load_spec
+from hpo.spec.loading import load_spec
+from hpo.spec.schema import PrunerSpec
 from hpo.storage.backends import open_storage
 
 

@@ -28,7 +28,7 @@ def lap(name):
     global t
     now = time.perf_counter(); out.append(f"{name}={now - t:.3f}"); t = now
 import hpo.cli; lap("import hpo.cli")
-from hpo.spec.schema import load_spec
+from hpo.spec.loading import load_spec
 spec = load_spec(sys.argv[1]); lap("read and check the spec (imports optuna)")
 from hpo.search.study import choose_device, open_for_spec
 device = choose_device("auto"); lap("import torch")

@@ -29,7 +29,7 @@ from _common import record, table
 from hpo.data.splits import DataCache
 from hpo.execution.worker import run_worker
 from hpo.search.study import open_for_spec
-from hpo.spec.schema import spec_from_mapping
+from hpo.spec.loading import spec_from_mapping
 from hpo.spec.space import suggest
 from hpo.storage.backends import Heartbeat, open_storage
 from hpo.training.models import build_model

@@ -22,7 +22,7 @@ from _common import HERE, alternate, median, record, shown, table, warm_up
 from hpo.execution.worker import run_worker
 from hpo.search.results import finalize
 from hpo.search.study import open_for_spec
-from hpo.spec.schema import load_spec
+from hpo.spec.loading import load_spec
 from hpo.storage.backends import open_storage
 
 

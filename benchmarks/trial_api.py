@@ -35,7 +35,7 @@ def through_api(spec_path: Path, tmp: Path) -> tuple[float, int]:
 
     from hpo.execution.worker import run_worker
     from hpo.search.study import open_for_spec
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.storage.backends import Heartbeat, open_storage
 
     spec = load_spec(spec_path)
@@ -53,7 +53,7 @@ def direct_optuna(spec_path: Path, tmp: Path) -> tuple[float, int]:
     from hpo.data.splits import DataCache
     from hpo.runtime.trial import trial_seed
     from hpo.search.samplers import make_pruner, make_sampler
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.spec.space import sample
     from hpo.training.builtin import fold_seed
     from hpo.training.models import build_model

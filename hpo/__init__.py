@@ -19,7 +19,7 @@ _EXPORTS = {
     "RunResult": "hpo.api",
     "load_best": "hpo.api",
     "BestState": "hpo.search.export",
-    "load_spec": "hpo.spec.schema",
+    "load_spec": "hpo.spec.loading",
     "StudySpec": "hpo.spec.schema",
     "HpoError": "hpo.errors",
     "SpecError": "hpo.errors",

@@ -24,9 +24,13 @@ OPTUNA_ATTRIBUTES = {
     "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
                                     "TrialIntermediateValueModel"),
     "optuna.storages._rdb.storage": ("_create_scoped_session",),
-    # ResilientRDBStorage overrides the two private calls Optuna's cached storage makes on it.
+    # ResilientRDBStorage overrides the two private calls Optuna's cached storage makes on it, wraps
+    # the private reads that cache and the heartbeat thread make (RDB_PRIVATE_DB_METHODS) in its
+    # retries, and writes inside its own sessions with the *_without_commit helpers.
     "optuna.storages.RDBStorage": ("scoped_session", "engine", "grace_period", "_set_trial_param_without_commit",
-                                   "_set_trial_param", "_create_new_trial"),
+                                   "_set_trial_attr_without_commit", "_set_trial_intermediate_value_without_commit",
+                                   "_set_trial_param", "_create_new_trial", "_get_trials", "_get_best_trial_id",
+                                   "_get_stale_trial_ids"),
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
     "optuna.samplers._lazy_random_state": ("LazyRandomState",),
@@ -104,6 +108,37 @@ def reported_values(trial: optuna.Trial) -> dict[int, float]:
     it, and a batch write of reports has to keep it current."""
     values: dict[int, float] = trial._cached_frozen_trial.intermediate_values
     return values
+
+
+# RDBStorage's private methods that touch the database, called by Optuna's cached storage and the
+# heartbeat thread: ResilientRDBStorage retries them as it does the public ones.
+RDB_PRIVATE_DB_METHODS = ("_get_trials", "_get_best_trial_id", "_get_stale_trial_ids")
+
+
+def rdb_set_trial_param(storage: Any, *args: Any) -> None:
+    """RDBStorage's own `_set_trial_param` (what Optuna's cached storage calls), for a subclass
+    that overrides it."""
+    from optuna.storages import RDBStorage
+
+    RDBStorage._set_trial_param(storage, *args)
+
+
+def rdb_create_new_trial(storage: Any, *args: Any) -> Any:
+    """RDBStorage's own `_create_new_trial` (what Optuna's cached storage calls), for a subclass
+    that overrides it."""
+    from optuna.storages import RDBStorage
+
+    return RDBStorage._create_new_trial(storage, *args)
+
+
+def set_attr_without_commit(storage: Any, session: Any, *args: Any) -> None:
+    """RDBStorage's user/system attribute write inside a session the caller commits."""
+    storage._set_trial_attr_without_commit(session, *args)
+
+
+def set_intermediate_value_without_commit(storage: Any, session: Any, *args: Any) -> None:
+    """RDBStorage's report write inside a session the caller commits."""
+    storage._set_trial_intermediate_value_without_commit(session, *args)
 
 
 def set_param_without_commit(storage: Any, session: Any, *args: Any) -> None:

@@ -71,7 +71,7 @@ def run(
     from hpo.execution.launch import RunOptions, run_study
     from hpo.runtime import stopping
     from hpo.search.failures import advice
-    from hpo.storage.backends import resolve_url
+    from hpo.storage.urls import resolve_url
 
     loaded = _spec_with_functions(spec, {"train": train, "test": test, "model": model, "data.dataset": data})
     if n_trials is not None:
@@ -112,7 +112,11 @@ def _spec_with_functions(spec: str | Path | Mapping[str, Any], functions: Mappin
     """The spec, its function keys given as objects (arguments, or values in a dict) replaced by
     their `module:function` and the objects kept for this process and its forked workers."""
     from hpo.errors import SpecError
-    from hpo.spec.schema import read_as_hpo_would, read_spec_document, spec_from_mapping
+    from hpo.spec.loading import (
+        read_as_hpo_would,
+        read_spec_document,
+        spec_from_mapping,
+    )
     from hpo.spec.user_code import _cache
 
     if isinstance(spec, Mapping):
@@ -168,7 +172,8 @@ def load_best(study: str | Path, *, storage: str | None = None, artifacts: str |
     from hpo.search.export import exported, model_from, read_export
     from hpo.search.study import open_existing
     from hpo.spec.user_code import load_references
-    from hpo.storage.backends import open_storage, resolve_url
+    from hpo.storage.backends import open_storage
+    from hpo.storage.urls import resolve_url
 
     path = Path(study).expanduser()
     if path.suffix == ".pt" and path.is_file():

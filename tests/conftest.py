@@ -155,6 +155,17 @@ def mysql_url():
 
 
 @pytest.fixture
+def backend_url(request, tmp_path):
+    """One storage of each kind a test is parametrised over, as Optuna's tests do with
+    `optuna.testing.storages`: `@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"],
+    indirect=True)` gives a SQLite file in tmp_path, or a fresh database on the local server
+    (postgresql, mysql) or a fresh Redis key prefix (redis)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hpo.db'}"
+    return request.getfixturevalue({"postgresql": "pg_url", "mysql": "mysql_url", "redis": "redis_url"}[request.param])
+
+
+@pytest.fixture
 def proxy_url(tmp_path, storage_url):
     """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
     need_module("grpc")

@@ -13,8 +13,9 @@ import torch
 from hpo.data.sources import FASHION_DIR, FASHION_FILES
 from hpo.data.splits import DataCache
 from hpo.errors import DataError
+from hpo.spec.loading import load_spec
 from hpo.spec.params import Params
-from hpo.spec.schema import DataSpec, SplitSpec, load_spec
+from hpo.spec.schema import DataSpec, SplitSpec
 from hpo.training.models import build_model
 from hpo.training.trainer import Trainer
 from tests.conftest import REQUIRE_ALL, invoke, small_spec
@@ -252,7 +253,7 @@ def test_cv_folds_partition_the_development_pool() -> None:
 
 def test_cv_reports_the_mean_of_the_folds(write_spec, runner, storage_url) -> None:
     from hpo.runtime.trial import trial_seed
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.spec.space import resolve
     from hpo.training.builtin import fold_seed
 

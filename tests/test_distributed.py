@@ -53,7 +53,7 @@ def env_for(url: str, artifacts: Path) -> dict[str, str]:
 def create(runner, write_spec, url: str, spec: dict, tmp_path: Path) -> None:
     """Create the study and store its spec without running a trial, as `hpo run` would."""
     from hpo.search.study import open_for_spec
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.storage.backends import open_storage
 
     open_for_spec(load_spec(write_spec(spec)), open_storage(url), url, str(tmp_path / "artifacts"))
@@ -165,7 +165,8 @@ def test_redis_workers_take_turns_at_the_budget() -> None:
     import threading
 
     redis = need_module("redis")
-    from hpo.storage.backends import BudgetLock, open_storage
+    from hpo.storage.backends import open_storage
+    from hpo.storage.budget_lock import BudgetLock
 
     prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
     url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
@@ -231,15 +232,14 @@ def test_mysql_two_workers(mysql_url, write_spec, runner) -> None:
     assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
-def test_user_attrs_written_together_upsert_on_every_backend(backend, request, tmp_path) -> None:
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_user_attrs_written_together_upsert_on_every_backend(backend_url) -> None:
     # A trial's end-of-trial attributes go in one multi-row upsert; a key written twice keeps
     # the last value, and the trial object sees them, as with Optuna's own set_user_attr.
-    from hpo.storage.backends import open_storage, set_user_attrs
+    from hpo.storage.backends import open_storage
+    from hpo.storage.resilient import set_user_attrs
 
-    url = {"sqlite": lambda: f"sqlite:///{tmp_path / 'a.db'}",
-           "postgresql": lambda: request.getfixturevalue("pg_url"),
-           "mysql": lambda: request.getfixturevalue("mysql_url")}[backend]()
+    url = backend_url
     study = optuna.create_study(storage=open_storage(url), study_name="attrs")
     trial = study.ask()
     set_user_attrs(trial, {"reason": "first", "train_loss": [0.5, 0.25], "device": "cpu"})
@@ -252,16 +252,15 @@ def test_user_attrs_written_together_upsert_on_every_backend(backend, request, t
         set_user_attrs(trial, {"a": 1, "b": 2})
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
-def test_a_rounds_reports_land_as_trial_report_would_on_every_backend(backend, request, tmp_path) -> None:
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_a_rounds_reports_land_as_trial_report_would_on_every_backend(backend_url) -> None:
     # A fused round writes its members' reports in one upsert: what lands is what Trial.report
     # would have written (infinities and NaN included), a step already reported keeps its first
     # value, the pruner sees them, and a finished trial refuses as in Optuna.
-    from hpo.storage.backends import open_storage, report_all
+    from hpo.storage.backends import open_storage
+    from hpo.storage.resilient import report_all
 
-    url = {"sqlite": lambda: f"sqlite:///{tmp_path / 'a.db'}",
-           "postgresql": lambda: request.getfixturevalue("pg_url"),
-           "mysql": lambda: request.getfixturevalue("mysql_url")}[backend]()
+    url = backend_url
     study = optuna.create_study(storage=open_storage(url), study_name="reports", direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
     a, b, c = study.ask(), study.ask(), study.ask()
@@ -345,14 +344,14 @@ def test_deleting_a_running_study_stops_its_worker_with_one_line(pg_url, write_s
     assert err.strip().splitlines() == ["Error: study 'doomed' was deleted while this worker ran; stopped"]
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-def test_a_budget_lock_holder_that_stops_answering_loses_the_lock(backend, request, write_spec, runner,
-                                                                   tmp_path) -> None:
+@pytest.mark.parametrize("backend_url", ["postgresql", "mysql"], indirect=True)
+def test_a_budget_lock_holder_that_stops_answering_loses_the_lock(backend_url, write_spec, runner, tmp_path) -> None:
     """A holder frozen (or cut off) mid-hold: the server ends its session after the hold limit, so
     the other workers go on instead of waiting for it (or for TCP keepalive, hours)."""
-    from hpo.storage.backends import BudgetLock, open_storage
+    from hpo.storage.backends import open_storage
+    from hpo.storage.budget_lock import BudgetLock
 
-    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "mysql_url")
+    url = backend_url
     spec = dict(FAST, name="held", budget={"n_trials": 2, "epochs": 2})
     create(runner, write_spec, url, spec, tmp_path)
     storage = open_storage(url)
@@ -367,11 +366,11 @@ def test_a_budget_lock_holder_that_stops_answering_loses_the_lock(backend, reque
     stuck.release()  # the session is gone: releasing says nothing
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_simultaneous_creation_on_a_fresh_storage_is_race_free(backend, request, write_spec, tmp_path) -> None:
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"], indirect=True)
+def test_simultaneous_creation_on_a_fresh_storage_is_race_free(backend_url, write_spec, tmp_path) -> None:
     """Several `hpo create` of one spec at the same instant on an empty database: Optuna creates its
     schema without a lock, and they used to fail on each other's tables and rows."""
-    url = f"sqlite:///{tmp_path / 'fresh.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    url = backend_url
     path = write_spec(dict(FAST, name="race"))
     cmd = [sys.executable, "-m", "hpo", "create", str(path), "--storage", url, "--artifacts", str(tmp_path / "a")]
     procs = [subprocess.Popen(cmd, env=env_without_storage(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)

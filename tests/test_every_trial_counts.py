@@ -140,14 +140,14 @@ def sampled(url: str, name: str = "fast") -> list[tuple]:
 # ---- 1. no configuration proposed twice ------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)], indirect=True)
 def test_a_raised_budget_proposes_new_configurations_the_same_as_one_run(user_pkg, write_spec, runner,
-                                                                        tmp_path, request, backend) -> None:
-    url = f"sqlite:///{tmp_path / 'resumed.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+                                                                        tmp_path, backend_url) -> None:
+    url = backend_url
     path, once_path = write_spec(spec()), write_spec(spec(name="once"), "once.yaml")
     for n in ("3", "6"):
         assert invoke(runner, "run", path, "--storage", url, "--n-trials", n).exit_code == 0
-    once = url if backend == "postgresql" else f"sqlite:///{tmp_path / 'once.db'}"
+    once = url if url.startswith("postgresql") else f"sqlite:///{tmp_path / 'once.db'}"
     assert invoke(runner, "run", once_path, "--storage", once).exit_code == 0
     resumed = sampled(url)
     assert len(resumed) == len(set(resumed)) == 6
@@ -155,12 +155,12 @@ def test_a_raised_budget_proposes_new_configurations_the_same_as_one_run(user_pk
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"], indirect=True)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_in_a_trial_resumes_with_the_trials_of_an_uninterrupted_one(user_pkg, write_spec, tmp_path,
-                                                                                 request, backend, sig) -> None:
+                                                                                 backend_url, sig) -> None:
     path = write_spec(spec())
-    url = f"sqlite:///{tmp_path / 'hpo.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    url = backend_url
     env = env_without_storage() | {"MODE": "hold", "AT": "2", "MARKER": str(tmp_path / "marker"),
                                    "HPO_CHECKPOINT_INTERVAL": "0"}
     proc = start("run", path, "--storage", url, "--workers", "1", env=env, cwd=tmp_path)
@@ -181,7 +181,7 @@ def test_a_run_stopped_in_a_trial_resumes_with_the_trials_of_an_uninterrupted_on
     retry = next(t for t in trials(url) if "failed_trial" in t.system_attrs)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1
     assert retry.user_attrs["retry_reason"].startswith("resumes trial 2: ")
-    once = f"sqlite:///{tmp_path / 'once.db'}" if backend == "sqlite" else url
+    once = f"sqlite:///{tmp_path / 'once.db'}" if url.startswith("sqlite") else url
     once_path = write_spec(spec(name="once"), "once.yaml")
     assert hpo("run", once_path, "--storage", once, "--workers", "1", env=env, cwd=tmp_path).returncode == 0
     assert sampled(url) == sampled(once, "once") and len(set(sampled(url))) == 6
@@ -378,16 +378,15 @@ def redis_url():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "redis"])
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql", "redis"], indirect=True)
 def test_hpo_stop_stops_every_worker_which_queues_its_trial_and_the_next_run_resumes(
-        user_pkg, write_spec, runner, tmp_path, request, backend) -> None:
-    url = {"sqlite": lambda: f"sqlite:///{tmp_path / 'hpo.db'}", "postgresql": lambda: request.getfixturevalue("pg_url"),
-           "redis": lambda: request.getfixturevalue("redis_url")}[backend]()
+        user_pkg, write_spec, runner, tmp_path, backend_url) -> None:
+    url = backend_url
     path = write_spec(spec(n_trials=3))
     marker = tmp_path / "marker"
     env = env_without_storage() | {"MODE": "hold", "MARKER": str(marker), "HPO_STORAGE": url,
                                    "HPO_ARTIFACTS": str(tmp_path / "artifacts"), "HPO_CHECKPOINT_INTERVAL": "0"}
-    if backend == "sqlite":
+    if url.startswith("sqlite"):
         procs = [start("run", path, "--workers", "2", env=env, cwd=tmp_path)]
     else:
         assert invoke(runner, "create", path, "--storage", url, "--artifacts", tmp_path / "artifacts").exit_code == 0
@@ -445,7 +444,8 @@ def test_a_sqlite_file_reached_through_a_symlink_is_the_same_file(user_pkg, writ
 
 
 def test_a_frozen_holder_of_the_sqlite_budget_lease_loses_it_after_the_hold_limit(tmp_path) -> None:
-    from hpo.storage.backends import BudgetLock, open_storage
+    from hpo.storage.backends import open_storage
+    from hpo.storage.budget_lock import BudgetLock
 
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     storage = open_storage(url)

@@ -9,8 +9,9 @@ from optuna.trial import TrialState
 
 from hpo.data.splits import DataCache
 from hpo.errors import SpecError
+from hpo.spec.loading import load_spec
 from hpo.spec.params import Params
-from hpo.spec.schema import DataSpec, load_spec
+from hpo.spec.schema import DataSpec
 from hpo.training.fused import FusedGroup
 from hpo.training.models import build_model
 from hpo.training.trainer import Trainer

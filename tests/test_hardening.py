@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 from hpo.errors import SpecError
-from hpo.spec.schema import parse_yaml, spec_from_mapping
+from hpo.spec.loading import parse_yaml, spec_from_mapping
 from tests.conftest import SMALL, env_without_storage, invoke, small_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path) -> None:
 def test_disk_full_during_a_checkpoint_fails_that_trial_only(write_spec, runner, storage_url, tmp_path) -> None:
     """Trial 0's checkpoint file is a link to /dev/full: every write fails with ENOSPC."""
     from hpo.search.study import UID_ATTR, open_for_spec, system_attrs
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.storage.backends import open_storage
 
     spec_path = write_spec(small_spec(budget={"n_trials": 4, "epochs": 3}, pruner={"name": "none"}))
@@ -310,7 +310,7 @@ def test_an_unexpected_exception_fails_the_trial_and_the_study_goes_on(write_spe
     from hpo.execution.worker import run_worker
     from hpo.runtime.listener import Listener
     from hpo.search.study import open_for_spec
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.storage.backends import open_storage
 
     class Flaky(Listener):
@@ -332,7 +332,7 @@ def test_a_study_whose_every_trial_fails_stops_early_and_says_so(write_spec, run
     """Failed trials cost no budget, so a spec whose every trial fails must still end (it does not
     loop forever): its first three failures, all alike, stop it with a non-zero exit."""
     from hpo.search.study import UID_ATTR, open_for_spec, system_attrs
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.storage.backends import open_storage
 
     spec_path = write_spec(small_spec(budget={"n_trials": 3, "epochs": 2}))
@@ -415,7 +415,7 @@ def test_a_crafted_checkpoint_id_is_refused_before_any_write(write_spec, runner,
     ("postgresql://hpo@db-host/hpo?password=hunter2", "postgresql://hpo@db-host/hpo?password=***"),
 ])
 def test_passwords_never_show_even_with_an_at_sign_or_in_the_query(runner, url, shown) -> None:
-    from hpo.storage.backends import mask
+    from hpo.storage.urls import mask
 
     assert mask(url) == shown
     result = invoke(runner, "studies", "--storage", url)
@@ -473,7 +473,7 @@ def test_a_data_path_that_is_not_a_data_file_is_refused_without_reading_it(write
 def test_a_sqlite_file_on_a_network_filesystem_is_told_apart_from_a_local_one(tmp_path) -> None:
     """SQLite's locks and WAL mode do not hold across machines: hpo refuses to write a SQLite
     file on a network filesystem (read from the mount table, deepest mount point first)."""
-    from hpo.storage.backends import network_filesystem
+    from hpo.storage.locks import network_filesystem
 
     info = ("22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
             "40 22 0:40 / /shared rw,relatime shared:5 - nfs4 srv:/export rw,vers=4.2\n"

@@ -1,4 +1,5 @@
-"""The package's import graph: module-level imports between hpo's modules form no cycle."""
+"""The package's shape: no import circle, data flowing one way, short functions, flags only in
+the CLI, one trial lifecycle and one slot call."""
 
 from __future__ import annotations
 
@@ -10,24 +11,28 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hpo"
 
 
 def module_imports() -> dict[str, set[str]]:
-    """hpo module -> the hpo modules it imports when it is imported (imports inside functions and
-    under `if TYPE_CHECKING:` run later or never, so they cannot form an import cycle)."""
+    """hpo module -> the hpo modules it imports, at import time or inside a function (a function's
+    import runs later, but a circle through it still means two modules that cannot be read, or
+    moved, apart); imports under `if TYPE_CHECKING:` never run and are left out."""
     names = {f"hpo.{p.relative_to(PACKAGE).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
              for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         name = f"hpo.{path.relative_to(PACKAGE).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        typing_only = {id(sub) for node in ast.walk(tree)
+                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                       for sub in ast.walk(node)}
         edges: set[str] = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        for sub in ast.walk(tree):
+            if id(sub) in typing_only:
                 continue
-            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
-                if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("hpo"):
-                    edges.add(sub.module)
-                    edges.update(f"{sub.module}.{a.name}" for a in sub.names)
-                elif isinstance(sub, ast.Import):
-                    edges.update(a.name for a in sub.names if a.name.startswith("hpo"))
-        graph[name] = {e for e in edges if e in names and e != name}
+            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("hpo"):
+                edges.add(sub.module)
+                edges.update(f"{sub.module}.{a.name}" for a in sub.names)
+            elif isinstance(sub, ast.Import):
+                edges.update(a.name for a in sub.names if a.name.startswith("hpo"))
+        graph[name] = {e for e in edges if e in names and e != name and e != "hpo"}
     return graph
 
 
@@ -160,8 +165,25 @@ def test_workers_take_trial_slots_with_one_call() -> None:
     """Creating a trial within the study's budget is one call (hpo/search/slots.py): the budget
     lock, the count and `study.ask` never appear in a worker loop."""
     offenders = calls_outside({"ask", "acquire"}, {"search/slots.py", "search/proxy.py", "search/results.py",
-                                                   "storage/backends.py"})
-    offenders += [f"{m} imports BudgetLock" for m, to, _ in all_imports()
-                  if to == "hpo.storage.backends" and m.startswith("hpo.execution")
-                  and "BudgetLock" in (PACKAGE.parent / (m.replace(".", "/") + ".py")).read_text()]
+                                                   "storage/budget_lock.py"})
+    offenders += [f"{m} imports the budget lock" for m, to, _ in all_imports()
+                  if to == "hpo.storage.budget_lock" and m.startswith("hpo.execution")]
     assert not offenders, "trial slots taken outside hpo/search/slots.py: " + ", ".join(offenders)
+
+
+def test_one_run_sequence() -> None:
+    """`hpo run`, `hpo worker`, forked workers and `hpo.run()` open a run the same way: the user's
+    code and data prepared, the study held on a SQLite file, the storage and study opened, all in
+    hpo.execution.launch.open_run (issue 29); a second copy of the sequence drifts."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or func.name == "open_run":
+                continue
+            for node in ast.walk(func):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id in ("sole_writer", "prepare")):
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {func.name} calls "
+                                     f"{node.func.id}()")
+    assert not offenders, "the run sequence outside open_run: " + ", ".join(offenders)

@@ -213,7 +213,7 @@ def test_each_bad_input_gets_one_line_naming_its_key(change, message, write_spec
 
 
 def test_one_objective_as_a_list_is_the_same_study_as_before(write_spec) -> None:
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
 
     plain = load_spec(write_spec(small_spec(), "a.yaml"))
     listed = load_spec(write_spec(small_spec(metric=["val_accuracy"]), "b.yaml"))

@@ -64,3 +64,50 @@ def test_private_apis_are_reached_only_through_hpo_private() -> None:
             if pattern.search(code) and "self._backend" not in code:
                 offenders.append(f"{path.relative_to(PACKAGE)}:{lineno}: {line.strip()}")
     assert not offenders, "private Optuna/torch API outside hpo/_private.py:\n" + "\n".join(offenders)
+
+
+def _hpo_classes_on_optuna() -> list[type]:
+    """Every class in hpo that subclasses an Optuna class."""
+    import inspect
+    import pkgutil
+
+    import hpo
+
+    found = []
+    for info in pkgutil.walk_packages(hpo.__path__, "hpo."):
+        if info.name.endswith("__main__"):
+            continue  # runs the CLI
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # an optional extra (Lightning) that is not installed
+            continue
+        found += [cls for cls in vars(module).values() if inspect.isclass(cls) and cls.__module__ == module.__name__
+                  and any(b.__module__.startswith("optuna") for b in cls.__mro__[1:])]
+    return found
+
+
+def test_private_optuna_methods_hpo_overrides_or_calls_are_named_in_hpo_private() -> None:
+    """A subclass that overrides or wraps a private Optuna method relies on it as much as a caller
+    does (an Optuna release that renames it silently bypasses the override): each is listed in
+    _private.OPTUNA_ATTRIBUTES under an Optuna class it comes from, and the class calls none
+    directly (`self._x(...)`, `super()._x(...)`): those go through hpo/_private.py."""
+    import inspect
+
+    listed: dict[object, set[str]] = {}
+    for owner, names in _private.OPTUNA_ATTRIBUTES.items():
+        try:
+            listed[_resolve(owner)] = set(names)
+        except (ImportError, AttributeError):
+            continue
+    offenders = []
+    for cls in _hpo_classes_on_optuna():
+        bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("optuna")]
+        own = {n for n in vars(cls) if n.startswith("_") and not n.startswith("__") and n != "_abc_impl"}
+        for name in sorted(own):
+            if any(hasattr(b, name) for b in bases) and not any(name in listed.get(b, ()) for b in bases):
+                offenders.append(f"{cls.__name__} overrides {bases[0].__name__}.{name}")
+        source = inspect.getsource(cls)
+        for name in sorted(set(re.findall(r"(?:self|super\(\))\.(_[a-z]\w*)\(", source)) - own):
+            if any(hasattr(b, name) for b in bases):
+                offenders.append(f"{cls.__name__} calls {bases[0].__name__}.{name} directly")
+    assert not offenders, "private Optuna methods not reached through hpo/_private.py: " + "; ".join(offenders)

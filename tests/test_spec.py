@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hpo.errors import SpecError
-from hpo.spec.schema import load_spec
+from hpo.spec.loading import load_spec
 from tests.conftest import SMALL, invoke, small_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_list_shorthand_is_categorical(write_spec) -> None:
 @pytest.mark.parametrize("execution", [{}, {"mode": "fused", "pad": True}, {"mode": "fused", "pad": False},
                                        {"mode": "fused", "pad": "auto"}])
 def test_spec_round_trips_through_its_stored_form(write_spec, execution) -> None:
-    from hpo.spec.schema import spec_from_mapping
+    from hpo.spec.loading import spec_from_mapping
 
     spec = load_spec(write_spec(small_spec(execution=execution)))
     again = spec_from_mapping(spec.to_dict(), "stored")

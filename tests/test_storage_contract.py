@@ -11,7 +11,8 @@ import pytest
 from optuna.storages import BaseStorage
 from optuna.testing.pytest_storages import StorageTestCase
 
-from hpo.storage.backends import ResilientRDBStorage, open_storage
+from hpo.storage.backends import open_storage
+from hpo.storage.resilient import ResilientRDBStorage
 from tests.conftest import env_without_storage, need_module
 
 
@@ -46,8 +47,8 @@ class TestOnMariaDB(StorageTestCase):
 def proxy_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """One `hpo proxy` (Optuna's gRPC server over hpo's storage, with hpo's budget check) for the
     class: started once, since it imports torch; each test empties its storage first."""
-    import socket
     import signal
+    import socket
     import subprocess
     import sys
 

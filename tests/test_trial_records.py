@@ -266,7 +266,7 @@ import json, sys
 import torch
 import hpo
 from hpo.data.splits import load_raw
-from hpo.spec.schema import spec_from_mapping
+from hpo.spec.loading import spec_from_mapping
 
 url, out = sys.argv[1], sys.argv[2]
 model = hpo.load_best("fac", storage=url)

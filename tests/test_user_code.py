@@ -435,7 +435,7 @@ def test_user_data_trains_in_hpos_loop(user_pkg, write_spec, runner, storage_url
         import torch
 
         from hpo.data.user import load_user_data
-        from hpo.spec.schema import load_spec
+        from hpo.spec.loading import load_spec
 
         user = load_user_data(load_spec(write_spec(spec)).data, torch.device("cpu"), seed=3)
         assert user.streams is not None

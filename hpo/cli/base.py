@@ -34,7 +34,7 @@ class _Group(click.Group):
         except Exception as e:
             if not is_storage_failure(e):
                 raise  # a bug in hpo: keep the traceback
-            from hpo.storage.backends import reason
+            from hpo.storage.urls import reason
 
             raise click.ClickException(f"storage error: {reason(e)}") from None
 
@@ -93,7 +93,8 @@ def cli() -> None:
 
 
 def _open(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any, str]:
-    from hpo.storage.backends import Heartbeat, open_storage, resolve_url
+    from hpo.storage.backends import Heartbeat, open_storage
+    from hpo.storage.urls import resolve_url
 
     resolved = resolve_url(url)
     return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat()), resolved

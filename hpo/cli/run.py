@@ -34,7 +34,7 @@ def validate(spec_file: str) -> None:
     Example:
       hpo validate studies/digits_mlp.yaml
     """
-    from hpo.spec.schema import load_spec
+    from hpo.spec.loading import load_spec
     from hpo.spec.user_code import load_references
 
     spec = load_spec(spec_file)
@@ -136,16 +136,15 @@ def run(
     """
     from hpo.execution.launch import RunOptions, run_study
     from hpo.execution.processes import parse_gpus
-    from hpo.spec.schema import load_spec
-    from hpo.storage.backends import resolve_url
+    from hpo.spec.loading import load_spec
+    from hpo.storage.urls import resolve_url
 
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
-    if fuse is not None:
-        spec = spec.fused(fuse)
     options = RunOptions(resolve_url(storage), workers, parse_gpus(gpus) if gpus is not None else None, device,
-                         timeout, _heartbeat(heartbeat_interval, grace_period), quiet, checkpoint_interval, artifacts)
+                         timeout, _heartbeat(heartbeat_interval, grace_period), quiet, checkpoint_interval, artifacts,
+                         fuse)
     with _stops():
         handle, outcome, n_workers = run_study(spec, options)
     _summary(handle, outcome.elapsed)
@@ -202,8 +201,8 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
       hpo create studies/digits_mlp.yaml --storage postgresql://user@db/hpo
     """
     from hpo.search.study import open_for_spec
-    from hpo.spec.schema import load_spec
-    from hpo.storage.backends import mask
+    from hpo.spec.loading import load_spec
+    from hpo.storage.urls import mask
 
     spec = load_spec(spec_file)
     if n_trials is not None:
@@ -266,23 +265,17 @@ def worker(
     if not wait_to_start(slot, threads, _budget_used(storage, study), lambda line: click.echo(line, err=True)):
         click.echo(f"Stopped: study {study} used up its budget while this worker waited for a CPU.", err=True)
         return
-    from hpo.search.study import open_existing
+    from hpo.execution.launch import RunOptions, open_run, run_here
+    from hpo.storage.urls import resolve_url
 
     dev = device_for(device, slot)
-    from hpo.storage.backends import resolve_url, sole_writer
-
-    with sole_writer(resolve_url(storage), study):
-        store, url = _open(storage, create=False, heartbeat=_heartbeat(heartbeat_interval, grace_period))
-        handle = open_existing(study, store, url, artifacts)
-        if fuse is not None:
-            handle.spec = handle.spec.fused(fuse)
-        from hpo.execution.launch import prepare, run_here
-
-        data = prepare(handle.spec, dev)
-        with _stops():
-            outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
-                               storage_url=url, checkpoint_interval=checkpoint_interval, slot=slot, threads=threads,
-                               label_output=True)
+    options = RunOptions(resolve_url(storage), device=device, timeout=timeout,
+                         heartbeat=_heartbeat(heartbeat_interval, grace_period), quiet=quiet,
+                         checkpoint_interval=checkpoint_interval, artifacts=artifacts, fuse=fuse)
+    with open_run(study, options, dev) as (handle, data), _stops():
+        outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
+                           storage_url=options.storage_url, checkpoint_interval=checkpoint_interval, slot=slot,
+                           threads=threads, label_output=True)
     if not quiet:
         _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, 1)
@@ -300,8 +293,9 @@ def _budget_used(storage: str | None, study: str) -> Callable[[], bool]:
         from hpo.search.budget import count_budget
         from hpo.search.samplers import effective_n_trials
         from hpo.search.summary import SPEC_ATTR
-        from hpo.spec.schema import spec_from_mapping
-        from hpo.storage.backends import open_storage, resolve_url
+        from hpo.spec.loading import spec_from_mapping
+        from hpo.storage.backends import open_storage
+        from hpo.storage.urls import resolve_url
 
         try:
             if not opened:

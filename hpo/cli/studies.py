@@ -57,7 +57,7 @@ def _load(name: str, storage: str | None) -> Any:
     import optuna
 
     from hpo.errors import StorageError
-    from hpo.storage.backends import mask
+    from hpo.storage.urls import mask
 
     store, url = _open(storage, create=False)
     try:
@@ -121,7 +121,7 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
     from hpo.errors import StorageError
     from hpo.search.study import enqueue as queue
     from hpo.search.summary import SPEC_ATTR
-    from hpo.spec.schema import parse_yaml, spec_from_mapping
+    from hpo.spec.loading import parse_yaml, spec_from_mapping
     from hpo.spec.validate import Validator
 
     loaded = _load(study, storage)
@@ -393,7 +393,7 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     import optuna
 
     from hpo.search.proxy import BudgetedStorage
-    from hpo.storage.backends import mask
+    from hpo.storage.urls import mask
 
     store, url = _open(storage, create=True)
     click.echo(f"Serving {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", err=True)
@@ -422,7 +422,8 @@ def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) 
       hpo dashboard                                   # sqlite:///hpo.db on http://127.0.0.1:8080
       hpo dashboard --storage postgresql://user@db/hpo --port 8081
     """
-    from hpo.storage.backends import mask, open_storage, resolve_url
+    from hpo.storage.backends import open_storage
+    from hpo.storage.urls import mask, resolve_url
     from hpo.ui.dashboard import artifact_folder, make_server_for
 
     url = resolve_url(storage)

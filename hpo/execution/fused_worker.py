@@ -56,7 +56,7 @@ from hpo.search.slots import TrialSlots
 from hpo.search.study import StudyHandle
 from hpo.spec.params import Params
 from hpo.spec.space import suggest
-from hpo.storage.backends import report_all
+from hpo.storage.resilient import report_all
 from hpo.training.fused import PADDED, SHARED, FusedGroup
 from hpo.training.trainer import configure_device, metric_value
 

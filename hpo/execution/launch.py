@@ -6,17 +6,26 @@ hpo.ui.progress and leave the summary and exit status to the caller.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
 from hpo.errors import HpoError, is_storage_failure
+from hpo.execution.processes import (
+    WorkerSettings,
+    can_fork,
+    fork,
+    launch,
+    plan,
+    supervise,
+)
 from hpo.execution.share import HostSlot, ThreadShare
 from hpo.execution.supervisor import announce, finished
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim, run_worker
@@ -29,7 +38,8 @@ from hpo.search.results import finalize
 from hpo.search.samplers import effective_n_trials
 from hpo.search.study import StudyHandle, choose_device, stop_requests
 from hpo.spec.schema import StudySpec
-from hpo.storage.backends import Heartbeat, forget_connections, mask, reason
+from hpo.storage.backends import Heartbeat, forget_connections
+from hpo.storage.urls import mask, reason
 from hpo.ui.progress import Progress
 
 if TYPE_CHECKING:
@@ -179,7 +189,6 @@ def run_in_processes(
 ) -> Outcome:
     """Start local workers (forked from this process on a CPU, `hpo worker` processes for GPUs),
     show their progress from the storage, then score."""
-    from hpo.execution.processes import WorkerSettings, can_fork, fork, launch, plan, supervise
 
     spec, study = handle.spec, handle.study
     dev = choose_device("cuda" if gpu_ids else device)
@@ -279,18 +288,14 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     is left in `message` for the run, which says each once."""
     import torch
 
-    from hpo.search.study import open_existing
-    from hpo.storage.backends import open_storage
-
     torch.set_num_threads(threads)  # as a DataLoader worker does after its fork; its share before each trial
     forget_connections(handle.study)
-    store = open_storage(storage_url, create=False, heartbeat=heartbeat, checked=True)
-    mine = open_existing(handle.spec.name, store, storage_url, str(handle.artifacts.path.resolve()))
-    mine.spec = handle.spec  # with the run's overrides (--fuse, --n-trials)
+    options = RunOptions(storage_url, heartbeat=heartbeat, artifacts=str(handle.artifacts.path.resolve()))
     try:
-        work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
-             checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads),
-             label_output=True)
+        with open_run(handle.spec, options, choose_device("cpu"), forked=data) as (mine, _):
+            work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
+                 checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads),
+                 label_output=True)
     except Interrupted:
         return 0 if stopping.requested() == "hpo stop" else 130
     except Exception as e:
@@ -314,7 +319,8 @@ class Notes(Listener):
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run a study here: what `hpo run`'s flags and `hpo.run()`'s arguments say."""
+    """How to run a study here: what `hpo run`'s and `hpo worker`'s flags and `hpo.run()`'s
+    arguments say."""
 
     storage_url: str
     workers: int | None = None  # None: execution.workers, else one per core (or per GPU)
@@ -325,23 +331,54 @@ class RunOptions:
     quiet: bool = False
     checkpoint_interval: float = 2.0
     artifacts: str | None = None
+    fuse: int | None = None  # run fused groups of this size, whatever the spec says
+
+
+@contextlib.contextmanager
+def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
+             forked: DataCache | None | bool = False) -> Iterator[tuple[StudyHandle, DataCache | None]]:
+    """The run sequence, written once: the user's code and data (before any storage is touched,
+    so those mistakes write nothing), the study held on a SQLite file (one run per study there),
+    the storage and the study opened (created or resumed from a spec; joined by name, from the
+    spec stored in it), the `fuse` setting applied. Yields the study and the data of hpo's own loop.
+
+    `forked`: in a worker forked from the run, the run's data (its spec is `study`, already with
+    the run's overrides): nothing is loaded again and the storage is known to be ready."""
+    from hpo.search.study import open_existing, open_for_spec
+    from hpo.spec.validate import with_fusion
+    from hpo.storage.backends import open_storage
+    from hpo.storage.locks import sole_writer
+
+    spec = study if isinstance(study, StudySpec) else None
+    in_fork = forked is not False
+    if spec is not None and options.fuse is not None:
+        spec = with_fusion(spec, options.fuse)
+    data = forked if isinstance(forked, DataCache) else prepare(spec, device) if spec is not None and not in_fork else None
+    url = options.storage_url
+    with sole_writer(url, spec.name if spec is not None else str(study)):
+        store = open_storage(url, create=spec is not None and not in_fork, heartbeat=options.heartbeat, checked=in_fork)
+        if spec is not None and not in_fork:
+            handle = open_for_spec(spec, store, url, options.artifacts)
+        else:
+            handle = open_existing(spec.name if spec is not None else str(study), store, url, options.artifacts)
+            if spec is not None:
+                handle.spec = spec  # the run's own spec, with its overrides (fuse, n_trials)
+            elif options.fuse is not None:
+                handle.spec = with_fusion(handle.spec, options.fuse)
+        if spec is None:
+            data = prepare(handle.spec, device)  # joined by name: the code and data the stored spec names
+        yield handle, data
 
 
 def run_study(spec: StudySpec, options: RunOptions) -> tuple[StudyHandle, Outcome, int]:
-    """The run sequence of `hpo run` and `hpo.run()`: the device, the user's code and data (before
-    any storage is touched, so those mistakes write nothing), the study held on a SQLite file,
-    the storage and the study opened, then the trials in this process (one worker) or in local
-    worker processes. Returns the study, how the run ended and how many workers ran."""
+    """`hpo run` and `hpo.run()`: the run sequence (open_run), then the trials in this process
+    (one worker) or in local worker processes, then the best model scored. Returns the study, how
+    the run ended and how many workers ran."""
     from hpo.execution.processes import auto_workers
-    from hpo.search.study import open_for_spec
-    from hpo.storage.backends import open_storage, sole_writer
 
     gpu_ids = options.gpu_ids
     dev = choose_device("cuda" if gpu_ids else options.device)
-    data = prepare(spec, dev)
-    with sole_writer(options.storage_url, spec.name):  # one run per study on a SQLite file, refused before any write
-        store = open_storage(options.storage_url, create=True, heartbeat=options.heartbeat)
-        handle = open_for_spec(spec, store, options.storage_url, options.artifacts)
+    with open_run(spec, options, dev) as (handle, data):
         n_workers = options.workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
         if n_workers == 1 and not gpu_ids:
             outcome = run_here(handle, dev, data, timeout=options.timeout, n_trials=None, quiet=options.quiet,

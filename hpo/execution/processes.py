@@ -26,7 +26,7 @@ from hpo.execution.supervisor import stop_with_parent
 from hpo.search.budget import budget_status
 from hpo.search.samplers import effective_n_trials
 from hpo.spec.user_code import ADDED_PATHS
-from hpo.storage.backends import ENV_STORAGE
+from hpo.storage.urls import ENV_STORAGE
 
 if TYPE_CHECKING:
     import torch

@@ -2,7 +2,8 @@
 fused groups): the Optuna state it gets, the `reason` it leaves, and whether it comes back.
 
 Training code signals an ending by raising a `Stop` (or hpo.TrialPruned); the runtime
-(hpo.runtime.trial) and the fused worker turn it into the trial's state and attributes with `Ending`.
+(hpo.runtime.runner) and the fused worker turn it into the trial's state and attributes with `Ending`,
+and hpo.runtime.lifecycle records it.
 """
 
 from __future__ import annotations

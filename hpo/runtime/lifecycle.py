@@ -28,7 +28,7 @@ from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts
-from hpo.storage.backends import set_user_attrs
+from hpo.storage.resilient import set_user_attrs
 from hpo.storage.retry import claim, requeue
 
 

@@ -25,7 +25,7 @@ from typing import Any, TextIO, cast
 import optuna
 
 from hpo.storage.artifacts import Artifacts
-from hpo.storage.backends import reason
+from hpo.storage.urls import reason
 
 LOG_LIMIT = 10 * 2**20  # bytes kept per trial; past it the terminal still shows what is printed
 

@@ -31,7 +31,7 @@ from hpo.runtime.tensorboard import CurveWriter, folder
 from hpo.spec.schema import StudySpec
 from hpo.spec.user_code import UserCodeError
 from hpo.storage.artifacts import Artifacts
-from hpo.storage.backends import report_all
+from hpo.storage.resilient import report_all
 
 # Attributes the runtime writes itself: a metric may not take these names.
 RESERVED = ("epoch_seconds", "device", "threads", "reason", "traceback", "resumed_from_epoch", "n_params", "latency_ms",

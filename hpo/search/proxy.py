@@ -19,8 +19,8 @@ from optuna.trial import FrozenTrial
 from hpo.search.budget import BudgetSpent, count_budget
 from hpo.search.samplers import effective_n_trials
 from hpo.search.summary import SPEC_ATTR
-from hpo.spec.schema import spec_from_mapping
-from hpo.storage.backends import BudgetLock
+from hpo.spec.loading import spec_from_mapping
+from hpo.storage.budget_lock import BudgetLock
 
 
 class BudgetedStorage:

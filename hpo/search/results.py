@@ -54,7 +54,7 @@ def _once(study: optuna.Study, key: str, done: Callable[[dict[str, Any] | None],
           score: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
     """`score()` and its record, unless another worker has scored `key` (its record is returned)
     or is scoring it now (waited for, as long as its process lives)."""
-    from hpo.storage.backends import BudgetLock
+    from hpo.storage.budget_lock import BudgetLock
     from hpo.storage.retry import is_gone, owner
 
     storage, sid = storage_of(study), study_id(study)

@@ -1,6 +1,6 @@
 """Taking a trial slot within the study's budget: the one call every worker makes to start trials.
 
-Under the study's budget lock (hpo.storage.backends.BudgetLock), held until the new trials exist,
+Under the study's budget lock (hpo.storage.budget_lock.BudgetLock), held until the new trials exist,
 so that workers never overshoot the budget: read the trials once, stop on the run's failures
 (hpo.search.failures), count what is left (hpo.search.budget), fail trials whose heartbeat
 stopped (they come back as retries, which are taken first), then create the trials.
@@ -17,7 +17,7 @@ import optuna
 from hpo._private import storage_of, study_id
 from hpo.search.budget import count_budget, is_budget_spent
 from hpo.search.failures import FailureStop, verdict
-from hpo.storage.backends import BudgetLock
+from hpo.storage.budget_lock import BudgetLock
 
 
 @dataclass

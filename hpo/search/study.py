@@ -28,15 +28,17 @@ from hpo.errors import SettingError, SpecError, StorageError, StudyExistsError
 from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.samplers import make_pruner, make_sampler
 from hpo.search.summary import SPEC_ATTR
-from hpo.spec.schema import StudySpec, spec_from_mapping
+from hpo.spec.loading import spec_from_mapping
+from hpo.spec.schema import StudySpec
 from hpo.storage.artifacts import (
     ENV_ARTIFACTS,
     Artifacts,
     open_store,
     resolve_artifact_path,
 )
-from hpo.storage.backends import creation_lock, mask
+from hpo.storage.locks import creation_lock
 from hpo.storage.retry import mark_queued
+from hpo.storage.urls import mask
 
 UID_ATTR = "hpo:uid"  # system attr: names the study's checkpoints in the artifact store
 ARTIFACTS_ATTR = "hpo:artifacts"  # system attr: where this study's artifacts were written

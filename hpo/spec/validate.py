@@ -10,10 +10,11 @@ import difflib
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hpo.errors import SpecError
+from hpo.errors import SettingError, SpecError
 from hpo.spec import params as P
 from hpo.spec.schema import (
     DATASETS,
@@ -358,22 +359,8 @@ class Validator:
                              tensorboard)
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
-        """Fusion stacks MLP weights and vectorises torch.optim's update rules; say what cannot."""
-        if spec.train is not None:
-            raise self.fail(where, "fused training runs hpo's own MLP loop; a train function cannot be fused")
-        if spec.model != "mlp":
-            raise self.fail(where, "fused training supports model: mlp only")
-        if spec.builtin_data.is_user:
-            raise self.fail(where, "fused training does not take user data functions yet")
-        if not spec.plain:
-            raise self.fail(where, "fused training takes one objective without constraints; run this study "
-                                   "one trial at a time")
-        if spec.builtin_data.cv_folds:
-            raise self.fail(where, "fused training does not combine with data.cv_folds")
-        opt = spec.param("optimizer")
-        names = opt.possible_values() if opt else (P.DEFAULTS["optimizer"],)
-        if names and "schedulefree_adamw" in names:
-            raise self.fail(where, "schedulefree_adamw cannot be fused; drop it from space.optimizer")
+        if (why := fusion_problem(spec)) is not None:
+            raise self.fail(where, why)
 
     def data(self, value: Any, metric: str = "val_accuracy") -> DataSpec:
         raw = self.mapping(value, "data", ["dataset", "split", *_all_dataset_options()], ["dataset"])
@@ -688,3 +675,32 @@ def _kind(value: Any) -> str:
         bool: "true/false", int: "an integer", float: "a number", str: "text",
         list: "a list", dict: "a mapping",
     }.get(type(value), type(value).__name__)
+
+
+def fusion_problem(spec: StudySpec) -> str | None:
+    """Why `spec` cannot run fused (fusion stacks MLP weights and vectorises torch.optim's update
+    rules), or None."""
+    if spec.train is not None:
+        return "fused training runs hpo's own MLP loop; a train function cannot be fused"
+    if spec.model != "mlp":
+        return "fused training supports model: mlp only"
+    if spec.builtin_data.is_user:
+        return "fused training does not take user data functions yet"
+    if not spec.plain:
+        return "fused training takes one objective without constraints; run this study one trial at a time"
+    if spec.builtin_data.cv_folds:
+        return "fused training does not combine with data.cv_folds"
+    opt = spec.param("optimizer")
+    names = opt.possible_values() if opt else (P.DEFAULTS["optimizer"],)
+    if names and "schedulefree_adamw" in names:
+        return "schedulefree_adamw cannot be fused; drop it from space.optimizer"
+    return None
+
+
+def with_fusion(spec: StudySpec, group_size: int) -> StudySpec:
+    """A copy that runs fused groups of `group_size` (the `fuse` setting), checked as the file's
+    execution.mode is."""
+    fused = replace(spec, execution=replace(spec.execution, mode="fused", group_size=group_size))
+    if (why := fusion_problem(fused)) is not None:
+        raise SettingError("fuse", why)
+    return fused

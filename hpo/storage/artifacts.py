@@ -22,7 +22,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo.errors import StorageError
-from hpo.storage.backends import sqlite_path
+from hpo.storage.urls import sqlite_path
 
 ENV_ARTIFACTS = "HPO_ARTIFACTS"
 LOG_FILENAME = "log.txt"  # a trial's output, as an artifact of the trial

@@ -1,6 +1,6 @@
 """hpo's own training loop, written as a training function like any user's: it gets an
 hpo.Trial, reports every epoch and saves checkpoints through the same API, so every rule about
-how a trial ends, resumes and is recorded lives in the runtime (hpo.runtime.trial), not here.
+how a trial ends, resumes and is recorded lives in the runtime (hpo.runtime.runner, hpo.runtime.lifecycle), not here.
 """
 
 from __future__ import annotations
