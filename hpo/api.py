@@ -117,7 +117,7 @@ def _spec_with_functions(spec: str | Path | Mapping[str, Any], functions: Mappin
         read_spec_document,
         spec_from_mapping,
     )
-    from hpo.spec.user_code import _cache
+    from hpo.spec.user_code import register
 
     if isinstance(spec, Mapping):
         doc, source = read_as_hpo_would(dict(spec)), "<spec>"
@@ -137,7 +137,7 @@ def _spec_with_functions(spec: str | Path | Mapping[str, Any], functions: Mappin
                             "top of a module or notebook cell; define it with def at the top level")
         reference = f"{value.__module__}:{qualname}"
         parent[name] = reference
-        _cache[reference] = value  # this object, not a re-import, runs here and in forked workers
+        register(reference, value)
     if doc.get("data") == {}:
         del doc["data"]
     return spec_from_mapping(doc, source)

@@ -187,3 +187,24 @@ def test_one_run_sequence() -> None:
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {func.name} calls "
                                      f"{node.func.id}()")
     assert not offenders, "the run sequence outside open_run: " + ", ".join(offenders)
+
+
+def test_no_module_reaches_into_another_modules_private_members() -> None:
+    """`x._name` is for x's own class, `_name` for its own module: a module that reaches into
+    another's (a runner setting `trial._state`, a CLI command importing `_open`) breaks when that
+    one changes its insides. Optuna's and torch's private members go through hpo/_private.py."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_private.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                own = (isinstance(base, ast.Name) and base.id in ("self", "cls")) or (
+                    isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super")
+                if not own and ast.unparse(node) != "os._exit":  # os._exit is public, despite its name
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hpo"):
+                offenders += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {node.module}.{a.name}"
+                              for a in node.names if a.name.startswith("_") and a.name != "_private"]
+    assert not offenders, "private members used from outside: " + ", ".join(offenders)

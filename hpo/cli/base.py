@@ -92,7 +92,7 @@ def cli() -> None:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _open(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any, str]:
+def open_store(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any, str]:
     from hpo.storage.backends import Heartbeat, open_storage
     from hpo.storage.urls import resolve_url
 
@@ -100,7 +100,7 @@ def _open(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any,
     return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat()), resolved
 
 
-def _sigterm_as_interrupt() -> None:
+def sigterm_as_interrupt() -> None:
     """SIGTERM (docker stop, Slurm, Kubernetes) ends a worker exactly like Ctrl-C.
 
     SIGINT gets Python's handler back too: a process started in the background by a shell

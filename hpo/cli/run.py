@@ -15,8 +15,8 @@ import click
 
 from hpo.cli.base import (
     F,
-    _open,
     artifacts_option,
+    open_store,
     storage_option,
 )
 from hpo.cli.base import cli as cli
@@ -207,7 +207,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
-    store, url = _open(storage, create=True)
+    store, url = open_store(storage, create=True)
     open_for_spec(spec, store, url, artifacts)
     click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.n_trials} trials); "
                f"start workers with: hpo worker {spec.name}")

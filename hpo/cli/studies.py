@@ -11,10 +11,10 @@ from typing import Any
 import click
 
 from hpo.cli.base import (
-    _open,
-    _sigterm_as_interrupt,
     artifacts_option,
     cli,
+    open_store,
+    sigterm_as_interrupt,
     storage_option,
 )
 from hpo.errors import HpoError
@@ -31,7 +31,7 @@ def studies(storage: str | None) -> None:
     """
     import optuna
 
-    store, url = _open(storage, create=False)
+    store, url = open_store(storage, create=False)
     summaries = optuna.get_all_study_summaries(store, include_best_trial=True)
     if not summaries:
         click.echo("No studies.")
@@ -59,7 +59,7 @@ def _load(name: str, storage: str | None) -> Any:
     from hpo.errors import StorageError
     from hpo.storage.urls import mask
 
-    store, url = _open(storage, create=False)
+    store, url = open_store(storage, create=False)
     try:
         return optuna.load_study(study_name=name, storage=store)
     except KeyError:
@@ -212,7 +212,7 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
 def _handle(name: str, storage: str | None, artifacts: str | None) -> Any:
     from hpo.search.study import open_existing
 
-    store, url = _open(storage, create=False)
+    store, url = open_store(storage, create=False)
     return open_existing(name, store, url, artifacts)
 
 
@@ -345,7 +345,7 @@ def stop(study: str, storage: str | None) -> None:
     """
     from hpo.search.study import request_stop
 
-    store, url = _open(storage, create=False)
+    store, url = open_store(storage, create=False)
     running = request_stop(store, study, url)
     click.echo(f"Asked every worker of study {study!r} to stop ({running} trial{'s' if running != 1 else ''} running); "
                "each queues its trial at its next report. Resume with hpo run or hpo worker.")
@@ -395,9 +395,9 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     from hpo.search.proxy import BudgetedStorage
     from hpo.storage.urls import mask
 
-    store, url = _open(storage, create=True)
+    store, url = open_store(storage, create=True)
     click.echo(f"Serving {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", err=True)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -431,7 +431,7 @@ def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) 
     folder = artifact_folder(store, url, artifacts)
     server = make_server_for(store, folder, host, port)
     click.echo(f"Dashboard for {mask(url)} on http://{host}:{server.server_port} (Ctrl-C to stop)", err=True)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -54,6 +54,12 @@ def absolute_reference(text: str, spec_file: str) -> str:
 
 
 _cache: dict[str, Callable[..., Any]] = {}
+
+
+def register(reference: str, function: Callable[..., Any]) -> None:
+    """`reference` names this very object (a function of `__main__` or a notebook handed to
+    hpo.run): it, not a re-import, runs here and in the workers forked from here."""
+    _cache[reference] = function
 # Folders put on sys.path for a study file's modules; local worker processes get them on PYTHONPATH.
 ADDED_PATHS: list[str] = []
 
