@@ -43,11 +43,6 @@ class StudyExistsError(SpecError):
         self.name = name
 
 
-class TrialError(HpoError):
-    """One trial failed inside the runtime (an internal signal to Optuna's optimize: the trial is
-    recorded as failed with its reason and the study goes on); not shown to the user as an error."""
-
-
 def is_storage_failure(e: BaseException) -> bool:
     """The database refused a write or a query (read-only file, lost server past the retries): the
     worker's problem (retry or stop, one line), never a verdict on a trial or a bug in hpo."""

@@ -50,7 +50,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hpo._private import fused_kernel
 from hpo.data.splits import Data, Split
@@ -652,10 +651,4 @@ class FusedGroup:
             for name, value in tensors.items():
                 self._view(name, self.state[state_name])[i][_corner(m.shapes[name])] = value.to(self.device)
         self.steps[i] = steps
-
-    def member_module(self, i: int) -> nn.Module:
-        m = self.members[i]
-        module = build_model("mlp", m.params, self.data.input_shape, self.data.n_outputs)
-        module.load_state_dict(self.member_state_dict(i))
-        return module.to(self.device)
 
