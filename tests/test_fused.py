@@ -182,7 +182,10 @@ def test_a_padded_member_exports_its_own_shapes(digits: DataCache) -> None:
     group.add(0, Params(width=48, depth=3, norm="batch"), 1, 2)
     group.add(1, Params(width=16, depth=1, norm="batch"), 2, 2)
     group.train_epoch()
-    small = group.member_module(1)  # loads into an unfused 16x1 MLP: every shape must fit
+    # Its state (what its checkpoint and model file hold) loads into an unfused 16x1 MLP: every
+    # shape must fit.
+    small = build_model("mlp", group.members[1].params, group.data.input_shape, group.data.n_outputs)
+    small.load_state_dict(group.member_state_dict(1))
     assert small.state_dict()["blocks.0.linear.weight"].shape == (16, 64)
     assert group.members[1].n_params == sum(t.numel() for t in small.parameters())
     # Its padding stayed exactly zero through a training epoch.

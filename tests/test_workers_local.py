@@ -41,15 +41,18 @@ def owners(study: optuna.Study) -> set[str]:
 
 def test_two_workers_share_one_sqlite_file_and_stop_at_the_budget(write_spec, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
-    proc = subprocess.Popen(run_cmd(write_spec(BUSY), url, "--workers", "2"), cwd=tmp_path, text=True,
+    spec = write_spec(BUSY)
+    created = subprocess.run([sys.executable, "-m", "hpo", "create", str(spec), "--storage", url], cwd=tmp_path,
+                             env=env_without_storage(), capture_output=True, text=True, timeout=300)
+    assert created.returncode == 0, created.stderr
+    # Opened before the run starts (opening takes longer than the run's trials on a loaded machine),
+    # stock Optuna reads the file while both workers write it.
+    reader = load(url, "busy")
+    proc = subprocess.Popen(run_cmd(spec, url, "--workers", "2"), cwd=tmp_path, text=True,
                             env=env_without_storage(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = []
-    reader: optuna.Study | None = None
-    while proc.poll() is None:  # stock Optuna reads the file while both workers write it
-        if reader is None and _made(url):
-            reader = load(url, "busy")  # opened once: opening takes longer than the run's trials
-        if reader is not None:
-            seen.append(len(reader.get_trials(deepcopy=False)))
+    while proc.poll() is None:
+        seen.append(len(reader.get_trials(deepcopy=False)))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "locked" not in err and "Traceback" not in err
