@@ -23,13 +23,14 @@ from hpo.execution.worker import run_worker
 from hpo.search.results import finalize
 from hpo.search.study import open_for_spec
 from hpo.spec.loading import load_spec
+from hpo.spec.validate import with_fusion
 from hpo.storage.backends import open_storage
 
 
 def run_hpo(spec_path: Path, fuse: int | None = None) -> tuple[float, float]:
     spec = load_spec(spec_path)
     if fuse:
-        spec = spec.fused(fuse)
+        spec = with_fusion(spec, fuse)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/hpo.db"
         t0 = time.perf_counter()
