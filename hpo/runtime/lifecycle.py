@@ -160,10 +160,12 @@ class Lifecycle:
         error): told failed if it is not yet, and queued to resume from its last checkpoint.
         False when it was already finished (by this worker or another)."""
         self.beats.ids.discard(trial_id(trial))
+        if self.taken_over(trial):
+            return False  # already ended (the stop came while it was being ended): it keeps its ending
         try:
             self.study.tell(trial, state=TrialState.FAIL)
         except Exception:
-            pass  # already told (the stop came while it was being ended)
+            return False  # ended by another worker a moment ago
         return requeue(self.study, trial_id(trial), why) is not None
 
     def taken_over(self, trial: optuna.Trial) -> bool:
