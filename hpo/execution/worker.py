@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from hpo._private import storage_of
 from hpo.data.splits import DataCache
@@ -90,9 +91,6 @@ def run_worker(
             before_trial()  # this worker's share of the host's CPUs, read again
             if not _run_one(runner, taken.trials[0], listener, result, timeout):
                 break
-            if device.type == "cuda":  # a failed trial's memory is handed back
-                gc.collect()
-                torch.cuda.empty_cache()
     except Exception:
         if _study_gone(study):  # `hpo delete` while this worker ran: say so, no traceback
             raise StorageError(f"study {study.study_name!r} was deleted while this worker ran; stopped") from None
@@ -117,7 +115,7 @@ def _run_one(runner: TrialRunner, trial: optuna.Trial, listener: Listener, resul
              timeout: float | None) -> bool:
     """Run one trial; False when this worker must stop: the study's timeout requeued it."""
     try:
-        runner.run(trial)
+        frozen = runner.run(trial)
     except Stop as stop:
         if not stop.ending.end.requeued:
             raise
@@ -135,6 +133,9 @@ def _run_one(runner: TrialRunner, trial: optuna.Trial, listener: Listener, resul
         listener.warn(str(e))
         return True
     result.ran += 1
+    if frozen.state == TrialState.FAIL and runner.ctx.device.type == "cuda":  # its memory is handed back
+        gc.collect()
+        torch.cuda.empty_cache()
     return True
 
 
