@@ -64,6 +64,14 @@ def fuse_option(f: F) -> F:
     )(f)
 
 
+def procs_option(f: F) -> F:
+    return click.option(
+        "--procs-per-trial", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Run each trial on N processes with torch.distributed (overrides execution.processes_per_trial; "
+             "with --gpus, N GPUs per trial).",
+    )(f)
+
+
 def checkpoint_option(f: F) -> F:
     return click.option(
         "--checkpoint-interval", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -104,6 +112,7 @@ def _heartbeat(interval: int | None, grace: int | None) -> Any:
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="One worker per listed GPU, each pinned with CUDA_VISIBLE_DEVICES.")
 @fuse_option
+@procs_option
 @artifacts_option
 @heartbeat_options
 @checkpoint_option
@@ -117,6 +126,7 @@ def run(
     workers: int | None,
     gpus: str | None,
     fuse: int | None,
+    procs_per_trial: int | None,
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
@@ -144,7 +154,7 @@ def run(
         spec = spec.with_budget(n_trials=n_trials)
     options = RunOptions(resolve_url(storage), workers, parse_gpus(gpus) if gpus is not None else None, device,
                          timeout, _heartbeat(heartbeat_interval, grace_period), quiet, checkpoint_interval, artifacts,
-                         fuse)
+                         fuse, procs_per_trial)
     with _stops():
         handle, outcome, n_workers = run_study(spec, options)
     _summary(handle, outcome.elapsed)
@@ -225,6 +235,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
               help="CPU threads for this worker [default: its share of the CPUs it may use, divided among the hpo "
                    "workers of this host].")
 @fuse_option
+@procs_option
 @artifacts_option
 @heartbeat_options
 @checkpoint_option
@@ -237,6 +248,7 @@ def worker(
     device: str,
     threads: int | None,
     fuse: int | None,
+    procs_per_trial: int | None,
     artifacts: str | None,
     heartbeat_interval: int | None,
     grace_period: int | None,
@@ -260,7 +272,7 @@ def worker(
         artifacts, device, threads, fuse, timeout = (given.artifacts, given.device, given.threads, given.fuse,
                                                      given.timeout)
         heartbeat_interval, grace_period, quiet = given.heartbeat_interval, given.grace_period, True
-        checkpoint_interval = given.checkpoint_interval
+        checkpoint_interval, procs_per_trial = given.checkpoint_interval, given.procs_per_trial
     slot = HostSlot()  # this worker's place among the host's hpo workers: its threads, its GPU
     if not wait_to_start(slot, threads, _budget_used(storage, study), lambda line: click.echo(line, err=True)):
         click.echo(f"Stopped: study {study} used up its budget while this worker waited for a CPU.", err=True)
@@ -271,7 +283,8 @@ def worker(
     dev = device_for(device, slot)
     options = RunOptions(resolve_url(storage), device=device, timeout=timeout,
                          heartbeat=_heartbeat(heartbeat_interval, grace_period), quiet=quiet,
-                         checkpoint_interval=checkpoint_interval, artifacts=artifacts, fuse=fuse)
+                         checkpoint_interval=checkpoint_interval, artifacts=artifacts, fuse=fuse,
+                         procs_per_trial=procs_per_trial)
     with open_run(study, options, dev) as (handle, data), _stops():
         outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
                            storage_url=options.storage_url, checkpoint_interval=checkpoint_interval, slot=slot,

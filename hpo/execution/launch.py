@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
-from hpo.errors import HpoError, is_storage_failure
+from hpo.errors import HpoError, SettingError, is_storage_failure
 from hpo.execution.processes import (
     WorkerSettings,
     can_fork,
@@ -192,7 +192,7 @@ def run_in_processes(
 
     spec, study = handle.spec, handle.study
     dev = choose_device("cuda" if gpu_ids else device)
-    plans = plan(n_workers, gpu_ids, device)
+    plans = plan(n_workers, gpu_ids, device, per_trial=spec.execution.processes_per_trial)
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
                         objectives=tuple(o.name for o in spec.goals))
     where = (f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids
@@ -206,7 +206,7 @@ def run_in_processes(
     if dev.type != "cpu" or not can_fork():
         settings = WorkerSettings(str(handle.artifacts.path.resolve()), "cuda", 1, heartbeat.interval, heartbeat.grace,
                                   checkpoint_interval, spec.execution.group_size if spec.execution.mode == "fused"
-                                  else None, timeout)
+                                  else None, timeout, spec.execution.processes_per_trial)
         procs = launch(spec.name, storage_url, plans, settings)
     else:
         messages = Path(tempfile.mkdtemp(prefix="hpo-workers-"))
@@ -332,6 +332,7 @@ class RunOptions:
     checkpoint_interval: float = 2.0
     artifacts: str | None = None
     fuse: int | None = None  # run fused groups of this size, whatever the spec says
+    procs_per_trial: int | None = None  # processes per trial, whatever the spec says
 
 
 @contextlib.contextmanager
@@ -345,7 +346,7 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
     `forked`: in a worker forked from the run, the run's data (its spec is `study`, already with
     the run's overrides): nothing is loaded again and the storage is known to be ready."""
     from hpo.search.study import open_existing, open_for_spec
-    from hpo.spec.validate import with_fusion
+    from hpo.spec.validate import with_fusion, with_processes
     from hpo.storage.backends import open_storage
     from hpo.storage.locks import sole_writer
 
@@ -353,6 +354,8 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
     in_fork = forked is not False
     if spec is not None and options.fuse is not None:
         spec = with_fusion(spec, options.fuse)
+    if spec is not None and options.procs_per_trial is not None:
+        spec = with_processes(spec, options.procs_per_trial)
     data = forked if isinstance(forked, DataCache) else prepare(spec, device) if spec is not None and not in_fork else None
     url = options.storage_url
     with sole_writer(url, spec.name if spec is not None else str(study)):
@@ -363,8 +366,11 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
             handle = open_existing(spec.name if spec is not None else str(study), store, url, options.artifacts)
             if spec is not None:
                 handle.spec = spec  # the run's own spec, with its overrides (fuse, n_trials)
-            elif options.fuse is not None:
-                handle.spec = with_fusion(handle.spec, options.fuse)
+            else:
+                if options.fuse is not None:
+                    handle.spec = with_fusion(handle.spec, options.fuse)
+                if options.procs_per_trial is not None:
+                    handle.spec = with_processes(handle.spec, options.procs_per_trial)
         if spec is None:
             data = prepare(handle.spec, device)  # joined by name: the code and data the stored spec names
         yield handle, data
@@ -380,6 +386,10 @@ def run_study(spec: StudySpec, options: RunOptions) -> tuple[StudyHandle, Outcom
     dev = choose_device("cuda" if gpu_ids else options.device)
     with open_run(spec, options, dev) as (handle, data):
         n_workers = options.workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
+        per_trial = handle.spec.execution.processes_per_trial
+        if gpu_ids and len(gpu_ids) < per_trial * n_workers:
+            raise SettingError("gpus", f"{n_workers} workers with {per_trial} processes per trial need "
+                                       f"{per_trial * n_workers} GPUs; {len(gpu_ids)} listed")
         if n_workers == 1 and not gpu_ids:
             outcome = run_here(handle, dev, data, timeout=options.timeout, n_trials=None, quiet=options.quiet,
                                storage_url=options.storage_url, checkpoint_interval=options.checkpoint_interval)

@@ -58,6 +58,7 @@ class WorkerSettings:
     checkpoint_interval: float
     fuse: int | None = None
     timeout: float | None = None
+    procs_per_trial: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,23 +95,27 @@ def auto_workers(handle: StudyHandle, device: torch.device, gpus: list[int] | No
     """Trials at once by default: one per listed GPU; one on a single GPU (it is one device); on a
     CPU one per core, each on one thread (an MLP of this size leaves a second intra-op thread
     mostly idle; benchmarks/RESULTS.md), never more than the trials left to run."""
+    per_trial = handle.spec.execution.processes_per_trial  # processes each trial runs on
     if gpus:
-        return len(gpus)
+        return max(1, len(gpus) // per_trial)
     if device.type != "cpu":
         return 1
     status = budget_status(handle.study, effective_n_trials(handle.spec))
-    return max(1, min(cpu_cores(), status.remaining + status.waiting))
+    return max(1, min(cpu_cores() // per_trial, status.remaining + status.waiting))
 
 
-def plan(workers: int, gpus: list[int] | None, device: str, cpu_count: int | None = None) -> list[WorkerPlan]:
-    """One plan per worker: GPUs round-robin (pinned with CUDA_VISIBLE_DEVICES), else CPU threads split."""
+def plan(workers: int, gpus: list[int] | None, device: str, cpu_count: int | None = None,
+         per_trial: int = 1) -> list[WorkerPlan]:
+    """One plan per worker: GPUs round-robin, `per_trial` each (pinned with CUDA_VISIBLE_DEVICES),
+    else CPU threads split (a worker splits its own between the processes of a trial)."""
     cores = cpu_count or os.cpu_count() or 1
     threads = max(1, cores // workers)
     out = []
     for i in range(workers):
         env = {"OMP_NUM_THREADS": str(threads)}
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)])
+            mine = [gpus[(i * per_trial + r) % len(gpus)] for r in range(per_trial)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
             out.append(WorkerPlan("cuda", threads, env))
         else:
             out.append(WorkerPlan(device, threads, env))

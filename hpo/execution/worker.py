@@ -71,7 +71,7 @@ def run_worker(
     deadline = time.monotonic() + timeout if timeout else None
     life = Lifecycle(study, handle.artifacts, listener)
     runner = TrialRunner(TrialContext(spec, handle.artifacts, device, listener, CheckpointPolicy(checkpoint_interval),
-                                      deadline, who, label_output), life, train_fn)
+                                      deadline, who, label_output, rank_training), life, train_fn)
     slots = TrialSlots(study, effective_n_trials(spec), time.time() if since is None else since,
                        spec.budget.failure_limit)
     result = WorkerResult()
@@ -171,6 +171,11 @@ def training_function(spec: StudySpec, device: torch.device,
 
     data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
     return BuiltinTraining(spec, data), f"model: {spec.model}"
+
+
+def rank_training(spec: StudySpec, device: torch.device) -> Callable[[Trial], Any]:
+    """The training function in another process of a multi-process trial (hpo.runtime.ranks)."""
+    return training_function(spec, device)[0]
 
 
 class Interrupted(KeyboardInterrupt):

@@ -28,6 +28,7 @@ class End(enum.Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: queued, resumes from its checkpoint
     OUT_OF_MEMORY = "out_of_memory"
     ERROR = "error"  # any other exception in training code
+    RANK_LOST = "rank_lost"  # a process of a multi-process trial died (kill -9, the OOM killer): retried
 
     @property
     def state(self) -> TrialState:
@@ -42,6 +43,16 @@ class End(enum.Enum):
         """Stopped from outside: the trial is queued and resumes from its last checkpoint, which is
         kept (every other ending removes it)."""
         return self in (End.STUDY_TIMEOUT, End.INTERRUPTED)
+
+    @property
+    def retried(self) -> bool:
+        """Its process died under it: the trial comes back from its last checkpoint as a trial whose
+        worker died does, within the storage's retry limit."""
+        return self is End.RANK_LOST
+
+    @property
+    def keeps_checkpoint(self) -> bool:
+        return self.requeued or self.retried
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,27 @@ def user_frames(e: BaseException, limit: int = 6) -> list[traceback.FrameSummary
 _HPO_ROOT = str(Path(__file__).resolve().parents[1]) + os.sep
 
 
+class RemoteError(Exception):
+    """An exception raised in another process of a multi-process trial (hpo.runtime.ranks), as
+    that process described it: its message, traceback and error record travel as text."""
+
+    def __init__(self, message: str, traceback_text: str, record: dict[str, str]) -> None:
+        super().__init__(message)
+        self.traceback_text, self.record = traceback_text, record
+
+
+def traceback_text(e: BaseException) -> str:
+    if isinstance(e, RemoteError):
+        return e.traceback_text
+    return "".join(traceback.format_exception(e))
+
+
 def error_record(e: BaseException) -> dict[str, str]:
     """What a failed trial keeps of its error: a signature that is the same for every trial the
     same bug fails (the exception's type and where in the user's code it was raised), and the
     user's frames, for the message that stops a run."""
+    if isinstance(e, RemoteError):
+        return e.record
     frames = user_frames(e)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return {"signature": f"{type(e).__name__}{where}", "frames": "".join(traceback.format_list(frames)).rstrip()}

@@ -11,7 +11,6 @@ decided by hpo.runtime.endings.
 from __future__ import annotations
 
 import threading
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,12 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import storage_of, trial_id
 from hpo.runtime.checkpoints import Envelope
-from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record
+from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record, traceback_text
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts
 from hpo.storage.resilient import set_user_attrs
-from hpo.storage.retry import claim, requeue
+from hpo.storage.retry import claim, requeue, retry_lost
 
 
 class TakenOver(Exception):
@@ -133,7 +132,7 @@ class Lifecycle:
         with self.owned(trial):
             attributes = dict(outcome.attributes)
             if outcome.error is not None and ending.end is End.ERROR:
-                attributes["traceback"] = "".join(traceback.format_exception(outcome.error))[-4000:]
+                attributes["traceback"] = traceback_text(outcome.error)[-4000:]
             set_user_attrs(trial, attributes)
             if outcome.error is not None:  # tells a bug (the same error trial after trial) from bad parameters
                 self.storage.set_trial_system_attr(trial_id(trial), ERROR_ATTR, error_record(outcome.error))
@@ -144,7 +143,7 @@ class Lifecycle:
             if complete and feasible and outcome.model is not None and improves(self.study, outcome.values or []):
                 # Only a trial that may be the best keeps its final state (the test function's input).
                 self.artifacts.upload(trial, "model.pt", outcome.model())
-            if not ending.end.requeued:
+            if not ending.end.keeps_checkpoint:
                 self.artifacts.remove_checkpoint(attempt.number)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's word on a failed trial: hpo says it itself
@@ -152,6 +151,8 @@ class Lifecycle:
         self.beats.ids.discard(trial_id(trial))
         if ending.end.requeued:
             requeue(self.study, trial_id(trial), outcome.requeue_why)
+        elif ending.end.retried:
+            retry_lost(self.study, frozen, outcome.requeue_why)
         self.listener.trial_finished(self.study, frozen)
         return frozen
 

@@ -175,3 +175,12 @@ class TrialOutput:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: TextIO | None = None, line: str | None = None) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def keep_rank_output(path: Path, prefix: str) -> None:
+    """In another process of a multi-process trial: what it prints goes to the terminal with
+    `prefix` and to the trial's log file, which rank 0 uploads at the trial's end."""
+    log = _Log(path)
+    sys.stdout = cast(TextIO, _Tee(sys.stdout, log, prefix))
+    sys.stderr = cast(TextIO, _Tee(sys.stderr, log, prefix))
+    warnings.showwarning = _show_warning

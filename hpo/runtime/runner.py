@@ -4,6 +4,8 @@ as hpo.runtime.endings decides."""
 
 from __future__ import annotations
 
+import os
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ from hpo.runtime import stopping
 from hpo.runtime.endings import End, Ending, Stop, is_oom
 from hpo.runtime.lifecycle import Attempt, Lifecycle, Outcome
 from hpo.runtime.output import TrialOutput
-from hpo.runtime.trial import Trial, TrialContext, TrialPruned, TrialRecord
+from hpo.runtime.ranks import RankFailure, RankGroup, RankSetup, pack_checkpoint, rank_device
+from hpo.runtime.trial import Trial, TrialContext, TrialPruned, TrialRecord, trial_seed
 from hpo.spec.space import sample
-from hpo.spec.user_code import UserCodeError
+from hpo.spec.user_code import UserCodeError, registered
 
 
 @dataclass
@@ -59,15 +62,21 @@ class TrialRunner:
         attempt = self.life.start(ot)
         params = sample(ot, ctx.spec)
         record = self.current = TrialRecord(ctx, attempt.number, ot, attempt.envelope, attempt.inherited)
-        trial = Trial(record, params)
-        seeding.seed_all(trial.seed)
+        seeding.seed_all(trial_seed(ctx.spec.seed, attempt.number))
         if attempt.envelope is not None and attempt.envelope.rng is not None:
             seeding.restore(attempt.envelope.rng)  # the streams as they were when the checkpoint was saved
         record.attrs["threads"] = torch.get_num_threads()  # the worker's share of its host when it started
         ctx.listener.trial_started(ot.number, params, record.start_epoch, attempt.retry_of)
+        group = self._group(attempt, record, params)
         try:
-            returned = self.train_fn(trial)
+            if group is not None:
+                group.start()
+                record.attrs["threads"] = torch.get_num_threads()  # each rank's
+                record.last_report = time.monotonic()  # the first epoch's time leaves out the ranks' start
+            returned = self.train_fn(Trial(record, params, group))
             stopping.raise_if_requested()  # the code swallowed the stop (except BaseException): obey it now
+            if group is not None and (failed := group.close(completed=True)) is not None:
+                return self._rank_failed(attempt, record, failed)  # another rank failed after rank 0 was done
             values = record.objective_values(returned)
             constraints = record.constraint_values()
         except Stop as e:
@@ -100,8 +109,13 @@ class TrialRunner:
         except Exception as e:
             if is_storage_failure(e):
                 raise  # the worker's problem (retry or stop), not a verdict on the trial
+            if group is not None and (failed := group.explain(e)) is not None:
+                return self._rank_failed(attempt, record, failed)
             ending = Ending.out_of_memory(ctx.device, _sizes(params)) if is_oom(e) else Ending.error(e)
             return self._end(attempt, record, ending, e)
+        finally:
+            if group is not None:
+                group.close()
         record.close()
         self._finish_output()
         model = record.final_state if record.state is not None else None
@@ -122,12 +136,42 @@ class TrialRunner:
             why = f"study timeout in epoch {record.epoch_in_flight()}"
         elif ending.end is End.INTERRUPTED:
             why = f"interrupted ({stopping.requested() or 'stopped'}) in epoch {record.epoch_in_flight()}"
+        elif ending.end is End.RANK_LOST:
+            why = (ending.reason or "").split(";")[0]
         frozen = self.life.end(attempt, Outcome(ending, record.attributes(ending.reason), error=error,
                                                 requeue_why=why))
         if ending.end.requeued:
             self.resumes_from = record.checkpointed_epoch
         return frozen
 
+
+    def _group(self, attempt: Attempt, record: TrialRecord, params: dict[str, Any]) -> RankGroup | None:
+        """The other processes of a trial of several (execution.processes_per_trial), to start."""
+        ctx, world = self.ctx, self.ctx.spec.execution.processes_per_trial
+        if world == 1:
+            return None
+        if ctx.resolve is None:
+            raise UserCodeError(f"{ctx.who}: this worker cannot run trials of several processes")
+        record.attrs["processes"] = world
+        envelope = attempt.envelope
+        checkpoint = pack_checkpoint(envelope.state if envelope else None, envelope.rng if envelope else None)
+        log = str(self.output.path) if self.output is not None else os.devnull
+        label = f"[trial {record.number} rank " if ctx.label_output else "[rank "
+        resolve, given, spec = ctx.resolve, registered(ctx.spec.train) if ctx.spec.train else None, ctx.spec
+
+        def setup(rank: int, port: int, threads: int) -> RankSetup:
+            return RankSetup(spec, resolve, given, rank, world, port, str(rank_device(ctx.device, rank)), threads,
+                             dict(params), record.number, record.first_number, record.start_epoch, checkpoint, log,
+                             f"{label}{rank}] ", os.getpid(), dict(os.environ))
+
+        return RankGroup(world, ctx.device, setup, record.epoch_in_flight)
+
+    def _rank_failed(self, attempt: Attempt, record: TrialRecord, failed: RankFailure) -> FrozenTrial:
+        """End the trial as another of its ranks failed: its error, or lost (retried)."""
+        frozen = self._end(attempt, record, failed.ending, failed.error)
+        if failed.user_code:
+            raise UserCodeError(f"{self.ctx.who}: {failed.ending.reason}")
+        return frozen
 
     def _finish_output(self) -> None:
         if self.output is not None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -55,6 +55,9 @@ class TrialContext:
     study_deadline: float | None = None  # time.monotonic(): trials still running then are requeued
     who: str = "train"  # names the training code in messages: "train: pkg.mod:train"
     label_output: bool = False  # several workers share the terminal: what a trial prints says its number
+    # How another process of a multi-process trial gets the training function (a picklable
+    # top-level function: it runs there): see hpo.runtime.ranks.
+    resolve: Callable[[StudySpec, torch.device], Callable[[Trial], Any]] | None = None
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -298,7 +301,10 @@ class Trial:
     ```
     """
 
-    def __init__(self, record: TrialRecord, params: dict[str, Any]) -> None:
+    rank = 0  # with execution.processes_per_trial > 1: this process's place among the trial's
+    world_size = 1
+
+    def __init__(self, record: TrialRecord, params: dict[str, Any], link: Link | None = None) -> None:
         self.params = params
         self.device = record.ctx.device
         self.epochs = record.epochs
@@ -307,6 +313,14 @@ class Trial:
         self.seed = trial_seed(record.ctx.spec.seed, record.first_number)
         self.start_epoch = record.start_epoch
         self._record = record
+        self._link = link
+        if link is not None:
+            self.world_size = link.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that owns the Optuna trial (what it reports is recorded)."""
+        return self.rank == 0
 
     def __repr__(self) -> str:
         first = f", first_number={self.first_number}" if self.first_number != self.number else ""
@@ -315,16 +329,29 @@ class Trial:
     def report(self, epoch: int, **metrics: Any) -> None:
         """Record this epoch's metrics. The study's metric goes to the pruner and the sampler, the
         others are kept per epoch as attributes. Raises hpo.TrialPruned when the pruner says stop,
-        and ends the trial when a metric is NaN or infinite or a time limit has passed."""
-        self._record.report(epoch, metrics)
+        and ends the trial when a metric is NaN or infinite or a time limit has passed.
+
+        In a trial of several processes call it on every rank at the same epochs: rank 0's values
+        are recorded, and its decision (go on, pruned, stopped) is raised on every rank there."""
+        if self._link is None:
+            self._record.report(epoch, metrics)
+            return
+        self._link.raise_if_failed()
+        try:
+            self._record.report(epoch, metrics)
+        except BaseException as e:
+            self._link.decided(e)
+            raise
+        self._link.decided(None)
 
     def save_checkpoint(self, state: Any) -> None:
         """Keep `state` (tensors, numbers, text, and lists/dicts of them: e.g. state_dict()s) so a
         retried or resumed trial continues after the last reported epoch. Written when the
         checkpoint policy says it is due (`--checkpoint-interval`); the last one saved is the
         trial's final state, kept for the test function when the trial may be the best. `state`
-        may also be a function returning it, called only when it is written."""
-        self._record.save_checkpoint(state)
+        may also be a function returning it, called only when it is written. In a trial of several
+        processes, rank 0's is kept (the other ranks' calls do nothing)."""
+        self._guarded(lambda: self._record.save_checkpoint(state))
 
     def load_checkpoint(self) -> Any:
         """None on a fresh trial; on a retry or resume, the last state saved. For a test function,
@@ -334,7 +361,20 @@ class Trial:
     def check(self, epoch: int | None = None) -> None:
         """Stop here if the trial's or the study's time is up (hpo's own loop calls it every batch;
         call it inside long epochs to be stopped sooner than at the next report)."""
-        self._record.check(epoch)
+        self._guarded(lambda: self._record.check(epoch))
+
+    def _guarded(self, call: Callable[[], None]) -> None:
+        """A call that may end the trial on rank 0: the other ranks hear of it (at their next
+        report() or check())."""
+        if self._link is None:
+            call()
+            return
+        self._link.raise_if_failed()
+        try:
+            call()
+        except BaseException as e:
+            self._link.decided(e, at_report=False)
+            raise
 
     def measure(self, model: torch.nn.Module, example: Any = None) -> None:
         """Record the model's parameter count and, when the study has a latency_ms objective or
@@ -347,6 +387,17 @@ class Trial:
     def set_attr(self, key: str, value: Any) -> None:
         """A user attribute for this trial, written with the runtime's own when the trial ends."""
         self._record.attrs[key] = value
+
+
+class Link(Protocol):
+    """Rank 0's side of a trial of several processes (hpo.runtime.ranks.RankGroup), as the handle
+    uses it."""
+
+    world_size: int
+
+    def raise_if_failed(self) -> None: ...
+
+    def decided(self, error: BaseException | None, at_report: bool = True) -> None: ...
 
 
 def as_number(value: Any) -> float | None:

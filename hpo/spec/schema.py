@@ -178,6 +178,10 @@ class ExecutionSpec:
     # Each trial's reported curves also as TensorBoard event files, under
     # <artifacts>/tensorboard/<study>/trial-<N> (the `tensorboard` extra).
     tensorboard: bool = False
+    # Processes per trial (distributed data-parallel inside a trial, hpo.runtime.ranks): rank 0
+    # owns the Optuna trial; on a CPU the worker's threads are split between the ranks, with GPUs
+    # each rank gets one of the worker's.
+    processes_per_trial: int = 1
 
     def pads(self, device_type: str) -> bool:
         return self.pad if self.pad is not None else device_type == "cuda"
@@ -336,7 +340,9 @@ class StudySpec:
             "execution": {"mode": self.execution.mode, "group_size": self.execution.group_size,
                           "pad": "auto" if self.execution.pad is None else self.execution.pad,
                           "workers": "auto" if self.execution.workers is None else self.execution.workers,
-                          **({"tensorboard": True} if self.execution.tensorboard else {})},
+                          **({"tensorboard": True} if self.execution.tensorboard else {}),
+                          **({"processes_per_trial": self.execution.processes_per_trial}
+                             if self.execution.processes_per_trial > 1 else {})},
         }
 
     def search_definition(self) -> dict[str, Any]:

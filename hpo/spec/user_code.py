@@ -59,7 +59,16 @@ _cache: dict[str, Callable[..., Any]] = {}
 def register(reference: str, function: Callable[..., Any]) -> None:
     """`reference` names this very object (a function of `__main__` or a notebook handed to
     hpo.run): it, not a re-import, runs here and in the workers forked from here."""
-    _cache[reference] = function
+    _cache[reference] = _given[reference] = function
+
+
+_given: dict[str, Callable[..., Any]] = {}
+
+
+def registered(reference: str) -> Callable[..., Any] | None:
+    """The function object `register` was given for `reference`, if any: another process of a
+    multi-process trial gets it pickled (by reference), not imported by name."""
+    return _given.get(reference)
 # Folders put on sys.path for a study file's modules; local worker processes get them on PYTHONPATH.
 ADDED_PATHS: list[str] = []
 

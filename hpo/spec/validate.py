@@ -341,7 +341,8 @@ class Validator:
         return self.choice(value, "model", MODELS)
 
     def execution(self, value: Any) -> ExecutionSpec:
-        raw = self.mapping(value, "execution", ["mode", "group_size", "pad", "workers", "tensorboard"])
+        raw = self.mapping(value, "execution", ["mode", "group_size", "pad", "workers", "tensorboard",
+                                                     "processes_per_trial"])
         mode = self.choice(raw.get("mode", "sequential"), "execution.mode", ["sequential", "fused"])
         size = self.integer(raw.get("group_size", 8), "execution.group_size", minimum=2)
         if size > 1024:
@@ -355,8 +356,11 @@ class Validator:
         tensorboard = raw.get("tensorboard", False)
         if not isinstance(tensorboard, bool):
             raise self.fail("execution.tensorboard", "must be true or false")
+        procs = self.integer(raw.get("processes_per_trial", 1), "execution.processes_per_trial", minimum=1)
+        if procs > 1 and mode == "fused":
+            raise self.fail("execution.processes_per_trial", "fused trials run in one process; use one or the other")
         return ExecutionSpec(mode, size, None if pad == "auto" else pad, None if workers == "auto" else workers,
-                             tensorboard)
+                             tensorboard, procs)
 
     def check_fusable(self, spec: StudySpec, where: str) -> None:
         if (why := fusion_problem(spec)) is not None:
@@ -703,4 +707,14 @@ def with_fusion(spec: StudySpec, group_size: int) -> StudySpec:
     fused = replace(spec, execution=replace(spec.execution, mode="fused", group_size=group_size))
     if (why := fusion_problem(fused)) is not None:
         raise SettingError("fuse", why)
+    if spec.execution.processes_per_trial > 1:
+        raise SettingError("fuse", "fused trials run in one process; execution.processes_per_trial is "
+                                   f"{spec.execution.processes_per_trial}")
     return fused
+
+
+def with_processes(spec: StudySpec, processes: int) -> StudySpec:
+    """A copy whose trials each run on `processes` processes (the `procs_per_trial` setting)."""
+    if processes > 1 and spec.execution.mode == "fused":
+        raise SettingError("procs_per_trial", "fused trials run in one process; use one or the other")
+    return replace(spec, execution=replace(spec.execution, processes_per_trial=processes))

@@ -206,6 +206,13 @@ def reclaim_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None)
     return taken
 
 
+def retry_lost(study: optuna.Study, trial: FrozenTrial, what: str) -> None:
+    """Retry a trial (already failed) that lost one of its processes, within the storage's retry
+    limit, as a trial whose worker died is."""
+    callback = getattr(storage_of(study), "get_heartbeat_stale_trial_callback", lambda: None)()
+    (callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)).retry(study, trial, what)
+
+
 def requeue_fresh(study: optuna.Study, trial: FrozenTrial) -> int:
     """Queue a failed trial again with its parameters, from the start, for `hpo retry` after the
     cause was fixed. Returns the new trial's number."""
