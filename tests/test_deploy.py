@@ -142,11 +142,20 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def test_the_kubernetes_job_validates_against_kubernetes_own_schemas() -> None:
+@pytest.mark.parametrize("manifest", ["hpo-worker-job.yaml", "hpo-ddp-worker-job.yaml"])
+def test_the_kubernetes_job_validates_against_kubernetes_own_schemas(manifest: str) -> None:
     """Strict (no property Kubernetes does not know), offline, for a current Kubernetes."""
     done = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.31.0",
-                           str(ROOT / "deploy" / "k8s" / "hpo-worker-job.yaml")], capture_output=True, text=True)
+                           str(ROOT / "deploy" / "k8s" / manifest)], capture_output=True, text=True)
     assert done.returncode == 0 and "passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_several_gpus_per_trial_job_gives_each_pod_as_many_gpus_as_processes_per_trial() -> None:
+    job = yaml.safe_load((ROOT / "deploy" / "k8s" / "hpo-ddp-worker-job.yaml").read_text())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    parses_as_hpo_command(container["command"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["HPO_PROCS_PER_TRIAL"]) == container["resources"]["limits"]["nvidia.com/gpu"] == 2
 
 
 def test_docker_compose_validates_against_the_compose_specification() -> None:
@@ -160,8 +169,9 @@ def test_every_hpo_variable_the_cluster_files_set_is_one_hpo_reads() -> None:
     names = set()
     for service in compose()["services"].values():
         names |= set(service.get("environment") or {})
-    job = yaml.safe_load((ROOT / "deploy" / "k8s" / "hpo-worker-job.yaml").read_text())
-    names |= {e["name"] for c in job["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    for manifest in (ROOT / "deploy" / "k8s").glob("*.yaml"):
+        job = yaml.safe_load(manifest.read_text())
+        names |= {e["name"] for c in job["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
     names |= set(re.findall(r"\b(HPO_\w+)=", (ROOT / "deploy" / "slurm" / "hpo-worker.sbatch").read_text()))
     source = "\n".join(p.read_text() for p in (ROOT / "hpo").rglob("*.py"))
     read = {n for n in names if n.startswith("HPO_") and f'"{n}"' in source}

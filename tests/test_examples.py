@@ -19,7 +19,7 @@ README = (ROOT / "examples" / "README.md").read_text()
 @pytest.mark.parametrize("example", [
     # ~20 s and ~11 s (Lightning's import): in the slow suite, which CI runs too
     pytest.param("fashion_cnn", marks=pytest.mark.slow), "model_factory",
-    pytest.param("lightning_digits", marks=pytest.mark.slow)])
+    pytest.param("lightning_digits", marks=pytest.mark.slow), pytest.param("ddp_digits", marks=pytest.mark.slow)])
 def test_example_runs_as_its_readme_shows(example: str, tmp_path: Path) -> None:
     spec = ROOT / "examples" / example / "study.yaml"
     if example == "fashion_cnn" and not Path("/usr/share/datasets/fashion-mnist").is_dir():

@@ -66,9 +66,9 @@ def fuse_option(f: F) -> F:
 
 def procs_option(f: F) -> F:
     return click.option(
-        "--procs-per-trial", type=click.IntRange(min=1), default=None, metavar="N",
+        "--procs-per-trial", type=click.IntRange(min=1), default=None, metavar="N", envvar="HPO_PROCS_PER_TRIAL",
         help="Run each trial on N processes with torch.distributed (overrides execution.processes_per_trial; "
-             "with --gpus, N GPUs per trial).",
+             "env HPO_PROCS_PER_TRIAL; with --gpus, N GPUs per trial).",
     )(f)
 
 

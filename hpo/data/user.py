@@ -40,12 +40,20 @@ class Stream:
         return len(self.dataset)
 
     def batches(self, batch_size: int, device: torch.device, shuffle: bool = False,
-                generator: torch.Generator | None = None, drop_last: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                shard: tuple[int, int, int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`shard`: (rank, world size, seed, epoch) of a trial of several processes: this rank's
+        part of the epoch, through a DistributedSampler."""
+        from torch.utils.data import DataLoader, DistributedSampler
 
+        sampler: DistributedSampler[Any] | None = None
+        if shard is not None:
+            rank, world, seed, epoch = shard
+            sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+            sampler.set_epoch(epoch)
+            shuffle = False
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                            num_workers=self.workers, pin_memory=self.pin, drop_last=drop_last,
+                            sampler=sampler, num_workers=self.workers, pin_memory=self.pin, drop_last=drop_last,
                             persistent_workers=False)
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

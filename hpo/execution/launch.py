@@ -152,7 +152,7 @@ def run_here(
     if data is not None and data.streamed is not None:
         s = data.streamed.train
         streamed = f", data streamed through a DataLoader ({getattr(s, 'workers', 0)} workers)"
-    where = f"{device}, {share.apply().describe()}"
+    where = f"{device}, {share.apply().describe()}{_per_trial(spec)}"
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {where}{fused}"
                  f"{streamed}, storage {mask(storage_url)}")
     start, since = time.monotonic(), time.time()
@@ -196,7 +196,7 @@ def run_in_processes(
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
                         objectives=tuple(o.name for o in spec.goals))
     where = (f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids
-             else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each")
+             else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each") + _per_trial(spec)
     progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
                  f"{n_workers} workers ({where}), storage {mask(storage_url)}")
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
@@ -261,6 +261,11 @@ class _Watch:
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
                 self.progress.trial_finished(self.study, t)
+
+
+def _per_trial(spec: StudySpec) -> str:
+    n = spec.execution.processes_per_trial
+    return f", {n} processes per trial" if n > 1 else ""
 
 
 def _say_end(progress: Progress, study: Any, timeout: float | None) -> None:

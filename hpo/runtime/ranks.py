@@ -39,6 +39,7 @@ import optuna
 import torch
 
 from hpo.data import seeding
+from hpo.runtime import stopping
 from hpo.runtime.endings import End, Ending, RemoteError, Stop, error_record, is_oom
 from hpo.runtime.output import keep_rank_output
 from hpo.runtime.trial import Trial, TrialPruned, trial_seed
@@ -130,7 +131,7 @@ class RankGroup:
         threads = max(1, self.threads // self.world_size)  # a CPU's share is split between the ranks
         torch.set_num_threads(threads)
         setups = [self.setup(rank, store.port, threads) for rank in range(1, self.world_size)]
-        ctx = _context([setups[0].resolve.__module__])
+        ctx = _context([setups[0].resolve.__module__, *_user_module(setups[0].spec)])
         for given in setups:
             mine, theirs = ctx.Pipe()
             p = ctx.Process(target=rank_main, args=(given, theirs), daemon=True, name=f"hpo-rank-{given.rank}")
@@ -139,6 +140,7 @@ class RankGroup:
             theirs.close()
             self.procs.append(p)
             self.conns.append(mine)
+        stopping.defer(True)
         self._await_ready()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -169,9 +171,12 @@ class RankGroup:
         if self.closed:
             return self.failure
         self.closed = True
+        stopping.defer(False)
         if not self.ended:
             self._send(("done", "") if completed else ("stop", "rank 0 ended the trial"))
-        deadline = time.monotonic() + (END_WAIT if self.failure is None else 2.0)
+        # Ranks that return from train get their time; after a stop or a failure they may be waiting in
+        # a collective rank 0 left, and are killed after a moment.
+        deadline = time.monotonic() + (END_WAIT if completed and self.failure is None else 2.0)
         while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
             self._poll(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
         for p in self.procs:
@@ -427,6 +432,13 @@ def _main_module(needed: bool) -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+def _user_module(spec: StudySpec) -> list[str]:
+    """The module of the user's training function, imported once by the fork server rather than
+    in every rank of every trial (a file path's module has no importable name: imported there)."""
+    where = spec.train.split(":")[0] if spec.train else ""
+    return [where] if where and not where.endswith(".py") else []
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -442,7 +454,7 @@ def _context(preload: list[str]) -> Any:
     interpreter would import them again for every trial: seconds); that server exits with the
     worker, and its children with it."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "hpo.runtime.ranks", *preload])
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "hpo.runtime.ranks", *preload])
     return ctx
 
 

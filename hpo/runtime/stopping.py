@@ -23,6 +23,7 @@ STOP_ATTR = "hpo:stop"  # study system attr: how many times `hpo stop` was asked
 _reason: str | None = None
 _watchdog: threading.Timer | None = None
 _armed = False  # this process runs trials: a stop it does not obey in time kills it
+_deferred = False  # a signal is only remembered, raised at the next report(): see defer()
 
 
 def grace() -> float:
@@ -74,6 +75,14 @@ def raise_if_requested() -> None:
         raise KeyboardInterrupt
 
 
+def defer(on: bool) -> None:
+    """While a trial of several processes runs, Ctrl-C and SIGTERM are obeyed at rank 0's next
+    report() (raised there and on every rank), not wherever rank 0's code is: raised in the middle
+    of a collective, it would leave the other ranks waiting in it. grace() still bounds the wait."""
+    global _deferred
+    _deferred = on
+
+
 def reset() -> None:
     """The stop was obeyed (the run ended in this process, as a notebook's does): forget it."""
     global _reason, _watchdog, _armed
@@ -92,7 +101,7 @@ def handling() -> Iterator[None]:
     kernel, a test runner)."""
 
     def handler(signum: int, frame: Any) -> None:
-        if request(f"{signal.Signals(signum).name}"):
+        if request(f"{signal.Signals(signum).name}") and not _deferred:
             raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():

@@ -360,12 +360,16 @@ class Trial:
 
     def check(self, epoch: int | None = None) -> None:
         """Stop here if the trial's or the study's time is up (hpo's own loop calls it every batch;
-        call it inside long epochs to be stopped sooner than at the next report)."""
-        self._guarded(lambda: self._record.check(epoch))
+        call it inside long epochs to be stopped sooner than at the next report). In a trial of
+        several processes stops and time limits are decided at report(), on every rank at once."""
+        if self._link is not None:
+            self._link.raise_if_failed()
+            return
+        self._record.check(epoch)
 
     def _guarded(self, call: Callable[[], None]) -> None:
-        """A call that may end the trial on rank 0: the other ranks hear of it (at their next
-        report() or check())."""
+        """A call that may end the trial on rank 0 (save_checkpoint: a time limit): the other ranks
+        hear of it at their own save_checkpoint() or next report()."""
         if self._link is None:
             call()
             return

@@ -35,7 +35,8 @@ class BuiltinTraining:
         for k, data in enumerate(self.data.folds(params.scaling)):  # one fold unless cv_folds
             seed_all(fold_seed(trial.seed, k))  # a model factory may draw from random or NumPy too
             model = build_model(self.spec.model, trial.params, data.input_shape, data.n_outputs)
-            t = Trainer(model, params, data, trial.epochs, trial.device, fold_seed(trial.seed, k))
+            t = Trainer(model, params, data, trial.epochs, trial.device, fold_seed(trial.seed, k),
+                        shard=(trial.rank, trial.world_size))
             t.check = trial.check  # the trial's and the study's time limits, every batch
             trainers.append(t)
         torch.manual_seed(trial.seed)

@@ -49,10 +49,10 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     if task == "regression":
-        return F.mse_loss(out.squeeze(-1).float(), y)
-    return F.cross_entropy(out.float(), y)
+        return F.mse_loss(out.squeeze(-1).float(), y, reduction=reduction)
+    return F.cross_entropy(out.float(), y, reduction=reduction)
 
 
 @torch.inference_mode()
@@ -129,11 +129,20 @@ class Trainer:
         device: torch.device,
         seed: int,
         compile_model: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.model = model.to(device)
         # torch.compile fuses the small ops of a step into fewer kernels (GPU); the compiled
         # wrapper shares parameters and state_dict keys' values with the original module.
-        self.step_model = torch.compile(self.model) if compile_model else self.model
+        self.step_model: Any = torch.compile(self.model) if compile_model else self.model
+        # (rank, world size) of a trial of several processes: each rank trains on its share of every
+        # batch (batch_size stays the global batch) and DDP averages the gradients.
+        self.shard = shard if shard is not None and shard[1] > 1 else None
+        self.world = shard[1] if self.shard is not None and shard is not None else 1
+        if self.shard is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
         self.params = params
         self.data = data
         self.epochs = epochs
@@ -145,6 +154,7 @@ class Trainer:
         self.starts = [s for s in range(0, n, self.batch_size) if n - s >= 2 or s == 0]
         self.opt = make_optimizer(self.model.parameters(), params, device)
         self.schedule = Schedule(params, self.opt, epochs, len(self.starts))
+        self.seed = seed
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed)
         # A streamed train split is shuffled by its DataLoader, which draws on a CPU generator.
@@ -163,33 +173,58 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         seen = 0
         check = self.check
-        for xb, yb in self._batches():
+        for xb, yb, n in self._batches():
             if check is not None:
                 check(self.epoch)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = _loss(self.task, self.step_model(xb), yb)
+                out = self.step_model(xb)
+                if n is None:
+                    loss = _loss(self.task, out, yb)
+                else:  # this rank's share of a global batch of n: DDP's mean over ranks is the batch's mean
+                    summed = _loss(self.task, out, yb, reduction="sum")
+                    loss = summed * (self.world / n)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             self.opt.step()
             self.schedule.after_batch()
-            total.add_(loss.detach(), alpha=yb.shape[0])  # one kernel, no host sync
+            if n is None:
+                total.add_(loss.detach(), alpha=yb.shape[0])  # one kernel, no host sync
+            else:
+                total.add_(summed.detach())
             seen += yb.shape[0]
+        if self.shard is not None:  # the epoch's loss over every rank's samples
+            import torch.distributed as dist
+
+            both = torch.stack([total, torch.tensor(float(seen), device=self.device)])
+            dist.all_reduce(both)
+            return float(both[0]) / max(1.0, float(both[1]))
         return float(total) / max(1, seen)  # the epoch's only host sync
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Index slices of the resident train split in a fresh order, or a streamed split's batches."""
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int | None]]:
+        """Index slices of the resident train split in a fresh order, or a streamed split's batches;
+        with a shard, this rank's part of each (and the global batch's size, for the loss)."""
         train = self.data.train
         if isinstance(train, Stream):
             one_left = len(train) % self.batch_size == 1 and len(train) > 1  # as `starts` skips it
+            if self.shard is not None:  # a DistributedSampler: each rank a batch_size / world share
+                rank, world = self.shard
+                for xb, yb in train.batches(max(1, self.batch_size // world), self.device, shuffle=True,
+                                            shard=(rank, world, self.seed, self.epoch)):
+                    yield _as_input(xb), _as_target(yb, self.task), None
+                return
             for xb, yb in train.batches(self.batch_size, self.device, shuffle=True, generator=self.loader_gen,
                                         drop_last=one_left):
-                yield _as_input(xb), _as_target(yb, self.task)
+                yield _as_input(xb), _as_target(yb, self.task), None
             return
         x, y = train.x, train.y
-        perm = torch.randperm(x.shape[0], device=self.device, generator=self.gen)
+        perm = torch.randperm(x.shape[0], device=self.device, generator=self.gen)  # the same on every rank
         for start in self.starts:
             idx = perm[start : start + self.batch_size]
-            yield x.index_select(0, idx), y.index_select(0, idx)
+            if self.shard is None:
+                yield x.index_select(0, idx), y.index_select(0, idx), None
+            else:
+                mine = idx[self.shard[0] :: self.shard[1]]
+                yield x.index_select(0, mine), y.index_select(0, mine), idx.shape[0]
 
     def evaluate(self, split: Split | Stream) -> dict[str, float]:
         eval_mode(self.opt)
