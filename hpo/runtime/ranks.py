@@ -131,6 +131,9 @@ class RankGroup:
         threads = max(1, self.threads // self.world_size)  # a CPU's share is split between the ranks
         torch.set_num_threads(threads)
         setups = [self.setup(rank, store.port, threads) for rank in range(1, self.world_size)]
+        if getattr(setups[0].given, "__module__", None) == "__main__" and not _main_file():
+            raise UserCodeError("train: a function defined in a notebook (or a script read from stdin) cannot run "
+                                "on several processes per trial; put it in a module and name it in the study")
         ctx = _context([setups[0].resolve.__module__, *_user_module(setups[0].spec)])
         for given in setups:
             mine, theirs = ctx.Pipe()
@@ -437,6 +440,12 @@ def _user_module(spec: StudySpec) -> list[str]:
     in every rank of every trial (a file path's module has no importable name: imported there)."""
     where = spec.train.split(":")[0] if spec.train else ""
     return [where] if where and not where.endswith(".py") else []
+
+
+def _main_file() -> bool:
+    """Whether `__main__` is a file the other ranks can import again (not a notebook or stdin)."""
+    path = getattr(sys.modules["__main__"], "__file__", None)
+    return bool(path) and os.path.isfile(str(path)) and "ipykernel" not in str(path)
 
 
 def _alive(pid: int) -> bool:
