@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
     ("pareto_pruning.py", ["--seeds", "0", "--spec", str(ROOT / "benchmarks" / "specs" / "pareto_smoke.yaml")],
      "of epochs saved"),
     ("python_api.py", ["--repeats", "1", "--spec", SMOKE], "hpo.run / hpo run"),
+    ("ddp_trial.py", ["--n-train", "1000", "--epochs", "1", "--repeats", "1"], "2 processes / 1 process"),
 ])
 def test_benchmark_script_runs(script: str, args: list[str], expect: str | tuple[str, ...]) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
