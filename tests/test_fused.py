@@ -294,6 +294,7 @@ def _long_trials(name: str, n_trials: int) -> dict:
     )
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_ctrl_c_requeues_every_member_and_they_resume_fused(write_spec, tmp_path) -> None:
     import signal
     import subprocess

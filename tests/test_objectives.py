@@ -94,6 +94,7 @@ def test_enqueued_configurations_run_first_and_once(pareto, write_spec, runner, 
     assert sum(1 for t in again if "fixed_params" in t.system_attrs) == len(ENQUEUED)
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_two_workers_on_postgresql_queue_each_configuration_once(pg_url, write_spec, tmp_path) -> None:
     spec = write_spec(small_spec(name="warm", enqueue=ENQUEUED, budget={"n_trials": 6, "epochs": 3}))
     cmd = [sys.executable, "-m", "hpo", "run", str(spec), "--storage", pg_url, "--workers", "1"]

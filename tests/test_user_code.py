@@ -331,6 +331,7 @@ def test_trial_timeout_and_study_timeout_stop_user_code_at_its_next_report(user_
     assert sorted(retry.intermediate_values) == list(range(len(retry.intermediate_values)))  # no gap
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_ctrl_c_requeues_a_user_trial_and_the_rerun_resumes_it(user_pkg, write_spec, tmp_path, storage_url) -> None:
     spec = user_spec(budget={"n_trials": 1, "epochs": 6}, pruner={"name": "none"})
     spec.pop("test")
@@ -353,6 +354,7 @@ def test_ctrl_c_requeues_a_user_trial_and_the_rerun_resumes_it(user_pkg, write_s
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_kill_9_on_postgresql_retries_from_the_checkpoint(user_pkg, write_spec, tmp_path, pg_url) -> None:
     spec = user_spec(budget={"n_trials": 1, "epochs": 8}, pruner={"name": "none"})
     spec.pop("test")

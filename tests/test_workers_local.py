@@ -39,6 +39,7 @@ def owners(study: optuna.Study) -> set[str]:
     return {t.system_attrs["hpo:owner"] for t in study.trials if "hpo:owner" in t.system_attrs}
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_two_workers_share_one_sqlite_file_and_stop_at_the_budget(write_spec, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     spec = write_spec(BUSY)
@@ -67,6 +68,7 @@ def test_two_workers_share_one_sqlite_file_and_stop_at_the_budget(write_spec, tm
     assert len(set(proposals)) == len(proposals)
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_a_second_run_on_the_same_file_is_refused_while_the_workers_are_its_own(write_spec, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     spec = write_spec(dict(LONG, budget={"n_trials": 40, "epochs": 8}))  # far longer than a refusal takes
@@ -144,6 +146,7 @@ def test_kill_9_of_the_whole_run_resumes_every_trial_in_flight_at_once(write_spe
         assert sorted(retry.intermediate_values) == list(range(8))
 
 
+@pytest.mark.slow  # over ~13 s on 2 cores
 def test_one_worker_repeats_the_same_trials(write_spec, tmp_path) -> None:
     """One worker is exactly reproducible: same seed, same trials, same values, same best."""
     spec = write_spec(dict(BUSY, sampler={"name": "tpe", "n_startup_trials": 3}, budget={"n_trials": 6, "epochs": 2}))
