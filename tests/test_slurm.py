@@ -165,19 +165,6 @@ def test_the_shipped_job_file_runs_an_array_of_workers_to_the_studys_budget(stud
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no configuration twice
 
 
-def test_the_shipped_job_file_runs_trials_of_two_processes_when_told_to(study_env, pg_url, tmp_path) -> None:
-    """The several-processes-per-trial variant the job file's header gives
-    (--export=ALL,HPO_PROCS_PER_TRIAL=2), on CPUs: each task's two CPUs are split between a
-    trial's two processes (gloo)."""
-    code, logs = sbatch(study_env | {"HPO_PROCS_PER_TRIAL": "2"}, tmp_path, "--cpus-per-task=2")
-    assert code == 0 and len(logs) == 2, logs
-    assert not any("Traceback" in log or "Error" in log for log in logs), logs
-    assert all("2 processes per trial" in log for log in logs), logs
-    trials = optuna.load_study(study_name="onslurm", storage=pg_url).trials
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
-    assert all(t.user_attrs["processes"] == 2 and t.user_attrs["threads"] == 1 for t in trials)
-
-
 def test_a_job_past_its_time_limit_queues_its_trials_and_a_resubmission_finishes_them(study_env, pg_url,
                                                                                        tmp_path) -> None:
     """A one-minute limit with Slurm's warning signal 50 s before it: each task's trial in flight
@@ -199,3 +186,16 @@ def test_a_job_past_its_time_limit_queues_its_trials_and_a_resubmission_finishes
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     resumed = [t for t in trials if "failed_trial" in t.system_attrs and t.user_attrs.get("resumed_from_epoch")]
     assert resumed, "no trial resumed from its checkpoint"
+
+
+def test_the_shipped_job_file_runs_trials_of_two_processes_when_told_to(study_env, pg_url, tmp_path) -> None:
+    """The several-processes-per-trial variant the job file's header gives
+    (--export=ALL,HPO_PROCS_PER_TRIAL=2), on CPUs: each task's two CPUs are split between a
+    trial's two processes (gloo)."""
+    code, logs = sbatch(study_env | {"HPO_PROCS_PER_TRIAL": "2"}, tmp_path, "--cpus-per-task=2")
+    assert code == 0 and len(logs) == 2, logs
+    assert not any("Traceback" in log or "Error" in log for log in logs), logs
+    assert all("2 processes per trial" in log for log in logs), logs
+    trials = optuna.load_study(study_name="onslurm", storage=pg_url).trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 6
+    assert all(t.user_attrs["processes"] == 2 and t.user_attrs["threads"] == 1 for t in trials)
