@@ -82,7 +82,7 @@ class RankSetup:
     checkpoint: bytes  # torch.save of (state, random streams): tensors travel as one blob
     log: str  # the trial's log file, shared by its ranks
     prefix: str  # what starts each line this rank prints
-    parent: int  # rank 0's pid: a rank whose parent is gone exits
+    parent: int  # rank 0's pid: a rank exits the moment rank 0 is gone
     environment: dict[str, str]  # rank 0's (the server the ranks are forked from keeps the one it started with)
 
 
@@ -275,7 +275,7 @@ class RankGroup:
         what = f"rank {rank} of {self.world_size} (pid {p.pid}) {how} in epoch {self.epoch()}"
         if code < 0:
             return RankFailure(Ending(End.RANK_LOST, f"{what}; the trial is retried from its last checkpoint"))
-        return RankFailure(Ending(End.ERROR, what), user_code=False)
+        return RankFailure(Ending(End.ERROR, what))
 
 
 def _requeued(error: BaseException) -> bool:

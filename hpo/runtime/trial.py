@@ -333,16 +333,7 @@ class Trial:
 
         In a trial of several processes call it on every rank at the same epochs: rank 0's values
         are recorded, and its decision (go on, pruned, stopped) is raised on every rank there."""
-        if self._link is None:
-            self._record.report(epoch, metrics)
-            return
-        self._link.raise_if_failed()
-        try:
-            self._record.report(epoch, metrics)
-        except BaseException as e:
-            self._link.decided(e)
-            raise
-        self._link.decided(None)
+        self._guarded(lambda: self._record.report(epoch, metrics), at_report=True)
 
     def save_checkpoint(self, state: Any) -> None:
         """Keep `state` (tensors, numbers, text, and lists/dicts of them: e.g. state_dict()s) so a
@@ -367,9 +358,10 @@ class Trial:
             return
         self._record.check(epoch)
 
-    def _guarded(self, call: Callable[[], None]) -> None:
-        """A call that may end the trial on rank 0 (save_checkpoint: a time limit): the other ranks
-        hear of it at their own save_checkpoint() or next report()."""
+    def _guarded(self, call: Callable[[], None], at_report: bool = False) -> None:
+        """A call that may end the trial on rank 0: the other ranks hear of its decision, at their
+        report() of the same epoch (`at_report`: going on is a decision too), or of a time limit
+        at save_checkpoint() at their own save_checkpoint() or next report()."""
         if self._link is None:
             call()
             return
@@ -377,8 +369,9 @@ class Trial:
         try:
             call()
         except BaseException as e:
-            self._link.decided(e, at_report=False)
+            self._link.decided(e, at_report)
             raise
+        self._link.decided(None, at_report)
 
     def measure(self, model: torch.nn.Module, example: Any = None) -> None:
         """Record the model's parameter count and, when the study has a latency_ms objective or

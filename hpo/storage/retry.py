@@ -185,14 +185,12 @@ def reclaim_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None)
     `exits` says how processes this one started ended, by pid ("exited with status 0"), for the
     reason. Returns the trials' numbers."""
     storage = storage_of(study)
-    callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    retrier = stale_retrier(storage)
     taken = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         recorded = t.system_attrs.get(OWNER_ATTR)
         if not isinstance(recorded, str) or not is_gone(recorded):
             continue
-        # The storage's own retry (its cap), or one without a cap where the storage has none (a journal).
-        retrier = callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
         pid = recorded.split(":")[-2]
         what = f"its process (pid {pid}) {(exits or {}).get(int(pid), 'ended')} during the trial"
         try:
@@ -209,8 +207,14 @@ def reclaim_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None)
 def retry_lost(study: optuna.Study, trial: FrozenTrial, what: str) -> None:
     """Retry a trial (already failed) that lost one of its processes, within the storage's retry
     limit, as a trial whose worker died is."""
-    callback = getattr(storage_of(study), "get_heartbeat_stale_trial_callback", lambda: None)()
-    (callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)).retry(study, trial, what)
+    stale_retrier(storage_of(study)).retry(study, trial, what)
+
+
+def stale_retrier(storage: BaseStorage) -> RetryStaleTrial:
+    """The storage's own retry of a trial whose process died (its cap), or one without a cap where
+    the storage has none (a journal)."""
+    callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    return callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
 
 
 def requeue_fresh(study: optuna.Study, trial: FrozenTrial) -> int:
