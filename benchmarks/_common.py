@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine facts, timing and RESULTS.md."""
+"""Shared helpers for the benchmark scripts: machine facts, timing, and the record of each run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+RESULTS_DIR = HERE / "results"
+HISTORY = RESULTS_DIR / "history.md"  # every run's table, as printed
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 
@@ -60,7 +61,8 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def record(title: str, body: str, notes: str = "", save: bool = True) -> None:
-    """Print the result and append it, with date, machine and command, to RESULTS.md."""
+    """Print the result and append it, with date, machine and command, to results/history.md
+    (RESULTS.md is generated from results/*.jsonl by summary.py)."""
     text = (
         f"\n## {title}\n\n"
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
@@ -71,8 +73,22 @@ def record(title: str, body: str, notes: str = "", save: bool = True) -> None:
         text += f"\n{notes}\n"
     print(text)
     if save:
-        with RESULTS.open("a") as f:
+        with HISTORY.open("a") as f:
             f.write(text)
+
+
+def save_results(name: str, figures: dict[str, Any]) -> Path:
+    """Append one run's figures, with date, machine and command, to results/NAME.jsonl: the
+    machine-readable record `summary.py` builds RESULTS.md's table from."""
+    import json
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.jsonl"
+    line = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "command": command(), **figures}
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
 
 
 def warm_up() -> None:

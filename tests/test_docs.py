@@ -31,3 +31,31 @@ def test_every_study_the_readme_runs_exists() -> None:
     assert names
     for name in names:
         assert (ROOT / name).is_file(), name
+
+
+def test_results_page_and_readme_figures_are_generated_from_the_recorded_results(tmp_path: Path) -> None:
+    """RESULTS.md and the README's table of figures are what benchmarks/summary.py makes of the
+    JSON lines under benchmarks/results/: neither is edited by hand, and a new result changes both."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    summary = ROOT / "benchmarks" / "summary.py"
+    check = subprocess.run([sys.executable, str(summary), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # In a copy: a newer line for a target replaces the older figure on both pages.
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "benchmarks", copy / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", copy / "README.md")
+    line = {"date": "2999-01-01 00:00 UTC", "machine": "Test CPU, 2 cores, no GPU; torch x", "command": "python x.py",
+            "targets": {"startup.read": {"measured": "studies 0.01 s", "met": True}}}
+    with (copy / "benchmarks" / "results" / "startup.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    stale = subprocess.run([sys.executable, str(copy / "benchmarks" / "summary.py"), "--check"], capture_output=True,
+                           text=True)
+    assert stale.returncode == 1 and "RESULTS.md" in stale.stderr and "README.md" in stale.stderr
+    subprocess.run([sys.executable, str(copy / "benchmarks" / "summary.py")], check=True)
+    for page in (copy / "benchmarks" / "RESULTS.md", copy / "README.md"):
+        row = next(r for r in page.read_text().splitlines() if "`hpo studies`, `best`" in r)
+        assert "studies 0.01 s" in row and "2999-01-01" in row and "`python x.py`" in row
