@@ -36,9 +36,9 @@ class Heartbeat:
     max_retry: int = 3
 
 
-def _check_holds_studies(url: str, path: Path | None) -> None:
+def _check_holds_studies(url: str, path: Path | None) -> bool:
     """Read-only commands open only a storage that hpo (or Optuna) made: opening an empty database
-    with Optuna would create its schema there."""
+    with Optuna would create its schema there. True when Optuna's tables were seen."""
     empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or name another storage")
     if path is not None:
         import sqlite3
@@ -52,10 +52,10 @@ def _check_holds_studies(url: str, path: Path | None) -> None:
             raise StorageError(f"cannot open storage {mask(url)}: {e}") from None
         if not found:
             raise empty
-        return
+        return True
     scheme = url.split(":", 1)[0].lower()
     if not scheme.startswith(("postgresql", "mysql", "mariadb")):
-        return
+        return False
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.pool import NullPool
 
@@ -66,9 +66,10 @@ def _check_holds_studies(url: str, path: Path | None) -> None:
         finally:
             engine.dispose()
     except Exception:
-        return  # unreachable or misconfigured: opening the storage says why, in one line
+        return False  # unreachable or misconfigured: opening the storage says why, in one line
     if not found:
         raise empty
+    return True
 
 
 def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
@@ -136,7 +137,8 @@ def _open_grpc(url: str) -> BaseStorage:
 def open_storage(
     url: str, *, create: bool = True, heartbeat: Heartbeat | None = Heartbeat(), checked: bool = False
 ) -> BaseStorage:
-    """Open the storage; `create=False` refuses to create a new SQLite file (read-only commands).
+    """Open the storage; `create=False` (read-only commands) refuses a database without Optuna's
+    tables and creates none.
     `checked`: this process's parent has just opened it (tables made, schema version checked), so
     a worker it starts skips both (about half a second each)."""
     if url.startswith(("redis://", "rediss://")):
@@ -146,8 +148,7 @@ def open_storage(
     path = sqlite_path(url)
     if path is not None:
         _check_sqlite_file(path, url, create)
-    if not create:
-        _check_holds_studies(url, path)
+    has_tables = not create and _check_holds_studies(url, path)
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
         engine_kwargs: dict[str, object] = {"connect_args": {"timeout": 60}}
@@ -170,8 +171,10 @@ def open_storage(
                     "heartbeat_stale_trial_callback": RetryStaleTrial(heartbeat.max_retry),
                 }
             with creation_lock(url) if create else contextlib.nullcontext():
+                # A read-only command found Optuna's tables there (above): it creates none, which
+                # also keeps it from writing to a database of an older schema before the check.
                 storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=checked,
-                                              skip_table_creation=checked, **hb)
+                                              skip_table_creation=checked or has_tables, **hb)
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or e.name or "a database driver"
         extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(scheme.split("+")[0])
