@@ -388,6 +388,7 @@ def test_a_model_factory_study_trains_the_users_module_in_hpos_loop(user_pkg, wr
         "model": "userpkg.digits:build",
         "data": {"dataset": "digits"},
         "space": {"hidden": [16, 32], "lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+        "pruner": {"name": "none"},  # every trial trains to the end
         "budget": {"n_trials": 3, "epochs": 3},
     }
     result = invoke(runner, "run", write_spec(spec), "--storage", storage_url)

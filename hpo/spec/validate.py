@@ -18,6 +18,7 @@ from hpo.errors import SettingError, SpecError
 from hpo.spec import params as P
 from hpo.spec.schema import (
     DATASETS,
+    DEFAULT_PRUNER,
     MEASURED,
     METRICS,
     MODELS,
@@ -139,7 +140,7 @@ class Validator:
         space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
-        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": "median"}), "pruner", PRUNERS))
+        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": DEFAULT_PRUNER}), "pruner", PRUNERS))
         execution = self.execution(top.get("execution", {}))
         known = [*([o.name for o in objectives] or [metric]), *MEASURED]
         if train is None:
