@@ -69,7 +69,7 @@ NAMES = ("py", "np", "torch", "index0", "noise0", "index2", "noise2")
 def _spec(tmp_path: Path) -> Path:
     spec = {"name": "draws", "train": "drawpkg.code:train", "metric": "score", "direction": "maximize",
             "seed": 7, "space": {"scale": {"type": "float", "low": 0.5, "high": 2.0}},
-            "budget": {"n_trials": 3, "epochs": 4}}
+            "pruner": {"name": "none"}, "budget": {"n_trials": 3, "epochs": 4}}  # every trial runs its 4 epochs
     path = tmp_path / "draws.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
