@@ -42,6 +42,8 @@ TARGETS = (
            "<= 0.5x the script's wall, best no worse", True),
     Target("whole.digits.60x30", "whole study at an equal trial budget (digits, 60 x 30)",
            "<= 0.5x the script's wall, best no worse", True),
+    Target("whole.fashion.30x15", "whole study at an equal trial budget (Fashion-MNIST MLP, 30 x 15)",
+           "<= 0.5x the script's wall, best no worse", True),
     Target("pruning.digits", "epochs the default pruner saves against none (digits)", ">= 70%, best within 0.5 points", True),
     Target("pruning.fashion", "epochs the default pruner saves against none (Fashion-MNIST MLP)",
            ">= 70%, best within 0.5 points", True),

@@ -161,7 +161,8 @@ def targets(problem: str, trials: int, epochs: int, figures: dict[str, dict[str,
         f = figures[arm]
         reach, n = f["time_to_script_best"], len(f["time_to_script_best"])
         ok = median(reach) <= 0.2 and f["best_gap_points"] >= -f["best_gap_se"]
-        return {"measured": f"{median(reach):.2f}x median ({', '.join(f'{x:.2f}' for x in reach)}; reached on "
+        mid = "never (median)" if median(reach) == float("inf") else f"{median(reach):.2f}x median"
+        return {"measured": f"{mid} ({', '.join(f'{x:.2f}' for x in reach)}; reached on "
                             f"{sum(x != float('inf') for x in reach)} of {n} seeds), best {f['best_gap_points']:+.2f} "
                             f"points (s.e. {f['best_gap_se']:.2f}), whole study {median(f['whole_study']):.2f}x",
                 "met": ok if goal else None}
