@@ -247,7 +247,9 @@ def test_the_study_timeout_stops_every_rank_at_one_epoch_and_the_trial_resumes(d
                                                                               monkeypatch) -> None:
     monkeypatch.setenv("SLOW", str(tmp_path / "epoch"))
     path = write_spec(ranks_spec(budget={"n_trials": 1, "epochs": 100000}))
-    result = invoke(runner, "run", path, "--storage", storage_url, "--workers", "1", "--timeout", "3",
+    # The timeout leaves the second rank time to start (its fork server's first start took over 3 s
+    # on a slow machine, and a rank stopped before its train() records nothing).
+    result = invoke(runner, "run", path, "--storage", storage_url, "--workers", "1", "--timeout", "8",
                     "--checkpoint-interval", "0")
     assert result.exit_code == 0, result.output
     assert "queued and resumes from epoch" in result.output
