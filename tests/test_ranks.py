@@ -68,6 +68,7 @@ def train(trial: hpo.Trial):
             trial.report(epoch, val_score=p["quality"] + 0.01 * epoch)
             _log(trial, event="epoch", epoch=epoch)
             trial.save_checkpoint({"model": model.state_dict(), "epochs_done": epoch + 1})
+            _log(trial, event="saved", epoch=epoch)
     except hpo.TrialPruned:
         _log(trial, event="pruned", epoch=epoch)
         raise
@@ -224,6 +225,9 @@ def test_kill_9_of_rank_0_ends_the_other_ranks_and_the_next_run_resumes_the_tria
                             start_new_session=True)
     # Rank 1 hangs in epoch 2 (rank 0 waits for it in the next all-reduce): kill -9 rank 0 alone.
     wait_for(lambda: (tmp_path / "marker").exists() or proc.poll() is not None, "rank 1 in epoch 2")
+    # ... and rank 0 has saved epoch 2's checkpoint (it is killed waiting in epoch 3's all-reduce).
+    wait_for(lambda: any(e["rank"] == 0 and e["event"] == "saved" and e["epoch"] == 2 for e in events(ddppkg))
+             or proc.poll() is not None, "rank 0 to checkpoint epoch 2")
     assert proc.poll() is None
     seen = events(ddppkg)
     rank0 = next(e["pid"] for e in seen if e["rank"] == 0)

@@ -142,7 +142,9 @@ class TrialRecord:
                  if o.name in self.measured and o.name != spec.metric}
         return comparable(known) if spec.multi_objective and known else None
 
-    def save_checkpoint(self, state: Any) -> None:
+    def save_checkpoint(self, state: Any, deadlines: bool = True) -> None:
+        """`deadlines=False` (a trial of several processes): time limits are decided at report(),
+        where every rank hears the decision before its next collective."""
         self.training("save_checkpoint")
         stopping.raise_if_requested()
         done = self.epoch_in_flight()
@@ -158,7 +160,7 @@ class TrialRecord:
             self.last_checkpoint = time.monotonic()
             self.ctx.policy.cost = self.last_checkpoint - t0
             self.checkpointed_epoch = done
-        if done < self.epochs:
+        if done < self.epochs and deadlines:
             self.deadlines.check(done)
 
     def check(self, epoch: int | None) -> None:
@@ -342,7 +344,7 @@ class Trial:
         trial's final state, kept for the test function when the trial may be the best. `state`
         may also be a function returning it, called only when it is written. In a trial of several
         processes, rank 0's is kept (the other ranks' calls do nothing)."""
-        self._guarded(lambda: self._record.save_checkpoint(state))
+        self._guarded(lambda: self._record.save_checkpoint(state, deadlines=self._link is None))
 
     def load_checkpoint(self) -> Any:
         """None on a fresh trial; on a retry or resume, the last state saved. For a test function,
