@@ -361,9 +361,10 @@ class Trial:
         self._record.check(epoch)
 
     def _guarded(self, call: Callable[[], None], at_report: bool = False) -> None:
-        """A call that may end the trial on rank 0: the other ranks hear of its decision, at their
-        report() of the same epoch (`at_report`: going on is a decision too), or of a time limit
-        at save_checkpoint() at their own save_checkpoint() or next report()."""
+        """A call that may end the trial on rank 0: the other ranks hear of its decision at their
+        report() of the same epoch (`at_report`: going on is a decision too), or of a failed
+        save_checkpoint() (time limits are decided at report() only) at their own
+        save_checkpoint() or next report()."""
         if self._link is None:
             call()
             return
