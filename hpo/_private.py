@@ -35,6 +35,8 @@ OPTUNA_ATTRIBUTES = {
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
     "optuna.samplers._lazy_random_state": ("LazyRandomState",),
 }
+DYNAMO_MODULE = "torch._dynamo"
+TORCH_MODULES = (DYNAMO_MODULE,)
 TORCH_FUNCTIONS = ("_fused_adam_", "_fused_adamw_", "_fused_adagrad_", "_fused_sgd_")
 
 
@@ -101,6 +103,15 @@ def fused_kernel(name: str) -> Any:
     import torch
 
     return getattr(torch, name)
+
+
+def import_dynamo() -> None:
+    """Import torch._dynamo, which every torch optimizer's constructor imports on its first call
+    (torch._disable_dynamo): about 2 s on a slow core. Imported once in the process that forks the
+    workers, they share it instead of each paying it during its first trial."""
+    import importlib
+
+    importlib.import_module(DYNAMO_MODULE)
 
 
 def reported_values(trial: optuna.Trial) -> dict[int, float]:

@@ -68,19 +68,22 @@ def run(
     of `__main__` runs here only.
     """
     from hpo.errors import HpoError
-    from hpo.execution.launch import RunOptions, run_study
-    from hpo.runtime import stopping
+    from hpo.execution.headstart import head_start
     from hpo.search.failures import advice
     from hpo.storage.urls import resolve_url
 
     loaded = _spec_with_functions(spec, {"train": train, "test": test, "model": model, "data.dataset": data})
     if n_trials is not None:
         loaded = loaded.with_budget(n_trials=n_trials)
-    options = RunOptions(resolve_url(storage), workers if workers is not None else _env_workers(), None, device,
-                         timeout, quiet=quiet,
-                         checkpoint_interval=checkpoint_interval, artifacts=artifacts)
-    with _optuna_quiet(), stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trials in flight
-        handle, outcome, _ = run_study(loaded, options)
+    url = resolve_url(storage)
+    with head_start(loaded, url) as ahead:
+        from hpo.execution.launch import RunOptions, run_study  # imports torch: after the head start forks
+        from hpo.runtime import stopping
+
+        options = RunOptions(url, workers if workers is not None else _env_workers(), None, device, timeout,
+                             quiet=quiet, checkpoint_interval=checkpoint_interval, artifacts=artifacts)
+        with _optuna_quiet(), stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trials in flight
+            handle, outcome, _ = run_study(loaded, options, ahead)
     if outcome.errors:
         raise HpoError(outcome.errors[0])
     if outcome.failure is not None:

@@ -5,6 +5,7 @@ a study."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -50,11 +51,16 @@ def test_each_private_torch_api_hpo_uses_exists(name: str) -> None:
     assert callable(getattr(torch, name, None)), f"torch {torch.__version__} has no torch.{name} (hpo/_private.py)"
 
 
+@pytest.mark.parametrize("name", _private.TORCH_MODULES)
+def test_each_private_torch_module_hpo_imports_exists(name: str) -> None:
+    assert importlib.util.find_spec(name) is not None, f"torch {torch.__version__} has no module {name} (hpo/_private.py)"
+
+
 def test_private_apis_are_reached_only_through_hpo_private() -> None:
     """Outside hpo/_private.py no module names an underscored attribute of Optuna or torch objects."""
     pattern = re.compile(r"\.(_storage|_study_id|_trial_id|_backend|_redis|_prefix|_cached_frozen_trial)\b|"
                          r"optuna\.[\w.]*\._\w+|"
-                         r"torch\._fused|from optuna\.[\w.]*\._\w+|import optuna\.[\w.]*\._\w+")
+                         r"torch\._fused|torch\._dynamo|from optuna\.[\w.]*\._\w+|import optuna\.[\w.]*\._\w+")
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name in ("_private.py", "proxy.py"):  # proxy.py's _backend is its own attribute

@@ -265,7 +265,7 @@ CHECK = '''
 import json, sys
 import torch
 import hpo
-from hpo.data.splits import load_raw
+from hpo.data.folds import load_raw
 from hpo.spec.loading import spec_from_mapping
 
 url, out = sys.argv[1], sys.argv[2]

@@ -144,7 +144,7 @@ def run(
       hpo run studies/digits_mlp.yaml --workers 4
       hpo run studies/fashion_mnist_cnn.yaml --storage postgresql://user@db/hpo --gpus 0,1
     """
-    from hpo.execution.launch import RunOptions, run_study
+    from hpo.execution.headstart import head_start
     from hpo.execution.processes import parse_gpus
     from hpo.spec.loading import load_spec
     from hpo.storage.urls import resolve_url
@@ -152,11 +152,14 @@ def run(
     spec = load_spec(spec_file)
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
-    options = RunOptions(resolve_url(storage), workers, parse_gpus(gpus) if gpus is not None else None, device,
-                         timeout, _heartbeat(heartbeat_interval, grace_period), quiet, checkpoint_interval, artifacts,
-                         fuse, procs_per_trial)
-    with _stops():
-        handle, outcome, n_workers = run_study(spec, options)
+    url, gpu_ids = resolve_url(storage), parse_gpus(gpus) if gpus is not None else None
+    with head_start(spec, url) as ahead:
+        from hpo.execution.launch import RunOptions, run_study  # imports torch: after the head start forks
+
+        options = RunOptions(url, workers, gpu_ids, device, timeout, _heartbeat(heartbeat_interval, grace_period),
+                             quiet, checkpoint_interval, artifacts, fuse, procs_per_trial)
+        with _stops():
+            handle, outcome, n_workers = run_study(spec, options, ahead)
     _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, n_workers)
 

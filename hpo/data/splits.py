@@ -1,9 +1,6 @@
-"""Splits, scaling and device placement: a dataset source -> per-fold tensors on the device.
-
-Test is carved first (or is the dataset's own test split) and is never seen by the search. The
-rest is split into train/val by the spec's fractions, or into k stratified folds when
-`data.cv_folds` is set. Scaling statistics (and, for regression, the target's) come from each
-fold's train part only, so nothing of val or test leaks into training.
+"""Scaling and device placement: the folds (hpo.data.folds) -> per-fold tensors on the device.
+Scaling statistics (and, for regression, the target's) come from each fold's train part only, so
+nothing of val or test leaks into training.
 
 Whole splits live on the device and the training loop draws batches with a permutation index:
 DataLoader collation of in-memory tensors costs a large share of a small model's epoch on a CPU
@@ -18,27 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpo.data.sources import Source, load_source
+from hpo.data.folds import RawData, load_raw, split
+from hpo.data.sources import Source
 from hpo.data.user import Stream, UserData, load_user_data
 from hpo.errors import DataError
 from hpo.spec.schema import DataSpec
-
-
-@dataclass(frozen=True)
-class RawData:
-    """Unscaled arrays: the development pool (train + val), the test split, and the folds."""
-
-    x_dev: np.ndarray
-    y_dev: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    folds: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train indices, val indices) into dev
-    n_outputs: int
-    task: str
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_dev.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -75,43 +56,6 @@ class Data:
     n_outputs: int
     task: str
     scaling: Scaling | None = None  # None: streamed data, which is not scaled
-
-
-def split(source: Source, spec: DataSpec, seed: int) -> RawData:
-    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
-
-    classify = source.task == "classification"
-    if source.n_train is not None and not spec.cv_folds:  # the user gave train and val apart
-        assert source.x_test is not None and source.y_test is not None
-        n = len(source.x)
-        folds = ((np.arange(source.n_train), np.arange(source.n_train, n)),)
-        return RawData(source.x, source.y, source.x_test, source.y_test, folds, source.n_outputs, source.task)
-    try:
-        if source.x_test is not None:
-            x_dev, y_dev, x_test, y_test = source.x, source.y, source.x_test, source.y_test
-        else:
-            x_dev, x_test, y_dev, y_test = train_test_split(
-                source.x, source.y, test_size=spec.split.test, random_state=seed,
-                stratify=source.y if classify else None,
-            )
-        index = np.arange(len(x_dev))
-        if spec.cv_folds:
-            kind = StratifiedKFold if classify else KFold
-            folds = tuple(kind(spec.cv_folds, shuffle=True, random_state=seed).split(x_dev, y_dev))
-        else:
-            val_share = spec.split.val / (spec.split.train + spec.split.val)
-            tr, va = train_test_split(index, test_size=val_share, random_state=seed,
-                                      stratify=y_dev if classify else None)
-            folds = ((np.sort(tr), np.sort(va)),)
-    except ValueError as e:
-        raise DataError(f"data.split: cannot split {len(source.x)} samples this way ({e})") from None
-    assert x_test is not None and y_test is not None
-    return RawData(x_dev, y_dev, x_test, y_test, folds, source.n_outputs, source.task)
-
-
-def load_raw(spec: DataSpec, seed: int) -> RawData:
-    """Load and split a dataset; nothing is downloaded."""
-    return split(load_source(spec, seed), spec, seed)
 
 
 def user_source(data: UserData) -> Source:
@@ -172,9 +116,13 @@ def to_device(raw: RawData, fold: int, scaling: str, device: torch.device) -> Da
 class DataCache:
     """Loads a dataset once per worker and keeps one scaled copy per scaling on the device."""
 
-    def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp") -> None:
+    def __init__(self, spec: DataSpec, seed: int, device: torch.device, model: str = "mlp",
+                 raw: RawData | None = None) -> None:
+        """`raw`: the dataset already loaded and split (by hpo run's head start)."""
         self.streamed: Data | None = None
-        if spec.is_user:
+        if raw is not None:
+            self.raw = raw
+        elif spec.is_user:
             user = load_user_data(spec, device, seed)
             if user.streams is not None:
                 s = user.streams

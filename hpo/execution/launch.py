@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpo.data.splits import DataCache
+from hpo._private import import_dynamo
 from hpo.errors import HpoError, SettingError, is_storage_failure
+from hpo.execution.headstart import HeadStart
 from hpo.execution.processes import (
     WorkerSettings,
     can_fork,
@@ -55,9 +57,10 @@ class Outcome:
     errors: list[str] = field(default_factory=list)  # why workers could not go on, each once
 
 
-def prepare(spec: StudySpec, device: Any) -> DataCache | None:
+def prepare(spec: StudySpec, device: Any, ahead: HeadStart | None = None) -> DataCache | None:
     """Import the spec's user code and load the data of hpo's own loop (None for a train function):
-    before any storage is touched, so these mistakes write nothing."""
+    before any storage is touched, so these mistakes write nothing. `ahead`: the data already
+    loaded by the run's head start."""
     from hpo.spec.user_code import load_references
 
     load_references(spec)
@@ -65,7 +68,9 @@ def prepare(spec: StudySpec, device: Any) -> DataCache | None:
         from hpo.runtime.tensorboard import check_available
 
         check_available(spec.source)
-    return DataCache(spec.builtin_data, spec.seed, device, spec.model) if spec.train is None else None
+    if spec.train is not None:
+        return None
+    return DataCache(spec.builtin_data, spec.seed, device, spec.model, raw=ahead.data() if ahead else None)
 
 
 def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Listener, *, n_trials: int | None,
@@ -342,14 +347,16 @@ class RunOptions:
 
 @contextlib.contextmanager
 def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
-             forked: DataCache | None | bool = False) -> Iterator[tuple[StudyHandle, DataCache | None]]:
+             forked: DataCache | None | bool = False,
+             ahead: HeadStart | None = None) -> Iterator[tuple[StudyHandle, DataCache | None]]:
     """The run sequence, written once: the user's code and data (before any storage is touched,
     so those mistakes write nothing), the study held on a SQLite file (one run per study there),
     the storage and the study opened (created or resumed from a spec; joined by name, from the
     spec stored in it), the `fuse` setting applied. Yields the study and the data of hpo's own loop.
 
     `forked`: in a worker forked from the run, the run's data (its spec is `study`, already with
-    the run's overrides): nothing is loaded again and the storage is known to be ready."""
+    the run's overrides): nothing is loaded again and the storage is known to be ready.
+    `ahead`: the run's head start (hpo.execution.headstart), whose data and tables it takes."""
     from hpo.search.study import open_existing, open_for_spec
     from hpo.spec.validate import with_fusion, with_processes
     from hpo.storage.backends import open_storage
@@ -361,10 +368,16 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
         spec = with_fusion(spec, options.fuse)
     if spec is not None and options.procs_per_trial is not None:
         spec = with_processes(spec, options.procs_per_trial)
-    data = forked if isinstance(forked, DataCache) else prepare(spec, device) if spec is not None and not in_fork else None
     url = options.storage_url
+    import_dynamo()  # here, once: workers forked from this process share it
+    data = (forked if isinstance(forked, DataCache)
+            else prepare(spec, device, ahead) if spec is not None and not in_fork else None)
     with sole_writer(url, spec.name if spec is not None else str(study)):
-        store = open_storage(url, create=spec is not None and not in_fork, heartbeat=options.heartbeat, checked=in_fork)
+        ready = ahead is not None and ahead.storage_ready()
+        store = open_storage(url, create=spec is not None and not in_fork, heartbeat=options.heartbeat,
+                             checked=in_fork or ready)
+        if ahead is not None:
+            ahead.taken()
         if spec is not None and not in_fork:
             handle = open_for_spec(spec, store, url, options.artifacts)
         else:
@@ -381,7 +394,7 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
         yield handle, data
 
 
-def run_study(spec: StudySpec, options: RunOptions) -> tuple[StudyHandle, Outcome, int]:
+def run_study(spec: StudySpec, options: RunOptions, ahead: HeadStart | None = None) -> tuple[StudyHandle, Outcome, int]:
     """`hpo run` and `hpo.run()`: the run sequence (open_run), then the trials in this process
     (one worker) or in local worker processes, then the best model scored. Returns the study, how
     the run ended and how many workers ran."""
@@ -389,7 +402,7 @@ def run_study(spec: StudySpec, options: RunOptions) -> tuple[StudyHandle, Outcom
 
     gpu_ids = options.gpu_ids
     dev = choose_device("cuda" if gpu_ids else options.device)
-    with open_run(spec, options, dev) as (handle, data):
+    with open_run(spec, options, dev, ahead=ahead) as (handle, data):
         n_workers = options.workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
         per_trial = handle.spec.execution.processes_per_trial
         if gpu_ids and len(gpu_ids) < per_trial * n_workers:

@@ -38,6 +38,7 @@ from typing import Any
 import optuna
 import torch
 
+from hpo._private import DYNAMO_MODULE
 from hpo.data import seeding
 from hpo.runtime import stopping
 from hpo.runtime.endings import End, Ending, RemoteError, Stop, error_record, is_oom
@@ -463,7 +464,7 @@ def _context(preload: list[str]) -> Any:
     interpreter would import them again for every trial: seconds); that server exits with the
     worker, and its children with it."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "hpo.runtime.ranks", *preload])
+    ctx.set_forkserver_preload(["torch", DYNAMO_MODULE, "hpo.runtime.ranks", *preload])
     return ctx
 
 
