@@ -168,11 +168,14 @@ def targets(problem: str, trials: int, epochs: int, figures: dict[str, dict[str,
                 "met": ok if goal else None}
 
     if (trials, epochs) == (30, 15):
-        out[f"ttq.{problem}"] = ttq("hpo-train", True)
+        if "hpo-train" in figures:
+            out[f"ttq.{problem}"] = ttq("hpo-train", True)
         if "hpo-loop" in figures:
             out[f"ttq.{problem}.loop"] = ttq("hpo-loop", False)
         if "ray" in figures:
             out[f"ray.{problem}"] = ttq("ray", False)
+    if "hpo-train" not in figures:  # a run of other arms (`--arms script --ray-python PY`)
+        return out
     f = figures["hpo-train"]
     out[f"whole.{problem}.{trials}x{epochs}"] = {
         "measured": f"{median(f['whole_study']):.2f}x median ({', '.join(f'{x:.2f}' for x in f['whole_study'])}), "
