@@ -18,9 +18,9 @@ import os
 import pickle
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import IO, Any
 
 from hpo.data.folds import RawData

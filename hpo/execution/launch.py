@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpo.data.splits import DataCache
 from hpo._private import import_dynamo
+from hpo.data.splits import DataCache
 from hpo.errors import HpoError, SettingError, is_storage_failure
 from hpo.execution.headstart import HeadStart
 from hpo.execution.processes import (
@@ -369,7 +369,10 @@ def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
     if spec is not None and options.procs_per_trial is not None:
         spec = with_processes(spec, options.procs_per_trial)
     url = options.storage_url
-    import_dynamo()  # here, once: workers forked from this process share it
+    if device.type == "cpu":
+        # Once, here: CPU workers are forked from this process and share it (GPU workers are processes
+        # of their own); before the data, so that it overlaps the head start's loading.
+        import_dynamo()
     data = (forked if isinstance(forked, DataCache)
             else prepare(spec, device, ahead) if spec is not None and not in_fork else None)
     with sole_writer(url, spec.name if spec is not None else str(study)):
