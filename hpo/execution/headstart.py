@@ -26,6 +26,7 @@ from typing import IO, Any
 from hpo.data.folds import RawData
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
+from hpo.storage.locks import creation_lock_file
 from hpo.storage.urls import sqlite_path
 
 
@@ -87,7 +88,7 @@ class HeadStart:
         if not keep and self.created is not None:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self.created}{suffix}").unlink(missing_ok=True)
-            self.created.with_name(f".{self.created.name}.lock").unlink(missing_ok=True)
+            creation_lock_file(self.created).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -114,7 +115,7 @@ def _begin(spec: StudySpec, url: str) -> HeadStart | None:
         return None
     if create:  # the lock file is the child's too: removed with the file if the run ends early
         assert path is not None
-        create = not path.with_name(f".{path.name}.lock").exists()
+        create = not creation_lock_file(path).exists()
     read, write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()

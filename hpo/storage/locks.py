@@ -16,6 +16,11 @@ from hpo.storage.urls import sqlite_path
 ENV_WRITER = "HPO_SQLITE_WRITER"  # "<pid>:<path>:<study>" of the run holding a study on SQLite, for its workers
 
 
+def creation_lock_file(path: Path) -> Path:
+    """The file beside a SQLite file that creation_lock holds."""
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def creation_lock(url: str) -> Iterator[None]:
     """Serialise creating a storage's schema and a study's bookkeeping across processes.
@@ -31,7 +36,7 @@ def creation_lock(url: str) -> Iterator[None]:
         if not path.parent.is_dir():
             yield  # the missing folder is reported by the caller
             return
-        with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        with open(creation_lock_file(path), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
