@@ -22,7 +22,8 @@ OPTUNA_ATTRIBUTES = {
     "optuna.storages._CachedStorage": ("_backend",),
     "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
     "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
-                                    "TrialIntermediateValueModel"),
+                                    "TrialIntermediateValueModel", "StudyModel", "StudyUserAttributeModel",
+                                    "StudySystemAttributeModel"),
     "optuna.storages._rdb.storage": ("_create_scoped_session",),
     # ResilientRDBStorage overrides the two private calls Optuna's cached storage makes on it, wraps
     # the private reads that cache and the heartbeat thread make (RDB_PRIVATE_DB_METHODS) in its
@@ -76,6 +77,42 @@ def rdb_session(storage: Any) -> Any:
     from optuna.storages._rdb.storage import _create_scoped_session
 
     return _create_scoped_session(storage.scoped_session, True)
+
+
+def study_names(storage: Any) -> list[tuple[int, str]]:
+    """(id, name) of every study of an RDB storage, read from its table alone: a listing that
+    survives a study whose attributes cannot be decoded. Empty for other storages."""
+    from optuna.storages import RDBStorage
+
+    backend = backend_of(storage)
+    if not isinstance(backend, RDBStorage):
+        return []
+    models = rdb_models()
+    with rdb_session(backend) as session:
+        return [(int(i), str(n)) for i, n in session.query(models.StudyModel.study_id, models.StudyModel.study_name)
+                .order_by(models.StudyModel.study_id)]
+
+
+def undecodable_attrs(storage: Any, study: int) -> list[tuple[str, str, str]]:
+    """The attributes of a study in an RDB storage whose stored JSON does not decode, as (user or
+    system, key, why): what another tool or a bad migration wrote. Empty for other storages."""
+    import json
+
+    from optuna.storages import RDBStorage
+
+    backend = backend_of(storage)
+    if not isinstance(backend, RDBStorage):
+        return []
+    models = rdb_models()
+    out = []
+    with rdb_session(backend) as session:
+        for kind, model in (("user", models.StudyUserAttributeModel), ("system", models.StudySystemAttributeModel)):
+            for key, text in session.query(model.key, model.value_json).filter(model.study_id == study):
+                try:
+                    json.loads(text)
+                except ValueError as e:
+                    out.append((kind, str(key), str(e)))
+    return out
 
 
 def microsecond_times_on_mysql() -> None:

@@ -13,10 +13,13 @@ from hpo.search.summary import FrontTrial, Summary, summarize
 @dataclass(frozen=True)
 class RunResult:
     summary: Summary  # counts, best trial (or Pareto front), its parameters and test score
-    stopped: str  # why the run ended ("study budget of 30 trials reached", ...)
+    stopped: str  # why the run ended ("study budget of 30 trials reached", "Interrupted (SIGINT): ...")
     study_name: str = ""
     storage: str = ""
     artifacts: str | None = None
+    # Set when a stop ended the run before its budget (its trials in flight are queued and resume on
+    # the next run): "SIGINT" (Ctrl-C, a notebook's interrupt), "SIGTERM", or "hpo stop".
+    interrupted: str | None = None
 
     def load_best(self, trial: int | None = None) -> Any:
         """The best model (or with several objectives, front member `trial`): see hpo.load_best."""
@@ -61,6 +64,10 @@ def run(
     `workers` (else $HPO_WORKERS) or the spec's `execution.workers` says otherwise, progress on stderr unless `quiet`,
     then the best model scored once.
 
+    A stop (Ctrl-C or a notebook's interrupt, SIGTERM, `hpo stop` from another shell) while trials
+    run is not an exception: every trial in flight is queued to resume, and the result says so
+    (`interrupted`, `stopped`); the next call resumes the study. Mistakes raise `hpo.HpoError`.
+
     `train`, `test`, `model` and `data` take function objects (or put them in the dict under
     `train`, `test`, `model`, `data.dataset`), also ones defined in `__main__` or a notebook: the
     local workers are forked from this process and run these very objects. Workers elsewhere
@@ -84,13 +91,13 @@ def run(
                              quiet=quiet, checkpoint_interval=checkpoint_interval, artifacts=artifacts)
         with _optuna_quiet(), stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trials in flight
             handle, outcome, _ = run_study(loaded, options, ahead)
-    if outcome.errors:
+    if outcome.interrupted is None and outcome.errors:
         raise HpoError(outcome.errors[0])
-    if outcome.failure is not None:
+    if outcome.interrupted is None and outcome.failure is not None:
         raise HpoError(f"study {loaded.name} stopped on failures: {outcome.failure.reason}; "
                        f"{advice(loaded.name)}")
     return RunResult(summarize(handle.study), outcome.stopped, handle.study.study_name, options.storage_url,
-                     artifacts)
+                     artifacts, outcome.interrupted)
 
 
 _FUNCTION_KEYS = ("train", "test", "model", "data.dataset")

@@ -171,7 +171,7 @@ def test_a_run_stopped_in_a_trial_resumes_with_the_trials_of_an_uninterrupted_on
         proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "Interrupted: trial 2 is queued and resumes from epoch 1" in err, err
+        assert proc.returncode == 130 and "Interrupted (SIGINT): trial 2 is queued and resumes from epoch 1" in err, err
         stopped = trials(url)[2]
         assert stopped.state == TrialState.FAIL
         assert stopped.user_attrs["reason"] == "interrupted (SIGINT) in epoch 1; queued to resume from epoch 1"

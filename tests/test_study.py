@@ -128,7 +128,7 @@ def test_ctrl_c_requeues_the_trial_and_the_rerun_resumes_it(write_spec, tmp_path
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Interrupted: trial 0 is queued and resumes from epoch" in err
+    assert "Interrupted (SIGINT): trial 0 is queued and resumes from epoch" in err
     assert "Traceback" not in err
     states = [t.state for t in load(url).trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
@@ -167,8 +167,11 @@ def test_sigterm_is_handled_like_ctrl_c(write_spec, tmp_path) -> None:
     wait_for(one_epoch, "the first epoch")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "is queued and resumes from epoch" in err
-    assert [t.state for t in load(url).trials] == [TrialState.FAIL, TrialState.WAITING]
+    # As a shell reports a process SIGTERM ended (128 + 15), and said by its name.
+    assert proc.returncode == 143 and "Interrupted (SIGTERM): trial 0 is queued and resumes from epoch" in err, err
+    trials = load(url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["reason"].startswith("interrupted (SIGTERM) in epoch")
 
 
 def test_each_sampler_is_the_one_named_and_reproducible(write_spec, runner, tmp_path) -> None:

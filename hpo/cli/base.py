@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 
 import click
 
-from hpo.errors import HpoError, SettingError, StudyExistsError, is_storage_failure
+from hpo.errors import (
+    HpoError,
+    SettingError,
+    StudyExistsError,
+    UnreadableStudyError,
+    is_storage_failure,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +33,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SettingError as e:  # the library names the setting; here it is the flag that set it
             raise click.ClickException(f"--{e.setting}: {e.message}") from None
-        except StudyExistsError as e:
+        except (StudyExistsError, UnreadableStudyError) as e:
             raise click.ClickException(f"{e} (hpo delete {e.name} --yes)") from None
         except HpoError as e:
             raise click.ClickException(str(e)) from None

@@ -154,12 +154,18 @@ def run(
         spec = spec.with_budget(n_trials=n_trials)
     url, gpu_ids = resolve_url(storage), parse_gpus(gpus) if gpus is not None else None
     with head_start(spec, url) as ahead:
-        from hpo.execution.launch import RunOptions, run_study  # imports torch: after the head start forks
+        from hpo.execution.launch import (  # imports torch: after the head start forks
+            RunOptions,
+            run_study,
+        )
 
         options = RunOptions(url, workers, gpu_ids, device, timeout, _heartbeat(heartbeat_interval, grace_period),
                              quiet, checkpoint_interval, artifacts, fuse, procs_per_trial)
         with _stops():
             handle, outcome, n_workers = run_study(spec, options, ahead)
+    if outcome.interrupted is not None:  # say what resumes where; exit 128 + the signal (0 for hpo stop)
+        click.echo(outcome.stopped, err=True)
+        sys.exit(outcome.code)
     _summary(handle, outcome.elapsed)
     _fail_on(outcome, handle.spec.name, n_workers)
 
@@ -179,7 +185,8 @@ def _fail_on(outcome: Any, name: str, n_workers: int) -> None:
 
 @contextlib.contextmanager
 def _stops() -> Any:
-    """A stop request: say what resumes where, exit 130 (Ctrl-C, SIGTERM) or 0 (hpo stop)."""
+    """A stop request: say what resumes where, exit 128 + the signal's number (Ctrl-C 130, SIGTERM
+    143) or 0 (hpo stop)."""
     from hpo.execution.launch import Stopped
     from hpo.runtime import stopping
 

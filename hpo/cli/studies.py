@@ -29,20 +29,21 @@ def studies(storage: str | None) -> None:
     Example:
       hpo studies --storage sqlite:///hpo.db
     """
-    import optuna
-
-    store, url = open_store(storage, create=False)
-    summaries = optuna.get_all_study_summaries(store, include_best_trial=True)
-    if not summaries:
-        click.echo("No studies.")
-        return
+    from hpo.search.summary import study_rows
     from hpo.ui.progress import fmt
 
+    store, url = open_store(storage, create=False)
+    listed = study_rows(store)
+    if not listed:
+        click.echo("No studies.")
+        return
     rows = [["study", "trials", "direction", "best", "created"]]
-    for s in summaries:
-        best = fmt(s.best_trial.value) if s.best_trial is not None and len(s.directions) == 1 else "-"
-        created = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
-        rows.append([s.study_name, str(s.n_trials), ", ".join(d.name.lower() for d in s.directions), best, created])
+    for r in listed:
+        if r.problem is not None:  # the others are listed all the same
+            rows.append([r.name, "-", "-", "-", f"cannot be read: {r.problem}"])
+            continue
+        created = r.created.strftime("%Y-%m-%d %H:%M") if r.created else "-"
+        rows.append([r.name, str(r.trials), ", ".join(r.directions), fmt(r.best), created])
     _table(rows)
 
 
@@ -53,19 +54,25 @@ def _table(rows: list[list[str]]) -> None:
         click.echo(line)
 
 
-def _load(name: str, storage: str | None) -> Any:
+def _load(name: str, storage: str | None, check: bool = True) -> Any:
+    """The study named `name`; one line when there is none, or (`check`) its attributes cannot be read."""
     import optuna
 
+    from hpo._private import study_id, study_names
     from hpo.errors import StorageError
+    from hpo.search.study import readable_attrs
     from hpo.storage.urls import mask
 
     store, url = open_store(storage, create=False)
     try:
-        return optuna.load_study(study_name=name, storage=store)
+        study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
-        names = [s.study_name for s in store.get_all_studies()]
+        names = [n for _, n in study_names(store)] or [s.study_name for s in store.get_all_studies()]
         hint = f"; studies there: {', '.join(names[:10])}" if names else "; it holds no studies"
         raise StorageError(f"no study named {name!r} in {mask(url)}{hint}") from None
+    if check:
+        readable_attrs(store, study_id(study), name)
+    return study
 
 
 @cli.command()
@@ -80,10 +87,19 @@ def best(study: str, storage: str | None, fmt: str) -> None:
     Example:
       hpo best quickstart
     """
+    from hpo.search.saved import best_model_problem
     from hpo.search.summary import summarize
+
+    loaded = _load(study, storage)
+    s = summarize(loaded)
+    _show_best(s, fmt)  # what is known is shown; a saved model that cannot be read back is the error
+    if (problem := best_model_problem(loaded, s.test)) is not None:
+        raise HpoError(problem)
+
+
+def _show_best(s: Any, fmt: str) -> None:
     from hpo.ui.progress import render_summary
 
-    s = summarize(_load(study, storage))
     if fmt == "json" and s.multi_objective:
         click.echo(json.dumps({
             "study": s.name, "objectives": [{"name": n, "direction": d} for n, d in s.objectives],
@@ -158,22 +174,26 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
 @storage_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def trials(study: str, storage: str | None, fmt: str) -> None:
-    """List a study's trials: state, value, epochs, parameters.
+    """List a study's trials: state, value, epochs, parameters. A trial stopped under it (Ctrl-C,
+    hpo stop, a dead worker, a full disk) whose retry resumes it reads RESUMED, not FAIL.
 
     \b
     Example:
       hpo trials quickstart --format csv > trials.csv
     """
+    from hpo.search.budget import resumed_numbers
+
     loaded = _load(study, storage)
     ts = loaded.get_trials(deepcopy=False)
     param_names = sorted({k for t in ts for k in t.params})
     constrained = any(t.constraints for t in ts)  # a column only for studies with constraints
+    resumed = resumed_numbers(ts)  # stopped under it and resumed by a retry: not a failure
     records = []
     for t in ts:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         records.append({
             "number": t.number,
-            "state": t.state.name,
+            "state": "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name,
             "value": (t.values[0] if t.values and len(t.values) == 1 else t.values),
             **({"feasible": all(c <= 0 for c in t.constraints.values()) if t.constraints else None}
                if constrained else {}),
@@ -325,7 +345,7 @@ def delete(study: str, storage: str | None, yes: bool) -> None:
     """
     from hpo.search.results import delete_study
 
-    loaded = _load(study, storage)
+    loaded = _load(study, storage, check=False)  # a study that cannot be read can still be deleted
     if not yes:
         raise click.UsageError(f"this deletes study {study!r} and all its trials; add --yes to confirm")
     removed = delete_study(loaded)
@@ -343,7 +363,7 @@ def stop(study: str, storage: str | None) -> None:
     Example:
       hpo stop quickstart --storage postgresql://user@db/hpo
     """
-    from hpo.search.study import request_stop
+    from hpo.search.slots import request_stop
 
     store, url = open_store(storage, create=False)
     running = request_stop(store, study, url)
@@ -353,19 +373,29 @@ def stop(study: str, storage: str | None) -> None:
 
 @cli.command()
 @click.argument("study")
+@click.argument("numbers", metavar="[TRIAL]...", nargs=-1, type=click.IntRange(min=0))
 @storage_option
-def retry(study: str, storage: str | None) -> None:
+def retry(study: str, numbers: tuple[int, ...], storage: str | None) -> None:
     """Queue the study's failed trials again, with their parameters, after fixing their cause.
 
     Failed trials do not count against the budget; the next `hpo run` or `hpo worker` runs the
-    queued ones first.
+    queued ones first. Given trial numbers, only those: a completed one runs again (its parameters
+    and seed) when the model it saved cannot be read back, and its new model is written over it.
 
     \b
     Example:
       hpo retry quickstart
+      hpo retry quickstart 12
     """
-    from hpo.search.study import retry_failed
+    from hpo.search.study import rerun_completed, retry_failed
 
+    if numbers:
+        loaded = _load(study, storage)
+        for number in numbers:
+            new = rerun_completed(loaded, number)
+            click.echo(f"Queued trial {number} again as #{new} (its parameters and seed); run it with: hpo run SPEC, "
+                       f"or hpo worker {study}")
+        return
     queued = retry_failed(_load(study, storage))
     if not queued:
         click.echo(f"Study {study!r} has no failed trial to retry.")

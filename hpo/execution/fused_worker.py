@@ -36,6 +36,7 @@ import torch
 
 from hpo._private import trial_id
 from hpo.data.splits import DataCache, Split
+from hpo.errors import DiskFullError
 from hpo.execution.worker import Interrupted, WorkerResult, reclaim
 from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope
@@ -91,6 +92,9 @@ def run_fused_worker(
     except KeyboardInterrupt:
         worker.stop_groups(f"interrupted ({stopping.requested() or 'stopped'})")
         raise Interrupted(worker.result) from None
+    except DiskFullError as e:  # no space for a checkpoint or a model: every member resumes on the next run
+        worker.stop_groups(str(e))
+        raise
     finally:
         worker.life.close()
     return worker.result
@@ -190,7 +194,8 @@ class FusedWorker:
         if self.in_flight() >= self.group_size or not self.can_start():
             return
         self.before_fill()  # this worker's share of the host's CPUs, read again
-        taken = self.slots.take(self.group_size - self.in_flight(), self.can_start, self.start)
+        with stopping.shielded():  # each new trial joins a group (which a stop queues) before a signal is raised
+            taken = self.slots.take(self.group_size - self.in_flight(), self.can_start, self.start)
         if taken.stopped:
             self.result.stopped, self.result.failure = taken.stopped, taken.failure
             self.result.budget_reached = taken.budget_reached

@@ -55,6 +55,8 @@ class Outcome:
     failed_workers: list[int] = field(default_factory=list)  # exit codes of workers that failed
     failure: FailureStop | None = None  # the run stopped on failures, or ended with failures and no result
     errors: list[str] = field(default_factory=list)  # why workers could not go on, each once
+    interrupted: str | None = None  # a stop ended the run: the signal's name or "hpo stop"
+    code: int = 0  # the exit status a stop gives (128 + the signal's number; 0 for hpo stop)
 
 
 def prepare(spec: StudySpec, device: Any, ahead: HeadStart | None = None) -> DataCache | None:
@@ -97,21 +99,25 @@ def work(handle: StudyHandle, device: Any, data: DataCache | None, listener: Lis
 
 
 class Stopped(Exception):
-    """A stop request ended the run (Ctrl-C, SIGTERM: exit status 130; `hpo stop`: 0); the message
-    says what resumes where."""
+    """A stop request ended the run: `why` is the signal's name or "hpo stop", `code` the exit
+    status (128 + the signal's number, 0 for hpo stop); the message says what resumes where."""
 
-    def __init__(self, message: str, code: int = 130) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.why = stopping.requested() or "SIGINT"
+        self.code = stopping.exit_code()
+
+
+def _head() -> str:
+    why = stopping.requested()
+    return "Stopped by hpo stop" if why == stopping.BY_COMMAND else f"Interrupted ({why or 'SIGINT'})"
 
 
 def _stopped(result: WorkerResult | None) -> Stopped:
-    by_command = stopping.requested() == "hpo stop"
-    head = "Stopped by hpo stop" if by_command else "Interrupted"
     if result is not None and result.interrupted_trial is not None:
-        return Stopped(f"{head}: trial {result.interrupted_trial} is queued and resumes from epoch "
-                       f"{result.resumes_from_epoch} on the next run.", 0 if by_command else 130)
-    return Stopped(f"{head}.", 0 if by_command else 130)
+        return Stopped(f"{_head()}: trial {result.interrupted_trial} is queued and resumes from epoch "
+                       f"{result.resumes_from_epoch} on the next run.")
+    return Stopped(f"{_head()}.")
 
 
 def failure_outcome(handle: StudyHandle, since: float) -> FailureStop | None:
@@ -228,13 +234,14 @@ def run_in_processes(
     except KeyboardInterrupt:
         watch.tick()  # a worker killed after the grace period left its trial running: queue it now
         progress.close()
-        raise Stopped("Interrupted: every worker queued its trial; the next run resumes them.") from None
+        raise Stopped(f"{_head()}: every worker queued its trial; the next run resumes them.") from None
     finally:
         if messages is not None:
             watch.errors[:0] = _collect(messages)
     progress.close()
     if stop_requests(study) != asked:
-        raise Stopped("Stopped by hpo stop: every worker queued its trial; the next run resumes them.", 0)
+        stopping.request(stopping.BY_COMMAND)
+        raise Stopped(f"{_head()}: every worker queued its trial; the next run resumes them.")
     finalize(handle, dev, data)
     _say_end(progress, study, timeout)
     errors = list(dict.fromkeys(watch.errors))
@@ -307,7 +314,7 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
                  checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads),
                  label_output=True)
     except Interrupted:
-        return 0 if stopping.requested() == "hpo stop" else 130
+        return stopping.exit_code()
     except Exception as e:
         if isinstance(e, HpoError):
             message.write_text(str(e))
@@ -411,11 +418,15 @@ def run_study(spec: StudySpec, options: RunOptions, ahead: HeadStart | None = No
         if gpu_ids and len(gpu_ids) < per_trial * n_workers:
             raise SettingError("gpus", f"{n_workers} workers with {per_trial} processes per trial need "
                                        f"{per_trial * n_workers} GPUs; {len(gpu_ids)} listed")
-        if n_workers == 1 and not gpu_ids:
-            outcome = run_here(handle, dev, data, timeout=options.timeout, n_trials=None, quiet=options.quiet,
-                               storage_url=options.storage_url, checkpoint_interval=options.checkpoint_interval)
-        else:
-            outcome = run_in_processes(handle, options.storage_url, n_workers, gpu_ids, options.device,
-                                       timeout=options.timeout, heartbeat=options.heartbeat, quiet=options.quiet,
-                                       checkpoint_interval=options.checkpoint_interval, data=data)
+        start = time.monotonic()
+        try:
+            if n_workers == 1 and not gpu_ids:
+                outcome = run_here(handle, dev, data, timeout=options.timeout, n_trials=None, quiet=options.quiet,
+                                   storage_url=options.storage_url, checkpoint_interval=options.checkpoint_interval)
+            else:
+                outcome = run_in_processes(handle, options.storage_url, n_workers, gpu_ids, options.device,
+                                           timeout=options.timeout, heartbeat=options.heartbeat, quiet=options.quiet,
+                                           checkpoint_interval=options.checkpoint_interval, data=data)
+        except Stopped as e:  # every trial in flight is queued: the run's result says so
+            outcome = Outcome(time.monotonic() - start, str(e), interrupted=e.why, code=e.code)
     return handle, outcome, n_workers

@@ -238,9 +238,14 @@ def supervise(procs: Sequence[Process], tick: Callable[[], None], every: float =
 
 
 def stop(procs: Sequence[Process]) -> None:
+    """Pass the stop on to every worker, as the signal this process got (SIGINT for a stop of
+    another kind), and wait for them to queue their trials."""
+    from hpo.runtime.stopping import by_signal
+
+    sig = by_signal() or signal.SIGINT
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(sig)
     from hpo.runtime.stopping import grace
 
     deadline = time.monotonic() + grace() + 5  # a worker kills itself after grace(); this is the backstop

@@ -76,13 +76,16 @@ def run_worker(
                        spec.budget.failure_limit)
     result = WorkerResult()
     reclaim(study, listener)
+    pending: optuna.Trial | None = None  # a trial taken and not yet in the runner's hands
     try:
         while not _limit_reached(result, n_trials, deadline, timeout):
             if stopping.requested():  # a stop that came between trials (hpo stop)
                 raise Interrupted(result)
             if not turn(listener.note) and not slots.all_taken():
                 continue  # more workers than CPUs on this host, the others busy: turn() waited a moment
-            taken = slots.take()
+            with stopping.shielded():  # a signal here would leave a new trial running with no owner; a stop
+                taken = slots.take()  # that came meanwhile (or `hpo stop`, seen by take) is raised as it ends
+                pending = taken.trials[0] if taken.trials else None
             if not taken.trials:
                 if taken.budget_reached and wait_for_others and wait_for_running(study, listener.note):
                     continue  # a trial running elsewhere may still come back as a retry
@@ -91,6 +94,12 @@ def run_worker(
             before_trial()  # this worker's share of the host's CPUs, read again
             if not _run_one(runner, taken.trials[0], listener, result, timeout):
                 break
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        if pending is not None and runner.took is not pending:  # stopped before it started: queued again
+            life.abandon(pending, f"interrupted ({stopping.requested() or 'stopped'}) before it started")
+        raise Interrupted(result) from None
     except Exception:
         if _study_gone(study):  # `hpo delete` while this worker ran: say so, no traceback
             raise StorageError(f"study {study.study_name!r} was deleted while this worker ran; stopped") from None

@@ -32,6 +32,17 @@ class Envelope:
                 "curves": self.curves, "epoch_seconds": self.epoch_seconds, "rng": self.rng}
 
     @staticmethod
+    def problem(raw: Any) -> str | None:
+        """Why a loaded checkpoint file is not one this version can resume from, or None."""
+        if not isinstance(raw, Mapping) or "hpo_checkpoint" not in raw:
+            return "not a checkpoint hpo wrote"
+        if raw.get("hpo_checkpoint") != FORMAT:
+            return f"of checkpoint format {raw.get('hpo_checkpoint')!r}, which this version does not read (it reads {FORMAT})"
+        if not isinstance(raw.get("epoch"), int) or not isinstance(raw.get("curves"), Mapping):
+            return "not a whole checkpoint (its epoch or curves are missing)"
+        return None
+
+    @staticmethod
     def from_dict(raw: Mapping[str, Any] | None) -> Envelope | None:
         """None for a missing checkpoint or one of an older format (that trial starts over)."""
         if not raw or raw.get("hpo_checkpoint") != FORMAT:

@@ -21,14 +21,15 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo._private import storage_of, trial_id
+from hpo._private import storage_of, study_id, trial_id
+from hpo.runtime import stopping
 from hpo.runtime.checkpoints import Envelope
 from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record, traceback_text
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
-from hpo.storage.artifacts import Artifacts
+from hpo.storage.artifacts import MODEL_FILE, Artifacts, find_artifact
 from hpo.storage.resilient import set_user_attrs
-from hpo.storage.retry import claim, requeue, retry_lost
+from hpo.storage.retry import CHECKPOINT_ATTR, RERUN_ATTR, claim, requeue, retry_lost
 
 
 class TakenOver(Exception):
@@ -49,6 +50,7 @@ class Attempt:
     number: int  # the first attempt's number: a retry keeps its seed and checkpoint
     envelope: Envelope | None  # the last checkpoint, to resume from
     inherited: dict[int, float] = field(default_factory=dict)  # epochs an earlier attempt reported
+    rerun_of: int | None = None  # a completed trial this one runs again, to save its model anew (hpo retry STUDY N)
 
     @property
     def retry_of(self) -> int | None:
@@ -66,6 +68,7 @@ class Outcome:
     model: Callable[[], Any] | None = None  # the final training state, read only when the trial may be the best
     error: BaseException | None = None  # an exception in training code: its traceback and record
     requeue_why: str = ""  # for a requeued ending: what the retry says ("study timeout in epoch 3")
+    checkpoint_epoch: int = 0  # for a requeued ending: the epoch its last checkpoint resumes from
 
 
 class Heartbeats:
@@ -119,15 +122,38 @@ class Lifecycle:
         tid = trial_id(trial)
         self.beats.add(tid)
         claim(self.storage, tid)
-        number = original_number(trial)
-        envelope = Envelope.from_dict(self.artifacts.load_checkpoint(number))
+        attrs = self.storage.get_trial_system_attrs(tid)
+        history = attrs.get("retry_history") or []
+        number = int(history[0]) if history else trial.number  # the first attempt's: its seed and checkpoint
+        envelope = self._checkpoint(trial.number, number, attrs.get(CHECKPOINT_ATTR))
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
         inherited = dict(self.storage.get_trial(tid).intermediate_values) if number != trial.number else {}
-        return Attempt(trial, number, envelope, inherited)
+        rerun_of = attrs.get(RERUN_ATTR)
+        return Attempt(trial, number, envelope, inherited, rerun_of if isinstance(rerun_of, int) else None)
+
+    def _checkpoint(self, shown: int, number: int, expected: object) -> Envelope | None:
+        """The trial's last readable checkpoint. One that cannot be read (torn, truncated, of
+        another format, missing where the trial was queued to resume from it) costs a warning
+        and a restart from the one before it or from epoch 0, never the study."""
+        raw, problems = self.artifacts.load_checkpoint(number, Envelope.problem)
+        envelope = Envelope.from_dict(raw)
+        then = (f"resumes from epoch {envelope.epoch}, the checkpoint before it" if envelope is not None
+                else "starts over from epoch 0")
+        for problem in problems:
+            self.listener.warn(f"hpo: trial {shown}: checkpoint {problem}; the trial {then}")
+        if not problems and isinstance(expected, int) and (envelope.epoch if envelope else 0) < expected:
+            files = " or ".join(str(f) for f in self.artifacts.checkpoint_paths(number))
+            self.listener.warn(f"hpo: trial {shown}: its checkpoint of epoch {expected} is missing (no file {files}); "
+                               f"the trial {then}")
+        return envelope
 
     def end(self, attempt: Attempt, outcome: Outcome) -> FrozenTrial:
         """Write the trial's record and tell its state; a requeued ending queues its retry, which
         resumes from the checkpoint kept for it. Raises TakenOver when another worker ended it."""
+        with stopping.shielded(obey=False):  # a stop waits until the trial is told and queued: never half ended
+            return self._end(attempt, outcome)
+
+    def _end(self, attempt: Attempt, outcome: Outcome) -> FrozenTrial:
         trial, ending = attempt.trial, outcome.ending
         with self.owned(trial):
             attributes = dict(outcome.attributes)
@@ -140,9 +166,11 @@ class Lifecycle:
                 trial.set_constraint(key, excess)
             complete = ending.end is End.COMPLETE and outcome.values is not None
             feasible = all(v <= 0 for v in outcome.constraints.values())
+            if complete and outcome.model is not None and attempt.rerun_of is not None:
+                self._save_again(attempt.rerun_of, outcome.model)
             if complete and feasible and outcome.model is not None and improves(self.study, outcome.values or []):
                 # Only a trial that may be the best keeps its final state (the test function's input).
-                self.artifacts.upload(trial, "model.pt", outcome.model())
+                self.artifacts.upload(trial, MODEL_FILE, outcome.model())
             if not ending.end.keeps_checkpoint:
                 self.artifacts.remove_checkpoint(attempt.number)
             with warnings.catch_warnings():
@@ -150,13 +178,13 @@ class Lifecycle:
                 frozen = self.study.tell(trial, outcome.values if complete else None, state=ending.end.state)
         self.beats.ids.discard(trial_id(trial))
         if ending.end.requeued:
-            requeue(self.study, trial_id(trial), outcome.requeue_why)
+            requeue(self.study, trial_id(trial), outcome.requeue_why, outcome.checkpoint_epoch)
         elif ending.end.retried:
             retry_lost(self.study, frozen, outcome.requeue_why)
         self.listener.trial_finished(self.study, frozen)
         return frozen
 
-    def abandon(self, trial: optuna.Trial, why: str) -> bool:
+    def abandon(self, trial: optuna.Trial, why: str, checkpoint_epoch: int = 0) -> bool:
         """A trial stopped from outside before it could be ended (Ctrl-C in a fused round, a storage
         error): told failed if it is not yet, and queued to resume from its last checkpoint.
         False when it was already finished (by this worker or another)."""
@@ -164,10 +192,23 @@ class Lifecycle:
         if self.taken_over(trial):
             return False  # already ended (the stop came while it was being ended): it keeps its ending
         try:
+            then = f"queued to resume from epoch {checkpoint_epoch}" if checkpoint_epoch else "queued to run again"
+            set_user_attrs(trial, {"reason": f"{why}; {then}"})
             self.study.tell(trial, state=TrialState.FAIL)
         except Exception:
             return False  # ended by another worker a moment ago
-        return requeue(self.study, trial_id(trial), why) is not None
+        return requeue(self.study, trial_id(trial), why, checkpoint_epoch) is not None
+
+    def _save_again(self, number: int, model: Callable[[], Any]) -> None:
+        """A completed trial run again because its saved model could not be read: the new final
+        state is written over that trial's model, so the test step and `hpo export` read it there."""
+        try:
+            first = self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(
+                study_id(self.study), number))
+        except KeyError:
+            return
+        if (artifact := find_artifact(first, MODEL_FILE, self.storage)) is not None:
+            self.artifacts.rewrite(artifact, model(), f"trial {number}'s {MODEL_FILE}")
 
     def taken_over(self, trial: optuna.Trial) -> bool:
         return self.storage.get_trial(trial_id(trial)).state.is_finished()
@@ -183,15 +224,6 @@ class Lifecycle:
                 raise
             self.beats.ids.discard(trial_id(trial))
             raise TakenOver(trial.number) from None
-
-
-def original_number(trial: optuna.Trial) -> int:
-    """The number of the first attempt of this trial: retries share its seed and checkpoint."""
-    if not trial.params:  # a retry is created with its parameters; a fresh trial has none yet
-        return trial.number
-    attrs = trial.storage.get_trial_system_attrs(trial_id(trial))
-    history = attrs.get("retry_history") or []
-    return int(history[0]) if history else trial.number
 
 
 def improves(study: optuna.Study, values: Sequence[float]) -> bool:

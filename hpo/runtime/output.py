@@ -24,6 +24,7 @@ from typing import Any, TextIO, cast
 
 import optuna
 
+from hpo.errors import DiskFullError
 from hpo.storage.artifacts import Artifacts
 from hpo.storage.urls import reason
 
@@ -165,6 +166,8 @@ class TrialOutput:
             pass  # taken over by another worker: the trial is not this worker's to write to
         except KeyError:
             pass  # the study was deleted under the trial (`hpo delete`): nobody can ask for its log
+        except DiskFullError:
+            raise  # the trial is queued and the run stops, saying where space is missing; the file stays
         except Exception as e:  # a storage hiccup must not cost the trial its ending: the file stays
             print(f"hpo: the log of trial {self.trial.number} stays at {self.path} (not uploaded: {reason(e)})",
                   file=sys.stderr, flush=True)

@@ -17,15 +17,22 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial
 
 from hpo.data import seeding
-from hpo.errors import is_storage_failure
+from hpo.errors import DiskFullError, is_storage_failure
 from hpo.runtime import stopping
 from hpo.runtime.endings import End, Ending, Stop, is_oom
 from hpo.runtime.lifecycle import Attempt, Lifecycle, Outcome
 from hpo.runtime.output import TrialOutput
-from hpo.runtime.ranks import RankFailure, RankGroup, RankSetup, pack_checkpoint, rank_device
+from hpo.runtime.ranks import (
+    RankFailure,
+    RankGroup,
+    RankSetup,
+    pack_checkpoint,
+    rank_device,
+)
 from hpo.runtime.trial import Trial, TrialContext, TrialPruned, TrialRecord, trial_seed
 from hpo.spec.space import sample
 from hpo.spec.user_code import UserCodeError, registered
+from hpo.storage.files import as_disk_full, is_disk_full
 
 
 @dataclass
@@ -38,24 +45,47 @@ class TrialRunner:
     life: Lifecycle
     train_fn: Callable[[Trial], Any]
     current: TrialRecord | None = None  # the trial in flight
+    took: optuna.Trial | None = None  # the last trial handed to run(): its ending is the runner's
     resumes_from: int | None = None  # the epoch the last requeued trial resumes from
     output: TrialOutput | None = None  # the log of the trial in flight
 
     def run(self, ot: optuna.Trial) -> FrozenTrial:
-        self.current, self.resumes_from = None, None
-        with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output) as self.output:
-            try:
+        self.current, self.resumes_from, self.output = None, None, None
+        try:
+            self.took = ot  # from here on, this runner ends the trial however it stops
+            with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output) as self.output:
                 with self.life.owned(ot):
                     return self._run(ot)
-            except KeyboardInterrupt:
-                # A stop outside the training code (sampling, a storage write): queued all the same.
-                if self.resumes_from is None:
-                    self._finish_output()
-                    record = self.current
-                    why = f"interrupted ({stopping.requested() or 'stopped'})"
-                    if self.life.abandon(ot, f"{why} in epoch {record.epoch_in_flight() if record else 0}"):
-                        self.resumes_from = record.checkpointed_epoch if record else 0
+        except KeyboardInterrupt:
+            # A stop outside the training code (sampling, a storage write): queued all the same.
+            if self.resumes_from is None:
+                self._finish_output()
+                record = self.current
+                why = f"interrupted ({stopping.requested() or 'stopped'})"
+                if self.life.abandon(ot, f"{why} in epoch {record.epoch_in_flight() if record else 0}",
+                                     record.checkpointed_epoch if record else 0):
+                    self.resumes_from = record.checkpointed_epoch if record else 0
+            raise
+        except Exception as e:
+            if not is_disk_full(e):
                 raise
+            raise self._disk_full(ot, as_disk_full(e)) from None
+
+    def _disk_full(self, ot: optuna.Trial, full: DiskFullError) -> DiskFullError:
+        """No space left for a file of this trial (its checkpoint, log or model, or the training
+        code's own): not a verdict on its parameters. The trial is queued to resume from its last
+        checkpoint, and the worker stops with the one line that says where space is missing."""
+        record = self.current
+        try:
+            self._finish_output()
+        except DiskFullError:
+            pass  # its log stays in the live file, where `hpo logs` reads it
+        if record is not None:
+            record.close()  # the retry inherits every epoch reported
+        epoch = record.epoch_in_flight() if record is not None else 0
+        if self.life.abandon(ot, f"{full} (in epoch {epoch})", record.checkpointed_epoch if record else 0):
+            self.resumes_from = record.checkpointed_epoch if record is not None else 0
+        return full
 
     def _run(self, ot: optuna.Trial) -> FrozenTrial:
         ctx = self.ctx
@@ -107,7 +137,7 @@ class TrialRunner:
             return self._end(attempt, record, Ending(End.ERROR, "KeyboardInterrupt raised by the training code "
                                                                 "(no stop was requested)"), e)
         except Exception as e:
-            if is_storage_failure(e):
+            if is_storage_failure(e) or is_disk_full(e):
                 raise  # the worker's problem (retry or stop), not a verdict on the trial
             if group is not None and (failed := group.explain(e)) is not None:
                 return self._rank_failed(attempt, record, failed)
@@ -139,7 +169,7 @@ class TrialRunner:
         elif ending.end is End.RANK_LOST:
             why = (ending.reason or "").split(";")[0]
         frozen = self.life.end(attempt, Outcome(ending, record.attributes(ending.reason), error=error,
-                                                requeue_why=why))
+                                                requeue_why=why, checkpoint_epoch=record.checkpointed_epoch))
         if ending.end.requeued:
             self.resumes_from = record.checkpointed_epoch
         return frozen

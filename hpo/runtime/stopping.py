@@ -65,8 +65,23 @@ def _kill() -> None:
 
 
 def requested() -> str | None:
-    """Why this process was asked to stop, or None."""
+    """Why this process was asked to stop ("SIGINT", "SIGTERM", "hpo stop"), or None."""
     return _reason
+
+
+BY_COMMAND = "hpo stop"  # the reason of a stop asked with `hpo stop` (a request stored in the study)
+
+
+def by_signal() -> signal.Signals | None:
+    """The signal that stopped this process, if a signal did."""
+    return signal.Signals[_reason] if _reason is not None and _reason in signal.Signals.__members__ else None
+
+
+def exit_code() -> int:
+    """How a stopped command exits: 128 + the signal's number, as a shell reports a process a signal
+    ended (SIGINT 130, SIGTERM 143); 0 for `hpo stop`, which asked for it."""
+    sig = by_signal()
+    return 0 if _reason == BY_COMMAND else 128 + (sig or signal.SIGINT)
 
 
 def raise_if_requested() -> None:
@@ -81,6 +96,24 @@ def defer(on: bool) -> None:
     of a collective, it would leave the other ranks waiting in it. grace() still bounds the wait."""
     global _deferred
     _deferred = on
+
+
+_shields = 0  # sections a signal must not cut, open now
+
+
+@contextlib.contextmanager
+def shielded(obey: bool = True) -> Iterator[None]:
+    """A section a signal must not cut (a trial created and not yet claimed by the code that runs
+    it would be left running with no owner; a trial half ended): a stop that comes during it is
+    remembered, and raised as the section ends (`obey`) or at the caller's next check."""
+    global _shields
+    _shields += 1
+    try:
+        yield
+    finally:
+        _shields -= 1
+    if obey and not _shields and not _deferred:
+        raise_if_requested()
 
 
 def reset() -> None:
@@ -101,7 +134,7 @@ def handling() -> Iterator[None]:
     kernel, a test runner)."""
 
     def handler(signum: int, frame: Any) -> None:
-        if request(f"{signal.Signals(signum).name}") and not _deferred:
+        if request(f"{signal.Signals(signum).name}") and not _deferred and not _shields:
             raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
@@ -134,7 +167,7 @@ class StudyStopWatch:
             except Exception:
                 continue  # the storage is down: the worker's own calls say so
             if value != self.baseline:
-                request("hpo stop")
+                request(BY_COMMAND)
                 return
 
     def close(self) -> None:

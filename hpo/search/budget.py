@@ -18,7 +18,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import backend_of, heartbeat_enabled, storage_of
-from hpo.storage.retry import OWNER_ATTR, is_local_and_alive, reclaim_orphans
+from hpo.storage.retry import (
+    OWNER_ATTR,
+    RESUMES_ATTR,
+    is_local_and_alive,
+    reclaim_orphans,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,19 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     for t in trials:
         out.update(int(n) for n in t.system_attrs.get("retry_history", ()))
     return out
+
+
+def resumed_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that were stopped under them (interrupted, a dead worker, a full
+    disk) and live on in a retry that resumes them: not failures of their parameters."""
+    return {int(t.system_attrs[RESUMES_ATTR]) for t in trials if isinstance(t.system_attrs.get(RESUMES_ATTR), int)}
+
+
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials by state as a person reads them: a failed trial that a retry resumes is RESUMED."""
+    resumed = resumed_numbers(trials)
+    return dict(Counter("RESUMED" if t.state == TrialState.FAIL and t.number in resumed else t.state.name
+                        for t in trials))
 
 
 def budget_status(study: optuna.Study, total: int) -> BudgetStatus:

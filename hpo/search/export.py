@@ -15,11 +15,10 @@ from typing import Any
 
 import optuna
 
-from hpo._private import storage_of
 from hpo.errors import HpoError
+from hpo.search.saved import read_scored_model, read_trial_model, trial_model
 from hpo.search.study import StudyHandle
 from hpo.search.summary import TEST_ATTR, best_trial, front
-from hpo.storage.artifacts import find_artifact
 
 FORMAT = 1
 
@@ -72,16 +71,16 @@ def exported(handle: StudyHandle, number: int | None = None) -> dict[str, Any]:
         "test": dict(record["scores"]) if record else None, "spec": spec.to_dict(),
     }
     if spec.train is not None:
-        model_id = find_artifact(trial, "model.pt", storage_of(study))
+        model_id = trial_model(study, trial)
         if model_id is None:
             raise HpoError(f"trial {trial.number} of study {study.study_name} kept no state: its train function "
                            "never called trial.save_checkpoint()")
-        out["state"] = handle.artifacts.read(model_id)
+        out["state"] = read_trial_model(handle, trial, model_id)
         return out
     if record is None or not record.get("model_artifact"):
         raise HpoError(f"the best model of study {study.study_name} (trial {trial.number}) is not scored and saved "
                        f"yet: run the study again (hpo run, or hpo worker {study.study_name}) to finish it")
-    bundle = handle.artifacts.read(record["model_artifact"])
+    bundle = read_scored_model(handle, trial, record["model_artifact"])
     out["params"] = dict(bundle["params"])
     out["model"] = {"family": bundle["model_family"], "input_shape": list(bundle["input_shape"]),
                     "n_outputs": int(bundle["n_outputs"]), "task": bundle.get("task", "classification"),

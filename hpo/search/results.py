@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,9 +12,16 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hpo._private import storage_of, study_id
+from hpo.search.saved import (
+    best_model_problem,
+    read_trial_model,
+    recorded_problem,
+    trial_model,
+)
 from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
 from hpo.search.summary import TEST_ATTR, best_trial, front
-from hpo.storage.artifacts import UID_RE, find_artifact, named_links, own_file
+from hpo.storage.artifacts import UID_RE, named_links, own_file
+from hpo.storage.files import TEMP_FOLDER
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +44,8 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
         numbers = [t.number for t in front(study)[:handle.spec.test_top]]
 
         def front_done(r: dict[str, Any] | None) -> bool:
-            return r is not None and [x["trial"] for x in r.get("front") or []] == numbers
+            return r is not None and [x["trial"] for x in r.get("front") or []] == numbers \
+                and best_model_problem(study, r) is None
 
         return _once(study, f"front:{numbers}", front_done, lambda: _score_front(handle, device, data))
     best = best_trial(study)
@@ -45,7 +54,8 @@ def finalize(handle: StudyHandle, device: torch.device, data: DataCache | None =
     chosen = best
 
     def best_done(r: dict[str, Any] | None) -> bool:
-        return r is not None and r.get("trial") == chosen.number
+        # A recorded model that cannot be read back (cut, torn) is scored again from the trial's state.
+        return r is not None and r.get("trial") == chosen.number and recorded_problem(r) is None
 
     return _once(study, f"best:{best.number}", best_done, lambda: _score_best(handle, chosen, device, data))
 
@@ -86,7 +96,8 @@ def _once(study: optuna.Study, key: str, done: Callable[[dict[str, Any] | None],
 
 def _score_front(handle: StudyHandle, device: torch.device, data: DataCache | None) -> dict[str, Any]:
     study = handle.study
-    done = {r["trial"]: r for r in (study.user_attrs.get(TEST_ATTR) or {}).get("front") or []}
+    done = {r["trial"]: r for r in (study.user_attrs.get(TEST_ATTR) or {}).get("front") or []
+            if recorded_problem(r) is None}
     records = []
     trials = front(study)[:handle.spec.test_top]
     if data is None and handle.spec.train is None and any(t.number not in done for t in trials):
@@ -123,10 +134,10 @@ def _score(handle: StudyHandle, best: FrozenTrial, device: torch.device, data: D
     study, spec = handle.study, handle.spec
     if spec.train is not None:
         return _score_with_user_test(handle, best, device) if spec.test is not None else None
-    model_id = find_artifact(best, "model.pt", storage_of(study))
+    model_id = trial_model(study, best)
     if model_id is None:
         return None
-    saved = handle.artifacts.read(model_id)
+    saved = read_trial_model(handle, best, model_id)
     values = dict(saved["params"])
     params = Params.from_mapping(values)
     data = data or DataCache(spec.builtin_data, spec.seed, device, spec.model)
@@ -181,8 +192,8 @@ def _score_with_user_test(handle: StudyHandle, best: FrozenTrial, device: torch.
     assert spec.test is not None
     who = f"test: {spec.test}"
     test_fn = load(spec.test, "test")
-    model_id = find_artifact(best, "model.pt", storage_of(handle.study))
-    state = handle.artifacts.read(model_id) if model_id is not None else None
+    model_id = trial_model(handle.study, best)
+    state = read_trial_model(handle, best, model_id) if model_id is not None else None
     record = TrialRecord(TrialContext(spec, handle.artifacts, device, who=who), best.number, None, state=state)
     trial = Trial(record, resolve_values(spec, best.params))
     trial.start_epoch = trial.epochs
@@ -228,6 +239,8 @@ def delete_study(study: optuna.Study) -> int:
             if (path := own_file(base, name, uid)) is not None:
                 path.unlink()
                 removed += 1
+        with contextlib.suppress(OSError):  # the store's folder for files being written, when no one writes
+            (base / TEMP_FOLDER).rmdir()
     optuna.delete_study(study_name=study.study_name, storage=storage_of(study))
     return removed
 

@@ -13,11 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
+from optuna.storages import BaseStorage
 
 from hpo._private import storage_of, study_id
+from hpo.errors import StorageError
+from hpo.runtime import stopping
+from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.budget import count_budget, is_budget_spent
 from hpo.search.failures import FailureStop, verdict
+from hpo.search.study import stop_requests
 from hpo.storage.budget_lock import BudgetLock
+from hpo.storage.urls import mask
 
 
 @dataclass
@@ -36,6 +42,7 @@ class TrialSlots:
     def __init__(self, study: optuna.Study, total: int, since: float, failure_limit: int) -> None:
         self.study, self.total, self.since, self.failure_limit = study, total, since, failure_limit
         self.lock = BudgetLock(storage_of(study), study_id(study))
+        self.stops = stop_requests(study)  # `hpo stop` asked after this worker started stops it
 
     def take(self, want: int = 1, may_start: Callable[[], bool] = lambda: True,
              started: Callable[[optuna.Trial], None] = lambda trial: None) -> Taken:
@@ -44,6 +51,10 @@ class TrialSlots:
         trial's sampling sees the ones before it)."""
         self.lock.acquire()
         try:
+            if stop_requests(self.study) != self.stops:
+                # Read under the lock `hpo stop` takes to ask: no trial starts after it counted the running ones.
+                stopping.request(stopping.BY_COMMAND)
+                return Taken(stopped="stopped by hpo stop")
             trials = self.study.get_trials(deepcopy=False)
             if (failure := verdict(trials, self.since, self.failure_limit)) is not None:
                 return Taken(stopped=failure.reason, failure=failure)
@@ -77,3 +88,23 @@ class TrialSlots:
     def all_taken(self) -> bool:
         """Every trial of the budget is running or done (read without the lock)."""
         return count_budget(self.study.get_trials(deepcopy=False), self.total).all_taken
+
+
+def request_stop(storage: BaseStorage, name: str, storage_url: str) -> int:
+    """`hpo stop`: every worker of the study stops at its next report and queues its trial; the
+    next run or worker resumes. Asked under the lock trials are taken under, so the trials
+    running then (how many: returned) are the ones stopped: a worker takes none after it."""
+    from optuna.trial import TrialState
+
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        raise StorageError(f"no study named {name!r} in {mask(storage_url)}") from None
+    lock = BudgetLock(storage, sid)  # the lock workers take a trial under: none starts one while this counts
+    lock.acquire()
+    try:
+        count = storage.get_study_system_attrs(sid).get(STOP_ATTR, 0)
+        storage.set_study_system_attr(sid, STOP_ATTR, (count if isinstance(count, int) else 0) + 1)
+        return len(storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING,)))
+    finally:
+        lock.release()

@@ -23,8 +23,15 @@ if TYPE_CHECKING:
 import optuna
 from optuna.storages import BaseStorage
 
-from hpo._private import storage_of, study_id
-from hpo.errors import SettingError, SpecError, StorageError, StudyExistsError
+from hpo._private import storage_of, study_id, study_names, undecodable_attrs
+from hpo.errors import (
+    HpoError,
+    SettingError,
+    SpecError,
+    StorageError,
+    StudyExistsError,
+    UnreadableStudyError,
+)
 from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.samplers import make_pruner, make_sampler
 from hpo.search.summary import SPEC_ATTR
@@ -121,6 +128,10 @@ def open_for_spec(
 
 def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, artifact_dir: str | None) -> StudyHandle:
     sampler, pruner = make_sampler(spec), make_pruner(spec)
+    try:
+        readable_attrs(storage, storage.get_study_id_from_name(spec.name), spec.name)  # one line, before any write
+    except KeyError:
+        pass  # a new study
     starts = warm_start_configurations(spec, storage, storage_url)  # a missing study: refused before any write
     if explicit := artifact_dir or os.environ.get(ENV_ARTIFACTS):
         open_store(Path(explicit))  # an unusable folder is refused before the study exists
@@ -206,15 +217,30 @@ def warm_start_configurations(spec: StudySpec, storage: BaseStorage, storage_url
     return out
 
 
+def readable_attrs(storage: BaseStorage, study_id: int, name: str) -> dict[str, Any]:
+    """A study's user attributes (its spec, its test record); UnreadableStudyError, saying which
+    attribute and why, when one cannot be decoded (written by another tool, a bad migration)."""
+    try:
+        attrs = storage.get_study_user_attrs(study_id)
+        storage.get_study_system_attrs(study_id)
+    except ValueError as e:
+        bad = undecodable_attrs(storage, study_id)
+        what = ", ".join(f"its {kind} attribute {key!r} is not valid JSON ({why})" for kind, key, why in bad) \
+            or f"its attributes cannot be decoded ({e})"
+        raise UnreadableStudyError(f"study {name!r} cannot be read: {what}; it was written by something other "
+                                   "than hpo", name) from None
+    return attrs
+
+
 def open_existing(name: str, storage: BaseStorage, storage_url: str, artifact_dir: str | None = None) -> StudyHandle:
     """Join a study from the spec stored in it: a worker needs only the name and the storage."""
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
-        names = [s.study_name for s in storage.get_all_studies()]
+        names = [n for _, n in study_names(storage)] or [s.study_name for s in storage.get_all_studies()]
         hint = f" (studies there: {', '.join(names[:10])})" if names else " (it holds no studies)"
         raise StorageError(f"no study named {name!r} in {mask(storage_url)}{hint}") from None
-    stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    stored = readable_attrs(storage, study_id, name).get(SPEC_ATTR)
     if stored is None:
         raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
     spec = spec_from_mapping(stored, f"study {name!r}")
@@ -232,20 +258,6 @@ def stop_requests(study: optuna.Study) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def request_stop(storage: BaseStorage, name: str, storage_url: str) -> int:
-    """`hpo stop`: every worker of the study stops at its next report and queues its trial; the
-    next run or worker resumes. Returns how many trials were running."""
-    from optuna.trial import TrialState
-
-    try:
-        sid = storage.get_study_id_from_name(name)
-    except KeyError:
-        raise StorageError(f"no study named {name!r} in {mask(storage_url)}") from None
-    count = storage.get_study_system_attrs(sid).get(STOP_ATTR, 0)
-    storage.set_study_system_attr(sid, STOP_ATTR, (count if isinstance(count, int) else 0) + 1)
-    return len(storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING,)))
-
-
 def retry_failed(study: optuna.Study) -> list[tuple[int, int]]:
     """`hpo retry`: queue every failed trial that nothing retries yet, with its parameters, to run
     from the start (a failed trial's checkpoint is gone). Returns (failed, queued) numbers."""
@@ -259,3 +271,27 @@ def retry_failed(study: optuna.Study) -> list[tuple[int, int]]:
         if t.state == optuna.trial.TrialState.FAIL and t.number not in retried:
             out.append((t.number, requeue_fresh(study, t)))
     return out
+
+
+def rerun_completed(study: optuna.Study, number: int) -> int:
+    """`hpo retry STUDY N`: queue trial N again with its parameters and seed. A failed trial runs
+    from the start, as `hpo retry` queues every failed one; a completed one runs again so that
+    its saved model, which cannot be read back, is written anew. Returns the new trial's number."""
+    from hpo.search.budget import retried_numbers
+    from hpo.storage.retry import RERUN_ATTR, requeue_fresh, rerun
+
+    trials = study.get_trials(deepcopy=False)
+    if number >= len(trials):
+        raise HpoError(f"study {study.study_name} has no trial {number} (it has {len(trials)})")
+    trial = trials[number]
+    if trial.state == optuna.trial.TrialState.FAIL and number not in retried_numbers(trials):
+        return requeue_fresh(study, trial)
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise HpoError(f"trial {number} of study {study.study_name} is {trial.state.name.lower()}"
+                       f"{' and already queued again' if number in retried_numbers(trials) else ''}: only a failed "
+                       "or completed trial can be run again")
+    waiting = [t.number for t in trials if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+               and t.system_attrs.get(RERUN_ATTR) == number]
+    if waiting:
+        raise HpoError(f"trial {number} of study {study.study_name} is already queued again (as #{waiting[0]})")
+    return rerun(study, trial)

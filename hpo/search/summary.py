@@ -4,14 +4,18 @@ stay fast."""
 
 from __future__ import annotations
 
-from collections import Counter
+import contextlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._private import study_names, undecodable_attrs
 from hpo.runtime.pruning import dominates
+from hpo.search.budget import state_counts
 
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
@@ -91,7 +95,7 @@ def objective_names(study: optuna.Study, spec: dict[str, Any]) -> list[str]:
 
 def summarize(study: optuna.Study) -> Summary:
     trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
+    counts = state_counts(trials)
     attrs = study.user_attrs
     spec = attrs.get(SPEC_ATTR) or {}
     names = objective_names(study, spec)
@@ -116,3 +120,41 @@ def summarize(study: optuna.Study) -> Summary:
         best_params=dict(best.params) if best else {},
         **common,
     )
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One study as `hpo studies` lists it; `problem` says why it cannot be read (the rest is empty)."""
+
+    name: str
+    trials: int = 0
+    directions: tuple[str, ...] = ()
+    best: float | None = None
+    created: datetime | None = None
+    problem: str | None = None
+
+
+def study_rows(storage: BaseStorage) -> list[StudyRow]:
+    """Every study of a storage, in the order they were made. One whose attributes cannot be
+    decoded (written by another tool, a bad migration) is listed with why, and the others as usual."""
+    try:
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
+    except ValueError:
+        return [_row_alone(storage, sid, name) for sid, name in study_names(storage)]
+    return [StudyRow(s.study_name, s.n_trials, tuple(d.name.lower() for d in s.directions),
+                     s.best_trial.value if s.best_trial is not None and len(s.directions) == 1 else None,
+                     s.datetime_start) for s in summaries]
+
+
+def _row_alone(storage: BaseStorage, sid: int, name: str) -> StudyRow:
+    bad = undecodable_attrs(storage, sid)
+    if bad:
+        return StudyRow(name, problem="; ".join(f"its {kind} attribute {key!r} is not valid JSON" for kind, key, _ in bad))
+    directions = storage.get_study_directions(sid)
+    trials = storage.get_all_trials(sid, deepcopy=False)
+    best = None
+    if len(directions) == 1:
+        with contextlib.suppress(ValueError):
+            best = storage.get_best_trial(sid).value
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    return StudyRow(name, len(trials), tuple(d.name.lower() for d in directions), best, min(starts, default=None))

@@ -1,9 +1,10 @@
 """Checkpoints and saved models in an Optuna artifact store.
 
-A running trial's checkpoint is overwritten in place each epoch under an id derived from the
-study and the trial's *original* number, so a retried trial (a new Optuna trial) finds it without
-any storage write per epoch. Two slots are written in turn: a worker killed in the middle of a
-write leaves the other slot intact. Final weights of completed trials and the study's best model
+A running trial's checkpoint is replaced each epoch under an id derived from the study and the
+trial's *original* number, so a retried trial (a new Optuna trial) finds it without any storage
+write per epoch. Every file is written whole or not at all (hpo.storage.files); two slots are
+written in turn, so a checkpoint damaged later (a bad copy, a disk error) still leaves the one
+before it. Final weights of completed trials and the study's best model
 are uploaded with `optuna.artifacts.upload_artifact`, so the dashboard lists them (and serves
 them: it takes only Optuna's uuid artifact ids, so the files bear no extension; `hpo export`
 writes a model to a file of its own).
@@ -14,18 +15,22 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from hpo.errors import StorageError
+from hpo.errors import DiskFullError, StorageError, UnreadableFileError
+from hpo.storage.files import TEMP_FOLDER, disk_full, is_disk_full, load_problem, staging, sweep, write_whole
 from hpo.storage.urls import sqlite_path
 
 ENV_ARTIFACTS = "HPO_ARTIFACTS"
 LOG_FILENAME = "log.txt"  # a trial's output, as an artifact of the trial
+MODEL_FILE = "model.pt"  # a trial's final state, kept when it may be the best (the test step's input)
 
 
 def default_artifact_path(storage_url: str) -> Path:
@@ -44,14 +49,31 @@ def resolve_artifact_path(cli_value: str | None, storage_url: str, recorded: str
     return Path(value).expanduser().resolve() if value else default_artifact_path(storage_url)
 
 
-def open_store(path: Path) -> FileSystemArtifactStore:
+class WholeFileArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system artifact store whose writes are whole or absent: a kill during a
+    write leaves the artifact as it was (or absent), never torn (hpo.storage.files). Reads and
+    removals are Optuna's."""
+
+    def __init__(self, base_path: str | Path) -> None:
+        super().__init__(base_path)
+        self.base = Path(base_path)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        target = Path(os.path.abspath(self.base / artifact_id))
+        if os.path.isabs(artifact_id) or target.parent != Path(os.path.abspath(self.base)):
+            raise ValueError(f"Invalid artifact_id: {artifact_id}")  # as Optuna's store refuses it
+        write_whole(target, lambda f: shutil.copyfileobj(content_body, f), self.base / TEMP_FOLDER)
+
+
+def open_store(path: Path) -> WholeFileArtifactStore:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StorageError(f"cannot create artifact folder {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
         raise StorageError(f"artifact folder {path} is not writable")
-    return FileSystemArtifactStore(base_path=path)
+    sweep(path / TEMP_FOLDER)  # what writers killed mid-write left
+    return WholeFileArtifactStore(base_path=path)
 
 
 def _serialize(state: dict[str, Any]) -> io.BytesIO:
@@ -83,28 +105,46 @@ class Artifacts:
         base = f"{self.uid}-trial{number}"
         return f"{base}-a.ckpt", f"{base}-b.ckpt"
 
+    def checkpoint_paths(self, number: int) -> list[Path]:
+        """Where a trial's (by original number) two checkpoint slots are, whether or not they exist."""
+        return [self.path / slot for slot in self._slots(number)]
+
     def checkpoint_files(self, number: int) -> list[Path]:
         """The checkpoint files a trial (by original number) has now."""
         return [self.path / slot for slot in self._slots(number) if (self.path / slot).is_file()]
 
     def save_checkpoint(self, number: int, state: dict[str, Any]) -> None:
         slot = self._slots(number)[int(state["epoch"]) % 2]
-        self.store.write(slot, _serialize(state))
+        with _writing(f"trial {number}'s checkpoint", "the trial resumes from its last checkpoint", self.path):
+            self.store.write(slot, _serialize(state))
 
-    def load_checkpoint(self, number: int) -> dict[str, Any] | None:
-        """The newest readable checkpoint of a trial (by original number), or None."""
+    def load_checkpoint(self, number: int, valid: Any = None) -> tuple[dict[str, Any] | None, list[str]]:
+        """The newest readable checkpoint of a trial (by original number), or None, and what is
+        wrong with each checkpoint file that cannot be used ("<file>: truncated or torn ...").
+        `valid(state)`: None for a state of the expected format, else why it is not."""
         best: dict[str, Any] | None = None
+        problems: list[str] = []
         for slot in self._slots(number):
-            if isinstance(self.store, FileSystemArtifactStore) and not (self.path / slot).is_file():
-                continue  # missing, or not a regular file (a device would be read forever)
+            path = self.path / slot
+            if isinstance(self.store, FileSystemArtifactStore) and not path.exists():
+                continue
+            if isinstance(self.store, FileSystemArtifactStore) and not path.is_file():
+                problems.append(f"{path}: not a regular file")  # a device would be read forever
+                continue
+            data = b""
             try:
                 with self.store.open_reader(slot) as f:
-                    state = _deserialize(f.read())
-            except Exception:  # missing, or torn by a kill mid-write: the other slot serves
+                    data = f.read()
+                state = _deserialize(data)
+            except Exception as e:
+                problems.append(f"{path}: {load_problem(e, data[:2])}")
+                continue
+            if (wrong := valid(state) if valid is not None else None) is not None:
+                problems.append(f"{path}: {wrong}")
                 continue
             if best is None or state["epoch"] > best["epoch"]:
                 best = state
-        return best
+        return best, problems
 
     def remove_checkpoint(self, number: int) -> None:
         for slot in self._slots(number):
@@ -120,26 +160,40 @@ class Artifacts:
         state: dict[str, Any],
         storage: optuna.storages.BaseStorage | None = None,
     ) -> str:
-        import torch
-
-        with tempfile.TemporaryDirectory() as tmp:
+        what = f"trial {target.number}'s {filename}" if not isinstance(target, optuna.Study) else f"the study's {filename}"
+        then = "the trial resumes from its last checkpoint" if not isinstance(target, optuna.Study) else \
+            "the best model is scored again"
+        with _writing(what, then, self.path), staging(self.path / TEMP_FOLDER) as tmp:
             file = Path(tmp) / filename
-            torch.save(state, file)
+            # Serialized in memory, then written: torch's own file writer words a full disk as a
+            # RuntimeError, Python's as the OSError it is.
+            file.write_bytes(_serialize(state).getbuffer())
             # a PyTorch file, whatever .pt guesses as
             return self._upload(target, file, storage, "application/octet-stream")
+
+    def rewrite(self, artifact_id: str, state: dict[str, Any], what: str) -> None:
+        """Write `state` over an existing artifact (a model saved again), whole or not at all."""
+        with _writing(what, "the trial resumes from its last checkpoint", self.path):
+            self.store.write(artifact_id, _serialize(state))
 
     def log_path(self, number: int) -> Path:
         """Where a running trial's output is written (read by `hpo logs --follow`)."""
         return self.path / f"{self.uid}-trial{number}.log"
 
     def upload_log(self, trial: optuna.Trial, path: Path) -> str:
-        with tempfile.TemporaryDirectory() as tmp:
-            file = Path(tmp) / LOG_FILENAME
-            file.write_bytes(path.read_bytes())
-            return self._upload(trial, file, None, "text/plain")
+        with _writing(f"trial {trial.number}'s log", "the trial resumes from its last checkpoint", self.path):
+            return self._upload(trial, path, None, "text/plain", LOG_FILENAME)
 
     def _upload(self, target: optuna.Trial | optuna.trial.FrozenTrial | optuna.Study, file: Path,
-                storage: optuna.storages.BaseStorage | None, mimetype: str) -> str:
+                storage: optuna.storages.BaseStorage | None, mimetype: str, filename: str | None = None) -> str:
+        if filename is not None and filename != file.name:  # Optuna names an artifact by its file
+            with staging(self.path / TEMP_FOLDER) as tmp:
+                named = Path(tmp) / filename
+                try:
+                    os.link(file, named)
+                except OSError:
+                    shutil.copyfile(file, named)
+                return self._upload(target, named, storage, mimetype)
         return upload_artifact(artifact_store=self.store, file_path=str(file), study_or_trial=target,
                                storage=storage, mimetype=mimetype)
 
@@ -148,8 +202,16 @@ class Artifacts:
             return bytes(f.read()).decode("utf-8", errors="replace")
 
     def read(self, artifact_id: str) -> dict[str, Any]:
-        with self.store.open_reader(artifact_id) as f:
-            return _deserialize(f.read())
+        """A saved state; UnreadableFileError saying why when it cannot be read back."""
+        path = self.file_of(artifact_id)
+        data = b""
+        try:
+            with self.store.open_reader(artifact_id) as f:
+                data = f.read()
+            return _deserialize(data)
+        except Exception as e:
+            why = "missing" if not path.exists() else load_problem(e, data[:2])
+            raise UnreadableFileError(f"{path}: {why}") from None
 
     def file_of(self, artifact_id: str) -> Path:
         return self.path / artifact_id
@@ -169,6 +231,19 @@ class Artifacts:
             shutil.copyfile(self.file_of(artifact_id), tmp)
         os.replace(tmp, target)  # a reader sees the old model or the new one, never half of one
         return target
+
+
+@contextmanager
+def _writing(what: str, then: str, folder: Path) -> Iterator[None]:
+    """A full disk while writing `what` into `folder` says so, and what the next run does about it."""
+    try:
+        yield
+    except DiskFullError as e:
+        raise e.writing(what, then) from None
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full(folder).writing(what, then) from None
 
 
 def find_artifact(

@@ -49,7 +49,13 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         queue_retry(study, trial, f"resumes trial {trial.number}: {what}", inherit=True)
 
 
-def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: bool) -> int:
+RESUMES_ATTR = "hpo:resumes"  # trial system attr of a retry that resumes a trial stopped under it (not a failure)
+CHECKPOINT_ATTR = "hpo:checkpoint_epoch"  # trial system attr of a requeued trial: the epoch it resumes from
+RERUN_ATTR = "hpo:rerun_of"  # trial system attr: this trial runs a completed trial again, to save its model anew
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: bool,
+                extra: Mapping[str, object] | None = None) -> int:
     """Queue `trial` (failed) again with its parameters, as Optuna's retry callbacks do, and return
     the new trial's number. It keeps the first attempt's number in its retry history (its seed and
     checkpoint for the training code); `inherit`: it resumes, with the epochs already reported.
@@ -60,7 +66,8 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: b
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         intermediate_values=dict(trial.intermediate_values) if inherit else None,
         system_attrs={"failed_trial": trial.number,
-                      "retry_history": [*trial.system_attrs.get("retry_history", ()), trial.number]},
+                      "retry_history": [*trial.system_attrs.get("retry_history", ()), trial.number],
+                      **({RESUMES_ATTR: trial.number} if inherit else {}), **(extra or {})},
         user_attrs={"retry_reason": why[:500]},
     )
     number = storage.get_trial_number_from_id(storage.create_new_trial(study_id(study), template_trial=template))
@@ -101,13 +108,15 @@ def _forget_checkpoints(study: optuna.Study, number: int) -> None:
             path.unlink()
 
 
-def requeue(study: optuna.Study, tid: int, why: str = "interrupted") -> FrozenTrial | None:
+def requeue(study: optuna.Study, tid: int, why: str = "interrupted", checkpoint_epoch: int = 0) -> FrozenTrial | None:
     """Queue a retry of an interrupted trial (already failed, its reason written), the way a
-    heartbeat-stale trial is retried; the retry says which trial it resumes, and why."""
+    heartbeat-stale trial is retried; the retry says which trial it resumes, and why, and the
+    epoch of the checkpoint it resumes from (so a checkpoint missing then is told)."""
     trial = storage_of(study).get_trial(tid)
     if trial.state != TrialState.FAIL:
         return None
-    queue_retry(study, trial, f"resumes trial {trial.number}: {why}", inherit=True)
+    queue_retry(study, trial, f"resumes trial {trial.number}: {why}", inherit=True,
+                extra={CHECKPOINT_ATTR: checkpoint_epoch} if checkpoint_epoch else None)
     return trial
 
 
@@ -215,6 +224,14 @@ def stale_retrier(storage: BaseStorage) -> RetryStaleTrial:
     the storage has none (a journal)."""
     callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
     return callback if isinstance(callback, RetryStaleTrial) else RetryStaleTrial(None)
+
+
+def rerun(study: optuna.Study, trial: FrozenTrial) -> int:
+    """Queue a completed trial again with its parameters and seed, from the start, for `hpo retry
+    STUDY N` when its saved model cannot be read: when the run completes, its final state is
+    written over the first trial's model (hpo.runtime.lifecycle). Returns the new trial's number."""
+    return queue_retry(study, trial, f"hpo retry: trial {trial.number} again, to save its model anew",
+                       inherit=False, extra={RERUN_ATTR: trial.number})
 
 
 def requeue_fresh(study: optuna.Study, trial: FrozenTrial) -> int:

@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.runtime.listener import Listener
-from hpo.search.budget import count_budget
+from hpo.search.budget import count_budget, resumed_numbers
 from hpo.search.summary import Summary, best_trial, front
 
 
@@ -45,6 +45,7 @@ class Progress(Listener):
         self.tty = self.out.isatty()
         self.start = time.monotonic()
         self.status = f"[0/{total}]"
+        self.resumed: set[int] = set()  # failed trials a retry resumes, as of the last status
 
     def say(self, text: str) -> None:
         """A line that stays (a message, not the status line)."""
@@ -65,6 +66,7 @@ class Progress(Listener):
         runs after every trial, in the run's process, while its workers want the cores)."""
         trials = study.get_trials(deepcopy=False)
         b = count_budget(trials, self.total)
+        self.resumed = resumed_numbers(trials)
         if self.objectives:
             best = f"front {len(front(study))} trials"
         else:
@@ -102,8 +104,10 @@ class Progress(Listener):
             shown = "  ".join(f"{n} {fmt(v)}" for n, v in zip(self.objectives, values))
         else:
             shown = f"{self.metric} {fmt(trial.value) if trial.value is not None else '-':<8}"
+        # A trial stopped under it (Ctrl-C, hpo stop, a full disk) is queued to resume: not a failure.
+        state = "QUEUED" if trial.state.name == "FAIL" and trial.number in self.resumed else trial.state.name
         line = (
-            f"trial {trial.number:>4} {trial.state.name:<8} {shown} "
+            f"trial {trial.number:>4} {state:<8} {shown} "
             f"epochs {len(trial.intermediate_values):>3}  {self.status}"
         )
         reason = trial.user_attrs.get("reason") or ""
@@ -115,6 +119,14 @@ class Progress(Listener):
     def note(self, text: str) -> None:
         self.say(text)
 
+    def warn(self, text: str) -> None:
+        """Shown even when quiet: something was lost or damaged (a checkpoint that cannot be read)."""
+        if self.quiet:
+            self.out.write(text + "\n")
+            self.out.flush()
+        else:
+            self._write(text, final=True)
+
     def close(self) -> None:
         if self.tty and not self.quiet:
             self.out.write("\n")
@@ -123,7 +135,7 @@ class Progress(Listener):
 
 def render_summary(summary: Summary, elapsed: float | None = None) -> str:
     c = summary.counts
-    parts = [f"{c[k]} {k.lower()}" for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if c.get(k)]
+    parts = [f"{c[k]} {k.lower()}" for k in ("COMPLETE", "PRUNED", "FAIL", "RESUMED", "RUNNING", "WAITING") if c.get(k)]
     took = f" in {elapsed:.1f} s" if elapsed is not None else ""
     lines = [f"Study {summary.name}: {sum(c.values())} trials ({', '.join(parts) or 'none yet'}){took}"]
     if summary.multi_objective:
