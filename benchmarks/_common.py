@@ -45,6 +45,31 @@ def machine() -> str:
     )
 
 
+def calibration() -> str:
+    """What tells two machines of one description apart: `import torch` in a fresh interpreter
+    and a fixed matmul on one thread (512 x 512, 200 times), each the median of three."""
+    import subprocess
+
+    import torch
+
+    imports = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        imports.append(time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    matmuls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(200):
+            a @ a
+        matmuls.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return f"import torch {statistics.median(imports):.2f} s, 200 matmuls 512x512 on 1 thread {statistics.median(matmuls):.2f} s"
+
+
 def command() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], HERE.parent), *sys.argv[1:]])
 

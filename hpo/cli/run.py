@@ -52,8 +52,8 @@ def validate(spec_file: str) -> None:
               if spec.enqueue else "")
     click.echo(
         f"{spec_file}: ok - study {spec.name!r}, {what}, {goals}"
-        f"{len(tuned)} tuned parameters ({', '.join(tuned)}), {spec.budget.n_trials} trials x "
-        f"{spec.budget.epochs} epochs, {spec.sampler.name} sampler, {spec.pruner.name} pruner{queued}"
+        f"{len(tuned)} tuned parameters ({', '.join(tuned)}), {spec.budget.describe()}, "
+        f"{spec.sampler.name} sampler, {spec.pruner.name} pruner{queued}"
     )
 
 
@@ -102,7 +102,7 @@ def _heartbeat(interval: int | None, grace: int | None) -> Any:
 @click.option("--n-trials", type=click.IntRange(min=1), default=None,
               help="The study's total number of trials (overrides budget.n_trials).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop after this many seconds (overrides budget.timeout); a trial still running then is "
+              help="Stop after this many seconds (overrides budget.time); a trial still running then is "
                    "queued and resumes from its checkpoint on the next run.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, envvar="HPO_WORKERS",
@@ -229,7 +229,7 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
         spec = spec.with_budget(n_trials=n_trials)
     store, url = open_store(storage, create=True)
     open_for_spec(spec, store, url, artifacts)
-    click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.n_trials} trials); "
+    click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.describe()}); "
                f"start workers with: hpo worker {spec.name}")
 
 

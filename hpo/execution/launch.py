@@ -154,7 +154,8 @@ def run_here(
     slot = slot or HostSlot()
     share = ThreadShare(slot, threads)
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
-                        objectives=tuple(o.name for o in spec.goals))
+                        objectives=tuple(o.name for o in spec.goals),
+                        time_budget=timeout if timeout is not None else spec.budget.timeout)
     fused = ""
     if spec.execution.mode == "fused":
         grouped = "width and depth padded per trial" if spec.execution.pads(device.type) else "grouped by structure"
@@ -164,8 +165,8 @@ def run_here(
         s = data.streamed.train
         streamed = f", data streamed through a DataLoader ({getattr(s, 'workers', 0)} workers)"
     where = f"{device}, {share.apply().describe()}{_per_trial(spec)}"
-    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs on {where}{fused}"
-                 f"{streamed}, storage {mask(storage_url)}")
+    progress.say(f"Study {spec.name}: {_budget(spec, timeout)} on {where}{fused}{streamed}, storage "
+                 f"{mask(storage_url)}")
     start, since = time.monotonic(), time.time()
     announce(storage_url, spec.name)  # the parent of `hpo run`/`hpo worker` takes back what a crash leaves
     try:
@@ -205,11 +206,12 @@ def run_in_processes(
     dev = choose_device("cuda" if gpu_ids else device)
     plans = plan(n_workers, gpu_ids, device, per_trial=spec.execution.processes_per_trial)
     progress = Progress(effective_n_trials(spec), spec.metric, spec.budget.epochs, quiet,
-                        objectives=tuple(o.name for o in spec.goals))
+                        objectives=tuple(o.name for o in spec.goals),
+                        time_budget=timeout if timeout is not None else spec.budget.timeout)
     where = (f"GPUs {','.join(map(str, gpu_ids))}" if gpu_ids
              else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each") + _per_trial(spec)
-    progress.say(f"Study {spec.name}: {progress.total} trials x {spec.budget.epochs} epochs, "
-                 f"{n_workers} workers ({where}), storage {mask(storage_url)}")
+    progress.say(f"Study {spec.name}: {_budget(spec, timeout)}, {n_workers} workers ({where}), storage "
+                 f"{mask(storage_url)}")
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
     start, since, asked = time.monotonic(), time.time(), stop_requests(study)
     messages: Path | None = None  # forked workers leave their one-line errors here
@@ -243,7 +245,7 @@ def run_in_processes(
         stopping.request(stopping.BY_COMMAND)
         raise Stopped(f"{_head()}: every worker queued its trial; the next run resumes them.")
     finalize(handle, dev, data)
-    _say_end(progress, study, timeout)
+    _say_end(progress, study, timeout if timeout is not None else spec.budget.timeout)
     errors = list(dict.fromkeys(watch.errors))
     failure = None if errors else failure_outcome(handle, since)  # a worker's error says more
     return Outcome(time.monotonic() - start, "", [c for c in codes if c] or [0 for _ in errors], failure, errors)
@@ -273,6 +275,15 @@ class _Watch:
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
                 self.progress.trial_finished(self.study, t)
+
+
+def _budget(spec: StudySpec, timeout: float | None) -> str:
+    """"30 trials x 25 epochs", "trials for 10m x 25 epochs": the budget this run works to."""
+    from dataclasses import replace
+
+    budget = spec.budget if timeout is None else replace(spec.budget, timeout=timeout)
+    return budget.describe() if spec.sampler.name != "grid" else \
+        replace(budget, n_trials=effective_n_trials(spec)).describe()
 
 
 def _per_trial(spec: StudySpec) -> str:

@@ -238,5 +238,5 @@ def check_strategy(spec: StudySpec) -> None:
 def effective_n_trials(spec: StudySpec) -> int:
     """The study's total: a grid has no more distinct trials than points."""
     if spec.sampler.name == "grid":
-        return min(spec.budget.n_trials, grid_size(spec))
-    return spec.budget.n_trials
+        return min(spec.budget.total, grid_size(spec))
+    return spec.budget.total

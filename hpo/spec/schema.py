@@ -150,19 +150,48 @@ class PrunerSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+UNLIMITED_TRIALS = 1_000_000  # a study with a time budget and no n_trials: as many as fit
+
+
 @dataclass(frozen=True)
 class BudgetSpec:
-    n_trials: int = 20
+    # Results (complete and pruned trials) the study runs to; None: no count, the time budget
+    # alone ends a run (what pruning saves then becomes more trials).
+    n_trials: int | None = 20
     epochs: int = 10
-    timeout: float | None = None  # seconds for the whole study run
+    timeout: float | None = None  # seconds each run of the study gets (`time:` in a study file)
     trial_timeout: float | None = None  # seconds for one trial
     # Failed trials a run tolerates before it stops (they do not count against n_trials, which
-    # counts results). None: max(10, n_trials // 10).
+    # counts results). None: max(10, n_trials // 10), 20 without a trial count.
     max_failures: int | None = None
 
     @property
     def failure_limit(self) -> int:
-        return self.max_failures if self.max_failures is not None else max(10, self.n_trials // 10)
+        return self.max_failures if self.max_failures is not None else max(10, (self.n_trials or 200) // 10)
+
+    @property
+    def total(self) -> int:
+        return self.n_trials if self.n_trials is not None else UNLIMITED_TRIALS
+
+    def describe(self) -> str:
+        """"30 trials x 25 epochs", "trials for 10m x 25 epochs", "30 trials or 10m x 25 epochs"."""
+        if self.n_trials is None:
+            count = f"trials for {duration(self.timeout)}" if self.timeout else "trials"
+        else:
+            count = f"{self.n_trials} trials" + (f" or {duration(self.timeout)}" if self.timeout else "")
+        return f"{count} x {self.epochs} epochs"
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as a person writes them: 90 -> 1m30s, 3600 -> 1h, 12.5 -> 12.5s."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    whole = int(round(seconds))
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v)
 
 
 @dataclass(frozen=True)

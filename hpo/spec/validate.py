@@ -155,7 +155,7 @@ class Validator:
             enqueue=self.enqueue(top.get("enqueue", []), space), warm_start=self.warm_start(top, name),
             test_top=self.integer(top["test_top"], "test_top", minimum=1) if "test_top" in top else None,
         )
-        if len(spec.enqueue) > spec.budget.n_trials:
+        if spec.budget.n_trials is not None and len(spec.enqueue) > spec.budget.n_trials:
             raise self.fail("enqueue", f"{len(spec.enqueue)} configurations but budget.n_trials is "
                                        f"{spec.budget.n_trials}; they are counted in the budget")
         self.cross_checks(spec)
@@ -459,18 +459,33 @@ class Validator:
         return str(path)
 
     def budget(self, value: Any) -> BudgetSpec:
-        raw = self.mapping(value, "budget", ["n_trials", "epochs", "timeout", "trial_timeout", "max_failures"])
+        raw = self.mapping(value, "budget", ["n_trials", "epochs", "time", "timeout", "trial_timeout", "max_failures"])
         out: dict[str, Any] = {}
-        if "n_trials" in raw:
+        if raw.get("time") is not None and raw.get("timeout") is not None:
+            raise self.fail("budget.time", "give time or timeout (its older name), not both")
+        if raw.get("n_trials") is not None:
             out["n_trials"] = self.integer(raw["n_trials"], "budget.n_trials", minimum=1)
+        elif raw.get("time") is not None or raw.get("timeout") is not None:
+            out["n_trials"] = None  # a time budget alone: as many trials as fit
         if "epochs" in raw:
             out["epochs"] = self.integer(raw["epochs"], "budget.epochs", minimum=1)
         if raw.get("max_failures") is not None:
             out["max_failures"] = self.integer(raw["max_failures"], "budget.max_failures", minimum=0)
-        for key in ("timeout", "trial_timeout"):
+        for key in ("time", "timeout", "trial_timeout"):
             if raw.get(key) is not None:
-                out[key] = self.number(raw[key], f"budget.{key}", positive=True)
+                out["timeout" if key == "time" else key] = self.seconds(raw[key], f"budget.{key}")
         return BudgetSpec(**out)
+
+    def seconds(self, value: Any, path: str) -> float:
+        """A number of seconds, or a duration as a person writes it: 90s, 10m, 1h30m, 1.5h."""
+        if isinstance(value, str):
+            parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+                                 value)
+            if not value.strip() or parts is None or not any(parts.groups()):
+                raise self.fail(path, f"must be seconds or a duration such as 90s, 10m or 1h30m, not {value!r}")
+            h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+            value = h * 3600 + m * 60 + sec
+        return self.number(value, path, positive=True)
 
     def named_kwargs(self, value: Any, path: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
         if isinstance(value, str):
@@ -638,7 +653,7 @@ class Validator:
                 )
         if spec.model == "cnn" and spec.data is not None and spec.data.dataset in ("digits", "synthetic", "diabetes", "csv"):
             raise self.fail("model", f"cnn needs image data; {spec.data.dataset} is tabular (use mlp)")
-        if spec.budget.n_trials > 1_000_000:
+        if spec.budget.n_trials is not None and spec.budget.n_trials > 1_000_000:
             raise self.fail("budget.n_trials", "must be <= 1000000")
         from hpo.search.samplers import (
             check_strategy,  # imported late: it imports optuna

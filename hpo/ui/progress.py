@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from hpo.runtime.listener import Listener
 from hpo.search.budget import count_budget, resumed_numbers
 from hpo.search.summary import Summary, best_trial, front
+from hpo.spec.schema import UNLIMITED_TRIALS, duration
 
 
 def fmt(value: Any) -> str:
@@ -37,9 +38,10 @@ def fmt(value: Any) -> str:
 class Progress(Listener):
     def __init__(
         self, total: int, metric: str, epochs: int, quiet: bool = False, out: TextIO | None = None,
-        objectives: tuple[str, ...] = (),
+        objectives: tuple[str, ...] = (), time_budget: float | None = None,
     ) -> None:
         self.total, self.metric, self.epochs, self.quiet = total, metric, epochs, quiet
+        self.time_budget = time_budget  # seconds this run may take: the status line shows what is left
         self.objectives = objectives if len(objectives) > 1 else ()  # names, with several
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
@@ -75,9 +77,12 @@ class Progress(Listener):
         elapsed = time.monotonic() - self.start
         running = f" running {b.running} |" if b.running > 1 else ""
         pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+        count = f"[{b.finished}]" if self.total >= UNLIMITED_TRIALS else f"[{b.finished}/{self.total}]"
+        left = (f" | {duration(max(0.0, self.time_budget - elapsed))} left" if self.time_budget is not None
+                else "")
         return (
-            f"[{b.finished}/{self.total}] {best} |{running} "
-            f"pruned {pruned} failed {b.failed} | {elapsed:5.0f}s"
+            f"{count} {best} |{running} "
+            f"pruned {pruned} failed {b.failed} | {elapsed:5.0f}s{left}"
         )
 
     def trial_started(self, number: int, params: Mapping[str, Any], resumed_epoch: int,
