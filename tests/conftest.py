@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from hpo.cli.run import cli
+from tests import servers
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -94,7 +95,7 @@ def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
 
 
 def invoke(runner: CliRunner, *args: str):
-    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False, prog_name="hpo")
 
 
 def wait_for(predicate, what: str, limit: float = 120.0) -> None:
@@ -115,43 +116,86 @@ def env_without_storage() -> dict[str, str]:
     return env
 
 
-PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+def _server(make: Any) -> Any:
+    found = make()
+    if isinstance(found, str):
+        missing(found)
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """PostgreSQL: the machine's on 127.0.0.1:5432, else one the suite starts (tests/servers.py)."""
+    yield from _server(servers.postgres)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """Redis: the machine's on 127.0.0.1:6379, else one the suite starts (tests/servers.py)."""
+    yield from _server(servers.redis)
+
+
+@pytest.fixture(scope="session")
+def mariadb_server():
+    """MariaDB: the machine's on 127.0.0.1:3306, or the test is skipped with what to install."""
+    yield from _server(servers.mariadb)
+
+
+def pg_admin(server: servers.Server) -> dict[str, Any]:
+    return dict(host=server.host, port=server.port, user="postgres", dbname="postgres")
 
 
 @pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+def pg_url(postgres_server):
+    """A fresh PostgreSQL database, dropped afterwards."""
     import uuid
 
     psycopg = need_module("psycopg")
     name = f"hpo_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(**PG_ADMIN, autocommit=True) as admin:
+    with psycopg.connect(**pg_admin(postgres_server), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield f"postgresql://postgres@{postgres_server.host}:{postgres_server.port}/{name}"
     finally:  # a new connection: a test may have restarted the server
-        with psycopg.connect(**PG_ADMIN, autocommit=True) as admin:
+        with psycopg.connect(**pg_admin(postgres_server), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
-def mysql_url():
-    """A fresh database on the local MariaDB server (root, empty password), dropped afterwards."""
+def mysql_url(mariadb_server):
+    """A fresh database on the MariaDB server (root, empty password), dropped afterwards."""
     import uuid
 
     pymysql = need_module("pymysql")
     name = f"hpo_test_{uuid.uuid4().hex[:12]}"
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
+    where = dict(host=mariadb_server.host, port=mariadb_server.port, user="root", password="", autocommit=True)
+    conn = pymysql.connect(**where)
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}`")
     conn.close()
     try:
-        yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+        yield f"mysql+pymysql://root@{mariadb_server.host}:{mariadb_server.port}/{name}"
     finally:
-        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
+        conn = pymysql.connect(**where)
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A fresh key prefix on the Redis server, its keys removed afterwards."""
+    import uuid
+
+    redis = need_module("redis")
+    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
+    yield f"redis://{redis_server.host}:{redis_server.port}/0?prefix={prefix}"
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
 
 
 @pytest.fixture

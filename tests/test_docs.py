@@ -18,7 +18,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "hpo run studies/quickstart.yaml" in first_two[0]
     assert "pytest" in first_two[1]
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert first_two[1] in ci_lines, ".ci/run must run the README's test command verbatim"
+    steps = [step.strip() for step in first_two[1].split("&&")]
+    # Each step on a line of its own, in order: under `set -e` an early failure in an && chain is ignored.
+    at = [ci_lines.index(step) if step in ci_lines else -1 for step in steps]
+    assert -1 not in at and at == sorted(at), ".ci/run must run each step of the README's test command, in order"
+    assert not any("&&" in line and "pip install" in line for line in ci_lines)
 
 
 def test_readme_installs_the_cpu_torch_build() -> None:

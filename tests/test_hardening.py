@@ -146,7 +146,10 @@ STORAGE_CASES = [
 
 
 @pytest.mark.parametrize("url,expected", [c[1:] for c in STORAGE_CASES], ids=[c[0] for c in STORAGE_CASES])
-def test_bad_storage_urls(write_spec, runner, tmp_path, url, expected) -> None:
+def test_bad_storage_urls(write_spec, runner, tmp_path, request, url, expected) -> None:
+    if "3306" in url:  # a wrong password needs a MariaDB server that answers
+        server = request.getfixturevalue("mariadb_server")
+        url = url.replace("127.0.0.1:3306", f"{server.host}:{server.port}")
     result = invoke(runner, "run", write_spec(small_spec()), "--storage", url.format(tmp=tmp_path))
     line = one_line_error(result)
     assert expected in line

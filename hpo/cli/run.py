@@ -57,6 +57,31 @@ def validate(spec_file: str) -> None:
     )
 
 
+@cli.command()
+@click.argument("path", metavar="[FILE]", default="study.yaml", type=click.Path(dir_okay=False))
+@click.option("--train", "with_train", is_flag=True,
+              help="Also write train.py, a training function using hpo.Trial, and a study that runs it.")
+@click.option("--example", default=None, metavar="NAME",
+              help="Copy a study that ships with hpo instead (quickstart, digits_pareto, ...).")
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(path: str, with_train: bool, example: str | None, force: bool) -> None:
+    """Write a commented starter study to FILE (default study.yaml), ready to validate and run.
+
+    \b
+    Example:
+      hpo init && hpo run study.yaml
+      hpo init --train              # and train.py, your own training code
+      hpo init --example quickstart quickstart.yaml
+    """
+    from pathlib import Path
+
+    from hpo.spec.starter import write_starter
+
+    target = Path(path if example is None or path != "study.yaml" else f"{example.removesuffix('.yaml')}.yaml")
+    written = write_starter(target, train=with_train, example=example, force=force)
+    click.echo(f"Wrote {', '.join(str(p) for p in written)}. Next: hpo validate {target} && hpo run {target}")
+
+
 def fuse_option(f: F) -> F:
     return click.option(
         "--fuse", type=click.IntRange(min=2, max=1024), default=None, metavar="K",
@@ -163,24 +188,23 @@ def run(
                              quiet, checkpoint_interval, artifacts, fuse, procs_per_trial)
         with _stops():
             handle, outcome, n_workers = run_study(spec, options, ahead)
-    if outcome.interrupted is not None:  # say what resumes where; exit 128 + the signal (0 for hpo stop)
-        click.echo(outcome.stopped, err=True)
-        sys.exit(outcome.code)
-    _summary(handle, outcome.elapsed)
-    _fail_on(outcome, handle.spec.name, n_workers)
+    _end(handle, outcome, n_workers)
 
 
-def _fail_on(outcome: Any, name: str, n_workers: int) -> None:
-    """A run that stopped on failures, or whose workers could not go on, exits non-zero with one line."""
-    from hpo.search.failures import advice
+def _end(handle: Any, outcome: Any, n_workers: int, summary: bool = True) -> None:
+    """The run's ending (hpo.execution.launch.run_ending, which hpo.run() reads too): a stop says
+    what resumes where and exits 128 + its signal (0 for hpo stop); otherwise the summary, then
+    one line and exit 1 when the run could not do what was asked."""
+    from hpo.execution.launch import run_ending
 
-    if outcome.errors:
-        raise HpoError(outcome.errors[0] + (f" (and {len(outcome.errors) - 1} more)" if len(outcome.errors) > 1 else ""))
-    if outcome.failure is not None:
-        raise HpoError(f"study {name} stopped on failures; {advice(name)}")
-    if outcome.failed_workers:
-        raise HpoError(f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error "
-                       f"(exit codes {outcome.failed_workers})")
+    ending = run_ending(outcome, handle.spec.name, n_workers)
+    if ending.stopped is not None:
+        click.echo(ending.line, err=True)
+        sys.exit(ending.code)
+    if summary:
+        _summary(handle, outcome.elapsed)
+    if ending.error:
+        raise HpoError(ending.line)
 
 
 @contextlib.contextmanager
@@ -200,7 +224,7 @@ def _stops() -> Any:
 
 def _summary(handle: Any, elapsed: float | None = None) -> None:
     from hpo.search.summary import summarize
-    from hpo.ui.progress import render_summary
+    from hpo.ui.text import render_summary
 
     click.echo(render_summary(summarize(handle.study), elapsed))
 
@@ -228,7 +252,8 @@ def create(spec_file: str, storage: str | None, artifacts: str | None, n_trials:
     if n_trials is not None:
         spec = spec.with_budget(n_trials=n_trials)
     store, url = open_store(storage, create=True)
-    open_for_spec(spec, store, url, artifacts)
+    for note in open_for_spec(spec, store, url, artifacts).notes:
+        click.echo(note, err=True)
     click.echo(f"Study {spec.name} is ready in {mask(url)} ({spec.budget.describe()}); "
                f"start workers with: hpo worker {spec.name}")
 
@@ -279,6 +304,7 @@ def worker(
     from hpo.execution.share import HostSlot, device_for, wait_to_start
 
     if (given := WorkerSettings.take_from_environment()) is not None:  # started by `hpo run` (--gpus)
+        _no_flags_beside(given)
         artifacts, device, threads, fuse, timeout = (given.artifacts, given.device, given.threads, given.fuse,
                                                      given.timeout)
         heartbeat_interval, grace_period, quiet = given.heartbeat_interval, given.grace_period, True
@@ -287,7 +313,7 @@ def worker(
     if not wait_to_start(slot, threads, _budget_used(storage, study), lambda line: click.echo(line, err=True)):
         click.echo(f"Stopped: study {study} used up its budget while this worker waited for a CPU.", err=True)
         return
-    from hpo.execution.launch import RunOptions, open_run, run_here
+    from hpo.execution.launch import RunOptions, join_study, run_here
     from hpo.storage.urls import resolve_url
 
     dev = device_for(device, slot)
@@ -295,13 +321,30 @@ def worker(
                          heartbeat=_heartbeat(heartbeat_interval, grace_period), quiet=quiet,
                          checkpoint_interval=checkpoint_interval, artifacts=artifacts, fuse=fuse,
                          procs_per_trial=procs_per_trial)
-    with open_run(study, options, dev) as (handle, data), _stops():
+    with join_study(study, options, dev) as (handle, data), _stops():
         outcome = run_here(handle, dev, data, timeout=timeout, n_trials=n_trials, quiet=quiet,
                            storage_url=options.storage_url, checkpoint_interval=checkpoint_interval, slot=slot,
                            threads=threads, label_output=True)
-    if not quiet:
-        _summary(handle, outcome.elapsed)
-    _fail_on(outcome, handle.spec.name, 1)
+    _end(handle, outcome, 1, summary=not quiet)
+
+
+_SET_BY_THE_RUN = ("artifacts", "device", "threads", "fuse", "timeout", "heartbeat_interval", "grace_period",
+                   "checkpoint_interval", "procs_per_trial")
+
+
+def _no_flags_beside(settings: Any) -> None:
+    """A worker `hpo run` started takes its settings from the run (the environment's
+    WorkerSettings); a flag given beside them would be a second, disagreeing source: one line."""
+    from hpo.execution.processes import ENV_SETTINGS
+
+    ctx = click.get_current_context()
+    for name in _SET_BY_THE_RUN:
+        # (HPO_* variables it inherits from the run are the run's own settings, already in them)
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            flag = f"--{name.replace('_', '-')}"
+            raise click.UsageError(f"{flag} was given to a worker whose settings come from the run that started "
+                                   f"it ({ENV_SETTINGS} says {name}={getattr(settings, name)!r}); give it to "
+                                   "hpo run instead")
 
 
 def _budget_used(storage: str | None, study: str) -> Callable[[], bool]:
@@ -314,8 +357,8 @@ def _budget_used(storage: str | None, study: str) -> Callable[[], bool]:
         import optuna
 
         from hpo.search.budget import count_budget
+        from hpo.search.records import SPEC_ATTR
         from hpo.search.samplers import effective_n_trials
-        from hpo.search.summary import SPEC_ATTR
         from hpo.spec.loading import spec_from_mapping
         from hpo.storage.backends import open_storage
         from hpo.storage.urls import resolve_url
