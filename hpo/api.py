@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpo.search.summary import FrontTrial, Summary, summarize
+from hpo.search.records import FrontTrial, Summary
+from hpo.search.summary import summarize
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,6 @@ def run(
     """
     from hpo.errors import HpoError
     from hpo.execution.headstart import head_start
-    from hpo.search.failures import advice
     from hpo.storage.urls import resolve_url
 
     loaded = _spec_with_functions(spec, {"train": train, "test": test, "model": model, "data.dataset": data})
@@ -84,20 +84,22 @@ def run(
         loaded = loaded.with_budget(n_trials=n_trials)
     url = resolve_url(storage)
     with head_start(loaded, url) as ahead:
-        from hpo.execution.launch import RunOptions, run_study  # imports torch: after the head start forks
+        from hpo.execution.launch import (  # imports torch: after the head start forks
+            RunOptions,
+            run_ending,
+            run_study,
+        )
         from hpo.runtime import stopping
 
         options = RunOptions(url, workers if workers is not None else _env_workers(), None, device, timeout,
                              quiet=quiet, checkpoint_interval=checkpoint_interval, artifacts=artifacts)
         with _optuna_quiet(), stopping.handling():  # Ctrl-C (a notebook's interrupt) queues the trials in flight
-            handle, outcome, _ = run_study(loaded, options, ahead)
-    if outcome.interrupted is None and outcome.errors:
-        raise HpoError(outcome.errors[0])
-    if outcome.interrupted is None and outcome.failure is not None:
-        raise HpoError(f"study {loaded.name} stopped on failures: {outcome.failure.reason}; "
-                       f"{advice(loaded.name)}")
+            handle, outcome, n_workers = run_study(loaded, options, ahead)
+    ending = run_ending(outcome, loaded.name, n_workers)  # as `hpo run` ends it
+    if ending.error:
+        raise HpoError(ending.message)
     return RunResult(summarize(handle.study), outcome.stopped, handle.study.study_name, options.storage_url,
-                     artifacts, outcome.interrupted)
+                     artifacts, ending.stopped)
 
 
 _FUNCTION_KEYS = ("train", "test", "model", "data.dataset")

@@ -165,3 +165,43 @@ def test_every_commands_help_imports_neither_optuna_nor_a_database_driver(tmp_pa
                 "sys.modules))" % name)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert done.stdout.strip().splitlines()[-1] == "[]", (name, done.stdout[-300:], done.stderr[-300:])
+
+
+def test_hpo_init_writes_a_starter_that_validates_and_refuses_to_overwrite(runner, tmp_path) -> None:
+    made = invoke(runner, "init")
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip() == "Wrote study.yaml. Next: hpo validate study.yaml && hpo run study.yaml"
+    assert "study.yaml: ok - study" in invoke(runner, "validate", "study.yaml").stdout
+    refused = invoke(runner, "init")
+    assert refused.exit_code == 1 and refused.output.strip() == ("Error: study.yaml already exists; choose another "
+                                                                 "file name or remove it")
+    assert invoke(runner, "init", "--force").exit_code == 0
+    train = invoke(runner, "init", "--train", "mine/study.yaml")
+    assert train.exit_code == 0 and (tmp_path / "mine" / "train.py").is_file()
+    checked = invoke(runner, "validate", "mine/study.yaml")
+    assert checked.exit_code == 0 and "train function" in checked.stdout, checked.output
+
+
+def test_a_built_in_study_runs_by_name_and_a_missing_file_lists_them(runner, tmp_path) -> None:
+    assert "quickstart: ok - study 'quickstart'" in invoke(runner, "validate", "quickstart").stdout
+    missing = invoke(runner, "validate", "quikstart.yaml")
+    assert missing.exit_code == 1
+    assert "quikstart.yaml: no such file (built-in studies: diabetes_regression, digits_mlp, digits_pareto" in missing.output
+    copied = invoke(runner, "init", "--example", "quickstart")
+    assert copied.exit_code == 0 and (tmp_path / "quickstart.yaml").read_text().startswith("# A real study")
+    wrong = invoke(runner, "init", "--example", "nope")
+    assert wrong.exit_code == 1 and "no built-in study named 'nope'; there are: diabetes_regression" in wrong.output
+
+
+def test_a_flag_beside_the_settings_a_run_gave_its_worker_is_one_line_not_a_silent_choice(runner, monkeypatch,
+                                                                                            storage_url) -> None:
+    """A worker `hpo run` starts gets its settings from the run (HPO_WORKER_SETTINGS); a flag given
+    beside them would be a second source that disagrees."""
+    from hpo.execution.processes import ENV_SETTINGS, WorkerSettings
+
+    monkeypatch.setenv(ENV_SETTINGS, WorkerSettings("/tmp/art", "cpu", 1, 10, 30, 2.0).to_json())
+    result = invoke(runner, "worker", "small", "--storage", storage_url, "--device", "cuda")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "Error: --device was given to a worker whose settings come from the run that started it "
+        "(HPO_WORKER_SETTINGS says device='cpu'); give it to hpo run instead (see: hpo worker --help)")

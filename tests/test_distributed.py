@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import optuna
@@ -17,7 +16,7 @@ from optuna.trial import TrialState
 from tests.conftest import (
     env_without_storage,
     invoke,
-    need_module,
+    pg_admin,
     small_spec,
     wait_for,
 )
@@ -116,7 +115,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(pg_url, write_spec, 
 
 
 @pytest.mark.slow  # ~15 s
-def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -> None:
+def test_database_restart_during_a_study(pg_url, postgres_server, write_spec, runner, tmp_path) -> None:
     spec = dict(FAST, name="restart", budget={"n_trials": 40, "epochs": 3},
                 data={"dataset": "synthetic", "n_samples": 3000, "n_features": 16, "n_classes": 2})
     proc = subprocess.Popen(
@@ -133,8 +132,7 @@ def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -
         return sum(t.state.is_finished() for t in ts) >= 5
 
     wait_for(some_done, "5 finished trials")
-    version = os.listdir("/etc/postgresql")[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
+    postgres_server.restart()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     trials = optuna.load_study(study_name="restart", storage=pg_url).trials
@@ -142,50 +140,36 @@ def test_database_restart_during_a_study(pg_url, write_spec, runner, tmp_path) -
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
-def test_redis_journal_two_workers(write_spec, runner, tmp_path) -> None:
-    redis = need_module("redis")
-    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
-    url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
+def test_redis_journal_two_workers(write_spec, runner, tmp_path, redis_url) -> None:
+    url = redis_url
     spec = dict(FAST, name="journal", budget={"n_trials": 12, "epochs": 2})
-    try:
-        result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
-        assert result.exit_code == 0, result.output
-        from hpo.storage.backends import open_storage
+    result = invoke(runner, "run", write_spec(spec), "--storage", url, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    from hpo.storage.backends import open_storage
 
-        trials = optuna.load_study(study_name="journal", storage=open_storage(url)).trials
-        assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
-    finally:
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+    trials = optuna.load_study(study_name="journal", storage=open_storage(url)).trials
+    assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
-def test_redis_workers_take_turns_at_the_budget() -> None:
+def test_redis_workers_take_turns_at_the_budget(redis_url) -> None:
     # Two workers on a Redis journal check the budget and create their trial one at a time.
     import threading
 
-    redis = need_module("redis")
     from hpo.storage.backends import open_storage
     from hpo.storage.budget_lock import BudgetLock
 
-    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
-    url = f"redis://127.0.0.1:6379/0?prefix={prefix}"
-    try:
-        study_id = optuna.create_study(storage=open_storage(url), study_name="turns")._study_id
-        first, second = (BudgetLock(open_storage(url), study_id) for _ in range(2))
-        first.acquire()
-        got_it = threading.Event()
-        waiter = threading.Thread(target=lambda: (second.acquire(), got_it.set()))
-        waiter.start()
-        assert not got_it.wait(0.5), "the second worker took the lock the first one holds"
-        first.release()
-        assert got_it.wait(30), "the second worker never got the lock the first one gave up"
-        waiter.join()
-        second.release()
-    finally:
-        client = redis.Redis(host="127.0.0.1", port=6379)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+    url = redis_url
+    study_id = optuna.create_study(storage=open_storage(url), study_name="turns")._study_id
+    first, second = (BudgetLock(open_storage(url), study_id) for _ in range(2))
+    first.acquire()
+    got_it = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got_it.set()))
+    waiter.start()
+    assert not got_it.wait(0.5), "the second worker took the lock the first one holds"
+    first.release()
+    assert got_it.wait(30), "the second worker never got the lock the first one gave up"
+    waiter.join()
+    second.release()
 
 
 def test_grpc_proxy_serves_workers(write_spec, runner, proxy_url, storage_url) -> None:
@@ -277,7 +261,7 @@ def test_a_rounds_reports_land_as_trial_report_would_on_every_backend(backend_ur
     assert optuna.load_study(study_name="reports", storage=url).trials[1].intermediate_values.keys() == {0, 1}
 
 
-def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
+def test_a_session_left_in_a_dropped_transaction_heals(pg_url, postgres_server) -> None:
     # What a PostgreSQL restart can leave behind (seen once in CI): this thread's session holds
     # a transaction on a connection the server closed, and SQLAlchemy refuses every later use
     # ("Can't reconnect until invalid transaction is rolled back"). The storage drops the session
@@ -294,7 +278,7 @@ def test_a_session_left_in_a_dropped_transaction_heals(pg_url) -> None:
     session = backend.scoped_session()
     session.execute(text("SELECT 1"))  # a transaction is open on this thread's connection
     name = pg_url.rsplit("/", 1)[1]
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
+    with psycopg.connect(**pg_admin(postgres_server), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
     with pytest.raises(OperationalError):  # the statement that finds the connection gone
         session.execute(text("SELECT 1"))

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -22,7 +21,6 @@ from hpo.storage.backends import open_storage
 from tests.conftest import (
     env_without_storage,
     invoke,
-    need_module,
     user_package,
     wait_for,
 )
@@ -365,18 +363,6 @@ def test_no_forked_worker_outlives_a_killed_run(user_pkg, write_spec, tmp_path) 
 # ---- 4. hpo stop ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_url():
-    need_module("redis")
-    import redis
-
-    prefix = f"hpo-test-{uuid.uuid4().hex[:8]}"
-    yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    for k in client.scan_iter(f"{prefix}*"):
-        client.delete(k)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_url", ["sqlite", "postgresql", "redis"], indirect=True)
 def test_hpo_stop_stops_every_worker_which_queues_its_trial_and_the_next_run_resumes(
@@ -478,8 +464,9 @@ def test_a_frozen_holder_of_the_sqlite_budget_lease_loses_it_after_the_hold_limi
 def test_a_trial_owned_in_another_pid_namespace_is_left_to_its_heartbeats(tmp_path) -> None:
     """Containers with host networking share the host name: a pid from another PID namespace is
     no proof of anything here, so the trial is not taken back before its grace period."""
+    from hpo.runtime.lifecycle import end_orphans
     from hpo.storage.backends import open_storage
-    from hpo.storage.retry import OWNER_ATTR, _machine, owner, reclaim_orphans
+    from hpo.storage.retry import OWNER_ATTR, _machine, owner
 
     storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -489,7 +476,7 @@ def test_a_trial_owned_in_another_pid_namespace_is_left_to_its_heartbeats(tmp_pa
         trial = study.ask()
         storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, recorded)
     assert owner().startswith(_machine() + ":")
-    assert reclaim_orphans(study) == [1]  # only the one from this namespace, whose pid is gone
+    assert end_orphans(study).queued == (1,)  # only the one from this namespace, whose pid is gone
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
 
 

@@ -68,7 +68,7 @@ LAYERS = ["errors", "_private", "spec", "storage", "data", "runtime", "training"
           "execution", "api", "cli", "__main__"]
 # Imports that go up a layer, each with why. Validation builds a sampler with Optuna's own
 # constructor to check its arguments (imported when a spec names one), so the rule lives once.
-ALLOWED_UPWARD = {("hpo.spec.validate", "hpo.search.samplers")}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()  # none, not even a lazy import (issue 45)
 
 
 def all_imports() -> list[tuple[str, str, int]]:
@@ -145,7 +145,8 @@ def calls_outside(names: set[str], allowed: set[str]) -> list[str]:
                 continue
             name = (node.func.attr if isinstance(node.func, ast.Attribute)
                     else node.func.id if isinstance(node.func, ast.Name) else "")
-            if any(isinstance(a, ast.Constant) and a.value == "model.pt" for a in node.args):
+            if any(isinstance(a, ast.Constant) and a.value == "model.pt" or isinstance(a, ast.Name)
+                   and a.id == "MODEL_FILE" for a in node.args):
                 name += " model.pt"
             if name in names:
                 found.append(f"hpo/{where}:{node.lineno} {name}()")
@@ -161,6 +162,16 @@ def test_one_lifecycle_starts_and_ends_every_trial() -> None:
     assert not offenders, "a trial started or ended outside the lifecycle: " + ", ".join(offenders)
 
 
+def test_one_module_writes_every_trial_ending() -> None:
+    """A live trial's ending, a dead worker's trial (stale or orphaned), an abandoned one and a lost
+    rank's are written in hpo/runtime/lifecycle.py alone (issue 45): their reason, retry cap and
+    checkpoint rule cannot drift apart. Optuna's own fail_stale_trials would fail a trial without
+    its reason, so it is not called either. _private.py holds the private APIs it reaches."""
+    offenders = calls_outside({"tell", "set_trial_state_values", "fail_stale_trials"},
+                              {"runtime/lifecycle.py", "_private.py"})
+    assert not offenders, "a trial's final state written outside the lifecycle: " + ", ".join(offenders)
+
+
 def test_workers_take_trial_slots_with_one_call() -> None:
     """Creating a trial within the study's budget is one call (hpo/search/slots.py): the budget
     lock, the count and `study.ask` never appear in a worker loop."""
@@ -172,21 +183,24 @@ def test_workers_take_trial_slots_with_one_call() -> None:
 
 
 def test_one_run_sequence() -> None:
-    """`hpo run`, `hpo worker`, forked workers and `hpo.run()` open a run the same way: the user's
-    code and data prepared, the study held on a SQLite file, the storage and study opened, all in
-    hpo.execution.launch.open_run (issue 29); a second copy of the sequence drifts."""
+    """`hpo run`, `hpo worker`, forked workers and `hpo.run()` open a run the same way, each by a
+    function named for what it opens (hpo.execution.launch: run_spec, join_study, forked_run;
+    issue 45): the study held on a SQLite file and the storage opened in one step (`_storage`),
+    the user's code and data prepared where a spec is run or a study joined; a second copy of
+    either step drifts."""
+    homes = {"sole_writer": {"_storage"}, "prepare": {"run_spec", "join_study"}}
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
-            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or func.name == "open_run":
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(func):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                        and node.func.id in ("sole_writer", "prepare")):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in homes
+                        and func.name not in homes[node.func.id]):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {func.name} calls "
                                      f"{node.func.id}()")
-    assert not offenders, "the run sequence outside open_run: " + ", ".join(offenders)
+    assert not offenders, "the run sequence outside its step: " + ", ".join(offenders)
 
 
 def test_no_module_reaches_into_another_modules_private_members() -> None:
@@ -208,3 +222,30 @@ def test_no_module_reaches_into_another_modules_private_members() -> None:
                 offenders += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {node.module}.{a.name}"
                               for a in node.names if a.name.startswith("_") and a.name != "_private"]
     assert not offenders, "private members used from outside: " + ", ".join(offenders)
+
+
+def test_only_front_ends_write_to_the_terminal() -> None:
+    """The library reports through the listener, a note on the study handle, or an exception; only
+    the front ends write to the terminal (issue 45): the CLI, the listener of a worker forked from a
+    run (it has no terminal of its own to share a status line on) and the small parent that watches
+    `hpo run` (it prints the run's last line after its child is gone)."""
+    front_ends = {"execution/supervisor.py"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where.startswith(("cli/", "starter/")) or where in front_ends:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else ""
+            if called == "print" and not _inside(path, node, "Notes"):
+                offenders.append(f"hpo/{where}:{node.lineno}")
+    assert not offenders, "printed outside a front end: " + ", ".join(offenders)
+
+
+def _inside(path: Path, node: ast.AST, class_name: str) -> bool:
+    """Whether `node` is in the body of class `class_name` of the file at `path`."""
+    for cls in ast.walk(ast.parse(path.read_text())):
+        if isinstance(cls, ast.ClassDef) and cls.name == class_name:
+            if any(getattr(n, "lineno", None) == node.lineno for n in ast.walk(cls)):
+                return True
+    return False

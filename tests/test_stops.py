@@ -17,7 +17,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import env_without_storage, invoke, need_module, user_package, wait_for
+from tests.conftest import (
+    env_without_storage,
+    invoke,
+    need_module,
+    user_package,
+    wait_for,
+)
 
 # A training function that stops its own study at epoch 1 of the first trial to get there, the way
 # STOP_HOW says: `hpo stop` from another process, or a signal to the process that called hpo.run
@@ -31,6 +37,8 @@ import hpo
 
 def train(trial):
     how, marker = os.environ.get("STOP_HOW", ""), os.environ.get("MARKER", "")
+    if os.environ.get("FAIL"):
+        raise ValueError("this training code always fails")
     for epoch in range(trial.start_epoch, trial.epochs):
         trial.report(epoch, score=trial.params["x"] * (epoch + 1))
         trial.save_checkpoint({"w": torch.full((2,), float(epoch))})
@@ -216,3 +224,47 @@ def test_hpo_stop_counts_the_trials_running_and_none_starts_after_it(stoppkg, wr
     assert len(surely_running) <= running <= len(ended_after), (running, len(ended_after))
     queued = [t for t in trials if t.state == TrialState.FAIL]
     assert all(t.user_attrs["reason"].startswith("interrupted (hpo stop)") for t in queued)
+
+
+# ---- one ending, both ways ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["fails", "hpo stop", "SIGINT"])
+def test_hpo_run_and_the_python_api_end_the_same_study_the_same_way(stoppkg, write_spec, runner, tmp_path,
+                                                                    monkeypatch, how) -> None:
+    """One function (hpo.execution.launch.run_ending) turns how a run ended into `hpo run`'s exit
+    status and line and into hpo.run()'s result or exception: the same study, both ways, says the
+    same (issue 45)."""
+    import hpo
+
+    outcomes = []
+    for way in ("cli", "api"):
+        url = f"sqlite:///{tmp_path / (way + '.db')}"
+        spec = {**stop_spec(), "budget": {"n_trials": 2, "epochs": 4}}
+        monkeypatch.setenv("URL", url)
+        monkeypatch.setenv("STUDY", "stops")
+        monkeypatch.setenv("MAIN_PID", str(os.getpid()))
+        monkeypatch.setenv("MARKER", str(tmp_path / f"marker-{way}"))
+        monkeypatch.setenv("STOP_HOW", "" if how == "fails" else how)
+        if how == "fails":
+            monkeypatch.setenv("FAIL", "1")
+        if way == "cli":
+            result = invoke(runner, "run", write_spec(spec, "cli.yaml"), "--storage", url, "--checkpoint-interval", "0")
+            outcomes.append((result.exit_code, result.stderr.strip().splitlines()[-1].removeprefix("Error: ")))
+        else:
+            try:
+                got = hpo.run(spec, storage=url, workers=1, quiet=True, checkpoint_interval=0)
+            except hpo.HpoError as e:
+                outcomes.append((1, str(e)))
+            else:
+                outcomes.append(({"hpo stop": 0, "SIGINT": 130}[got.interrupted], got.stopped))
+    (cli_code, cli_line), (api_code, api_line) = outcomes
+    assert cli_code == api_code == {"fails": 1, "hpo stop": 0, "SIGINT": 130}[how]
+    if how == "fails":  # the exception also says what the terminal showed above the CLI's line
+        assert cli_line == ("study stops stopped on failures; failed trials do not count against the budget: fix the "
+                            "cause and run again, or queue the failed configurations again with: hpo retry stops")
+        assert api_line.startswith("study stops stopped on failures: the first 3 trials of this run failed with the "
+                                   "same error: ValueError") and api_line.endswith("hpo retry stops")
+    else:
+        assert cli_line == api_line and cli_line.startswith(
+            {"hpo stop": "Stopped by hpo stop: trial ", "SIGINT": "Interrupted (SIGINT): trial "}[how])

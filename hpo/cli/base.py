@@ -88,11 +88,22 @@ def cli() -> None:
     """
     if {"-h", "--help"} & set(sys.argv[1:]):
         return  # help imports nothing more (Optuna alone takes ~0.25 s)
+    if click.get_current_context().invoked_subcommand not in READ_WITHOUT_OPTUNA:
+        quiet_optuna()
+
+
+# Commands that can answer from the database alone (hpo.search.reading): optuna is imported only
+# if they fall back to it (open_store), so they answer in a fraction of a second.
+READ_WITHOUT_OPTUNA = ("studies", "best", "trials", "init")
+
+
+def quiet_optuna() -> None:
+    """hpo prints its own progress and failure reasons: Optuna's INFO lines are not printed."""
     import logging
 
     import optuna
 
-    optuna.logging.set_verbosity(logging.ERROR)  # hpo prints its own progress and failure reasons
+    optuna.logging.set_verbosity(logging.ERROR)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -102,6 +113,7 @@ def open_store(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple
     from hpo.storage.backends import Heartbeat, open_storage
     from hpo.storage.urls import resolve_url
 
+    quiet_optuna()
     resolved = resolve_url(url)
     return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat()), resolved
 

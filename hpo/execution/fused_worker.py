@@ -113,7 +113,7 @@ class FusedWorker:
         self.n_trials, self.timeout = n_trials, timeout
         self.deadline = time.monotonic() + timeout if timeout else None
         self.total = effective_n_trials(self.spec)
-        self.slots = TrialSlots(self.study, self.total, self.since, self.spec.budget.failure_limit)
+        self.slots = TrialSlots(self.study, self.total, self.since, self.spec.budget.failure_limit, listener.warn)
         self.life = Lifecycle(self.study, handle.artifacts, listener)
         self.result = WorkerResult()
         # One fused group per structure among the trials in flight; at most `group_size` trials in

@@ -59,6 +59,42 @@ class Outcome:
     code: int = 0  # the exit status a stop gives (128 + the signal's number; 0 for hpo stop)
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How a run ended, for a person: written once here for `hpo run`, `hpo worker` and `hpo.run()`.
+    `error`: the one line of a run that could not do what was asked (its workers' errors, failures,
+    workers that exited with an error): the CLI exits 1 with it, hpo.run() raises hpo.HpoError.
+    Otherwise `stopped`: a stop (Ctrl-C, SIGTERM, hpo stop) queued its trials, said by `line` and
+    the exit status `code`; or the run reached its end (code 0, no line)."""
+
+    code: int
+    line: str = ""
+    error: bool = False
+    stopped: str | None = None  # the signal's name or "hpo stop"
+    why: str = ""  # what the lines printed before `line` said (the failures), for an exception's message
+
+    @property
+    def message(self) -> str:
+        """The error as one message, for hpo.run()'s exception: with what the terminal showed above it."""
+        return self.line.replace(" stopped on failures;", f" stopped on failures: {self.why};") if self.why else self.line
+
+
+def run_ending(outcome: Outcome, name: str, n_workers: int) -> Ending:
+    from hpo.search.failures import advice
+
+    if outcome.interrupted is not None:
+        return Ending(outcome.code, outcome.stopped, stopped=outcome.interrupted)
+    if outcome.errors:
+        more = f" (and {len(outcome.errors) - 1} more)" if len(outcome.errors) > 1 else ""
+        return Ending(1, outcome.errors[0] + more, error=True)
+    if outcome.failure is not None:  # "Stopped: <why>" and the user's frames were printed above this line
+        return Ending(1, f"study {name} stopped on failures; {advice(name)}", error=True, why=outcome.failure.reason)
+    if outcome.failed_workers:
+        return Ending(1, f"{len(outcome.failed_workers)} of {n_workers} workers exited with an error (exit codes "
+                         f"{outcome.failed_workers})", error=True)
+    return Ending(0)
+
+
 def prepare(spec: StudySpec, device: Any, ahead: HeadStart | None = None) -> DataCache | None:
     """Import the spec's user code and load the data of hpo's own loop (None for a train function):
     before any storage is touched, so these mistakes write nothing. `ahead`: the data already
@@ -120,15 +156,15 @@ def _stopped(result: WorkerResult | None) -> Stopped:
     return Stopped(f"{_head()}.")
 
 
-def failure_outcome(handle: StudyHandle, since: float) -> FailureStop | None:
+def failure_outcome(handle: StudyHandle, since: float, listener: Listener) -> FailureStop | None:
     """Whether the run that started at `since` stopped on failures, or ended with failures and no
-    result, judged from the storage (every worker's trials), and told with the user's frames."""
+    result, judged from the storage (every worker's trials), and told with the user's frames
+    (even when quiet: it is why the run fails)."""
     stop = run_verdict(handle.study.get_trials(deepcopy=False), since, handle.spec.budget.failure_limit)
     if stop is not None:
-        print(f"Stopped: {stop.reason}", file=sys.stderr)
+        listener.warn(f"Stopped: {stop.reason}")
         if stop.frames:
-            print(stop.frames, file=sys.stderr)
-        sys.stderr.flush()
+            listener.warn(stop.frames)
     return stop
 
 
@@ -167,6 +203,8 @@ def run_here(
     where = f"{device}, {share.apply().describe()}{_per_trial(spec)}"
     progress.say(f"Study {spec.name}: {_budget(spec, timeout)} on {where}{fused}{streamed}, storage "
                  f"{mask(storage_url)}")
+    for note in handle.notes:
+        progress.warn(note)
     start, since = time.monotonic(), time.time()
     announce(storage_url, spec.name)  # the parent of `hpo run`/`hpo worker` takes back what a crash leaves
     try:
@@ -183,7 +221,7 @@ def run_here(
     finalize(handle, device, data)
     if result.failure is None:
         progress.say(f"Stopped: {result.stopped}.")
-    return Outcome(time.monotonic() - start, result.stopped, failure=failure_outcome(handle, since))
+    return Outcome(time.monotonic() - start, result.stopped, failure=failure_outcome(handle, since, progress))
 
 
 def run_in_processes(
@@ -212,6 +250,8 @@ def run_in_processes(
              else f"{dev}, {plans[0].threads} thread{'s' if plans[0].threads > 1 else ''} each") + _per_trial(spec)
     progress.say(f"Study {spec.name}: {_budget(spec, timeout)}, {n_workers} workers ({where}), storage "
                  f"{mask(storage_url)}")
+    for note in handle.notes:
+        progress.warn(note)
     reclaim(study, progress)  # here, where it is said; the workers would find nothing left to take
     start, since, asked = time.monotonic(), time.time(), stop_requests(study)
     messages: Path | None = None  # forked workers leave their one-line errors here
@@ -247,7 +287,7 @@ def run_in_processes(
     finalize(handle, dev, data)
     _say_end(progress, study, timeout if timeout is not None else spec.budget.timeout)
     errors = list(dict.fromkeys(watch.errors))
-    failure = None if errors else failure_outcome(handle, since)  # a worker's error says more
+    failure = None if errors else failure_outcome(handle, since, progress)  # a worker's error says more
     return Outcome(time.monotonic() - start, "", [c for c in codes if c] or [0 for _ in errors], failure, errors)
 
 
@@ -267,10 +307,11 @@ class _Watch:
         for p in self.procs:
             if (code := p.poll()) is not None and p.pid not in self.gone:
                 self.gone.add(p.pid)
-                if reclaim(self.study, self.progress, {p.pid: ended(code)}):
-                    self.errors.append(f"a worker process {ended(code)} under a trial, which is queued to resume "
-                                       "from its checkpoint (sys.exit, os._exit or a crash in the training code, or "
-                                       "the out-of-memory killer)")
+                if reclaimed := reclaim(self.study, self.progress, {p.pid: ended(code)}):
+                    what = "which is queued to resume from its checkpoint" if reclaimed.queued else \
+                        "which is past its retry cap and not retried again"
+                    self.errors.append(f"a worker process {ended(code)} under a trial, {what} (sys.exit, os._exit or "
+                                       "a crash in the training code, or the out-of-memory killer)")
         for t in self.study.get_trials(deepcopy=False):
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
@@ -320,7 +361,7 @@ def _forked_worker(handle: StudyHandle, storage_url: str, message: Path, threads
     forget_connections(handle.study)
     options = RunOptions(storage_url, heartbeat=heartbeat, artifacts=str(handle.artifacts.path.resolve()))
     try:
-        with open_run(handle.spec, options, choose_device("cpu"), forked=data) as (mine, _):
+        with forked_run(handle.spec, options, data) as mine:
             work(mine, choose_device("cpu"), data, Notes(), n_trials=None, timeout=timeout,
                  checkpoint_interval=checkpoint_interval, since=since, threads=ThreadShare(HostSlot(), cap=threads),
                  label_output=True)
@@ -364,66 +405,90 @@ class RunOptions:
 
 
 @contextlib.contextmanager
-def open_run(study: StudySpec | str, options: RunOptions, device: Any, *,
-             forked: DataCache | None | bool = False,
+def run_spec(spec: StudySpec, options: RunOptions, device: Any,
              ahead: HeadStart | None = None) -> Iterator[tuple[StudyHandle, DataCache | None]]:
-    """The run sequence, written once: the user's code and data (before any storage is touched,
-    so those mistakes write nothing), the study held on a SQLite file (one run per study there),
-    the storage and the study opened (created or resumed from a spec; joined by name, from the
-    spec stored in it), the `fuse` setting applied. Yields the study and the data of hpo's own loop.
+    """A spec run here (`hpo run`, `hpo.run()`): its user code and data first (their mistakes
+    write nothing), then the study created or resumed. `ahead`: the run's head start
+    (hpo.execution.headstart), whose data and tables it takes."""
+    from hpo.search.study import open_for_spec
 
-    `forked`: in a worker forked from the run, the run's data (its spec is `study`, already with
-    the run's overrides): nothing is loaded again and the storage is known to be ready.
-    `ahead`: the run's head start (hpo.execution.headstart), whose data and tables it takes."""
-    from hpo.search.study import open_existing, open_for_spec
+    spec = _with_overrides(spec, options)
+    _share_dynamo(device)
+    data = prepare(spec, device, ahead)
+    with _storage(options, spec.name, create=True, ahead=ahead) as store:
+        yield open_for_spec(spec, store, options.storage_url, options.artifacts), data
+
+
+@contextlib.contextmanager
+def join_study(name: str, options: RunOptions, device: Any) -> Iterator[tuple[StudyHandle, DataCache | None]]:
+    """A stored study a worker joins by name (`hpo worker`): the spec stored in it (with the
+    worker's overrides), then the code and data that spec names."""
+    from hpo.search.study import open_existing
+
+    _share_dynamo(device)
+    with _storage(options, name, create=False) as store:
+        handle = open_existing(name, store, options.storage_url, options.artifacts)
+        handle.spec = _with_overrides(handle.spec, options)
+        yield handle, prepare(handle.spec, device)
+
+
+@contextlib.contextmanager
+def forked_run(spec: StudySpec, options: RunOptions, data: DataCache | None) -> Iterator[StudyHandle]:
+    """A worker forked from the run: the run's spec (its overrides applied) and data, nothing
+    loaded again, and a storage the run has made ready."""
+    from hpo.search.study import open_existing
+
+    with _storage(options, spec.name, create=False, checked=True) as store:
+        handle = open_existing(spec.name, store, options.storage_url, options.artifacts)
+        handle.spec = spec
+        yield handle
+
+
+def _with_overrides(spec: StudySpec, options: RunOptions) -> StudySpec:
+    """The spec with the run's `fuse` and `procs_per_trial` settings, where given."""
     from hpo.spec.validate import with_fusion, with_processes
+
+    if options.fuse is not None:
+        spec = with_fusion(spec, options.fuse)
+    if options.procs_per_trial is not None:
+        spec = with_processes(spec, options.procs_per_trial)
+    return spec
+
+
+def _share_dynamo(device: Any) -> None:
+    """Once, in the process that forks the workers: CPU workers share it (GPU workers are processes
+    of their own); before the data, so that it overlaps the head start's loading."""
+    if device.type == "cpu":
+        import_dynamo()
+
+
+@contextlib.contextmanager
+def _storage(options: RunOptions, name: str, *, create: bool, checked: bool = False,
+             ahead: HeadStart | None = None) -> Iterator[Any]:
+    """The run sequence's storage step, written once: the study held on a SQLite file (one run
+    per study there), then the storage opened (`create`: its tables made if missing; `checked`:
+    known to be ready, by the run that forked this worker or its head start)."""
     from hpo.storage.backends import open_storage
     from hpo.storage.locks import sole_writer
 
-    spec = study if isinstance(study, StudySpec) else None
-    in_fork = forked is not False
-    if spec is not None and options.fuse is not None:
-        spec = with_fusion(spec, options.fuse)
-    if spec is not None and options.procs_per_trial is not None:
-        spec = with_processes(spec, options.procs_per_trial)
-    url = options.storage_url
-    if device.type == "cpu":
-        # Once, here: CPU workers are forked from this process and share it (GPU workers are processes
-        # of their own); before the data, so that it overlaps the head start's loading.
-        import_dynamo()
-    data = (forked if isinstance(forked, DataCache)
-            else prepare(spec, device, ahead) if spec is not None and not in_fork else None)
-    with sole_writer(url, spec.name if spec is not None else str(study)):
+    with sole_writer(options.storage_url, name):
         ready = ahead is not None and ahead.storage_ready()
-        store = open_storage(url, create=spec is not None and not in_fork, heartbeat=options.heartbeat,
-                             checked=in_fork or ready)
+        store = open_storage(options.storage_url, create=create, heartbeat=options.heartbeat,
+                             checked=checked or ready)
         if ahead is not None:
             ahead.taken()
-        if spec is not None and not in_fork:
-            handle = open_for_spec(spec, store, url, options.artifacts)
-        else:
-            handle = open_existing(spec.name if spec is not None else str(study), store, url, options.artifacts)
-            if spec is not None:
-                handle.spec = spec  # the run's own spec, with its overrides (fuse, n_trials)
-            else:
-                if options.fuse is not None:
-                    handle.spec = with_fusion(handle.spec, options.fuse)
-                if options.procs_per_trial is not None:
-                    handle.spec = with_processes(handle.spec, options.procs_per_trial)
-        if spec is None:
-            data = prepare(handle.spec, device)  # joined by name: the code and data the stored spec names
-        yield handle, data
+        yield store
 
 
 def run_study(spec: StudySpec, options: RunOptions, ahead: HeadStart | None = None) -> tuple[StudyHandle, Outcome, int]:
-    """`hpo run` and `hpo.run()`: the run sequence (open_run), then the trials in this process
+    """`hpo run` and `hpo.run()`: the run sequence (run_spec), then the trials in this process
     (one worker) or in local worker processes, then the best model scored. Returns the study, how
     the run ended and how many workers ran."""
     from hpo.execution.processes import auto_workers
 
     gpu_ids = options.gpu_ids
     dev = choose_device("cuda" if gpu_ids else options.device)
-    with open_run(spec, options, dev, ahead=ahead) as (handle, data):
+    with run_spec(spec, options, dev, ahead=ahead) as (handle, data):
         n_workers = options.workers or spec.execution.workers or auto_workers(handle, dev, gpu_ids)
         per_trial = handle.spec.execution.processes_per_trial
         if gpu_ids and len(gpu_ids) < per_trial * n_workers:

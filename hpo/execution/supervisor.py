@@ -120,18 +120,23 @@ def _take_back(note: str, pid: int, how: str, cause: str) -> str | None:
         return None
     import optuna
 
+    from hpo.runtime.lifecycle import end_orphans
     from hpo.storage.backends import open_storage
-    from hpo.storage.retry import reclaim_orphans
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = optuna.load_study(study_name=where["study"], storage=open_storage(where["storage"], create=False))
-        numbers = reclaim_orphans(study, {pid: how})
+        notes: list[str] = []
+        reclaimed = end_orphans(study, {pid: how}, notes.append)
+        for note in notes:  # a trial past its retry cap
+            print(note, file=sys.stderr, flush=True)
     except KeyError:
         return None  # the study was deleted (`hpo delete` while it ran): the worker said so
     except Exception as e:
         return f"the worker process {how}; its trials could not be taken back ({e})"
-    if not numbers:
+    if not reclaimed:
         return None
-    return (f"the worker process {how} while running trial {', '.join(map(str, numbers))}{cause}; queued to resume "
-            "from its checkpoint")
+    numbers = ", ".join(map(str, (*reclaimed.queued, *reclaimed.dropped)))
+    what = "queued to resume from its checkpoint" if not reclaimed.dropped else \
+        "not retried again (past the retry cap)" if not reclaimed.queued else "queued to resume where not past the retry cap"
+    return f"the worker process {how} while running trial {numbers}{cause}; {what}"

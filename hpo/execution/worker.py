@@ -17,7 +17,7 @@ from hpo.data.splits import DataCache
 from hpo.errors import StorageError
 from hpo.runtime import stopping
 from hpo.runtime.endings import CheckpointPolicy, Stop
-from hpo.runtime.lifecycle import Lifecycle, TakenOver
+from hpo.runtime.lifecycle import Lifecycle, Reclaimed, TakenOver, end_orphans
 from hpo.runtime.listener import Listener
 from hpo.runtime.runner import TrialRunner
 from hpo.runtime.trial import Trial, TrialContext
@@ -27,7 +27,6 @@ from hpo.search.samplers import effective_n_trials
 from hpo.search.slots import TrialSlots
 from hpo.search.study import StudyHandle
 from hpo.spec.schema import StudySpec
-from hpo.storage.retry import reclaim_orphans
 from hpo.training.trainer import configure_device
 
 
@@ -73,7 +72,7 @@ def run_worker(
     runner = TrialRunner(TrialContext(spec, handle.artifacts, device, listener, CheckpointPolicy(checkpoint_interval),
                                       deadline, who, label_output, rank_training), life, train_fn)
     slots = TrialSlots(study, effective_n_trials(spec), time.time() if since is None else since,
-                       spec.budget.failure_limit)
+                       spec.budget.failure_limit, listener.warn)
     result = WorkerResult()
     reclaim(study, listener)
     pending: optuna.Trial | None = None  # a trial taken and not yet in the runner's hands
@@ -148,14 +147,15 @@ def _run_one(runner: TrialRunner, trial: optuna.Trial, listener: Listener, resul
     return True
 
 
-def reclaim(study: optuna.Study, listener: Listener, exits: Mapping[int, str] | None = None) -> list[int]:
+def reclaim(study: optuna.Study, listener: Listener, exits: Mapping[int, str] | None = None) -> Reclaimed:
     """Take back, at once, the trials a process on this machine left running when it ended
     (`exits`: how the processes this one started ended, by pid, for the trials' reasons)."""
-    if numbers := reclaim_orphans(study, exits):
+    reclaimed = end_orphans(study, exits, listener.warn)
+    if numbers := reclaimed.queued:
         listener.note(f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))} {'were' if len(numbers) > 1 else 'was'} "
                       "left running by a process on this machine that is gone; queued to resume from "
                       f"{'their checkpoints' if len(numbers) > 1 else 'its checkpoint'}")
-    return numbers
+    return reclaimed
 
 
 def _study_gone(study: optuna.Study) -> bool:

@@ -1,11 +1,15 @@
 """The one lifecycle of a trial, whoever trains it: started (claimed, its heartbeat, its first
 attempt's number, checkpoint and reports found), ended (attributes, constraints, the model kept if
 it may be the best, its checkpoint removed unless it comes back, its state told), requeued to
-resume from its checkpoint, or found taken over by another worker.
+resume from its checkpoint, or found taken over by another worker; and a trial whose process is
+gone (killed on this machine, or its heartbeat stopped) ended the way a trial that loses a rank
+is: its reason, failed, retried from its checkpoint within the retry cap.
 
-`TrialRunner` (one trial at a time, the user's `train` or hpo's own loop) and the fused worker
-(K trials trained as one batched model) both start and end their trials here; how a trial ends is
-decided by hpo.runtime.endings.
+Every write of a trial's final state is here (tests/test_layout.py holds it): `TrialRunner` (one
+trial at a time, the user's `train` or hpo's own loop) and the fused worker (K trials trained as
+one batched model) start and end their trials here, and every worker, the run that supervises
+them and the parent that watches a run take back dead processes' trials here; how a live trial
+ends is decided by hpo.runtime.endings.
 """
 
 from __future__ import annotations
@@ -15,21 +19,33 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo._private import storage_of, study_id, trial_id
+from hpo._private import stale_trial_ids, storage_of, study_id, trial_id
 from hpo.runtime import stopping
-from hpo.runtime.checkpoints import Envelope
 from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record, traceback_text
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
-from hpo.storage.artifacts import MODEL_FILE, Artifacts, find_artifact
+from hpo.storage.artifacts import Artifacts, find_artifact
+from hpo.storage.keys import CHECKPOINT_ATTR, MODEL_FILE, RERUN_ATTR
 from hpo.storage.resilient import set_user_attrs
-from hpo.storage.retry import CHECKPOINT_ATTR, RERUN_ATTR, claim, requeue, retry_lost
+from hpo.storage.retry import (
+    OWNER_ATTR,
+    claim,
+    is_gone,
+    requeue,
+    retry_lost,
+    stale_retrier,
+)
+
+if TYPE_CHECKING:
+    from hpo.runtime.checkpoints import (
+        Envelope,  # torch: imported where a trial starts, not to end one
+    )
 
 
 class TakenOver(Exception):
@@ -135,6 +151,8 @@ class Lifecycle:
         """The trial's last readable checkpoint. One that cannot be read (torn, truncated, of
         another format, missing where the trial was queued to resume from it) costs a warning
         and a restart from the one before it or from epoch 0, never the study."""
+        from hpo.runtime.checkpoints import Envelope
+
         raw, problems = self.artifacts.load_checkpoint(number, Envelope.problem)
         envelope = Envelope.from_dict(raw)
         then = (f"resumes from epoch {envelope.epoch}, the checkpoint before it" if envelope is not None
@@ -179,8 +197,8 @@ class Lifecycle:
         self.beats.ids.discard(trial_id(trial))
         if ending.end.requeued:
             requeue(self.study, trial_id(trial), outcome.requeue_why, outcome.checkpoint_epoch)
-        elif ending.end.retried:
-            retry_lost(self.study, frozen, outcome.requeue_why)
+        elif ending.end.retried and (note := retry_lost(self.study, frozen, outcome.requeue_why)):
+            self.listener.warn(note)
         self.listener.trial_finished(self.study, frozen)
         return frozen
 
@@ -255,3 +273,71 @@ def trial_attributes(metric: str, curves: Mapping[str, list[float]], epoch_secon
     if reason:
         attrs["reason"] = reason
     return attrs
+
+
+# ---- trials whose process is gone ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """Trials whose process was gone, by what became of them: `queued` to resume from their
+    checkpoints, or `dropped` past the retry cap (their checkpoints removed)."""
+
+    queued: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.queued or self.dropped)
+
+
+def end_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None,
+                say: Callable[[str], None] = lambda text: None) -> Reclaimed:
+    """End now, without waiting out the grace period, every running trial whose process is known
+    to be gone (same machine and PID namespace, pid no longer alive): a `kill -9` of a whole run
+    leaves its trials RUNNING, and the next run on this machine takes them back at once. `exits`
+    says how processes this one started ended, by pid ("exited with status 0"), for the reason;
+    `say` is told of a trial past its retry cap."""
+    queued: list[int] = []
+    dropped: list[int] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        recorded = t.system_attrs.get(OWNER_ATTR)
+        if not isinstance(recorded, str) or not is_gone(recorded):
+            continue
+        pid = recorded.split(":")[-2]
+        ended = _end_dead(study, t, f"its process (pid {pid}) {(exits or {}).get(int(pid), 'ended')} during the trial",
+                          say)
+        (queued if ended == "queued" else dropped if ended == "dropped" else []).append(t.number)
+    return Reclaimed(tuple(queued), tuple(dropped))
+
+
+def end_stale(study: optuna.Study, say: Callable[[str], None] = lambda text: None) -> list[int]:
+    """End every running trial whose heartbeat stopped for longer than the grace period (killed
+    on another machine, frozen, cut off), as Optuna's fail_stale_trials would, but the way a trial
+    whose process died here is: with its reason. Returns the numbers of those queued to resume."""
+    storage = storage_of(study)
+    taken = []
+    for tid in stale_trial_ids(storage, study_id(study)):
+        t = storage.get_trial(tid)
+        if _end_dead(study, t, "its worker stopped sending heartbeats (killed, frozen or cut off)", say) == "queued":
+            taken.append(t.number)
+    return taken
+
+
+def _end_dead(study: optuna.Study, t: FrozenTrial, what: str,
+              say: Callable[[str], None]) -> Literal["queued", "dropped"] | None:
+    """A trial whose process died under it: its reason written while it still runs, failed, then
+    retried from its checkpoint within the storage's retry cap ("queued"; past it "dropped", its
+    checkpoints removed and `say` told), as a trial that loses a rank is. None when another worker
+    ended it first."""
+    storage = storage_of(study)
+    retrier = stale_retrier(storage)
+    try:
+        storage.set_trial_user_attr(trial_id(t), "reason", retrier.outcome(t, what))  # while it can be written
+        if not storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
+            return None
+    except Exception:
+        return None  # another worker took it back first
+    if note := retrier.retry(study, storage.get_trial(trial_id(t)), what):
+        say(note)
+        return "dropped"
+    return "queued"

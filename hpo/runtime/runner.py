@@ -53,7 +53,7 @@ class TrialRunner:
         self.current, self.resumes_from, self.output = None, None, None
         try:
             self.took = ot  # from here on, this runner ends the trial however it stops
-            with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output) as self.output:
+            with TrialOutput(self.ctx.artifacts, ot, self.ctx.label_output, self.ctx.listener.warn) as self.output:
                 with self.life.owned(ot):
                     return self._run(ot)
         except KeyboardInterrupt:
@@ -106,43 +106,14 @@ class TrialRunner:
             returned = self.train_fn(Trial(record, params, group))
             stopping.raise_if_requested()  # the code swallowed the stop (except BaseException): obey it now
             if group is not None and (failed := group.close(completed=True)) is not None:
-                return self._rank_failed(attempt, record, failed)  # another rank failed after rank 0 was done
+                return self.rank_failed(attempt, record, failed)  # another rank failed after rank 0 was done
             values = record.objective_values(returned)
             constraints = record.constraint_values()
-        except Stop as e:
-            frozen = self._end(attempt, record, e.ending)
-            if e.ending.end.requeued:
-                raise  # the study's timeout: the worker stops, the trial resumes on the next run
-            return frozen
-        except optuna.TrialPruned as e:
-            reason = str(e) if isinstance(e, TrialPruned) else f"pruned by {ctx.who}: {e}".rstrip(": ")
-            return self._end(attempt, record, Ending(End.PRUNED, reason))
-        except UpdateFinishedTrialError:
-            raise  # taken over: the lifecycle says so
-        except UserCodeError as e:
-            self._end(attempt, record, Ending(End.ERROR, str(e)))
-            raise  # a mistake in the code, not in these parameters: every trial would fail the same way
-        except SystemExit as e:
-            if why := stopping.requested():  # a framework that exits on Ctrl-C (Lightning): the stop, obeyed
-                self._end(attempt, record, _interrupted(record, why))
-                raise KeyboardInterrupt from None
-            epoch = record.epoch_in_flight()
-            self._end(attempt, record, Ending(End.ERROR, f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}"))
-            raise UserCodeError(f"{ctx.who}: called sys.exit({e.code!r}) in epoch {epoch}; a training function "
-                                "returns (or raises) instead of exiting") from None
-        except KeyboardInterrupt as e:
-            if why := stopping.requested():  # a stop (Ctrl-C, SIGTERM, hpo stop): the trial is queued
-                self._end(attempt, record, _interrupted(record, why))
-                raise
-            return self._end(attempt, record, Ending(End.ERROR, "KeyboardInterrupt raised by the training code "
-                                                                "(no stop was requested)"), e)
-        except Exception as e:
-            if is_storage_failure(e) or is_disk_full(e):
-                raise  # the worker's problem (retry or stop), not a verdict on the trial
-            if group is not None and (failed := group.explain(e)) is not None:
-                return self._rank_failed(attempt, record, failed)
-            ending = Ending.out_of_memory(ctx.device, _sizes(params)) if is_oom(e) else Ending.error(e)
-            return self._end(attempt, record, ending, e)
+        except BaseException as e:
+            for kind, decide in ENDED_BY:  # the first row that matches says how the trial ends
+                if isinstance(e, kind):
+                    return decide(self, e, _Where(attempt, record, params, group))
+            raise
         finally:
             if group is not None:
                 group.close()
@@ -152,7 +123,7 @@ class TrialRunner:
         return self.life.end(attempt, Outcome(Ending(End.COMPLETE), record.attributes(None), values, constraints,
                                               model))
 
-    def _end(self, attempt: Attempt, record: TrialRecord, ending: Ending,
+    def end_early(self, attempt: Attempt, record: TrialRecord, ending: Ending,
              error: BaseException | None = None) -> FrozenTrial:
         """End the trial early, with why in its log (a requeued one: queued to resume)."""
         if self.output is not None:
@@ -196,9 +167,9 @@ class TrialRunner:
 
         return RankGroup(world, ctx.device, setup, record.epoch_in_flight)
 
-    def _rank_failed(self, attempt: Attempt, record: TrialRecord, failed: RankFailure) -> FrozenTrial:
+    def rank_failed(self, attempt: Attempt, record: TrialRecord, failed: RankFailure) -> FrozenTrial:
         """End the trial as another of its ranks failed: its error, or lost (retried)."""
-        frozen = self._end(attempt, record, failed.ending, failed.error)
+        frozen = self.end_early(attempt, record, failed.ending, failed.error)
         if failed.user_code:
             raise UserCodeError(f"{self.ctx.who}: {failed.ending.reason}")
         return frozen
@@ -206,6 +177,80 @@ class TrialRunner:
     def _finish_output(self) -> None:
         if self.output is not None:
             self.output.finish()
+
+
+@dataclass
+class _Where:
+    """The trial the training code stopped in, for the row of ENDED_BY that ends it."""
+
+    attempt: Attempt
+    record: TrialRecord
+    params: dict[str, Any]
+    group: RankGroup | None
+
+
+def _stopped(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    assert isinstance(e, Stop)
+    frozen = run.end_early(w.attempt, w.record, e.ending)
+    if e.ending.end.requeued:
+        raise e  # the study's timeout: the worker stops, the trial resumes on the next run
+    return frozen
+
+
+def _pruned(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    reason = str(e) if isinstance(e, TrialPruned) else f"pruned by {run.ctx.who}: {e}".rstrip(": ")
+    return run.end_early(w.attempt, w.record, Ending(End.PRUNED, reason))
+
+
+def _passed_on(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    raise e  # not the trial's to end here: taken over (the lifecycle says so), or the interpreter's own
+
+
+def _code_mistake(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    run.end_early(w.attempt, w.record, Ending(End.ERROR, str(e)))
+    raise e  # a mistake in the code, not in these parameters: every trial would fail the same way
+
+
+def _exited(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    assert isinstance(e, SystemExit)
+    if why := stopping.requested():  # a framework that exits on Ctrl-C (Lightning): the stop, obeyed
+        run.end_early(w.attempt, w.record, _interrupted(w.record, why))
+        raise KeyboardInterrupt from None
+    epoch, who = w.record.epoch_in_flight(), run.ctx.who
+    run.end_early(w.attempt, w.record, Ending(End.ERROR, f"{who}: called sys.exit({e.code!r}) in epoch {epoch}"))
+    raise UserCodeError(f"{who}: called sys.exit({e.code!r}) in epoch {epoch}; a training function returns (or "
+                        "raises) instead of exiting") from None
+
+
+def _interrupted_by(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    if why := stopping.requested():  # a stop (Ctrl-C, SIGTERM, hpo stop): the trial is queued
+        run.end_early(w.attempt, w.record, _interrupted(w.record, why))
+        raise e
+    return run.end_early(w.attempt, w.record, Ending(End.ERROR, "KeyboardInterrupt raised by the training code (no "
+                                                           "stop was requested)"), e)
+
+
+def _raised(run: TrialRunner, e: BaseException, w: _Where) -> FrozenTrial:
+    if is_storage_failure(e) or is_disk_full(e):
+        raise e  # the worker's problem (retry or stop), not a verdict on the trial
+    if w.group is not None and (failed := w.group.explain(e)) is not None:
+        return run.rank_failed(w.attempt, w.record, failed)
+    ending = Ending.out_of_memory(run.ctx.device, _sizes(w.params)) if is_oom(e) else Ending.error(e)
+    return run.end_early(w.attempt, w.record, ending, e)
+
+
+# How what stopped the training code ends its trial, read top down (as hpo.runtime.endings says
+# what each ending records): a row ends the trial and returns it, or raises to stop the worker.
+ENDED_BY: tuple[tuple[type[BaseException], Callable[[TrialRunner, BaseException, _Where], FrozenTrial]], ...] = (
+    (Stop, _stopped),  # a time limit or a diverged metric: its own ending; the study's timeout stops the worker
+    (optuna.TrialPruned, _pruned),  # the pruner's rule, or the training code's own
+    (UpdateFinishedTrialError, _passed_on),  # another worker took the trial over
+    (UserCodeError, _code_mistake),  # a misuse of the trial API: every trial would repeat it
+    (SystemExit, _exited),  # sys.exit() in training code, or a framework's exit on Ctrl-C
+    (KeyboardInterrupt, _interrupted_by),  # a stop asked of this process, or the code's own raise
+    (Exception, _raised),  # an error: the trial fails with it (out of memory, a lost rank)
+    (BaseException, _passed_on),
+)
 
 
 def _interrupted(record: TrialRecord, why: str) -> Ending:

@@ -9,7 +9,6 @@ on their own: hpo.search.failures).
 from __future__ import annotations
 
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +17,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import backend_of, heartbeat_enabled, storage_of
-from hpo.storage.retry import (
-    OWNER_ATTR,
-    RESUMES_ATTR,
-    is_local_and_alive,
-    reclaim_orphans,
-)
+from hpo.storage.keys import RESUMES_ATTR
+from hpo.storage.retry import OWNER_ATTR, is_local_and_alive
 
 
 @dataclass(frozen=True)
@@ -116,10 +111,13 @@ def wait_for_running(study: optuna.Study, say: Callable[[str], None] | None = No
         grace = getattr(backend, "grace_period", None) or 2 * backend.get_heartbeat_interval()
         say(f"waiting for trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: running in "
             f"another worker, or its worker died and it is retried after {grace} s without a heartbeat")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    if reclaim_orphans(study):
+    from hpo.runtime.lifecycle import (  # the ending of a trial, owned by the lifecycle
+        end_orphans,
+        end_stale,
+    )
+
+    end_stale(study, say or (lambda text: None))
+    if end_orphans(study, say=say or (lambda text: None)):
         return True  # a killed process's trials are queued: take one now
     # Trials of live processes on this machine (a run's own workers) end within an epoch or so:
     # look often, or the run would sit idle after its last trial. Others: the heartbeat's pace.

@@ -16,9 +16,10 @@ from typing import Any
 import optuna
 
 from hpo.errors import HpoError
+from hpo.search.records import TEST_ATTR
 from hpo.search.saved import read_scored_model, read_trial_model, trial_model
 from hpo.search.study import StudyHandle
-from hpo.search.summary import TEST_ATTR, best_trial, front
+from hpo.search.summary import best_trial, front
 
 FORMAT = 1
 

@@ -17,8 +17,8 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from hpo.search.budget import BudgetSpent, count_budget
+from hpo.search.records import SPEC_ATTR
 from hpo.search.samplers import effective_n_trials
-from hpo.search.summary import SPEC_ATTR
 from hpo.spec.loading import spec_from_mapping
 from hpo.storage.budget_lock import BudgetLock
 

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hpo._private import storage_of, study_id
+from hpo.search.records import TEST_ATTR
 from hpo.search.saved import (
     best_model_problem,
     read_trial_model,
@@ -19,7 +20,7 @@ from hpo.search.saved import (
     trial_model,
 )
 from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
-from hpo.search.summary import TEST_ATTR, best_trial, front
+from hpo.search.summary import best_trial, front
 from hpo.storage.artifacts import UID_RE, named_links, own_file
 from hpo.storage.files import TEMP_FOLDER
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import optuna
-from optuna.trial import FrozenTrial
-
 from hpo._private import storage_of
 from hpo.errors import HpoError, UnreadableFileError
-from hpo.storage.artifacts import MODEL_FILE, find_artifact
 from hpo.storage.files import problem
+from hpo.storage.keys import MODEL_FILE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # `hpo best` reads the records and checks the files without optuna
+    import optuna
+    from optuna.trial import FrozenTrial
+
     from hpo.search.study import StudyHandle
-
-
 
 class ModelUnreadable(HpoError):
     """A saved model cannot be read back; the message names the file, why, and what to run."""
@@ -31,6 +29,8 @@ class ModelUnreadable(HpoError):
 
 def trial_model(study: optuna.Study, trial: FrozenTrial) -> str | None:
     """The artifact id of a trial's final state, if it kept one."""
+    from hpo.storage.artifacts import find_artifact
+
     return find_artifact(trial, MODEL_FILE, storage_of(study))
 
 
@@ -82,14 +82,22 @@ def best_model_problem(study: optuna.Study, test: Any) -> str | None:
     """One line when the model a study's test record names cannot be read (the best trial's, or
     with several objectives any front member's), with what to run; None when each looks whole."""
     records = test.get("front") if isinstance(test, dict) and "front" in test else [test]
+    trials = study.get_trials(deepcopy=False)
     for record in records or []:
-        if (why := recorded_problem(record)) is None:
-            continue
-        number, name = int(record["trial"]), study.study_name
-        trial = study.get_trials(deepcopy=False)[number] if number < len(study.get_trials(deepcopy=False)) else None
-        own = trial_model(study, trial) if trial is not None else None
-        folder = Path(record["model_path"]).parent
-        whole = own is not None and own != record.get("model_artifact") and problem(folder / own) is None
-        advice = rescore_advice(name) if whole else rerun_advice(name, number)
-        return f"the best model of study {name} (trial {number}) cannot be read ({why}); {advice}"
+        if recorded_problem(record) is not None:
+            number = int(record["trial"])
+            own = trial_model(study, trials[number]) if number < len(trials) else None
+            return model_problem(study.study_name, record, own)
     return None
+
+
+def model_problem(name: str, record: Any, own: str | None) -> str | None:
+    """One line when the model a test record names cannot be read, with what to run: the study
+    again when the trial's own final state (artifact `own`) is whole, else the trial again."""
+    if (why := recorded_problem(record)) is None:
+        return None
+    number = int(record["trial"])
+    folder = Path(record["model_path"]).parent
+    whole = own is not None and own != record.get("model_artifact") and problem(folder / own) is None
+    advice = rescore_advice(name) if whole else rerun_advice(name, number)
+    return f"the best model of study {name} (trial {number}) cannot be read ({why}); {advice}"

@@ -18,6 +18,7 @@ from optuna.storages import BaseStorage
 from hpo._private import storage_of, study_id
 from hpo.errors import StorageError
 from hpo.runtime import stopping
+from hpo.runtime.lifecycle import end_stale
 from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.budget import count_budget, is_budget_spent
 from hpo.search.failures import FailureStop, verdict
@@ -39,8 +40,10 @@ class Taken:
 class TrialSlots:
     """The study's trial slots, as one worker takes them."""
 
-    def __init__(self, study: optuna.Study, total: int, since: float, failure_limit: int) -> None:
+    def __init__(self, study: optuna.Study, total: int, since: float, failure_limit: int,
+                 warn: Callable[[str], None] = lambda text: None) -> None:
         self.study, self.total, self.since, self.failure_limit = study, total, since, failure_limit
+        self.warn = warn  # what a person must hear (a trial past its retry cap)
         self.lock = BudgetLock(storage_of(study), study_id(study))
         self.stops = stop_requests(study)  # `hpo stop` asked after this worker started stops it
 
@@ -60,9 +63,7 @@ class TrialSlots:
                 return Taken(stopped=failure.reason, failure=failure)
             status = count_budget(trials, self.total)
             left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # experimental
-                optuna.storages.fail_stale_trials(self.study)
+            end_stale(self.study, self.warn)  # they come back as retries, taken first
             taken = Taken()
             while len(taken.trials) < want and may_start():
                 if left <= 0 or (trial := self._ask()) is None:

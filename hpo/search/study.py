@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +32,8 @@ from hpo.errors import (
     UnreadableStudyError,
 )
 from hpo.runtime.stopping import STOP_ATTR
+from hpo.search.records import SPEC_ATTR
 from hpo.search.samplers import make_pruner, make_sampler
-from hpo.search.summary import SPEC_ATTR
 from hpo.spec.loading import spec_from_mapping
 from hpo.spec.schema import StudySpec
 from hpo.storage.artifacts import (
@@ -56,6 +55,7 @@ class StudyHandle:
     study: optuna.Study
     spec: StudySpec
     artifacts: Artifacts
+    notes: list[str] = field(default_factory=list)  # what a front end tells the person once (hpo says nothing itself)
 
 
 def choose_device(name: str | None) -> torch.device:
@@ -93,16 +93,22 @@ def system_attrs(study: optuna.Study) -> dict[str, Any]:
     return storage_of(study).get_study_system_attrs(study_id(study))
 
 
-def _artifacts(study: optuna.Study, storage_url: str, artifact_dir: str | None) -> Artifacts:
-    system = system_attrs(study)
-    recorded = system.get(ARTIFACTS_ATTR)
+def _handle(study: optuna.Study, spec: StudySpec, storage_url: str, artifact_dir: str | None) -> StudyHandle:
+    """The study with its spec and its artifact store: the folder given (--artifacts, or
+    HPO_ARTIFACTS), else where the study recorded it, else the default beside the storage."""
+    notes = []
+    recorded = system_attrs(study).get(ARTIFACTS_ATTR)
     path = resolve_artifact_path(artifact_dir, storage_url, recorded)
     if recorded is not None and Path(recorded) != path:
-        # Checkpoints and models then live in two places: say so once, with the way back.
-        print(f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), not "
-              f"to the study's folder {recorded}; "
-              "trials this worker resumes find no checkpoint from workers that use the study's folder",
-              file=sys.stderr, flush=True)
+        # Checkpoints and models then live in two places: said once, with the way back.
+        notes.append(f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), "
+                     f"not to the study's folder {recorded}; trials this worker resumes find no checkpoint from "
+                     "workers that use the study's folder")
+    return StudyHandle(study, spec, _artifacts(study, path), notes)
+
+
+def _artifacts(study: optuna.Study, path: Path) -> Artifacts:
+    system = system_attrs(study)
     store = open_store(path)
     if system.get(ARTIFACTS_ATTR) is None:
         storage_of(study).set_study_system_attr(study_id(study), ARTIFACTS_ATTR, str(path.resolve()))
@@ -154,6 +160,9 @@ def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, arti
             )
     else:
         old = spec_from_mapping(stored, f"study {spec.name!r}")
+        if not spec.pruner.given and spec.pruner != old.pruner:  # hpo's default changed since: the study keeps its own
+            spec = replace(spec, pruner=old.pruner)
+            study.pruner = make_pruner(spec)
         if (key := _diff(old.search_definition(), spec.search_definition())) is not None:
             raise StudyExistsError(
                 f"{spec.source}: study {spec.name!r} already exists with a different spec "
@@ -164,7 +173,7 @@ def _open_for_spec(spec: StudySpec, storage: BaseStorage, storage_url: str, arti
     if stored is None:
         _name_objectives(study, [o.name for o in spec.goals])
     enqueue(study, [*spec.enqueue, *starts])
-    return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
+    return _handle(study, spec, storage_url, artifact_dir)
 
 
 def _name_objectives(study: optuna.Study, names: list[str]) -> None:
@@ -249,7 +258,7 @@ def open_existing(name: str, storage: BaseStorage, storage_url: str, artifact_di
         study = optuna.load_study(
             study_name=name, storage=storage, sampler=make_sampler(spec), pruner=make_pruner(spec)
         )
-    return StudyHandle(study, spec, _artifacts(study, storage_url, artifact_dir))
+    return _handle(study, spec, storage_url, artifact_dir)
 
 
 def stop_requests(study: optuna.Study) -> int:
@@ -278,7 +287,8 @@ def rerun_completed(study: optuna.Study, number: int) -> int:
     from the start, as `hpo retry` queues every failed one; a completed one runs again so that
     its saved model, which cannot be read back, is written anew. Returns the new trial's number."""
     from hpo.search.budget import retried_numbers
-    from hpo.storage.retry import RERUN_ATTR, requeue_fresh, rerun
+    from hpo.storage.keys import RERUN_ATTR
+    from hpo.storage.retry import requeue_fresh, rerun
 
     trials = study.get_trials(deepcopy=False)
     if number >= len(trials):

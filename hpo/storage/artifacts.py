@@ -25,12 +25,19 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from hpo.errors import DiskFullError, StorageError, UnreadableFileError
-from hpo.storage.files import TEMP_FOLDER, disk_full, is_disk_full, load_problem, staging, sweep, write_whole
+from hpo.storage.files import (
+    TEMP_FOLDER,
+    disk_full,
+    is_disk_full,
+    load_problem,
+    staging,
+    sweep,
+    write_whole,
+)
+from hpo.storage.keys import LOG_FILENAME
 from hpo.storage.urls import sqlite_path
 
 ENV_ARTIFACTS = "HPO_ARTIFACTS"
-LOG_FILENAME = "log.txt"  # a trial's output, as an artifact of the trial
-MODEL_FILE = "model.pt"  # a trial's final state, kept when it may be the best (the test step's input)
 
 
 def default_artifact_path(storage_url: str) -> Path:

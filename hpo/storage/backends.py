@@ -9,10 +9,8 @@ the file is busy. Server databases get `pool_pre_ping`, which Optuna sets only f
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -23,6 +21,7 @@ from hpo.errors import StorageError
 from hpo.storage.locks import creation_lock
 from hpo.storage.resilient import ResilientRDBStorage, enable_wal, sqlite_pragmas
 from hpo.storage.retry import RetryStaleTrial
+from hpo.storage.tables import check_holds_studies, check_sqlite_file
 from hpo.storage.urls import driver_line, mask, scrub, sqlite_path
 
 
@@ -34,60 +33,6 @@ class Heartbeat:
     interval: int = 10
     grace: int = 30
     max_retry: int = 3
-
-
-def _check_holds_studies(url: str, path: Path | None) -> bool:
-    """Read-only commands open only a storage that hpo (or Optuna) made: opening an empty database
-    with Optuna would create its schema there. True when Optuna's tables were seen."""
-    empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or name another storage")
-    if path is not None:
-        import sqlite3
-
-        if path.stat().st_size == 0:
-            raise empty
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise StorageError(f"cannot open storage {mask(url)}: {e}") from None
-        if not found:
-            raise empty
-        return True
-    scheme = url.split(":", 1)[0].lower()
-    if not scheme.startswith(("postgresql", "mysql", "mariadb")):
-        return False
-    from sqlalchemy import create_engine, inspect
-    from sqlalchemy.pool import NullPool
-
-    try:
-        engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
-        try:
-            found = inspect(engine).has_table("studies")
-        finally:
-            engine.dispose()
-    except Exception:
-        return False  # unreachable or misconfigured: opening the storage says why, in one line
-    if not found:
-        raise empty
-    return True
-
-
-def _check_sqlite_file(path: Path, url: str, create: bool) -> None:
-    shown = mask(url)
-    if path.is_dir():
-        raise StorageError(f"cannot open storage {shown}: {path} is a directory, not a database file")
-    if not path.exists():
-        if not create:
-            raise StorageError(
-                f"no storage at {shown} ({path} does not exist); run a study first or name another storage"
-            )
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise StorageError(f"cannot create storage {shown}: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise StorageError(f"cannot create storage {shown}: folder {parent} is not writable")
-    elif create and not os.access(path, os.W_OK):
-        raise StorageError(f"cannot write to storage {shown}: {path} is read-only")
 
 
 def _open_redis(url: str) -> BaseStorage:
@@ -147,8 +92,8 @@ def open_storage(
         return _open_grpc(url)
     path = sqlite_path(url)
     if path is not None:
-        _check_sqlite_file(path, url, create)
-    has_tables = not create and _check_holds_studies(url, path)
+        check_sqlite_file(path, url, create)
+    has_tables = not create and check_holds_studies(url, path)
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
         engine_kwargs: dict[str, object] = {"connect_args": {"timeout": 60}}

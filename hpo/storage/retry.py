@@ -3,9 +3,9 @@ requeue of a trial interrupted on purpose (Ctrl-C, a study timeout)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo._private import storage_of, study_id, trial_id
+from hpo._private import storage_of, study_id
+from hpo.storage.keys import CHECKPOINT_ATTR, RERUN_ATTR, RESUMES_ATTR
 
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
@@ -26,7 +27,10 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         self.max_retry = max_retry  # None: no limit, as Optuna's own callback
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.retry(study, trial, "its worker stopped sending heartbeats (killed, frozen or cut off)")
+        """Optuna's own fail_stale_trials calls this (study.optimize on hpo's storage); hpo ends such
+        trials itself (hpo.runtime.lifecycle.end_stale), which says what this logs."""
+        if (note := self.retry(study, trial, "its worker stopped sending heartbeats (killed, frozen or cut off)")):
+            logging.getLogger("hpo").warning(note)
 
     def exhausted(self, trial: FrozenTrial) -> bool:
         return self.max_retry is not None and len(trial.system_attrs.get("retry_history", ())) + 1 > self.max_retry
@@ -37,21 +41,19 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
             return f"{what}; not retried again (the limit is {self.max_retry} retries)"
         return f"{what}; queued to resume from its last checkpoint"
 
-    def retry(self, study: optuna.Study, trial: FrozenTrial, what: str) -> None:
-        """Queue the failed `trial`'s retry, saying `what` happened, unless the cap is reached."""
+    def retry(self, study: optuna.Study, trial: FrozenTrial, what: str) -> str | None:
+        """Queue the failed `trial`'s retry, saying `what` happened, unless the cap is reached:
+        then its checkpoints go, and the line that announces it is returned for the caller to say."""
         if self.exhausted(trial):
             history = [*trial.system_attrs.get("retry_history", ()), trial.number]
             _forget_checkpoints(study, int(history[0]))
-            print(f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
-                  f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
-                  f"{self.max_retry} retries)", file=sys.stderr, flush=True)
-            return
+            return (f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
+                    f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
+                    f"{self.max_retry} retries)")
         queue_retry(study, trial, f"resumes trial {trial.number}: {what}", inherit=True)
+        return None
 
 
-RESUMES_ATTR = "hpo:resumes"  # trial system attr of a retry that resumes a trial stopped under it (not a failure)
-CHECKPOINT_ATTR = "hpo:checkpoint_epoch"  # trial system attr of a requeued trial: the epoch it resumes from
-RERUN_ATTR = "hpo:rerun_of"  # trial system attr: this trial runs a completed trial again, to save its model anew
 
 
 def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: bool,
@@ -125,7 +127,7 @@ OWNER_ATTR = "hpo:owner"  # "machine:pid:start" of the process running a trial (
 
 def claim(storage: BaseStorage, tid: int) -> None:
     """Record this process as the running trial's owner, so a run on this machine can tell when
-    it is gone (reclaim_orphans)."""
+    it is gone (hpo.runtime.lifecycle.end_orphans)."""
     storage.set_trial_system_attr(tid, OWNER_ATTR, owner())
 
 
@@ -187,36 +189,10 @@ def is_local_and_alive(recorded: object) -> bool:
     return isinstance(recorded, str) and recorded.rsplit(":", 2)[0] == _machine() and not is_gone(recorded)
 
 
-def reclaim_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None) -> list[int]:
-    """Retry now, without waiting out the grace period, every running trial whose process is
-    known to be gone (same machine and PID namespace, pid no longer alive): a `kill -9` of a
-    whole run leaves its trials RUNNING, and the next run on this machine takes them back at once.
-    `exits` says how processes this one started ended, by pid ("exited with status 0"), for the
-    reason. Returns the trials' numbers."""
-    storage = storage_of(study)
-    retrier = stale_retrier(storage)
-    taken = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        recorded = t.system_attrs.get(OWNER_ATTR)
-        if not isinstance(recorded, str) or not is_gone(recorded):
-            continue
-        pid = recorded.split(":")[-2]
-        what = f"its process (pid {pid}) {(exits or {}).get(int(pid), 'ended')} during the trial"
-        try:
-            storage.set_trial_user_attr(trial_id(t), "reason", retrier.outcome(t, what))  # while it can be written
-            if not storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
-                continue
-        except Exception:
-            continue  # another worker took it back first
-        retrier.retry(study, storage.get_trial(trial_id(t)), what)
-        taken.append(t.number)
-    return taken
-
-
-def retry_lost(study: optuna.Study, trial: FrozenTrial, what: str) -> None:
+def retry_lost(study: optuna.Study, trial: FrozenTrial, what: str) -> str | None:
     """Retry a trial (already failed) that lost one of its processes, within the storage's retry
-    limit, as a trial whose worker died is."""
-    stale_retrier(storage_of(study)).retry(study, trial, what)
+    limit, as a trial whose worker died is; the line to say when the limit is reached."""
+    return stale_retrier(storage_of(study)).retry(study, trial, what)
 
 
 def stale_retrier(storage: BaseStorage) -> RetryStaleTrial:

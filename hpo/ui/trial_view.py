@@ -11,24 +11,27 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo._private import storage_of
+from hpo._private import storage_of, study_id
 from hpo.errors import HpoError
 from hpo.runtime.endings import ERROR_ATTR
 from hpo.search.study import StudyHandle
-from hpo.storage.artifacts import LOG_FILENAME, find_artifact
-from hpo.ui.progress import fmt, table_lines
+from hpo.storage.artifacts import find_artifact
+from hpo.storage.keys import LOG_FILENAME
+from hpo.ui.text import fmt, table_lines
 
 # Attributes shown in their own section, not among "Attributes".
 _OWN = {"reason", "traceback", "retry_reason", "epoch_seconds"}
 
 
 def find_trial(study: optuna.Study, number: int) -> FrozenTrial:
-    trials = study.get_trials(deepcopy=False)
-    for t in trials:
-        if t.number == number:
-            return t
-    where = f"trials 0-{len(trials) - 1}" if trials else "no trials yet"
-    raise HpoError(f"study {study.study_name} has no trial {number} ({where})")
+    """Trial `number`, read alone (a study of 100,000 trials is not loaded to show one)."""
+    storage = storage_of(study)
+    try:
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id(study), number))
+    except KeyError:
+        n = storage.get_n_trials(study_id(study))
+        where = f"trials 0-{n - 1}" if n else "no trials yet"
+        raise HpoError(f"study {study.study_name} has no trial {number} ({where})") from None
 
 
 def log_of(handle: StudyHandle, trial: FrozenTrial) -> str | None:
