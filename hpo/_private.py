@@ -9,10 +9,11 @@ message when an installed Optuna or torch lacks it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-from optuna.storages import BaseStorage
+if TYPE_CHECKING:  # imported where used: the read-only commands reach Optuna's tables without optuna
+    import optuna
+    from optuna.storages import BaseStorage
 
 # What this module relies on, by library: checked by tests/test_private_apis.py.
 OPTUNA_ATTRIBUTES = {
@@ -20,7 +21,8 @@ OPTUNA_ATTRIBUTES = {
     "optuna.Trial": ("_trial_id", "_cached_frozen_trial"),
     "optuna.trial.FrozenTrial": ("_trial_id",),
     "optuna.storages._CachedStorage": ("_backend",),
-    "optuna.storages._heartbeat": ("is_heartbeat_enabled",),
+    "optuna.storages._heartbeat": ("is_heartbeat_enabled", "BaseHeartbeat"),
+    "optuna.storages._cached_storage._CachedStorage": ("_get_stale_trial_ids",),
     "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
                                     "TrialIntermediateValueModel", "StudyModel", "StudyUserAttributeModel",
                                     "StudySystemAttributeModel"),
@@ -69,6 +71,16 @@ def heartbeat_enabled(storage: Any) -> bool:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
     return is_heartbeat_enabled(storage)
+
+
+def stale_trial_ids(storage: Any, study: int) -> list[int]:
+    """The running trials of a study whose heartbeat stopped past the grace period (what Optuna's
+    fail_stale_trials fails); none where the storage keeps no heartbeats."""
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    if not isinstance(storage, BaseHeartbeat) or not heartbeat_enabled(storage):
+        return []
+    return list(storage._get_stale_trial_ids(study))
 
 
 def rdb_session(storage: Any) -> Any:
@@ -202,6 +214,7 @@ def reseed_sampler(sampler: Any, seed: list[int]) -> None:
     crossover), so they are reseeded, never replaced. A QMC sampler's own scrambling seed is left
     alone: its sequence is shared by the whole study and indexed in the storage."""
     import numpy as np
+    import optuna
     from optuna.samplers._lazy_random_state import LazyRandomState
 
     seen: set[int] = set()
@@ -220,3 +233,210 @@ def reseed_sampler(sampler: Any, seed: list[int]) -> None:
                 visit(value, f"{path}.{name}")
 
     visit(sampler, "")
+
+
+# ---- Optuna's RDB tables, read directly ---------------------------------------------------------
+# The read-only commands (hpo.search.reading) ask the database what they print, a study of
+# 100,000 trials never loaded whole, and without importing optuna. Optuna's schema is its own:
+# tests/test_private_apis.py checks these tables and columns against Optuna's models.
+OPTUNA_TABLES: dict[str, tuple[str, ...]] = {
+    "studies": ("study_id", "study_name"),
+    "study_directions": ("study_id", "objective", "direction"),
+    "study_user_attributes": ("study_id", "key", "value_json"),
+    "study_system_attributes": ("study_id", "key", "value_json"),
+    "trials": ("trial_id", "number", "study_id", "state", "datetime_start", "datetime_complete"),
+    "trial_values": ("trial_id", "objective", "value", "value_type"),
+    "trial_params": ("param_id", "trial_id", "param_name", "param_value", "distribution_json"),
+    "trial_intermediate_values": ("trial_id", "step"),
+    "trial_user_attributes": ("trial_id", "key", "value_json"),
+    "trial_system_attributes": ("trial_id", "key", "value_json"),
+}
+METRIC_NAMES_ATTR = "study:metric_names"  # Optuna's study system attr of its objectives' names
+ARTIFACT_ATTR_PREFIX = "artifacts:"  # Optuna's trial and study system attrs of uploaded artifacts
+
+
+def sql_rows(conn: Any, query: str, **params: Any) -> list[Any]:
+    from sqlalchemy import bindparam, text
+
+    statement = text(query)
+    for name, value in params.items():
+        if isinstance(value, (list, tuple, set)):
+            statement = statement.bindparams(bindparam(name, expanding=True))
+    return list(conn.execute(statement, params))
+
+
+def sql_studies(conn: Any) -> list[dict[str, Any]]:
+    """Every study: id, name, trials, directions, the best finite value of its first objective
+    among complete trials (as the direction goes), and the first trial's start."""
+    studies = {sid: {"id": sid, "name": name, "trials": 0, "directions": [], "max": None, "min": None,
+                     "created": None} for sid, name in sql_rows(conn, "SELECT study_id, study_name FROM studies "
+                                                                   "ORDER BY study_id")}
+    for sid, direction in sql_rows(conn, "SELECT study_id, direction FROM study_directions ORDER BY study_id, objective"):
+        studies[sid]["directions"].append(str(direction).lower())
+    for sid, n, created in sql_rows(conn, "SELECT study_id, COUNT(*), MIN(datetime_start) FROM trials GROUP BY study_id"):
+        studies[sid].update(trials=int(n), created=_when(created))
+    for sid, high, low in sql_rows(conn, "SELECT t.study_id, MAX(v.value), MIN(v.value) FROM trials t JOIN trial_values v "
+                                      "ON v.trial_id = t.trial_id WHERE t.state = 'COMPLETE' AND v.objective = 0 AND "
+                                      "v.value_type = 'FINITE' GROUP BY t.study_id"):
+        studies[sid].update(max=high, min=low)
+    return list(studies.values())
+
+
+def sql_study_id(conn: Any, name: str) -> int | None:
+    found = sql_rows(conn, "SELECT study_id FROM studies WHERE study_name = :name", name=name)
+    return int(found[0][0]) if found else None
+
+
+def sql_study_names(conn: Any) -> list[str]:
+    return [str(n) for (n,) in sql_rows(conn, "SELECT study_name FROM studies ORDER BY study_id")]
+
+
+def sql_directions(conn: Any, study: int) -> list[str]:
+    return [str(d).lower() for (d,) in sql_rows(conn, "SELECT direction FROM study_directions WHERE study_id = :s "
+                                                   "ORDER BY objective", s=study)]
+
+
+def sql_study_attrs(conn: Any, study: int, system: bool = False) -> dict[str, Any]:
+    """A study's user (or system) attributes, decoded; ValueError for one that is not JSON."""
+    import json
+
+    table = "study_system_attributes" if system else "study_user_attributes"
+    return {str(k): json.loads(v) for k, v in sql_rows(conn, f"SELECT key, value_json FROM {table} WHERE study_id = :s "
+                                                          "ORDER BY key", s=study)}
+
+
+def sql_state_counts(conn: Any, study: int) -> dict[str, int]:
+    return {str(state): int(n) for state, n in sql_rows(conn, "SELECT state, COUNT(*) FROM trials WHERE study_id = :s "
+                                                          "GROUP BY state", s=study)}
+
+
+def sql_trial_system_values(conn: Any, study: int, key: str) -> list[Any]:
+    """The value of trial system attribute `key` on every trial of the study that has it."""
+    import json
+
+    return [json.loads(v) for (v,) in sql_rows(conn, "SELECT a.value_json FROM trial_system_attributes a JOIN trials t "
+                                                 "ON t.trial_id = a.trial_id WHERE t.study_id = :s AND a.key = :k",
+                                            s=study, k=key)]
+
+
+def sql_numbers(conn: Any, study: int, state: str) -> list[int]:
+    return [int(n) for (n,) in sql_rows(conn, "SELECT number FROM trials WHERE study_id = :s AND state = :st",
+                                     s=study, st=state)]
+
+
+def sql_best(conn: Any, study: int, maximize: bool) -> tuple[int, int, float] | None:
+    """(trial id, number, value) of the best complete trial on the first objective, ranked as
+    Optuna ranks it (infinities by their sign), the first of a tie."""
+    rank = ("CASE v.value_type WHEN 'INF_NEG' THEN -1 WHEN 'FINITE' THEN 0 ELSE 1 END")
+    way = "DESC" if maximize else "ASC"
+    found = sql_rows(conn, f"SELECT t.trial_id, t.number, v.value, v.value_type FROM trials t JOIN trial_values v ON "
+                        f"v.trial_id = t.trial_id WHERE t.study_id = :s AND t.state = 'COMPLETE' AND v.objective = 0 "
+                        f"ORDER BY {rank} {way}, v.value {way}, t.trial_id LIMIT 1", s=study)
+    if not found:
+        return None
+    tid, number, value, kind = found[0]
+    return int(tid), int(number), _value(value, kind)
+
+
+def _value(value: Any, kind: Any) -> float:
+    return {"INF_POS": float("inf"), "INF_NEG": float("-inf")}.get(str(kind), float(value) if value is not None
+                                                                    else float("nan"))
+
+
+def _when(value: Any) -> Any:
+    """A time as a datetime (SQLite gives text)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def sql_params(conn: Any, trials: list[int]) -> dict[int, dict[str, Any]]:
+    """Each trial's parameters, in the order it took them, decoded as Optuna does (a choice by its
+    index among the distribution's choices)."""
+    import json
+
+    out: dict[int, dict[str, Any]] = {t: {} for t in trials}
+    if not trials:
+        return out
+    for tid, name, value, dist in sql_rows(conn, "SELECT trial_id, param_name, param_value, distribution_json FROM "
+                                              "trial_params WHERE trial_id IN :ids ORDER BY param_id", ids=trials):
+        spec = json.loads(dist)
+        kind, attrs = str(spec.get("name", "")), spec.get("attributes", {})
+        if "Categorical" in kind:
+            decoded: Any = attrs["choices"][int(value)]
+        elif "Int" in kind:
+            decoded = int(value)
+        else:
+            decoded = float(value)
+        out[int(tid)][str(name)] = decoded
+    return out
+
+
+def sql_param_names(conn: Any, study: int) -> list[str]:
+    return sorted(str(n) for (n,) in sql_rows(conn, "SELECT DISTINCT p.param_name FROM trial_params p JOIN trials t ON "
+                                                 "t.trial_id = p.trial_id WHERE t.study_id = :s", s=study))
+
+
+def sql_trials(conn: Any, study: int, states: list[str] | None, order: str, limit: int | None,
+               after: int = -1) -> list[tuple[int, int, str, Any, Any, float | None]]:
+    """A page of a study's trials: (id, number, state, start, complete, first value); `order` is
+    "number" (from `after` on), "value_desc" or "value_asc" (complete trials with a value first)."""
+    where = "t.study_id = :s" + (" AND t.state IN :states" if states else "")
+    params: dict[str, Any] = {"s": study, **({"states": states} if states else {})}
+    if order == "number":
+        where += " AND t.number > :after"
+        params["after"] = after
+        by = "t.number"
+    else:
+        way = "DESC" if order == "value_desc" else "ASC"
+        by = f"CASE WHEN v.value IS NULL THEN 1 ELSE 0 END, v.value {way}, t.number"
+    query = (f"SELECT t.trial_id, t.number, t.state, t.datetime_start, t.datetime_complete, v.value, v.value_type "
+             f"FROM trials t LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 WHERE {where} "
+             f"ORDER BY {by}" + (" LIMIT :limit" if limit is not None else ""))
+    if limit is not None:
+        params["limit"] = limit
+    return [(int(tid), int(n), str(st), _when(a), _when(b), _value(v, k) if k is not None else None)
+            for tid, n, st, a, b, v, k in sql_rows(conn, query, **params)]
+
+
+def sql_values(conn: Any, trials: list[int]) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {t: [] for t in trials}
+    if trials:
+        for tid, _, value, kind in sql_rows(conn, "SELECT trial_id, objective, value, value_type FROM trial_values WHERE "
+                                               "trial_id IN :ids ORDER BY trial_id, objective", ids=trials):
+            out[int(tid)].append(_value(value, kind))
+    return out
+
+
+def sql_epochs(conn: Any, trials: list[int]) -> dict[int, int]:
+    out = dict.fromkeys(trials, 0)
+    if trials:
+        for tid, n in sql_rows(conn, "SELECT trial_id, COUNT(*) FROM trial_intermediate_values WHERE trial_id IN :ids "
+                                  "GROUP BY trial_id", ids=trials):
+            out[int(tid)] = int(n)
+    return out
+
+
+def sql_trial_attrs(conn: Any, trials: list[int], key: str, system: bool = False) -> dict[int, Any]:
+    """Trial attribute `key` (user, or system) of each trial that has it, decoded."""
+    import json
+
+    table = "trial_system_attributes" if system else "trial_user_attributes"
+    out: dict[int, Any] = {}
+    if trials:
+        for tid, value in sql_rows(conn, f"SELECT trial_id, value_json FROM {table} WHERE key = :k AND trial_id IN :ids",
+                                k=key, ids=trials):
+            out[int(tid)] = json.loads(value)
+    return out
+
+
+def sql_artifacts(conn: Any, trial: int) -> list[dict[str, Any]]:
+    """The artifacts uploaded to a trial (Optuna's metadata: artifact_id, filename, ...), oldest first."""
+    import json
+
+    out = []
+    for (v,) in sql_rows(conn, "SELECT value_json FROM trial_system_attributes WHERE trial_id = :t AND key LIKE :p "
+                            "ORDER BY trial_system_attribute_id", t=trial, p=f"{ARTIFACT_ATTR_PREFIX}%"):
+        meta = json.loads(v)
+        out.append(json.loads(meta) if isinstance(meta, str) else meta)  # Optuna stores it as JSON text
+    return out

@@ -239,3 +239,53 @@ def test_report_without_matplotlib_says_which_extra_to_install(finished, tmp_pat
     assert done.stderr.strip() == ("Error: hpo report draws with matplotlib, which is not installed: pip install "
                                    "'hpo[report]' (or pip install matplotlib)")
     assert not (tmp_path / "r").exists()
+
+
+def _study_of(n: int) -> optuna.Study:
+    """An in-memory study of n trials with 10-epoch curves, a third of them pruned after 3 epochs."""
+    import random
+
+    rng = random.Random(n)
+    study = optuna.create_study(direction="maximize")
+    trials = []
+    for i in range(n):
+        rate = rng.uniform(0.05, 0.5)
+        curve = {e: 1 - (1 - rate) ** (e + 1) for e in range(10)}
+        pruned = i % 3 == 2
+        if pruned:
+            curve = {e: v for e, v in curve.items() if e < 3}
+        trials.append(optuna.trial.create_trial(
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE, value=None if pruned else curve[9],
+            params={"x": rate}, distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+            intermediate_values=curve))
+    study.add_trials(trials)
+    return study
+
+
+@pytest.mark.parametrize("n", [40, pytest.param(100_000, marks=pytest.mark.slow)])
+def test_the_learning_curves_stay_legible_at_any_size(n) -> None:
+    """The plot area, not a legend naming every trial, fills the figure; the axis labels are whole;
+    the best few are named; past a few thousand trials the rest are one band (issue 46)."""
+    from hpo.ui.report import NAMED, learning_curves
+
+    need_module("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = learning_curves(_study_of(n), "val_accuracy (each epoch)")
+    fig = ax.figure
+    fig.set_size_inches(10, 6)
+    fig.tight_layout()
+    fig.canvas.draw()
+    assert ax.get_position().height > 0.7 and ax.get_position().width > 0.8  # the curves have the room
+    box = fig.get_window_extent()
+    for label in (ax.yaxis.label, ax.xaxis.label, ax.title):
+        extent = label.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1
+    named = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum(t.startswith("#") for t in named) == NAMED and len(named) <= NAMED + 2
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert len(lines) == (n if n <= 2000 else NAMED + 1)  # each trial, or the band's median and the best
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -117,3 +117,16 @@ def test_private_optuna_methods_hpo_overrides_or_calls_are_named_in_hpo_private(
             if any(hasattr(b, name) for b in bases):
                 offenders.append(f"{cls.__name__} calls {bases[0].__name__}.{name} directly")
     assert not offenders, "private Optuna methods not reached through hpo/_private.py: " + "; ".join(offenders)
+
+
+@pytest.mark.parametrize("table", sorted(_private.OPTUNA_TABLES))
+def test_each_optuna_table_and_column_hpo_reads_exists(table: str) -> None:
+    """The read-only commands query Optuna's RDB schema directly; a release that renames a table or
+    column fails here by name instead of as an SQL error in `hpo trials`."""
+    from optuna.storages._rdb import models
+
+    tables = models.BaseModel.metadata.tables
+    assert table in tables, f"optuna {optuna.__version__} has no table {table}"
+    columns = set(tables[table].columns.keys())
+    missing = [c for c in _private.OPTUNA_TABLES[table] if c not in columns]
+    assert not missing, f"optuna {optuna.__version__}'s {table} lacks {missing}"

@@ -29,11 +29,20 @@ def studies(storage: str | None) -> None:
     Example:
       hpo studies --storage sqlite:///hpo.db
     """
-    from hpo.search.summary import study_rows
-    from hpo.ui.progress import fmt
+    from hpo.storage.tables import read_only, reads_sql
+    from hpo.storage.urls import resolve_url
+    from hpo.ui.text import fmt
 
-    store, url = open_store(storage, create=False)
-    listed = study_rows(store)
+    url = resolve_url(storage)
+    if reads_sql(url):  # the database answers: no study is loaded (hpo.search.reading)
+        from hpo.search.reading import study_rows as rows_of
+
+        with read_only(url) as conn:
+            listed = rows_of(conn)
+    else:
+        from hpo.search.summary import study_rows
+
+        listed = study_rows(open_store(storage, create=False)[0])
     if not listed:
         click.echo("No studies.")
         return
@@ -48,7 +57,7 @@ def studies(storage: str | None) -> None:
 
 
 def _table(rows: list[list[str]]) -> None:
-    from hpo.ui.progress import table_lines
+    from hpo.ui.text import table_lines
 
     for line in table_lines(rows):
         click.echo(line)
@@ -87,18 +96,36 @@ def best(study: str, storage: str | None, fmt: str) -> None:
     Example:
       hpo best quickstart
     """
+    from hpo.storage.tables import read_only, reads_sql
+    from hpo.storage.urls import resolve_url
+
+    url = resolve_url(storage)
+    if reads_sql(url):  # the counts, the best row and the test record, asked of the database
+        from hpo.search import reading
+        from hpo.search.saved import model_problem
+
+        with read_only(url) as conn:
+            sid = reading.study_id(conn, study, url)
+            if reading.simple(conn, sid, study):
+                s = reading.summary(conn, sid, study)
+                _show_best(s, fmt)  # what is known is shown; a saved model that cannot be read back is the error
+                number = s.best_number
+                own = reading.trial_model(conn, sid, number) if number is not None else None
+                if (problem := model_problem(study, s.test, own)) is not None:
+                    raise HpoError(problem)
+                return
     from hpo.search.saved import best_model_problem
     from hpo.search.summary import summarize
 
     loaded = _load(study, storage)
     s = summarize(loaded)
-    _show_best(s, fmt)  # what is known is shown; a saved model that cannot be read back is the error
+    _show_best(s, fmt)
     if (problem := best_model_problem(loaded, s.test)) is not None:
         raise HpoError(problem)
 
 
 def _show_best(s: Any, fmt: str) -> None:
-    from hpo.ui.progress import render_summary
+    from hpo.ui.text import render_summary
 
     if fmt == "json" and s.multi_objective:
         click.echo(json.dumps({
@@ -135,8 +162,8 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
       hpo enqueue quickstart lr=0.01 batch_size=32 optimizer=adam
     """
     from hpo.errors import StorageError
+    from hpo.search.records import SPEC_ATTR
     from hpo.search.study import enqueue as queue
-    from hpo.search.summary import SPEC_ATTR
     from hpo.spec.loading import parse_yaml, spec_from_mapping
     from hpo.spec.validate import Validator
 
@@ -173,14 +200,46 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
 @click.argument("study")
 @storage_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def trials(study: str, storage: str | None, fmt: str) -> None:
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="At most N trials.")
+@click.option("--state", type=click.Choice(["complete", "pruned", "fail", "resumed", "running", "waiting"],
+                                           case_sensitive=False), default=None, help="Only the trials in this state.")
+@click.option("--sort", type=click.Choice(["number", "value"]), default="number", show_default=True,
+              help="value: the best first (with --limit, the best N).")
+def trials(study: str, storage: str | None, fmt: str, limit: int | None, state: str | None, sort: str) -> None:
     """List a study's trials: state, value, epochs, parameters. A trial stopped under it (Ctrl-C,
-    hpo stop, a dead worker, a full disk) whose retry resumes it reads RESUMED, not FAIL.
+    hpo stop, a dead worker, a full disk) whose retry resumes it reads RESUMED, not FAIL. The
+    database is asked for the page shown, so a study of 100,000 trials lists as fast as a small one;
+    the CSV of every trial streams.
 
     \b
     Example:
       hpo trials quickstart --format csv > trials.csv
+      hpo trials quickstart --sort value --limit 10
     """
+    from hpo.storage.tables import read_only, reads_sql
+    from hpo.storage.urls import resolve_url
+
+    url = resolve_url(storage)
+    if reads_sql(url):
+        from hpo import _private
+        from hpo.search import reading
+
+        with read_only(url) as conn:
+            sid = reading.study_id(conn, study, url)
+            if reading.simple(conn, sid, study):
+                maximize = _private.sql_directions(conn, sid)[0] == "maximize"
+                names, records = reading.trial_records(conn, sid, limit=limit, state=state, sort=sort,
+                                                       maximize=maximize)
+                _print_trials(records, names, fmt, constrained=False, several=False)
+                return
+    _optuna_trials(study, storage, fmt, limit, state, sort)
+
+
+def _optuna_trials(study: str, storage: str | None, fmt: str, limit: int | None, state: str | None,
+                   sort: str) -> None:
+    """`hpo trials` from the Optuna study: several objectives, constraints, a journal or a proxy."""
+    import optuna
+
     from hpo.search.budget import resumed_numbers
 
     loaded = _load(study, storage)
@@ -188,12 +247,18 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
     param_names = sorted({k for t in ts for k in t.params})
     constrained = any(t.constraints for t in ts)  # a column only for studies with constraints
     resumed = resumed_numbers(ts)  # stopped under it and resumed by a retry: not a failure
+    if sort == "value" and len(loaded.directions) == 1:
+        maximize = loaded.direction == optuna.study.StudyDirection.MAXIMIZE
+        ts = sorted(ts, key=lambda t: (t.value is None, -(t.value or 0.0) if maximize else (t.value or 0.0), t.number))
     records = []
     for t in ts:
+        shown = "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name
+        if state is not None and shown != state.upper():
+            continue
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         records.append({
             "number": t.number,
-            "state": "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name,
+            "state": shown,
             "value": (t.values[0] if t.values and len(t.values) == 1 else t.values),
             **({"feasible": all(c <= 0 for c in t.constraints.values()) if t.constraints else None}
                if constrained else {}),
@@ -202,29 +267,49 @@ def trials(study: str, storage: str | None, fmt: str) -> None:
             "reason": t.user_attrs.get("reason", ""),
             **{f"params_{k}": t.params.get(k) for k in param_names},
         })
-    if fmt == "json":
-        click.echo(json.dumps(records, indent=2, default=str))
+        if limit is not None and len(records) >= limit:
+            break
+    _print_trials(iter(records), param_names, fmt, constrained, several=len(loaded.directions) > 1)
+
+
+def _print_trials(records: Any, param_names: list[str], fmt: str, constrained: bool, several: bool) -> None:
+    """The rows as a table, CSV or JSON; CSV and JSON are written as the rows come (memory stays flat)."""
+    if fmt == "json":  # as json.dumps(rows, indent=2) writes the whole list, one row at a time
+        first = True
+        for r in records:
+            item = "  " + json.dumps(r, indent=2, default=str).replace("\n", "\n  ")
+            click.echo(("[\n" if first else ",\n") + item, nl=False)
+            first = False
+        click.echo("[]" if first else "\n]")
     elif fmt == "csv":
+        head = ["number", "state", "value", *(["feasible"] if constrained else []), "epochs", "seconds", "reason",
+                *[f"params_{k}" for k in param_names]]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["number"])
+        writer = csv.DictWriter(buf, fieldnames=head)
         writer.writeheader()
-        writer.writerows(records)
+        for i, r in enumerate(records):
+            writer.writerow(r)
+            if i % 1000 == 999:
+                click.echo(buf.getvalue(), nl=False)
+                buf.seek(0)
+                buf.truncate()
         click.echo(buf.getvalue(), nl=False)
     else:
-        if not records:
+        rows_in = list(records)
+        if not rows_in:
             click.echo("No trials.")
             return
-        from hpo.ui.progress import fmt as show
+        from hpo.ui.text import fmt as show
 
         feasible = {True: "yes", False: "no", None: "-"}
-        head = ["#", "state", "value" if len(loaded.directions) == 1 else "values",
-                *(["feasible"] if constrained else []), "epochs", "seconds", *param_names]
+        head = ["#", "state", "values" if several else "value", *(["feasible"] if constrained else []), "epochs",
+                "seconds", *param_names]
         rows = [head] + [
             [str(r["number"]), r["state"],
              " ".join(map(show, r["value"])) if isinstance(r["value"], list) else show(r["value"]),
              *([feasible[r["feasible"]]] if constrained else []), str(r["epochs"]), show(r["seconds"]),
              *[show(r[f"params_{k}"]) for k in param_names]]
-            for r in records
+            for r in rows_in
         ]
         _table(rows)
 
@@ -233,7 +318,10 @@ def _handle(name: str, storage: str | None, artifacts: str | None) -> Any:
     from hpo.search.study import open_existing
 
     store, url = open_store(storage, create=False)
-    return open_existing(name, store, url, artifacts)
+    handle = open_existing(name, store, url, artifacts)
+    for note in handle.notes:
+        click.echo(note, err=True)
+    return handle
 
 
 @cli.command()
@@ -316,7 +404,7 @@ def export(study: str, storage: str | None, artifacts: str | None, out_file: str
     import torch
 
     from hpo.search.export import exported
-    from hpo.ui.progress import fmt
+    from hpo.ui.text import fmt
 
     data = exported(_handle(study, storage, artifacts), number)
     out = Path(out_file).expanduser()

@@ -1,12 +1,10 @@
-"""What a study holds, summarised for a person: counts, the best trial (or the Pareto front of a
-study with several objectives), test scores. No torch: `hpo studies`, `hpo best` and `hpo trials`
-stay fast."""
+"""What a study holds, summarised for a person from an Optuna study: counts, the best trial (or the
+Pareto front of a study with several objectives), test scores (hpo.search.records). No torch; the
+read-only commands get the same from SQL where they can (hpo.search.reading)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import optuna
@@ -16,9 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo._private import study_names, undecodable_attrs
 from hpo.runtime.pruning import dominates
 from hpo.search.budget import state_counts
-
-SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
-TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
+from hpo.search.records import SPEC_ATTR, TEST_ATTR, FrontTrial, StudyRow, Summary
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -53,36 +49,6 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
         return sum(1 for u in done if dominates(u.values, t.values, directions)) if len(directions) > 1 else 0
 
     return sorted(done, key=lambda t: (dominated_by(t), first * t.values[0], t.number))
-
-
-@dataclass(frozen=True)
-class FrontTrial:
-    """One trial of the front, as `hpo best` shows it."""
-
-    number: int
-    values: dict[str, float]  # objective -> value
-    measured: dict[str, float]  # constrained metrics that are not objectives (e.g. latency_ms)
-    params: dict[str, Any]
-    test: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class Summary:
-    name: str
-    direction: str
-    metric: str
-    counts: dict[str, int]
-    best_number: int | None
-    best_value: float | None
-    best_params: dict[str, Any]
-    test: dict[str, Any] | None
-    n_trials_budget: int | None
-    objectives: tuple[tuple[str, str], ...] = ()  # (name, direction) of each objective
-    front: tuple[FrontTrial, ...] = ()  # several objectives: the Pareto front
-
-    @property
-    def multi_objective(self) -> bool:
-        return len(self.objectives) > 1
 
 
 def objective_names(study: optuna.Study, spec: dict[str, Any]) -> list[str]:
@@ -120,18 +86,6 @@ def summarize(study: optuna.Study) -> Summary:
         best_params=dict(best.params) if best else {},
         **common,
     )
-
-
-@dataclass(frozen=True)
-class StudyRow:
-    """One study as `hpo studies` lists it; `problem` says why it cannot be read (the rest is empty)."""
-
-    name: str
-    trials: int = 0
-    directions: tuple[str, ...] = ()
-    best: float | None = None
-    created: datetime | None = None
-    problem: str | None = None
 
 
 def study_rows(storage: BaseStorage) -> list[StudyRow]:

@@ -16,8 +16,9 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.errors import HpoError
-from hpo.search.summary import SPEC_ATTR, objective_names, summarize
-from hpo.ui.progress import fmt, render_front
+from hpo.search.records import SPEC_ATTR
+from hpo.search.summary import objective_names, summarize
+from hpo.ui.text import fmt, render_front
 
 
 def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
@@ -27,8 +28,7 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
         metric = (study.metric_names or [str((study.user_attrs.get(SPEC_ATTR) or {}).get("metric", "value"))])[0]
         return {  # every axis says which metric it shows, not "Objective Value"
             "history": lambda s: vis.plot_optimization_history(s, target_name=metric),
-            "learning_curves": lambda s: _labelled(vis.plot_intermediate_values(s), f"{metric} (reported each epoch)",
-                                                   "epoch"),
+            "learning_curves": lambda s: learning_curves(s, metric),
             "importances": lambda s: _labelled(vis.plot_param_importances(s, target_name=metric), "parameter",
                                                f"importance for {metric}"),
             "parallel_coordinate": lambda s: vis.plot_parallel_coordinate(s, target_name=metric),
@@ -43,6 +43,52 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
         plots[f"importances_{name}"] = _per_objective(vis.plot_param_importances, i, name)
     plots["learning_curves"] = vis.plot_intermediate_values
     return plots
+
+
+NAMED = 5  # the best trials named in the learning curves' legend; the others are drawn faintly
+BAND_ABOVE = 2000  # more trials than this: their curves as a band per epoch, not a line each
+
+
+def learning_curves(study: optuna.Study, metric: str) -> Any:
+    """Every trial's learning curve, legible at any size: the best few in colour and named, the
+    others faint (pruned ones visibly cut short), or past BAND_ABOVE trials their 10-90% band and
+    median per epoch, so the time and memory it takes stay bounded."""
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    if not trials:
+        raise ValueError("no trial has reported an epoch yet")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = sorted(done, key=lambda t: float(t.value or 0.0) * (-1.0 if maximize else 1.0))[:NAMED]
+    named = {t.number for t in best}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    if len(trials) > BAND_ABOVE:
+        by_epoch: dict[int, list[float]] = {}
+        for t in trials:
+            for epoch, value in t.intermediate_values.items():
+                by_epoch.setdefault(epoch, []).append(value)
+        import numpy as np
+
+        epochs = sorted(by_epoch)
+        low, mid, high = (np.array([np.nanpercentile(by_epoch[e], q) for e in epochs]) for q in (10, 50, 90))
+        ax.fill_between(epochs, low, high, color="0.8", label=f"10-90% of {len(trials)} trials")
+        ax.plot(epochs, mid, color="0.5", linewidth=1, label="median")
+    else:
+        for t in trials:
+            if t.number not in named:
+                epochs = sorted(t.intermediate_values)
+                ax.plot(epochs, [t.intermediate_values[e] for e in epochs], color="0.6", linewidth=0.6, alpha=0.35)
+    for t in best:
+        epochs = sorted(t.intermediate_values)
+        ax.plot(epochs, [t.intermediate_values[e] for e in epochs], linewidth=1.8, label=f"#{t.number}: {fmt(t.value)}")
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    ax.set_title(f"Learning curves of {len(trials)} trials ({pruned} pruned); the best {len(best)} named")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.legend(loc="lower right" if maximize else "upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
 
 
 def _labelled(ax: Any, ylabel: str, xlabel: str) -> Any:
