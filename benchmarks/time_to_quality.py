@@ -118,12 +118,17 @@ def train(trial):
 
 def hpo_spec(problem: Problem, seed: int, budget: dict[str, Any], overrides: str) -> dict[str, Any]:
     """`overrides`: YAML of spec keys to replace, where $e2, $e3 and $e4 stand for the problem's
-    epochs divided by 2, 3 and 4 (a warm-up as a share of the epochs)."""
+    epochs divided by 2, 3 and 4 (a warm-up as a share of the epochs); its `priors:` key gives
+    space entries a prior each."""
     spec: dict[str, Any] = {"name": f"ttq-{problem.name}", "metric": problem.metric, "direction": problem.direction,
                             "seed": seed, "train": "ttq_train.py:train", "space": spec_space(problem),
                             "budget": budget}
     e = problem.epochs
-    spec.update(yaml.safe_load(string.Template(overrides).substitute(e2=e // 2, e3=e // 3, e4=e // 4)) or {})
+    changes = yaml.safe_load(string.Template(overrides).substitute(e2=e // 2, e3=e // 3, e4=e // 4)) or {}
+    for name, prior in changes.pop("priors", {}).items():  # `priors: {lr: {value: 0.003, confidence: high}}`
+        entry = spec["space"][name]
+        spec["space"][name] = {**(entry if isinstance(entry, dict) else {"choices": entry}), "prior": prior}
+    spec.update(changes)
     return spec
 
 
@@ -203,6 +208,20 @@ def targets(problem: Problem, figures: dict[str, dict[str, Any]]) -> dict[str, d
             "measured": f"best at the script's trial count {f['final_gain']:+.3f} {unit} (s.e. {f['final_gain_se']:.3f}), "
                         f"in {median(f['wall']):.2f}x the script's wall",
             "met": f["final_gain"] >= -f["final_gain_se"], "split": problem.split}
+    if "nopriors" in figures:  # the priors measurement: a good and a wrong prior against none, seed by seed
+        base = figures["nopriors"]
+        for arm, tid in (("good", "priors.good"), ("wrong", "priors.wrong")):
+            if arm not in figures:
+                continue
+            f = figures[arm]
+            diff, se = _mean_se([a - b for a, b in zip(f["gains"], base["gains"])])
+            out[f"{tid}.{problem.name}"] = {
+                "measured": f"{problem.name}: best at the script's wall {diff:+.3f} {unit} against no prior (s.e. "
+                            f"{se:.3f}); time to the script's best {_med(f['time_to_script_best'])}x median against "
+                            f"{_med(base['time_to_script_best'])}x with no prior",
+                "met": (diff >= -se) if arm == "wrong" else (median(f["time_to_script_best"])
+                                                              <= median(base["time_to_script_best"])),
+                "split": problem.split}
     for peer in PEERS:
         if peer in figures:
             f = figures[peer]
@@ -225,6 +244,8 @@ def main() -> None:
     ap.add_argument("--equal-trials", action="store_true", help="also hpo with the script's trial count (hpo-trials)")
     ap.add_argument("--peers", default="", help="ray,hyperopt,smac: run with --peer-python")
     ap.add_argument("--peer-python", default=None, help="an interpreter that has the peers installed")
+    ap.add_argument("--script-trials", type=int, default=None, help="the script's trial count (default: the "
+                                                                       "problem's); for smoke runs")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     names = {"development": list(DEVELOPMENT), "held-out": list(HELD_OUT),
@@ -240,7 +261,7 @@ def main() -> None:
         problem = PROBLEMS[name]
         runs: list[Run] = []
         for i, seed in enumerate(args.seeds):
-            script = run_script(problem, seed)
+            script = run_script(problem, seed, extra=["--trials", str(args.script_trials)] if args.script_trials else [])
             runs.append(script)
             budget = {"time": round(script.wall + HPO_STARTUP_SLACK, 1), "epochs": problem.epochs}
             order = arms if i % 2 == 0 else arms[::-1]
@@ -248,8 +269,8 @@ def main() -> None:
                 runs.append(run_hpo(problem, seed, arm, budget, variants[arm]))
                 print(json.dumps({k: v for k, v in asdict(runs[-1]).items() if k != "finished"}), flush=True)
             if args.equal_trials:
-                runs.append(run_hpo(problem, seed, "hpo-trials", {"n_trials": problem.trials, "epochs": problem.epochs},
-                                    ""))
+                runs.append(run_hpo(problem, seed, "hpo-trials", {"n_trials": args.script_trials or problem.trials,
+                                                                  "epochs": problem.epochs}, ""))
             for peer in peers:
                 runs.append(run_script(problem, seed, args.peer_python or sys.executable, PEERS[peer], peer,
                                        ["--time", f"{script.wall:.1f}"]))

@@ -15,7 +15,6 @@ import time
 
 import optuna
 import torch
-
 from suite import PROBLEMS, suggest
 
 torch.set_num_threads(1)

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("script,args,expect", [
     ("data_path.py", ["--repeats", "1", "--batch-sizes", "64"], "hpo / pure"),
-    ("time_to_quality.py", ["--seeds", "0", "1", "--trials", "3", "--epochs", "2", "--one-worker"],
-     ("time to the script's best", "hpo-train-1w")),
-    ("pruning.py", ["--seeds", "0", "--trials", "3", "--epochs", "2", "--pruners", "default; {name: median}"],
-     "epochs saved per seed"),
+    ("time_to_quality.py", ["--problems", "diabetes", "--seeds", "0", "1", "--equal-trials", "--hpo-arms",
+                            "hpo,med", "--variant", "med={pruner: {name: median, n_warmup_steps: $e4}}",
+                            "--script-trials", "4"],
+     ("best at the script's wall", "hpo-trials", "| med |")),
     ("storage_overhead.py", ["--trials", "6", "--storages", "memory,sqlite,postgres"], "hpo adds"),
     ("workers.py", ["--repeats", "1", "--trials", "4", "--workers", "1,2", "--storage", "postgres"],
      "2 workers / 1 worker"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, cast
@@ -111,8 +112,9 @@ class TrialOutput:
     """`with TrialOutput(artifacts, trial, label):` keeps what the trial prints; `note()` adds to
     the log only (a traceback); `finish()` uploads the log to the trial while it still runs."""
 
-    def __init__(self, artifacts: Artifacts, trial: optuna.Trial, label: bool) -> None:
-        self.artifacts, self.trial, self.label = artifacts, trial, label
+    def __init__(self, artifacts: Artifacts, trial: optuna.Trial, label: bool,
+                 warn: Callable[[str], None] = lambda text: None) -> None:
+        self.artifacts, self.trial, self.label, self.warn = artifacts, trial, label, warn
         self.path = artifacts.log_path(trial.number)
         self.log: _Log | None = None
         self.saved: tuple[TextIO, TextIO] | None = None
@@ -169,8 +171,7 @@ class TrialOutput:
         except DiskFullError:
             raise  # the trial is queued and the run stops, saying where space is missing; the file stays
         except Exception as e:  # a storage hiccup must not cost the trial its ending: the file stays
-            print(f"hpo: the log of trial {self.trial.number} stays at {self.path} (not uploaded: {reason(e)})",
-                  file=sys.stderr, flush=True)
+            self.warn(f"hpo: the log of trial {self.trial.number} stays at {self.path} (not uploaded: {reason(e)})")
             return
         self.path.unlink(missing_ok=True)
 

@@ -93,7 +93,12 @@ def read_spec_document(path: Path) -> Any:
             raise SpecError(f"{source}: file is {size} bytes; a study file must be under 1 MiB")
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise SpecError(f"{source}: no such file") from None
+        from hpo.spec.starter import builtin_studies, builtin_study
+
+        if (builtin := builtin_study(source)) is not None:  # `hpo run quickstart`: a study that ships with hpo
+            return read_spec_document(builtin)
+        raise SpecError(f"{source}: no such file (built-in studies: {', '.join(builtin_studies())}; "
+                        "or write a starter with hpo init)") from None
     except PermissionError:
         raise SpecError(f"{source}: permission denied") from None
     if b"\0" in raw:

@@ -137,6 +137,23 @@ CATALOGUE: tuple[ParamInfo, ...] = (
 BY_NAME: dict[str, ParamInfo] = {p.name: p for p in CATALOGUE}
 DEFAULTS: dict[str, Any] = Params().to_dict()
 
+# hpo's own belief about these parameters, for a study that gives none (hpo.search.priors): a sound
+# configuration for a small network, the first value of each that the study's range or choices
+# allow. It is the first trial of a study, and weakly ("low" confidence) steers the next few.
+BUILTIN_PRIORS: dict[str, tuple[Any, ...]] = {
+    "optimizer": ("adamw", "adam"),
+    "lr": (1e-3,),
+    "weight_decay": (1e-4,),
+    "batch_size": (64, 32, 128),
+    "depth": (2,),
+    "width": (128, 256, 64),
+    "dropout": (0.1, 0.0),
+    "scheduler": ("cosine", "none"),
+    "momentum": (0.9,),
+    "beta1": (0.9,),
+    "beta2": (0.999,),
+}
+
 
 def applies(info: ParamInfo, resolved: Mapping[str, Any]) -> bool:
     """Whether `info` is used, given the values already chosen for earlier parameters."""

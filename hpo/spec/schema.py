@@ -23,10 +23,18 @@ MEASURED: dict[str, str] = {"n_params": "minimize", "latency_ms": "minimize", "t
 MODELS = ("mlp", "cnn")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid", "nsga2", "nsga3")
 PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "patient", "none")
-# Chosen by benchmarks/pruning.py on the time-to-quality studies (benchmarks/RESULTS.md): Optuna's
-# successive halving saved 61-71% of the epochs there, the median rule 31-66%, at a best 0.1-0.2
-# points lower on average.
-DEFAULT_PRUNER = "successive_halving"
+# hpo's pruner when a study names none, chosen on the development problems of the benchmark suite
+# and checked on the held-out ones (benchmarks/time_to_quality.py; figures in benchmarks/RESULTS.md).
+DEFAULT_PRUNER = "median"
+
+
+def default_pruner(epochs: int) -> dict[str, Any]:
+    """The default pruner for a study of `epochs` epochs, as a study file would write it: Optuna's
+    median rule after 5 trials, each trial judged from a quarter of its epochs on (a slow starter
+    gets that long before it is compared)."""
+    return {"name": DEFAULT_PRUNER, "n_startup_trials": 5, "n_warmup_steps": max(1, epochs // 4)}
+
+
 # dataset -> (task, or None when data.task says; options it accepts; options it requires)
 DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     "digits": ("classification", ("cv_folds",), ()),
@@ -40,6 +48,22 @@ DATASETS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
 USER_DATA_OPTIONS = ("task", "cv_folds", "max_resident_mb", "loader_workers")
 OWN_TEST_SPLIT = ("fashion_mnist",)  # these bring a test split; the spec splits only train/val
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+CONFIDENCES = ("low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A user's belief about one parameter: the value they expect to work, and how sure they are.
+    The first trial takes it; later trials draw around it less and less as results come in
+    (hpo.search.priors)."""
+
+    value: Any
+    confidence: str = "medium"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "confidence": self.confidence}
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,8 @@ class ParamSpec:
     choices: tuple[Any, ...] = ()
     # Sampled only where every named parameter took one of the listed values (`when:` in the spec).
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    prior: Prior | None = None  # the user's belief (`prior:`); None: hpo's built-in one, if it has one
+    no_prior: bool = False  # `prior: null`: no belief, not even hpo's built-in one
 
     @property
     def tuned(self) -> bool:
@@ -93,6 +119,8 @@ class ParamSpec:
                 out["step"] = self.step
         if self.when:
             out["when"] = {name: list(values) for name, values in self.when}
+        if self.prior is not None or self.no_prior:
+            out["prior"] = self.prior.to_dict() if self.prior is not None else None
         return out
 
 
@@ -148,6 +176,9 @@ class SamplerSpec:
 class PrunerSpec:
     name: str = DEFAULT_PRUNER
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # The study file named it (false: hpo's default). A study resumed from a file that names none
+    # keeps the pruner it was made with, whatever hpo's default is now.
+    given: bool = field(default=True, compare=False)
 
 
 UNLIMITED_TRIALS = 1_000_000  # a study with a time budget and no n_trials: as many as fit
@@ -383,4 +414,7 @@ class StudySpec:
         d = self.to_dict()
         for key in ("budget", "description", "execution", "enqueue", "warm_start", "test_top"):
             d.pop(key, None)
+        for entry in d["space"].values():  # a prior steers which trials come next, not what is searched
+            if isinstance(entry, dict):
+                entry.pop("prior", None)
         return d

@@ -8,12 +8,13 @@ Optuna then never records, samples or plots a parameter that had no effect.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from hpo.spec import params as P
 from hpo.spec.schema import ParamSpec, StudySpec
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def _suggest_one(trial: optuna.Trial, p: ParamSpec) -> Any:

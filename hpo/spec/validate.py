@@ -17,8 +17,8 @@ from typing import Any
 from hpo.errors import SettingError, SpecError
 from hpo.spec import params as P
 from hpo.spec.schema import (
+    CONFIDENCES,
     DATASETS,
-    DEFAULT_PRUNER,
     MEASURED,
     METRICS,
     MODELS,
@@ -33,11 +33,13 @@ from hpo.spec.schema import (
     ExecutionSpec,
     Objective,
     ParamSpec,
+    Prior,
     PrunerSpec,
     SamplerSpec,
     SplitSpec,
     StudySpec,
     WarmStart,
+    default_pruner,
 )
 from hpo.spec.user_code import absolute_reference, check_reference
 
@@ -140,7 +142,8 @@ class Validator:
         space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
-        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", {"name": DEFAULT_PRUNER}), "pruner", PRUNERS))
+        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", default_pruner(budget.epochs)), "pruner", PRUNERS),
+                            given="pruner" in top)
         execution = self.execution(top.get("execution", {}))
         known = [*([o.name for o in objectives] or [metric]), *MEASURED]
         if train is None:
@@ -538,7 +541,12 @@ class Validator:
             if info is None and not _is_scalar(value):
                 raise self.fail(path, "must be a value, a list of choices or a range")
             return ParamSpec(name, "fixed", value=value)
-        raw = self.mapping(value, path, ["type", "low", "high", "log", "step", "choices", "when"])
+        raw = self.mapping(value, path, ["type", "low", "high", "log", "step", "choices", "when", "prior"])
+        spec = self.tuned_param(name, raw, info, path, earlier)
+        return self.prior(spec, raw["prior"], f"{path}.prior") if "prior" in raw else spec
+
+    def tuned_param(self, name: str, raw: dict[str, Any], info: P.ParamInfo | None, path: str,
+                    earlier: list[ParamSpec] | None) -> ParamSpec:
         when = self.when(raw.get("when"), f"{path}.when", name, earlier or []) if "when" in raw else ()
         if when and info is not None and info.when is not None:
             raise self.fail(f"{path}.when", f"{name} already applies only when {info.when[0]} is one of "
@@ -553,6 +561,29 @@ class Validator:
         if kind == "categorical":
             return self.categorical(name, raw, info, path, when)
         return self.numeric_range(name, raw, info, path, kind, when)
+
+    def prior(self, spec: ParamSpec, value: Any, path: str) -> ParamSpec:
+        """`prior: 3e-3`, `prior: {value: adam, confidence: high}`, or `prior: null` (no belief, not
+        even hpo's built-in one): the value must be one the parameter can take."""
+        if value is None:
+            return replace(spec, no_prior=True)
+        raw = self.mapping(value, path, ["value", "confidence"]) if isinstance(value, dict) else {"value": value}
+        if "value" not in raw:
+            raise self.fail(f"{path}.value", "is required")
+        confidence = self.choice(raw.get("confidence", "medium"), f"{path}.confidence", CONFIDENCES)
+        belief = raw["value"]
+        if spec.kind == "categorical":
+            if belief not in spec.choices:
+                raise self.fail(path, f"{belief!r} is not one of the choices ({', '.join(map(str, spec.choices))})")
+        else:
+            if spec.kind == "int":
+                belief = self.integer(belief, f"{path}.value" if "confidence" in raw else path)
+            else:
+                belief = self.number(belief, f"{path}.value" if "confidence" in raw else path)
+            assert spec.low is not None and spec.high is not None
+            if not spec.low <= belief <= spec.high:
+                raise self.fail(path, f"{belief:g} is outside the range {spec.low:g}..{spec.high:g}")
+        return replace(spec, prior=Prior(belief, confidence))
 
     def categorical(self, name: str, raw: dict[str, Any], info: P.ParamInfo | None, path: str,
                     when: tuple[tuple[str, tuple[Any, ...]], ...]) -> ParamSpec:
@@ -655,9 +686,7 @@ class Validator:
             raise self.fail("model", f"cnn needs image data; {spec.data.dataset} is tabular (use mlp)")
         if spec.budget.n_trials is not None and spec.budget.n_trials > 1_000_000:
             raise self.fail("budget.n_trials", "must be <= 1000000")
-        from hpo.search.samplers import (
-            check_strategy,  # imported late: it imports optuna
-        )
+        from hpo.spec.strategy import check_strategy  # imported late: it imports optuna
 
         try:
             check_strategy(spec)

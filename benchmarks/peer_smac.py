@@ -1,0 +1,80 @@
+"""SMAC3's multi-fidelity facade on a problem of the suite, as its docs show it: Hyperband over
+epochs as the budget (from 1 to the problem's epochs; a configuration is trained from scratch for
+each budget it is given), the facade's defaults otherwise, one worker, and the hand-written script's
+wall time as its walltime limit. Data, space and training are the suite's. A benchmark dependency
+only (benchmarks/README.md).
+
+Prints one JSON line per finished trial ({"t", "state", "value", "epochs"}; COMPLETE when it ran
+every epoch) and a last line {"best": ..., "trials": ...}.
+
+    /path/to/peers/bin/python benchmarks/peer_smac.py --problem digits --seed 0 --time 14.2
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problem", default="digits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time", type=float, required=True, help="seconds: the script's wall time")
+    args = ap.parse_args()
+    start = time.time()
+
+    from ConfigSpace import (
+        Categorical,
+        ConfigurationSpace,
+        EqualsCondition,
+        Float,
+        Integer,
+    )
+    from smac import MultiFidelityFacade, Scenario
+    from suite import PROBLEMS
+
+    problem = PROBLEMS[args.problem]
+    data = problem.load(args.seed)
+    sign = -1.0 if problem.direction == "maximize" else 1.0  # SMAC minimizes a cost
+    cs = ConfigurationSpace(seed=args.seed)
+    dims = {}
+    for name, p in problem.space.items():
+        if "choices" in p:
+            dims[name] = Categorical(name, p["choices"])
+        elif p["type"] == "int":
+            dims[name] = Integer(name, (p["low"], p["high"]), log=p.get("log", False))
+        else:
+            dims[name] = Float(name, (p["low"], p["high"]), log=p.get("log", False))
+    cs.add(list(dims.values()))
+    for name, p in problem.space.items():
+        for parent, value in p.get("when", {}).items():
+            cs.add(EqualsCondition(dims[name], dims[parent], value))
+    best = [math.nan]
+
+    def train(config: object, seed: int = 0, budget: float = 1.0) -> float:
+        epochs = max(1, int(round(budget)))
+        value = problem.fit(dict(config), data, epochs, lambda epoch, v: None)
+        full = epochs >= problem.epochs
+        print(json.dumps({"t": time.time(), "state": "COMPLETE" if full else "PRUNED", "value": value,
+                          "epochs": epochs}), flush=True)
+        if full and math.isfinite(value) and (math.isnan(best[0]) or sign * value < sign * best[0]):
+            best[0] = value
+        return sign * value if math.isfinite(value) else 1e9
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scenario = Scenario(cs, deterministic=True, n_trials=100_000, min_budget=1, max_budget=problem.epochs,
+                            walltime_limit=max(1.0, args.time - (time.time() - start)), seed=args.seed,
+                            output_directory=tmp)
+        smac = MultiFidelityFacade(scenario, train, overwrite=True, logging_level=40)
+        smac.optimize()
+        print(json.dumps({"best": best[0], "trials": len(smac.runhistory)}))
+
+
+if __name__ == "__main__":
+    main()
