@@ -92,10 +92,8 @@ def latest() -> dict[str, dict[str, Any]]:
                 if tid.startswith(RETIRED):
                     continue
                 if tid not in found or run["date"] >= found[tid]["date"]:
-                    found[tid] = {**figure, "date": run["date"], "machine": run["machine"], "command": run["command"]}
-                    if run.get("calibration"):  # tells two machines of one description apart
-                        found[tid]["machine"] = f"{run['machine'].split(';')[0]} ({run['calibration']});" \
-                                                f"{run['machine'].split(';', 1)[-1]}"
+                    found[tid] = {**figure, "date": run["date"], "machine": run["machine"], "command": run["command"],
+                                  "calibration": run.get("calibration")}
     return found
 
 
@@ -108,11 +106,39 @@ def _hardware(machine: str) -> str:
     return machine.split(";")[0]
 
 
-def _machines(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
-    names: dict[str, str] = {}
-    for fig in rows.values():
-        names.setdefault(_hardware(fig["machine"]), f"M{len(names) + 1}")
-    return names
+CALIBRATION_SPREAD = 1.25  # one machine's calibration runs vary by a few percent; another VM's by more
+
+
+def _matmul_seconds(calibration: str | None) -> float | None:
+    import re
+
+    found = re.search(r"on 1 thread ([0-9.]+) s", calibration or "")
+    return float(found.group(1)) if found else None
+
+
+def _machines(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+    """A label per target (M1, M2, ...) and what each label stands for: one description, and where
+    runs carry a calibration figure, runs whose matmul times agree within CALIBRATION_SPREAD (two
+    VMs of one description are told apart; one VM's run-to-run noise is not)."""
+    machines: list[tuple[str, list[float]]] = []
+    label_of: dict[str, str] = {}
+    for tid, fig in sorted(rows.items(), key=lambda item: item[1]["date"]):
+        hw, m = _hardware(fig["machine"]), _matmul_seconds(fig.get("calibration"))
+        for i, (known, times) in enumerate(machines):
+            if known == hw and (m is None and not times or m is not None and times
+                                and max(*times, m) <= CALIBRATION_SPREAD * min(*times, m)):
+                break
+        else:
+            i = len(machines)
+            machines.append((hw, []))
+        if m is not None:
+            machines[i][1].append(m)
+        label_of[tid] = f"M{i + 1}"
+    legend = {}
+    for i, (hw, times) in enumerate(machines):
+        calib = f" (200 matmuls 512x512 on 1 thread: {min(times):.2f}-{max(times):.2f} s)" if times else ""
+        legend[f"M{i + 1}"] = hw + calib
+    return label_of, legend
 
 
 GROUPS = {"development": "Development problems (hpo's defaults were chosen on these)",
@@ -122,7 +148,7 @@ GROUPS = {"development": "Development problems (hpo's defaults were chosen on th
 
 def table(found: dict[str, dict[str, Any]], readme_only: bool) -> str:
     chosen = [t for t in TARGETS if t.id in found and (t.readme or not readme_only)]
-    machines = _machines({t.id: found[t.id] for t in chosen})
+    label_of, legend = _machines({t.id: found[t.id] for t in chosen})
     lines: list[str] = []
     for group, heading in GROUPS.items():
         rows = [t for t in chosen if t.group == group]
@@ -133,9 +159,10 @@ def table(found: dict[str, dict[str, Any]], readme_only: bool) -> str:
         for t in rows:
             f = found[t.id]
             lines.append(f"| {t.question} | {t.goal} | {f['measured']} | {_met(f.get('met'))} | "
-                         f"{f['date'][:10]}, {machines[_hardware(f['machine'])]} | `{f['command']}` |")
+                         f"{f['date'][:10]}, {label_of[t.id]} | `{f['command']}` |")
         lines.append("")
-    lines += [f"- {label}: {machine}" for machine, label in machines.items()]
+    used = set(label_of[t.id] for t in chosen)
+    lines += [f"- {label}: {what}" for label, what in legend.items() if label in used]
     return "\n".join(lines)
 
 
