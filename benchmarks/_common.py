@@ -147,6 +147,23 @@ def timed(fn: Callable[[], Any]) -> Callable[[], tuple[float, Any]]:
 median = statistics.median
 
 
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], read: str = "stdout") -> tuple[float, int, Any, str]:
+    """Run a command as a user would and measure it: seconds from launch, its wait status, its own
+    resource usage (os.wait4: the CPU time and peak memory of that process, not of this one's other
+    children) and what it wrote to `read` ("stdout" or "stderr"; the other stream is thrown away)."""
+    import subprocess
+
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL} if read == "stdout" else \
+        {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **pipe)
+    stream = proc.stdout if read == "stdout" else proc.stderr
+    assert stream is not None
+    text = stream.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - t0, status, usage, text
+
+
 def shown(path: Path) -> str:
     """A path relative to the repository when it is inside it."""
     try:

@@ -10,22 +10,17 @@ Prints one JSON line per finished trial ({"t", "state", "value", "epochs"}) and 
     /path/to/peers/bin/python benchmarks/peer_hyperopt.py --problem digits --seed 0 --time 14.2
 """
 
-import argparse
-import json
 import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peer import Lines, peer_args  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--problem", default="digits")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time", type=float, required=True, help="seconds: the script's wall time")
-    args = ap.parse_args()
+    args = peer_args()
     start = time.time()
 
     import numpy as np
@@ -34,7 +29,8 @@ def main() -> None:
 
     problem = PROBLEMS[args.problem]
     data = problem.load(args.seed)
-    sign = -1.0 if problem.direction == "maximize" else 1.0  # fmin minimizes
+    lines = Lines(problem.direction, problem.epochs)
+    sign = lines.sign  # fmin minimizes
 
     def dimension(name: str, p: dict) -> object:
         if "choices" in p:
@@ -47,20 +43,16 @@ def main() -> None:
         return hp.loguniform(name, math.log(low), math.log(high)) if p.get("log") else hp.uniform(name, low, high)
 
     space = {name: dimension(name, p) for name, p in problem.space.items()}
-    best = [math.nan]
-
     def objective(params: dict) -> dict:
         params = {k: int(v) if problem.space[k].get("type") == "int" else v for k, v in params.items()}
         value = problem.fit(params, data, problem.epochs, lambda epoch, v: None)
-        print(json.dumps({"t": time.time(), "state": "COMPLETE", "value": value, "epochs": problem.epochs}), flush=True)
-        if math.isfinite(value) and (math.isnan(best[0]) or sign * value < sign * best[0]):
-            best[0] = value
+        lines.trial(value, problem.epochs)
         return {"loss": sign * value if math.isfinite(value) else math.inf, "status": STATUS_OK}
 
     trials = Trials()
     fmin(objective, space, algo=tpe.suggest, max_evals=100_000, trials=trials, show_progressbar=False,
          timeout=max(1, int(args.time - (time.time() - start))), rstate=np.random.default_rng(args.seed))
-    print(json.dumps({"best": best[0], "trials": len(trials)}))
+    lines.end(len(trials))
 
 
 if __name__ == "__main__":

@@ -10,22 +10,17 @@ every epoch, as Optuna counts it) and a last line {"best": ..., "trials": ...}.
     /path/to/peers/bin/python benchmarks/peer_ray.py --problem digits --seed 0 --time 14.2
 """
 
-import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peer import Lines, peer_args  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--problem", default="digits")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time", type=float, required=True, help="seconds: the script's wall time")
-    args = ap.parse_args()
+    args = peer_args()
     start = time.time()
 
     import optuna
@@ -39,6 +34,7 @@ def main() -> None:
     problem = PROBLEMS[args.problem]
     data = problem.load(args.seed)
     epochs, metric = problem.epochs, problem.metric
+    lines = Lines(problem.direction, epochs)
 
     def trainable(config: dict) -> None:
         torch.set_num_threads(1)
@@ -47,9 +43,7 @@ def main() -> None:
     class Finished(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[no-untyped-def]
             last = trial.last_result or {}
-            done = last.get("training_iteration", 0)
-            print(json.dumps({"t": time.time(), "state": "COMPLETE" if done == epochs else "PRUNED",
-                              "value": last.get(metric), "epochs": done}), flush=True)
+            lines.trial(last.get(metric), last.get("training_iteration", 0))
 
     def space(p: dict) -> object:
         if "choices" in p:
@@ -75,7 +69,7 @@ def main() -> None:
         results = tuner.fit()
         finals = [r.metrics[metric] for r in results if r.metrics.get("training_iteration") == epochs]
         best = (max if mode == "max" else min)(finals) if finals else float("nan")
-        print(json.dumps({"best": best, "trials": len(results)}))
+        lines.end(len(results), best)
 
 
 if __name__ == "__main__":

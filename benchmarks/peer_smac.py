@@ -10,8 +10,6 @@ every epoch) and a last line {"best": ..., "trials": ...}.
     /path/to/peers/bin/python benchmarks/peer_smac.py --problem digits --seed 0 --time 14.2
 """
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -19,14 +17,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peer import Lines, peer_args  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--problem", default="digits")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time", type=float, required=True, help="seconds: the script's wall time")
-    args = ap.parse_args()
+    args = peer_args()
     start = time.time()
 
     from ConfigSpace import (
@@ -41,7 +36,8 @@ def main() -> None:
 
     problem = PROBLEMS[args.problem]
     data = problem.load(args.seed)
-    sign = -1.0 if problem.direction == "maximize" else 1.0  # SMAC minimizes a cost
+    lines = Lines(problem.direction, problem.epochs)
+    sign = lines.sign  # SMAC minimizes a cost
     cs = ConfigurationSpace(seed=args.seed)
     dims = {}
     for name, p in problem.space.items():
@@ -55,16 +51,10 @@ def main() -> None:
     for name, p in problem.space.items():
         for parent, value in p.get("when", {}).items():
             cs.add(EqualsCondition(dims[name], dims[parent], value))
-    best = [math.nan]
-
     def train(config: object, seed: int = 0, budget: float = 1.0) -> float:
         epochs = max(1, int(round(budget)))
         value = problem.fit(dict(config), data, epochs, lambda epoch, v: None)
-        full = epochs >= problem.epochs
-        print(json.dumps({"t": time.time(), "state": "COMPLETE" if full else "PRUNED", "value": value,
-                          "epochs": epochs}), flush=True)
-        if full and math.isfinite(value) and (math.isnan(best[0]) or sign * value < sign * best[0]):
-            best[0] = value
+        lines.trial(value, epochs)
         return sign * value if math.isfinite(value) else 1e9
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +63,7 @@ def main() -> None:
                             output_directory=tmp)
         smac = MultiFidelityFacade(scenario, train, overwrite=True, logging_level=40)
         smac.optimize()
-        print(json.dumps({"best": best[0], "trials": len(smac.runhistory)}))
+        lines.end(len(smac.runhistory))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from _common import calibration, record, save_results, table
+from _common import calibration, record, run_measured, save_results, table
 
 SPEC = {"name": "big", "train": "train.py:train", "metric": "score", "direction": "maximize",
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, "width": [32, 64, 128],
@@ -90,14 +89,8 @@ def grow(url: str, size: int) -> None:
 def timed(args: list[str], cwd: Path) -> tuple[float, float]:
     """Seconds from launch and peak memory (MB, this process's own getrusage) of one command, its
     output thrown away."""
-    env = dict(os.environ, PYTHONPATH="")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("hpo")), *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
+    seconds, status, usage, err = run_measured([str(Path(sys.executable).with_name("hpo")), *args], cwd,
+                                               dict(os.environ, PYTHONPATH=""), read="stderr")
     if status != 0:
         raise SystemExit(f"hpo {' '.join(args)} failed: {err[-2000:]}")
     return seconds, usage.ru_maxrss / 1024  # KB on Linux

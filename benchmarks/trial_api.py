@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, alternate, median, record, table, timed, warm_up
+from _common import HERE, alternate, median, record, run_measured, table, timed, warm_up
 
 ROOT = HERE.parent
 QUICKSTART = ROOT / "studies" / "quickstart.yaml"
@@ -143,13 +143,7 @@ def _timed_process(tree: Path, spec: str, tmp: Path) -> tuple[float, float, str]
     work = Path(tempfile.mkdtemp(dir=tmp))
     env = dict(os.environ, PYTHONPATH=str(tree))
     env.pop("HPO_STORAGE", None)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(Path(spec).resolve())], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
+    wall, status, usage, out = run_measured([sys.executable, "-m", "hpo", "run", str(Path(spec).resolve())], work, env)
     if status != 0:
         raise SystemExit(f"hpo run failed in {tree} (status {status})")
     best = next((line for line in out.splitlines() if line.startswith("Best trial")), "?")
