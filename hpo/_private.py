@@ -440,3 +440,30 @@ def sql_artifacts(conn: Any, trial: int) -> list[dict[str, Any]]:
         meta = json.loads(v)
         out.append(json.loads(meta) if isinstance(meta, str) else meta)  # Optuna stores it as JSON text
     return out
+
+
+def sql_trial(conn: Any, study: int, number: int) -> tuple[int, str, Any, Any] | None:
+    """(trial id, state, start, complete) of trial `number`, or None."""
+    found = sql_rows(conn, "SELECT trial_id, state, datetime_start, datetime_complete FROM trials WHERE study_id = :s "
+                           "AND number = :n", s=study, n=number)
+    if not found:
+        return None
+    tid, state, start, complete = found[0]
+    return int(tid), str(state), _when(start), _when(complete)
+
+
+def sql_reported(conn: Any, trial: int) -> dict[int, float]:
+    """A trial's intermediate values (step -> value), infinities and NaN as Optuna gives them."""
+    rows = sql_rows(conn, "SELECT step, intermediate_value, intermediate_value_type FROM trial_intermediate_values "
+                          "WHERE trial_id = :t ORDER BY step", t=trial)
+    return {int(step): _value(value, kind) for step, value, kind in rows}
+
+
+def sql_all_trial_attrs(conn: Any, trial: int, system: bool = False) -> dict[str, Any]:
+    """Every user (or system) attribute of one trial, decoded; Optuna's artifact records left out."""
+    import json
+
+    table = "trial_system_attributes" if system else "trial_user_attributes"
+    return {str(k): json.loads(v) for k, v in sql_rows(conn, f"SELECT key, value_json FROM {table} WHERE trial_id = :t "
+                                                          f"ORDER BY {table[:-1]}_id", t=trial)
+            if not str(k).startswith(ARTIFACT_ATTR_PREFIX)}

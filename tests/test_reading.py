@@ -56,6 +56,38 @@ def test_the_database_answers_what_optuna_answers(mixed) -> None:
                     assert list(rows) == optuna_records(study, state, sort, limit), (state, sort, limit)
 
 
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql"], indirect=True)
+def test_hpo_show_reads_one_trial_from_the_database_as_optuna_reads_it(mixed, runner) -> None:
+    """`hpo show` and `hpo logs` read the trial alone from the tables; every trial of every state
+    reads and renders as through Optuna's storage (the path a Redis journal takes)."""
+    from hpo.search.reading import SqlTrials
+    from hpo.search.study import open_existing
+    from hpo.storage.backends import open_storage
+    from hpo.storage.tables import read_only
+    from hpo.ui.trial_view import OptunaTrials, log_of, render
+
+    handle = open_existing("small", open_storage(mixed, create=False, heartbeat=None), mixed)
+    through_optuna = OptunaTrials(handle)
+    with read_only(mixed) as conn:
+        from_sql = SqlTrials(conn, "small", mixed, None)
+        assert from_sql.view.metric == through_optuna.view.metric
+        assert from_sql.view.folder.path == through_optuna.view.folder.path
+        states = set()
+        for number in range(len(handle.study.trials)):
+            mine, theirs = from_sql.trial(number), through_optuna.trial(number)
+            assert mine == theirs, number
+            assert render(from_sql, mine) == render(through_optuna, theirs)
+            assert log_of(from_sql, mine) == log_of(through_optuna, theirs)
+            states.add(mine.state)
+    assert states == {"COMPLETE", "PRUNED", "FAIL", "WAITING"} or states >= {"COMPLETE", "FAIL", "WAITING"}
+    shown = invoke(runner, "show", "small", "0", "--storage", mixed)
+    assert shown.exit_code == 0 and shown.stdout.startswith("Trial 0 of study small: COMPLETE"), shown.output
+    missing = invoke(runner, "show", "small", str(len(handle.study.trials)), "--storage", mixed)
+    assert missing.exit_code == 1
+    assert missing.stderr == f"Error: study small has no trial {len(handle.study.trials)} " \
+                             f"(trials 0-{len(handle.study.trials) - 1})\n"
+
+
 def optuna_records(study: optuna.Study, state: str | None, sort: str, limit: int | None) -> list[dict]:
     """`hpo trials`' rows from the Optuna study, as the command's own fallback makes them."""
     from hpo.search.budget import resumed_numbers
@@ -105,7 +137,8 @@ def test_read_only_commands_import_no_optuna(write_spec, runner, storage_url, tm
     probe = ("import sys\nfrom hpo.cli import cli\n"
              "try:\n    cli(sys.argv[1:], standalone_mode=False)\nfinally:\n"
              "    print('optuna' in sys.modules, 'torch' in sys.modules, file=sys.stderr)\n")
-    for args in (["studies"], ["best", "small"], ["trials", "small", "--limit", "1"]):
+    for args in (["studies"], ["best", "small"], ["trials", "small", "--limit", "1"], ["show", "small", "1"],
+                 ["logs", "small", "1"]):
         done = subprocess.run([sys.executable, "-c", probe, *args, "--storage", storage_url], capture_output=True,
                               text=True, env=env_without_storage(), cwd=tmp_path, timeout=120)
         assert done.returncode == 0, done.stderr

@@ -94,7 +94,7 @@ def cli() -> None:
 
 # Commands that can answer from the database alone (hpo.search.reading): optuna is imported only
 # if they fall back to it (open_store), so they answer in a fraction of a second.
-READ_WITHOUT_OPTUNA = ("studies", "best", "trials", "init")
+READ_WITHOUT_OPTUNA = ("studies", "best", "trials", "show", "logs", "init")
 
 
 def quiet_optuna() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -314,6 +316,28 @@ def _print_trials(records: Any, param_names: list[str], fmt: str, constrained: b
         _table(rows)
 
 
+@contextlib.contextmanager
+def _trials(name: str, storage: str | None, artifacts: str | None) -> Iterator[Any]:
+    """The study's trials, one at a time: asked of the database's tables where it has them (no
+    optuna, a 100,000-trial study costs what one trial costs), else through Optuna's storage."""
+    from hpo.storage.tables import read_only, reads_sql
+    from hpo.storage.urls import resolve_url
+
+    url = resolve_url(storage)
+    if reads_sql(url):
+        from hpo.search.reading import SqlTrials
+
+        with read_only(url) as conn:
+            source = SqlTrials(conn, name, url, artifacts)
+            if source.note is not None:
+                click.echo(source.note, err=True)
+            yield source
+        return
+    from hpo.ui.trial_view import OptunaTrials
+
+    yield OptunaTrials(_handle(name, storage, artifacts))
+
+
 def _handle(name: str, storage: str | None, artifacts: str | None) -> Any:
     from hpo.search.study import open_existing
 
@@ -339,10 +363,10 @@ def show(study: str, number: int, storage: str | None, artifacts: str | None, li
     Example:
       hpo show quickstart 12
     """
-    from hpo.ui.trial_view import find_trial, render
+    from hpo.ui.trial_view import render
 
-    handle = _handle(study, storage, artifacts)
-    click.echo(render(handle, find_trial(handle.study, number), lines))
+    with _trials(study, storage, artifacts) as source:
+        click.echo(render(source, source.trial(number), lines))
 
 
 @cli.command()
@@ -364,17 +388,17 @@ def logs(study: str, number: int, storage: str | None, artifacts: str | None, fo
     """
     from hpo.ui import trial_view
 
-    handle = _handle(study, storage, artifacts)
-    trial = trial_view.find_trial(handle.study, number)
-    if follow:
-        try:
-            trial_view.follow(handle, number, lambda text: click.echo(text, nl=False))
-        except KeyboardInterrupt:
-            pass
-        return
-    text = trial_view.log_of(handle, trial)
+    with _trials(study, storage, artifacts) as source:
+        if follow:
+            try:
+                trial_view.follow(source, number, lambda text: click.echo(text, nl=False))
+            except KeyboardInterrupt:
+                pass
+            return
+        trial = source.trial(number)
+        text = trial_view.log_of(source, trial)
     if text is None:
-        state = trial.state.name.lower()
+        state = trial.state.lower()
         click.echo(f"Trial {number} ({state}) has no log: it printed nothing"
                    f"{', or has not started' if state == 'waiting' else ''}.", err=True)
         return

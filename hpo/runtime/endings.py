@@ -107,7 +107,6 @@ class StudyTimeout(Stop):
         super().__init__(Ending(End.STUDY_TIMEOUT, f"study timeout in epoch {epoch}"))
 
 
-ERROR_ATTR = "hpo:error"  # system attr of a failed trial: error_record() of its exception
 
 
 def user_frames(e: BaseException, limit: int = 6) -> list[traceback.FrameSummary]:

@@ -27,11 +27,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import stale_trial_ids, storage_of, study_id, trial_id
 from hpo.runtime import stopping
-from hpo.runtime.endings import ERROR_ATTR, End, Ending, error_record, traceback_text
+from hpo.runtime.endings import End, Ending, error_record, traceback_text
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts, find_artifact
-from hpo.storage.keys import CHECKPOINT_ATTR, MODEL_FILE, RERUN_ATTR
+from hpo.storage.keys import CHECKPOINT_ATTR, ERROR_ATTR, MODEL_FILE, RERUN_ATTR
 from hpo.storage.resilient import set_user_attrs
 from hpo.storage.retry import (
     OWNER_ATTR,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.runtime.endings import ERROR_ATTR
+from hpo.storage.keys import ERROR_ATTR
 from hpo.search.budget import retried_numbers
 
 EARLY = 3  # a run whose first EARLY trials fail alike stops

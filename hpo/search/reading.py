@@ -14,9 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from hpo import _private as sql
-from hpo.errors import StorageError, UnreadableStudyError
-from hpo.search.records import SPEC_ATTR, TEST_ATTR, StudyRow, Summary
-from hpo.storage.keys import MODEL_FILE, RESUMES_ATTR
+from hpo.errors import HpoError, StorageError, UnreadableStudyError
+from hpo.search.records import SPEC_ATTR, TEST_ATTR, StudyRow, StudyView, Summary, TrialRecord
+from hpo.storage.keys import (
+    ARTIFACTS_ATTR,
+    MODEL_FILE,
+    RESUMES_ATTR,
+    UID_ATTR,
+    ArtifactFolder,
+    resolve_artifact_path,
+)
 
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RESUMED", "RUNNING", "WAITING")
 PAGE = 5000  # trials read at once when every one is listed: memory stays flat
@@ -161,3 +168,50 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
                    "reason": reasons.get(tid, ""), **{f"params_{k}": params[tid].get(k) for k in names}}
 
     return names, rows()
+
+
+def trial_record(conn: Any, sid: int, name: str, number: int) -> TrialRecord:
+    """Trial `number` whole, read alone; the one line `hpo` says when the study has no such trial."""
+    found = sql.sql_trial(conn, sid, number)
+    if found is None:
+        n = sum(sql.sql_state_counts(conn, sid).values())
+        raise HpoError(f"study {name} has no trial {number} ({f'trials 0-{n - 1}' if n else 'no trials yet'})")
+    tid, state, start, complete = found
+    values = sql.sql_values(conn, [tid])[tid]
+    try:
+        user, system = sql.sql_all_trial_attrs(conn, tid), sql.sql_all_trial_attrs(conn, tid, system=True)
+    except ValueError:
+        raise UnreadableStudyError(f"trial {number} of study {name!r} cannot be read: one of its attributes is not "
+                                   "valid JSON; it was written by something other than hpo", name) from None
+    return TrialRecord(number=number, state=state, values=values or None, start=start, complete=complete,
+                       params=sql.sql_params(conn, [tid])[tid], reported=sql.sql_reported(conn, tid),
+                       user_attrs=user, system_attrs=system,
+                       artifacts=tuple((str(m.get("filename")), str(m["artifact_id"])) for m in sql.sql_artifacts(conn, tid)))
+
+
+class SqlTrials:
+    """A study's trials read one at a time from its tables, with what showing them needs of the
+    study (hpo.ui.trial_view.TrialSource)."""
+
+    def __init__(self, conn: Any, name: str, url: str, artifacts: str | None) -> None:
+        from hpo.spec.schema import StudySpec
+        from hpo.storage.keys import folder_note
+
+        self.conn, self.sid = conn, study_id(conn, name, url)
+        user, system = _attrs(conn, self.sid, name)
+        stored = user.get(SPEC_ATTR)
+        if stored is None:
+            raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
+        recorded = system.get(ARTIFACTS_ATTR)
+        path = resolve_artifact_path(artifacts, url, recorded)
+        uid = system.get(UID_ATTR)
+        self.view = StudyView(name, StudySpec.stored_metric(stored),
+                              list(system.get(sql.METRIC_NAMES_ATTR) or []),
+                              ArtifactFolder(path, uid if isinstance(uid, str) else None))
+        self.note = folder_note(recorded, path)  # as a worker would say it
+
+    def trial(self, number: int) -> TrialRecord:
+        try:
+            return trial_record(self.conn, self.sid, self.view.name, number)
+        finally:
+            self.conn.rollback()  # the next read sees what was written since (`hpo logs --follow`)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from hpo.storage.keys import ArtifactFolder
+
 SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
 
@@ -52,3 +54,30 @@ class StudyRow:
     best: float | None = None
     created: datetime | None = None
     problem: str | None = None
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial whole, as `hpo show` reads it: from SQL (hpo.search.reading.trial_record) or
+    from an Optuna FrozenTrial (hpo.ui.trial_view.record_of)."""
+
+    number: int
+    state: str  # Optuna's TrialState name
+    values: list[float] | None
+    start: datetime | None
+    complete: datetime | None
+    params: dict[str, Any]
+    reported: dict[int, float]  # step -> the study's metric, as trial.report gave it
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]  # without Optuna's artifact records (see `artifacts`)
+    artifacts: tuple[tuple[str, str], ...]  # (filename, artifact id) uploaded to the trial, oldest first
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """What showing a study's trials needs of the study."""
+
+    name: str
+    metric: str  # the metric reported each epoch
+    metric_names: list[str]  # the objectives' names, where the study set them
+    folder: ArtifactFolder

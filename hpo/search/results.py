@@ -19,7 +19,8 @@ from hpo.search.saved import (
     recorded_problem,
     trial_model,
 )
-from hpo.search.study import ARTIFACTS_ATTR, UID_ATTR, StudyHandle, system_attrs
+from hpo.search.study import StudyHandle, system_attrs
+from hpo.storage.keys import ARTIFACTS_ATTR, UID_ATTR
 from hpo.search.summary import best_trial, front
 from hpo.storage.artifacts import UID_RE, named_links, own_file
 from hpo.storage.files import TEMP_FOLDER

@@ -36,18 +36,12 @@ from hpo.search.records import SPEC_ATTR
 from hpo.search.samplers import make_pruner, make_sampler
 from hpo.spec.loading import spec_from_mapping
 from hpo.spec.schema import StudySpec
-from hpo.storage.artifacts import (
-    ENV_ARTIFACTS,
-    Artifacts,
-    open_store,
-    resolve_artifact_path,
-)
+from hpo.storage.artifacts import Artifacts, open_store
+from hpo.storage.keys import ARTIFACTS_ATTR, ENV_ARTIFACTS, UID_ATTR, folder_note, resolve_artifact_path
 from hpo.storage.locks import creation_lock
 from hpo.storage.retry import mark_queued
 from hpo.storage.urls import mask
 
-UID_ATTR = "hpo:uid"  # system attr: names the study's checkpoints in the artifact store
-ARTIFACTS_ATTR = "hpo:artifacts"  # system attr: where this study's artifacts were written
 
 
 @dataclass
@@ -96,14 +90,10 @@ def system_attrs(study: optuna.Study) -> dict[str, Any]:
 def _handle(study: optuna.Study, spec: StudySpec, storage_url: str, artifact_dir: str | None) -> StudyHandle:
     """The study with its spec and its artifact store: the folder given (--artifacts, or
     HPO_ARTIFACTS), else where the study recorded it, else the default beside the storage."""
-    notes = []
     recorded = system_attrs(study).get(ARTIFACTS_ATTR)
     path = resolve_artifact_path(artifact_dir, storage_url, recorded)
-    if recorded is not None and Path(recorded) != path:
-        # Checkpoints and models then live in two places: said once, with the way back.
-        notes.append(f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), "
-                     f"not to the study's folder {recorded}; trials this worker resumes find no checkpoint from "
-                     "workers that use the study's folder")
+    # Checkpoints and models then live in two places: said once, with the way back.
+    notes = [note] if (note := folder_note(recorded, path)) is not None else []
     return StudyHandle(study, spec, _artifacts(study, path), notes)
 
 

@@ -365,6 +365,12 @@ class StudySpec:
         values.update({k: v for k, v in changes.items() if v is not None})
         return replace(self, budget=BudgetSpec(**values))
 
+    @staticmethod
+    def stored_metric(stored: dict[str, Any]) -> str:
+        """The per-epoch metric of a spec in its stored form (to_dict), read without checking the
+        whole spec (which builds its sampler: the read-only commands do not import optuna)."""
+        return str(stored["prune_on"] if isinstance(stored.get("metric"), list) else stored.get("metric", "value"))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, stored in the study so a worker needs no file."""
         out: dict[str, Any] = {"name": self.name, "description": self.description}

@@ -34,27 +34,7 @@ from hpo.storage.files import (
     sweep,
     write_whole,
 )
-from hpo.storage.keys import LOG_FILENAME
-from hpo.storage.urls import sqlite_path
-
-ENV_ARTIFACTS = "HPO_ARTIFACTS"
-
-
-def default_artifact_path(storage_url: str) -> Path:
-    """Beside the SQLite file (hpo.db -> hpo-artifacts/), else ./hpo-artifacts."""
-    db = sqlite_path(storage_url)
-    if db is not None:
-        return db.with_name(db.stem + "-artifacts")
-    return Path("hpo-artifacts").resolve()
-
-
-def resolve_artifact_path(cli_value: str | None, storage_url: str, recorded: str | None) -> Path:
-    """--artifacts, else $HPO_ARTIFACTS, else where the study recorded it, else the default:
-    absolute from the start, so training code that changes the working directory (os.chdir)
-    still writes its checkpoints where the study keeps them."""
-    value = cli_value or os.environ.get(ENV_ARTIFACTS) or recorded
-    return Path(value).expanduser().resolve() if value else default_artifact_path(storage_url)
-
+from hpo.storage.keys import LOG_FILENAME, ArtifactFolder
 
 class WholeFileArtifactStore(FileSystemArtifactStore):
     """Optuna's file-system artifact store whose writes are whole or absent: a kill during a
@@ -100,25 +80,12 @@ def _deserialize(data: bytes) -> dict[str, Any]:
     return state
 
 
-class Artifacts:
-    """The artifact store of one study."""
+class Artifacts(ArtifactFolder):
+    """The artifact store of one study: its folder's layout (hpo.storage.keys) and the writes."""
 
     def __init__(self, store: FileSystemArtifactStore, study_uid: str, path: Path) -> None:
+        super().__init__(path, study_uid)
         self.store = store
-        self.uid = study_uid
-        self.path = path
-
-    def _slots(self, number: int) -> tuple[str, str]:
-        base = f"{self.uid}-trial{number}"
-        return f"{base}-a.ckpt", f"{base}-b.ckpt"
-
-    def checkpoint_paths(self, number: int) -> list[Path]:
-        """Where a trial's (by original number) two checkpoint slots are, whether or not they exist."""
-        return [self.path / slot for slot in self._slots(number)]
-
-    def checkpoint_files(self, number: int) -> list[Path]:
-        """The checkpoint files a trial (by original number) has now."""
-        return [self.path / slot for slot in self._slots(number) if (self.path / slot).is_file()]
 
     def save_checkpoint(self, number: int, state: dict[str, Any]) -> None:
         slot = self._slots(number)[int(state["epoch"]) % 2]
@@ -183,10 +150,6 @@ class Artifacts:
         with _writing(what, "the trial resumes from its last checkpoint", self.path):
             self.store.write(artifact_id, _serialize(state))
 
-    def log_path(self, number: int) -> Path:
-        """Where a running trial's output is written (read by `hpo logs --follow`)."""
-        return self.path / f"{self.uid}-trial{number}.log"
-
     def upload_log(self, trial: optuna.Trial, path: Path) -> str:
         with _writing(f"trial {trial.number}'s log", "the trial resumes from its last checkpoint", self.path):
             return self._upload(trial, path, None, "text/plain", LOG_FILENAME)
@@ -204,10 +167,6 @@ class Artifacts:
         return upload_artifact(artifact_store=self.store, file_path=str(file), study_or_trial=target,
                                storage=storage, mimetype=mimetype)
 
-    def read_text(self, artifact_id: str) -> str:
-        with self.store.open_reader(artifact_id) as f:
-            return bytes(f.read()).decode("utf-8", errors="replace")
-
     def read(self, artifact_id: str) -> dict[str, Any]:
         """A saved state; UnreadableFileError saying why when it cannot be read back."""
         path = self.file_of(artifact_id)
@@ -219,9 +178,6 @@ class Artifacts:
         except Exception as e:
             why = "missing" if not path.exists() else load_problem(e, data[:2])
             raise UnreadableFileError(f"{path}: {why}") from None
-
-    def file_of(self, artifact_id: str) -> Path:
-        return self.path / artifact_id
 
     def named(self, artifact_id: str, name: str) -> Path:
         """The artifact under a name a person recognises, `<artifact id>-<name>` ending in .pt, beside

@@ -18,8 +18,8 @@ from optuna.storages import BaseStorage
 
 from hpo._private import study_id
 from hpo.errors import HpoError
-from hpo.search.study import ARTIFACTS_ATTR
-from hpo.storage.artifacts import open_store, resolve_artifact_path
+from hpo.storage.artifacts import open_store
+from hpo.storage.keys import ARTIFACTS_ATTR, resolve_artifact_path
 
 _log = logging.getLogger("hpo.ui.dashboard")
 
