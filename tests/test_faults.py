@@ -286,8 +286,8 @@ def test_a_full_disk_is_one_line_the_trial_is_queued_and_resumes_once_there_is_s
     assert full.exit_code == 1, full.output
     last = full.stderr.splitlines()[-1]
     # With two workers both may meet the full disk, each in whatever it writes next (the other
-    # trial's model, say): the run says the first, and how many more.
-    written = re.escape(what) if workers == "1" else r"trial [01]'s (log|checkpoint|model\.pt)"
+    # trial's model, or the queued resume of the first, say): the run says the first, and how many more.
+    written = re.escape(what) if workers == "1" else r"trial [0-9]+'s (log|checkpoint|model\.pt)"
     assert re.fullmatch(rf"Error: no space left on {re.escape(str(small_disk))} \([0-9.]+ [KM]?B free\) writing "
                         rf"{written}; free space and run again: the trial resumes from its last "
                         r"checkpoint( \(and 1 more\))?", last), full.stderr
@@ -307,7 +307,8 @@ def test_a_full_disk_is_one_line_the_trial_is_queued_and_resumes_once_there_is_s
     assert again.exit_code == 0, again.output
     done = study_of(storage_url).trials
     assert sum(t.state == TrialState.COMPLETE for t in done) == (1 if workers == "1" else 2)
-    if fills == "checkpoint":  # it resumed where its last checkpoint was
+    if fills == "checkpoint" and workers == "1":  # it resumed where its last checkpoint was (with two
+        # workers the other trial's checkpoint may fill the disk before this one wrote its first)
         resumed = [t for t in done if t.system_attrs.get("retry_history") == [0]]
         assert resumed and resumed[0].user_attrs["resumed_from_epoch"] == 2
     shown = invoke(runner, "best", "faults", "--storage", storage_url)
