@@ -71,7 +71,9 @@ def _open_grpc(url: str) -> BaseStorage:
         channel = grpc.insecure_channel(f"{host}:{port}")
         grpc.channel_ready_future(channel).result(timeout=5)
         channel.close()
-        return optuna.storages.GrpcStorageProxy(host=host, port=port)
+        with warnings.catch_warnings():  # said once per worker on stderr otherwise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.GrpcStorageProxy(host=host, port=port)
     except ImportError:
         raise StorageError("grpc:// storage needs grpcio: pip install 'hpo[grpc]'") from None
     except Exception:
