@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +211,9 @@ def backend_url(request, tmp_path):
     return request.getfixturevalue({"postgresql": "pg_url", "mysql": "mysql_url", "redis": "redis_url"}[request.param])
 
 
-@pytest.fixture
-def proxy_url(tmp_path, storage_url):
-    """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
+@contextlib.contextmanager
+def grpc_proxy(storage: str, cwd: Path) -> Iterator[str]:
+    """`hpo proxy` serving `storage`, as grpc://127.0.0.1:PORT, stopped with Ctrl-C afterwards."""
     need_module("grpc")
     import socket
 
@@ -220,8 +222,8 @@ def proxy_url(tmp_path, storage_url):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proxy = subprocess.Popen([sys.executable, "-m", "hpo", "proxy", "--storage", storage_url,
-                              "--port", str(port)], env=env_without_storage(), cwd=tmp_path,
+    proxy = subprocess.Popen([sys.executable, "-m", "hpo", "proxy", "--storage", storage,
+                              "--port", str(port)], env=env_without_storage(), cwd=cwd,
                              stderr=subprocess.PIPE, text=True)
     try:
         # Wait for the proxy to listen: it imports torch and optuna first, which on a loaded CI
@@ -232,6 +234,13 @@ def proxy_url(tmp_path, storage_url):
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=30)
+
+
+@pytest.fixture
+def proxy_url(tmp_path, storage_url):
+    """`hpo proxy` serving the test's SQLite storage, as grpc://127.0.0.1:PORT."""
+    with grpc_proxy(storage_url, tmp_path) as url:
+        yield url
 
 
 def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, package: str, modules: dict[str, str]) -> Path:

@@ -180,6 +180,43 @@ def test_grpc_proxy_serves_workers(write_spec, runner, proxy_url, storage_url) -
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
+def test_the_proxy_shares_a_read_among_the_workers_waiting_and_never_answers_with_an_older_one() -> None:
+    """Reads of one study that arrive while one runs share the next read: each worker sees what
+    was written before it asked (its own report, say), and the database reads once for them all."""
+    import threading
+
+    from hpo.search.proxy import BatchedReads
+
+    reads, writes = BatchedReads(), [0]
+    first_in, release = threading.Event(), threading.Event()
+    served: list[int] = []
+
+    def read() -> int:
+        seen = writes[0]
+        if not first_in.is_set():
+            first_in.set()
+            release.wait(30)  # the first read is slow; requests arrive meanwhile
+        served.append(seen)
+        return seen
+
+    got: dict[str, int] = {}
+    first = threading.Thread(target=lambda: got.__setitem__("first", reads.read("study", read)))
+    first.start()
+    assert first_in.wait(30)
+    writes[0] = 1  # a worker writes, then asks: the read already running started before its write
+    later = [threading.Thread(target=lambda i=i: got.__setitem__(f"later{i}", reads.read("study", read)))
+             for i in range(8)]
+    for t in later:
+        t.start()
+    wait_for(lambda: reads.waiting.get("study") == 8, "the eight later reads to wait", 30)
+    release.set()
+    for t in [first, *later]:
+        t.join(30)
+    assert got["first"] == 0
+    assert all(got[f"later{i}"] == 1 for i in range(8)), got  # none answered with the read before its write
+    assert len(served) == 2  # the eight waiting shared one read
+
+
 def test_grpc_proxy_gives_the_last_trial_to_one_worker(write_spec, runner, proxy_url, storage_url) -> None:
     # Behind a proxy a worker cannot lock the database: two workers that both see one trial left
     # both ask for it, and the proxy, which creates every trial, hands it to one only.

@@ -214,6 +214,41 @@ def test_workers_through_the_proxy_propose_distinct_configurations(user_pkg, wri
     assert len(configs) == 9 and len(set(configs)) == 9
 
 
+# A user's `train` that costs nothing: what 64 workers then measure is hpo, the proxy and the storage.
+LIGHT = '''
+import hpo
+
+
+def train(trial: hpo.Trial):
+    p = trial.params
+    for epoch in range(trial.start_epoch, trial.epochs):
+        trial.report(epoch, val_acc=1.0 - (p["lr"] - 0.05) ** 2 - (p["momentum"] - 0.5) ** 2 - 1e-4 * p["hidden"])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 64 worker processes on 2 cores: minutes (the default stops a test at 300 s)
+def test_64_workers_through_the_proxy_on_postgresql_fill_5000_trials_exactly(tmp_path, monkeypatch, write_spec, runner,
+                                                                              pg_url) -> None:
+    """Many light workers, one proxy: the budget is filled exactly (no trial over it, none lost,
+    none left running or failed) and no configuration is proposed twice."""
+    from tests.conftest import grpc_proxy
+
+    user_package(tmp_path, monkeypatch, "lightpkg", {"light": LIGHT})
+    path = write_spec(spec(name="many", train="lightpkg.light:train", budget={"n_trials": 5000, "epochs": 1}))
+    assert invoke(runner, "create", path, "--storage", pg_url).exit_code == 0
+    with grpc_proxy(pg_url, tmp_path) as url:
+        env = env_without_storage() | {"HPO_STORAGE": url}
+        procs = [start("worker", "many", "--threads", "1", "--quiet", env=env, cwd=tmp_path) for _ in range(64)]
+        for p in procs:
+            _, err = p.communicate(timeout=1500)
+            assert p.returncode == 0, err
+    done = trials(pg_url, "many")
+    assert len(done) == 5000 and {t.state for t in done} == {TrialState.COMPLETE}
+    assert sorted(t.number for t in done) == list(range(5000))
+    assert len({key(t) for t in done}) == 5000
+
+
 # ---- 2. a failure policy a user can predict ---------------------------------------------------
 
 

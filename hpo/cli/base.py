@@ -109,13 +109,13 @@ def quiet_optuna() -> None:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def open_store(url: str | None, *, create: bool, heartbeat: Any = None) -> tuple[Any, str]:
+def open_store(url: str | None, *, create: bool, heartbeat: Any = None, connections: int = 4) -> tuple[Any, str]:
     from hpo.storage.backends import Heartbeat, open_storage
     from hpo.storage.urls import resolve_url
 
     quiet_optuna()
     resolved = resolve_url(url)
-    return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat()), resolved
+    return open_storage(resolved, create=create, heartbeat=heartbeat or Heartbeat(), connections=connections), resolved
 
 
 def sigterm_as_interrupt() -> None:

@@ -537,7 +537,8 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     from hpo.search.proxy import BudgetedStorage
     from hpo.storage.urls import mask
 
-    store, url = open_store(storage, create=True)
+    threads = 10  # Optuna's default for the proxy's thread pool, given explicitly: one connection each
+    store, url = open_store(storage, create=True, connections=threads)
     click.echo(f"Serving {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", err=True)
     sigterm_as_interrupt()
     try:
@@ -547,7 +548,10 @@ def proxy(storage: str | None, host: str, port: int) -> None:
             # proxy the trials that changed, not the whole study (which made it the bottleneck at ~1
             # trial a second with 8 workers on 300 trials).
             cached = optuna.storages.get_storage(store)
-            optuna.storages.run_grpc_proxy_server(BudgetedStorage(cached), host=host, port=port)  # type: ignore[arg-type]
+            from concurrent.futures import ThreadPoolExecutor
+
+            optuna.storages.run_grpc_proxy_server(BudgetedStorage(cached), host=host, port=port,  # type: ignore[arg-type]
+                                                  thread_pool=ThreadPoolExecutor(max_workers=threads))
     except ImportError as e:
         raise HpoError(f"hpo proxy needs grpcio and protobuf ({e.name} is missing): pip install 'hpo[grpc]'") from None
     except KeyboardInterrupt:

@@ -82,12 +82,15 @@ def _open_grpc(url: str) -> BaseStorage:
 
 
 def open_storage(
-    url: str, *, create: bool = True, heartbeat: Heartbeat | None = Heartbeat(), checked: bool = False
+    url: str, *, create: bool = True, heartbeat: Heartbeat | None = Heartbeat(), checked: bool = False,
+    connections: int = 4,
 ) -> BaseStorage:
     """Open the storage; `create=False` (read-only commands) refuses a database without Optuna's
     tables and creates none.
     `checked`: this process's parent has just opened it (tables made, schema version checked), so
-    a worker it starts skips both (about half a second each)."""
+    a worker it starts skips both (about half a second each).
+    `connections`: a database server's connections kept open (`hpo proxy` keeps one per thread
+    that serves workers: more connect and disconnect for each request)."""
     if url.startswith(("redis://", "rediss://")):
         return _open_redis(url)
     if url.startswith("grpc://"):
@@ -102,7 +105,7 @@ def open_storage(
     else:
         # pre_ping replaces connections the server dropped while a long trial ran; a connect
         # timeout turns an unreachable host into an error in seconds, not minutes.
-        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 4, "max_overflow": 8}
+        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": connections, "max_overflow": 8}
         if scheme.startswith(("postgresql", "mysql", "mariadb")):
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
         if scheme.startswith(("mysql", "mariadb")):
