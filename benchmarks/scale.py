@@ -37,7 +37,10 @@ def seed_study(url: str, tmp: Path) -> None:
     import optuna
 
     (tmp / "spec.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
-    (tmp / "train.py").write_text("def train(trial):\n    pass\n")
+    # A fast user `train` (no torch work): what a trial costs is then the storage and the sampler.
+    (tmp / "train.py").write_text("def train(trial):\n    p = trial.params\n"
+                                  "    for epoch in range(trial.start_epoch, trial.epochs):\n"
+                                  "        trial.report(epoch, score=-(p['lr'] - 0.01) ** 2 + 0.001 * p['depth'])\n")
     env = dict(os.environ, PYTHONPATH="")
     subprocess.run([sys.executable, "-m", "hpo", "create", str(tmp / "spec.yaml"), "--storage", url,
                     "--artifacts", str(tmp / "art")], check=True, env=env, cwd=tmp, capture_output=True)
@@ -83,6 +86,9 @@ def grow(url: str, size: int) -> None:
                                   f"FROM {table_name} x JOIN trials t ON t.trial_id = x.trial_id WHERE t.study_id = :s "
                                   f"AND t.number < :n"), {"shift": top, "s": sid, "n": n})
             have += n
+        if engine.dialect.name == "postgresql":  # the ids given above did not advance the sequence
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), "
+                              "(SELECT MAX(trial_id) FROM trials))"))
     engine.dispose()
 
 
@@ -96,6 +102,35 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # KB on Linux
 
 
+def per_trial(url: str, cwd: Path, n: int) -> tuple[float, float]:
+    """`hpo worker big --n-trials n` at the study's depth: the whole process's seconds, and the
+    median seconds between the starts of its consecutive trials (storage + sampler + hpo's own
+    per-trial work, without the process's start and first read)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        sid = conn.execute(text("SELECT study_id FROM studies WHERE study_name = 'big'")).scalar()
+        top = conn.execute(text("SELECT MAX(number) FROM trials WHERE study_id = :s"), {"s": sid}).scalar()
+    seconds, status, _, err = run_measured([str(Path(sys.executable).with_name("hpo")), "worker", "big", "--storage",
+                                            url, "--n-trials", str(n), "--threads", "1", "--quiet"], cwd,
+                                           dict(os.environ, PYTHONPATH=str(cwd)), read="stderr")
+    if status != 0:
+        raise SystemExit(f"hpo worker failed: {err[-2000:]}")
+    with engine.connect() as conn:
+        starts = [_when(v) for (v,) in conn.execute(text("SELECT datetime_start FROM trials WHERE study_id = :s AND "
+                                                        "number > :n ORDER BY number"), {"s": sid, "n": top})]
+    engine.dispose()
+    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:])]
+    return seconds, statistics.median(gaps)
+
+
+def _when(value):
+    from datetime import datetime
+
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,10000,100000")
@@ -103,6 +138,7 @@ def main() -> None:
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="the PostgreSQL server")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--per-trial", type=int, default=40, help="trials a worker runs at each depth (0: none)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows, figures = [], {}
@@ -117,33 +153,53 @@ def main() -> None:
             with create_engine(f"{args.pg}/postgres", isolation_level="AUTOCOMMIT").connect() as admin:
                 admin.execute(text(f'CREATE DATABASE "{name}"'))
             url = f"{args.pg}/{name}"
-        seed_study(url, tmp)
-        for size in sizes:
-            grow(url, size)
-            commands = {"studies": ["studies"], "best": ["best", "big"], "show": ["show", "big", str(size // 2)],
-                        "trials --limit 50": ["trials", "big", "--limit", "50"],
-                        "trials --format csv (all)": ["trials", "big", "--format", "csv"]}
-            for what, argv in commands.items():
-                runs = [timed([*argv, "--storage", url], tmp) for _ in range(args.repeats)]
-                seconds, mb = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
-                rows.append([size, what, f"{seconds:.2f}", f"{mb:.0f}"])
-                figures[f"{size}:{what}"] = {"seconds": seconds, "mb": mb}
-                print(rows[-1], flush=True)
+        try:
+            seed_study(url, tmp)
+            for size in sizes:
+                grow(url, size)
+                commands = {"studies": ["studies"], "best": ["best", "big"], "show": ["show", "big", str(size // 2)],
+                            "trials --limit 50": ["trials", "big", "--limit", "50"],
+                            "trials --format csv (all)": ["trials", "big", "--format", "csv"]}
+                for what, argv in commands.items():
+                    runs = [timed([*argv, "--storage", url], tmp) for _ in range(args.repeats)]
+                    seconds, mb = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+                    rows.append([size, what, f"{seconds:.2f}", f"{mb:.0f}"])
+                    figures[f"{size}:{what}"] = {"seconds": seconds, "mb": mb}
+                    print(rows[-1], flush=True)
+                if args.per_trial:
+                    whole, gap = per_trial(url, tmp, args.per_trial)
+                    rows.append([size, f"hpo worker --n-trials {args.per_trial} (median s between trial starts)",
+                                 f"{whole:.2f} ({gap:.3f} per trial)", "-"])
+                    figures[f"{size}:per_trial"] = {"seconds": whole, "gap": gap}
+                    print(rows[-1], flush=True)
+        finally:
+            if args.storage == "postgresql":  # the database made above, dropped whatever happened
+                with create_engine(f"{args.pg}/postgres", isolation_level="AUTOCOMMIT").connect() as admin:
+                    admin.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     body = table(["trials", "command", "seconds (whole process, median)", "peak MB"], rows)
-    notes = f"{args.storage}; repeats {args.repeats}; calibration: {calibration()}."
+    cal = calibration()
+    notes = f"{args.storage}; repeats {args.repeats}; calibration: {cal}."
     record(f"Scale: read-only commands on {args.storage}", body, notes, save=not args.no_save)
     if not args.no_save:
-        big = max(sizes)
+        big, small = max(sizes), min(sizes)
         reads = ("studies", "best", "show", "trials --limit 50")
         worst = max(figures[f"{big}:{w}"]["seconds"] for w in reads)
         peak = max(figures[f"{big}:{w}"]["mb"] for w in reads)
-        save_results("scale", {"targets": {f"scale.read.{args.storage}": {
+        targets = {f"scale.read.{args.storage}": {
             "measured": f"at {big} trials: " + ", ".join(f"{w} {figures[f'{big}:{w}']['seconds']:.2f} s / "
                                                            f"{figures[f'{big}:{w}']['mb']:.0f} MB" for w in reads)
                         + f"; the whole CSV {figures[f'{big}:trials --format csv (all)']['seconds']:.1f} s / "
                           f"{figures[f'{big}:trials --format csv (all)']['mb']:.0f} MB",
-            "met": worst <= 0.5 and peak <= 200}}, "storage": args.storage, "figures": figures})
-
+            "met": worst <= 0.5 and peak <= 200}}
+        if args.per_trial and small != big:
+            at, base = figures[f"{big}:per_trial"], figures[f"{small}:per_trial"]
+            targets[f"scale.per_trial.{args.storage}"] = {
+                "measured": f"{at['gap']:.3f} s per trial at {big} trials, {base['gap']:.3f} s at {small} "
+                            f"({at['gap'] / base['gap']:.1f}x); a worker's whole process for {args.per_trial} "
+                            f"trials {at['seconds']:.1f} s vs {base['seconds']:.1f} s",
+                "met": at["gap"] / base["gap"] <= 1.5}
+        save_results("scale", {"targets": targets, "storage": args.storage, "figures": figures,
+                               "calibration": cal})
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,9 @@ TARGETS = _suite_targets() + tuple(
     Target("scale.read.sqlite", "`hpo studies`, `best`, `show`, `trials --limit 50` at 100,000 trials (SQLite)",
            "<= 0.5 s and <= 200 MB each", True),
     Target("scale.read.postgresql", "the same at 100,000 trials (PostgreSQL)", "<= 0.5 s and <= 200 MB each"),
+    Target("scale.per_trial.sqlite", "a worker's time per trial (storage, sampler, hpo) at 100,000 trials against "
+           "at 1,000 (SQLite, a `train` that costs nothing)", "<= 1.5x", True),
+    Target("scale.per_trial.postgresql", "the same on PostgreSQL", "<= 1.5x"),
     Target("datapath.cpu", "data path: hpo's epoch against pure compute (CPU, digits)", "<= 1.10x"),
     Target("datapath.gpu", "data path (H100, Fashion-MNIST)", "<= 1.10x"),
     Target("storage", "storage cost hpo adds per trial", "<= 5 ms"),

@@ -92,7 +92,7 @@ def state_counts(conn: Any, sid: int) -> dict[str, int]:
     counts = sql.sql_state_counts(conn, sid)
     if counts.get("FAIL"):
         resumed = {int(n) for n in sql.sql_trial_system_values(conn, sid, RESUMES_ATTR) if isinstance(n, int)}
-        if n := len(resumed & set(sql.sql_numbers(conn, sid, "FAIL"))):
+        if resumed and (n := len(resumed & set(sql.sql_numbers(conn, sid, "FAIL")))):
             counts["RESUMED"] = n
             counts["FAIL"] -= n
             if not counts["FAIL"]:
