@@ -163,17 +163,13 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
     Example:
       hpo enqueue quickstart lr=0.01 batch_size=32 optimizer=adam
     """
-    from hpo.errors import StorageError
-    from hpo.search.records import SPEC_ATTR
+    from hpo.search.records import stored_spec
     from hpo.search.study import enqueue as queue
     from hpo.spec.loading import parse_yaml, spec_from_mapping
     from hpo.spec.validate import Validator
 
     loaded = _load(study, storage)
-    stored = loaded.user_attrs.get(SPEC_ATTR)
-    if stored is None:
-        raise StorageError(f"study {study!r} was not created by hpo (it has no stored spec)")
-    spec = spec_from_mapping(stored, f"study {study!r}")
+    spec = spec_from_mapping(stored_spec(loaded.user_attrs, study), f"study {study!r}")
     config: dict[str, Any] = {}
     for item in values:
         name, sep, text = item.partition("=")

@@ -15,15 +15,8 @@ from typing import Any
 
 from hpo import _private as sql
 from hpo.errors import HpoError, StorageError, UnreadableStudyError
-from hpo.search.records import SPEC_ATTR, TEST_ATTR, StudyRow, StudyView, Summary, TrialRecord
-from hpo.storage.keys import (
-    ARTIFACTS_ATTR,
-    MODEL_FILE,
-    RESUMES_ATTR,
-    UID_ATTR,
-    ArtifactFolder,
-    resolve_artifact_path,
-)
+from hpo.search.records import SPEC_ATTR, TEST_ATTR, StudyRow, StudyView, Summary, TrialRecord, stored_spec
+from hpo.storage.keys import MODEL_FILE, RESUMES_ATTR, UID_ATTR, ArtifactFolder, study_folder
 
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RESUMED", "RUNNING", "WAITING")
 PAGE = 5000  # trials read at once when every one is listed: memory stays flat
@@ -117,10 +110,10 @@ def summary(conn: Any, sid: int, name: str) -> Summary:
 
 def trial_model(conn: Any, sid: int, number: int) -> str | None:
     """The artifact id of trial `number`'s final state (model.pt), if it kept one."""
-    found = sql.sql_rows(conn, "SELECT trial_id FROM trials WHERE study_id = :s AND number = :n", s=sid, n=number)
-    if not found:
+    found = sql.sql_trial(conn, sid, number)
+    if found is None:
         return None
-    metas = [m for m in sql.sql_artifacts(conn, int(found[0][0])) if m.get("filename") == MODEL_FILE]
+    metas = [m for m in sql.sql_artifacts(conn, found[0]) if m.get("filename") == MODEL_FILE]
     return str(metas[-1]["artifact_id"]) if metas else None
 
 
@@ -195,20 +188,14 @@ class SqlTrials:
 
     def __init__(self, conn: Any, name: str, url: str, artifacts: str | None) -> None:
         from hpo.spec.schema import StudySpec
-        from hpo.storage.keys import folder_note
 
         self.conn, self.sid = conn, study_id(conn, name, url)
         user, system = _attrs(conn, self.sid, name)
-        stored = user.get(SPEC_ATTR)
-        if stored is None:
-            raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
-        recorded = system.get(ARTIFACTS_ATTR)
-        path = resolve_artifact_path(artifacts, url, recorded)
+        path, self.note = study_folder(artifacts, url, system)  # the note: as a worker would say it
         uid = system.get(UID_ATTR)
-        self.view = StudyView(name, StudySpec.stored_metric(stored),
+        self.view = StudyView(name, StudySpec.stored_metric(stored_spec(user, name)),
                               list(system.get(sql.METRIC_NAMES_ATTR) or []),
                               ArtifactFolder(path, uid if isinstance(uid, str) else None))
-        self.note = folder_note(recorded, path)  # as a worker would say it
 
     def trial(self, number: int) -> TrialRecord:
         try:

@@ -14,6 +14,16 @@ SPEC_ATTR = "spec"  # user attr: the spec, readable by any Optuna tool
 TEST_ATTR = "test"  # user attr: the best model's one test-split score ({"front": [...]} for several objectives)
 
 
+def stored_spec(user_attrs: dict[str, Any], name: str) -> dict[str, Any]:
+    """The spec a study holds, or the one line said of a study hpo did not create."""
+    from hpo.errors import StorageError
+
+    stored = user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
+    return dict(stored)
+
+
 @dataclass(frozen=True)
 class FrontTrial:
     """One trial of the front, as `hpo best` shows it."""

@@ -32,12 +32,12 @@ from hpo.errors import (
     UnreadableStudyError,
 )
 from hpo.runtime.stopping import STOP_ATTR
-from hpo.search.records import SPEC_ATTR
+from hpo.search.records import SPEC_ATTR, stored_spec
 from hpo.search.samplers import make_pruner, make_sampler
 from hpo.spec.loading import spec_from_mapping
 from hpo.spec.schema import StudySpec
 from hpo.storage.artifacts import Artifacts, open_store
-from hpo.storage.keys import ARTIFACTS_ATTR, ENV_ARTIFACTS, UID_ATTR, folder_note, resolve_artifact_path
+from hpo.storage.keys import ARTIFACTS_ATTR, ENV_ARTIFACTS, UID_ATTR, study_folder
 from hpo.storage.locks import creation_lock
 from hpo.storage.retry import mark_queued
 from hpo.storage.urls import mask
@@ -90,11 +90,8 @@ def system_attrs(study: optuna.Study) -> dict[str, Any]:
 def _handle(study: optuna.Study, spec: StudySpec, storage_url: str, artifact_dir: str | None) -> StudyHandle:
     """The study with its spec and its artifact store: the folder given (--artifacts, or
     HPO_ARTIFACTS), else where the study recorded it, else the default beside the storage."""
-    recorded = system_attrs(study).get(ARTIFACTS_ATTR)
-    path = resolve_artifact_path(artifact_dir, storage_url, recorded)
-    # Checkpoints and models then live in two places: said once, with the way back.
-    notes = [note] if (note := folder_note(recorded, path)) is not None else []
-    return StudyHandle(study, spec, _artifacts(study, path), notes)
+    path, note = study_folder(artifact_dir, storage_url, system_attrs(study))
+    return StudyHandle(study, spec, _artifacts(study, path), [note] if note is not None else [])
 
 
 def _artifacts(study: optuna.Study, path: Path) -> Artifacts:
@@ -239,10 +236,7 @@ def open_existing(name: str, storage: BaseStorage, storage_url: str, artifact_di
         names = [n for _, n in study_names(storage)] or [s.study_name for s in storage.get_all_studies()]
         hint = f" (studies there: {', '.join(names[:10])})" if names else " (it holds no studies)"
         raise StorageError(f"no study named {name!r} in {mask(storage_url)}{hint}") from None
-    stored = readable_attrs(storage, study_id, name).get(SPEC_ATTR)
-    if stored is None:
-        raise StorageError(f"study {name!r} was not created by hpo (it has no stored spec)")
-    spec = spec_from_mapping(stored, f"study {name!r}")
+    spec = spec_from_mapping(stored_spec(readable_attrs(storage, study_id, name), name), f"study {name!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.load_study(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from hpo.storage.urls import sqlite_path
 
@@ -35,11 +36,15 @@ def resolve_artifact_path(cli_value: str | None, storage_url: str, recorded: str
     return Path(value).expanduser().resolve() if value else default_artifact_path(storage_url)
 
 
-def folder_note(recorded: str | None, path: Path) -> str | None:
-    """What a person is told once when the artifact folder in use is not the study's own."""
+def study_folder(cli_value: str | None, storage_url: str, system_attrs: dict[str, Any]) -> tuple[Path, str | None]:
+    """The study's artifact folder as a worker resolves it (resolve_artifact_path), and what a
+    person is told once when it is not the folder the study recorded: checkpoints and models then
+    live in two places."""
+    recorded = system_attrs.get(ARTIFACTS_ATTR)
+    path = resolve_artifact_path(cli_value, storage_url, recorded)
     if recorded is None or Path(recorded) == path:
-        return None
-    return (f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), "
+        return path, None
+    return path, (f"Note: artifacts go to {path} (the artifact folder this worker was given, or HPO_ARTIFACTS), "
             f"not to the study's folder {recorded}; trials this worker resumes find no checkpoint from "
             "workers that use the study's folder")
 
