@@ -102,7 +102,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # KB on Linux
 
 
-def per_trial(url: str, cwd: Path, n: int) -> tuple[float, float]:
+def per_trial(url: str, cwd: Path, n: int, env: dict[str, str] | None = None) -> tuple[float, float]:
     """`hpo worker big --n-trials n` at the study's depth: the whole process's seconds, and the
     median seconds between the starts of its consecutive trials (storage + sampler + hpo's own
     per-trial work, without the process's start and first read)."""
@@ -114,7 +114,7 @@ def per_trial(url: str, cwd: Path, n: int) -> tuple[float, float]:
         top = conn.execute(text("SELECT MAX(number) FROM trials WHERE study_id = :s"), {"s": sid}).scalar()
     seconds, status, _, err = run_measured([str(Path(sys.executable).with_name("hpo")), "worker", "big", "--storage",
                                             url, "--n-trials", str(n), "--threads", "1", "--quiet"], cwd,
-                                           dict(os.environ, PYTHONPATH=str(cwd)), read="stderr")
+                                           dict(env or os.environ, PYTHONPATH=str(cwd)), read="stderr")
     if status != 0:
         raise SystemExit(f"hpo worker failed: {err[-2000:]}")
     with engine.connect() as conn:

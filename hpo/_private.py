@@ -14,15 +14,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # imported where used: the read-only commands reach Optuna's tables without optuna
     import optuna
     from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
 
 # What this module relies on, by library: checked by tests/test_private_apis.py.
 OPTUNA_ATTRIBUTES = {
-    "optuna.Study": ("_storage", "_study_id"),
     "optuna.Trial": ("_trial_id", "_cached_frozen_trial"),
     "optuna.trial.FrozenTrial": ("_trial_id",),
     "optuna.storages._CachedStorage": ("_backend",),
     "optuna.storages._heartbeat": ("is_heartbeat_enabled", "BaseHeartbeat"),
-    "optuna.storages._cached_storage._CachedStorage": ("_get_stale_trial_ids",),
+    "optuna.storages._cached_storage._CachedStorage": ("_get_stale_trial_ids", "_read_trials_from_remote_storage",
+                                                       "_studies", "_lock"),
+    "optuna.storages._cached_storage._StudyInfo": ("trials",),
+    # Optuna's samplers read a study's trials through Study._get_trials (TrialsReader answers it).
+    "optuna.Study": ("_storage", "_study_id", "_get_trials"),
     "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
                                     "TrialIntermediateValueModel", "StudyModel", "StudyUserAttributeModel",
                                     "StudySystemAttributeModel"),
@@ -81,6 +85,31 @@ def stale_trial_ids(storage: Any, study: int) -> list[int]:
     if not isinstance(storage, BaseHeartbeat) or not heartbeat_enabled(storage):
         return []
     return list(storage._get_stale_trial_ids(study))
+
+
+def cached_trials(study: optuna.Study) -> dict[int, FrozenTrial] | None:
+    """The trials of a study by number as Optuna's in-process cache holds them, brought up to date
+    (one query for the trials new or unfinished since the last), without the sorted copy of every
+    trial that get_trials makes; None where the storage has no such cache (journal, gRPC). The dict
+    is the cache's own: read it, never change it."""
+    storage: Any = study._storage
+    if not hasattr(storage, "_read_trials_from_remote_storage"):
+        return None
+    storage._read_trials_from_remote_storage(study._study_id)
+    with storage._lock:
+        trials: dict[int, FrozenTrial] = storage._studies[study._study_id].trials
+        return trials
+
+
+class TrialsReader:
+    """A view of a study that Optuna's samplers read: they ask `study._get_trials(...)`, which it
+    answers with its own `get_trials` (hpo.search.ledger.History)."""
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        raise NotImplementedError
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        return self.get_trials(deepcopy=deepcopy, states=states)
 
 
 def rdb_session(storage: Any) -> Any:
@@ -450,6 +479,14 @@ def sql_trial(conn: Any, study: int, number: int) -> tuple[int, str, Any, Any] |
         return None
     tid, state, start, complete = found[0]
     return int(tid), str(state), _when(start), _when(complete)
+
+
+def sql_history(conn: Any, study: int) -> list[tuple[int, float]]:
+    """(number, first value) of every complete trial, by number: the study's history in two columns."""
+    rows = sql_rows(conn, "SELECT t.number, v.value, v.value_type FROM trials t JOIN trial_values v ON v.trial_id = "
+                          "t.trial_id WHERE t.study_id = :s AND t.state = 'COMPLETE' AND v.objective = 0 ORDER BY t.number",
+                    s=study)
+    return [(int(number), _value(value, kind)) for number, value, kind in rows]
 
 
 def sql_reported(conn: Any, trial: int) -> dict[int, float]:

@@ -32,6 +32,7 @@ from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts, find_artifact
 from hpo.storage.keys import CHECKPOINT_ATTR, ERROR_ATTR, MODEL_FILE, RERUN_ATTR
+from hpo.storage.ledger import ledger_of
 from hpo.storage.resilient import set_user_attrs
 from hpo.storage.retry import (
     OWNER_ATTR,
@@ -251,9 +252,8 @@ def improves(study: optuna.Study, values: Sequence[float]) -> bool:
     values = list(values)
     if len(values) > 1:
         return not any(dominates(t.values, values, study.directions) for t in study.best_trials)
-    try:
-        best = study.best_value
-    except ValueError:  # no completed trial yet
+    best = ledger_of(study).read().best_value()  # not Optuna's query: it sorts every trial
+    if best is None:  # no completed trial yet
         return True
     value = values[0]
     return value >= best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value <= best

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import backend_of, heartbeat_enabled, storage_of
 from hpo.storage.keys import RESUMES_ATTR
+from hpo.storage.ledger import Ledger
 from hpo.storage.retry import OWNER_ATTR, is_local_and_alive
 
 
@@ -62,6 +63,13 @@ def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
 
 def budget_status(study: optuna.Study, total: int) -> BudgetStatus:
     return count_budget(study.get_trials(deepcopy=False), total)
+
+
+def ledger_budget(ledger: Ledger, total: int) -> BudgetStatus:
+    """count_budget from a worker's ledger of the study (it looks only at the trials new or
+    unfinished since its last read)."""
+    finished, failed, running, waiting = ledger.counts()
+    return BudgetStatus(total=total, finished=finished, failed=failed, running=running, waiting=waiting)
 
 
 def count_budget(trials: list[FrozenTrial], total: int) -> BudgetStatus:

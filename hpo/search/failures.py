@@ -56,8 +56,13 @@ def failed_in_run(trials: list[FrozenTrial], since: float) -> list[FrozenTrial]:
 
 def verdict(trials: list[FrozenTrial], since: float, limit: int) -> FailureStop | None:
     """Whether a run that started at `since` must stop on its failures, and why."""
-    retried = retried_numbers(trials)
-    ended = [t for t in run_trials(trials, since) if not (t.state == TrialState.FAIL and t.number in retried)]
+    return verdict_of(run_trials(trials, since), retried_numbers(trials), limit)
+
+
+def verdict_of(ended: list[FrozenTrial], retried: set[int], limit: int) -> FailureStop | None:
+    """The verdict from the run's finished trials in the order they finished (run_trials) and the
+    numbers that live on in a retry (a worker's ledger keeps both: hpo.search.ledger)."""
+    ended = [t for t in ended if not (t.state == TrialState.FAIL and t.number in retried)]
     failed = [t for t in ended if t.state == TrialState.FAIL]
     if not failed:
         return None

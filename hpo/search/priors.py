@@ -82,13 +82,17 @@ class PriorGuided(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         k = sampled_index(study, trial)
         rng = np.random.default_rng([*trial_sampler_seed(self.seed, k), _STREAM])
-        damp = _damping(study) if k else 1.0
+        damp: float | None = None if k else 1.0  # read from the study only when a draw could fall under it
         names: dict[str, str] = {}
         for name, prior in self.priors.items():
             w = WEIGHT[prior.confidence]
             if k == 0:
                 names[name] = "value"
-            elif rng.random() < damp * w / (w + k):
+                continue
+            u = rng.random()
+            if u < w / (w + k) and damp is None:
+                damp = _damping(study)
+            if damp is not None and u < damp * w / (w + k):
                 names[name] = "draw"
         self.plans[trial.number] = _Plan(names, rng)
         self.inner.before_trial(study, trial)

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import reseed_sampler
 from hpo.search.draws import sampled_index, trial_sampler_seed
+from hpo.storage.ledger import History, ledger_of
 from hpo.search.priors import PriorGuided, study_priors
 from hpo.spec.strategy import build_pruner, build_sampler, grid_size, uses_priors
 
@@ -25,7 +26,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     if uses_priors(spec) and (priors := study_priors(spec)):
         sampler = PriorGuided(sampler, priors, spec.seed)
     name = spec.sampler.name
-    return TrialSeeded(sampler, spec.seed, spec.direction if spec.multi_objective and name == "tpe" else None)
+    return TrialSeeded(sampler, spec.seed, spec.direction if spec.multi_objective and name == "tpe" else None,
+                       bounded=name == "tpe")
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -43,36 +45,50 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     `direction` is for TPE with several objectives, when hpo prunes: TPE ranks pruned trials by
     their last intermediate value in `study.direction`, which a multi-objective study refuses
     (Optuna expects no pruned trials there, optuna#3450). hpo's pruned trials were stopped on the
-    `prune_on` metric, so that metric's direction ranks them."""
+    `prune_on` metric, so that metric's direction ranks them.
 
-    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int, direction: str | None = None) -> None:
-        self.inner, self.seed, self.direction = inner, seed, direction
+    `bounded` (TPE): the inner sampler reads a bounded history of the study (hpo.storage.ledger), so a
+    trial's sampling costs the same at 100,000 trials as at 1,000."""
 
-    def _view(self, study: optuna.Study) -> Any:
-        if self.direction is None:
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int, direction: str | None = None,
+                 bounded: bool = False) -> None:
+        self.inner, self.seed, self.direction, self.bounded = inner, seed, direction, bounded
+        self._history: tuple[int, list[FrozenTrial]] | None = None  # a trial's number, the trials it samples from
+
+    def _view(self, study: optuna.Study, trial: FrozenTrial | None = None) -> Any:
+        """The study as the inner sampler reads it: with one objective, the trials of the ledger's
+        bounded history (hpo.storage.ledger), read once as the trial starts; TPE only (a grid must
+        see every trial it visited)."""
+        if self.direction is not None:
+            from hpo.runtime.pruning import DirectionView
+
+            return DirectionView(study, self.direction)
+        if trial is None or not self.bounded:
             return study
-        from hpo.runtime.pruning import DirectionView
-
-        return DirectionView(study, self.direction)
+        if self._history is None or self._history[0] != trial.number:
+            self._history = (trial.number, ledger_of(study).read().history())
+        return History(study, self._history[1])
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        return self.inner.infer_relative_search_space(self._view(study), trial)
+        return self.inner.infer_relative_search_space(self._view(study, trial), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
-        return self.inner.sample_relative(self._view(study), trial, search_space)
+        return self.inner.sample_relative(self._view(study, trial), trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
-        return self.inner.sample_independent(self._view(study), trial, param_name, param_distribution)
+        return self.inner.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reseed_sampler(self.inner, trial_sampler_seed(self.seed, sampled_index(study, trial)))
-        self.inner.before_trial(self._view(study), trial)
+        self._history = None
+        self.inner.before_trial(self._view(study, trial), trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
         # Optuna's grid sampler stops the study once every point was tried, which Optuna allows
         # only inside study.optimize; hpo ends trials with study.tell, and its budget already stops
         # a grid at its size (effective_n_trials).
         self.inner.after_trial(cast(optuna.Study, _NoStop(self._view(study))), trial, state, values)
+        self._history = None
 
     def reseed_rng(self) -> None:
         """Optuna asks for this before threads share a sampler; each trial is reseeded anyway."""

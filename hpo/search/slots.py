@@ -1,7 +1,8 @@
 """Taking a trial slot within the study's budget: the one call every worker makes to start trials.
 
 Under the study's budget lock (hpo.storage.budget_lock.BudgetLock), held until the new trials exist,
-so that workers never overshoot the budget: read the trials once, stop on the run's failures
+so that workers never overshoot the budget: bring the worker's ledger of the study up to date
+(hpo.storage.ledger: it looks only at the trials new or unfinished since), stop on the run's failures
 (hpo.search.failures), count what is left (hpo.search.budget), fail trials whose heartbeat
 stopped (they come back as retries, which are taken first), then create the trials.
 """
@@ -20,8 +21,9 @@ from hpo.errors import StorageError
 from hpo.runtime import stopping
 from hpo.runtime.lifecycle import end_stale
 from hpo.runtime.stopping import STOP_ATTR
-from hpo.search.budget import count_budget, is_budget_spent
-from hpo.search.failures import FailureStop, verdict
+from hpo.search.budget import is_budget_spent, ledger_budget
+from hpo.search.failures import FailureStop, verdict_of
+from hpo.storage.ledger import ledger_of
 from hpo.search.study import stop_requests
 from hpo.storage.budget_lock import BudgetLock
 from hpo.storage.urls import mask
@@ -58,12 +60,13 @@ class TrialSlots:
                 # Read under the lock `hpo stop` takes to ask: no trial starts after it counted the running ones.
                 stopping.request(stopping.BY_COMMAND)
                 return Taken(stopped="stopped by hpo stop")
-            trials = self.study.get_trials(deepcopy=False)
-            if (failure := verdict(trials, self.since, self.failure_limit)) is not None:
+            ledger = ledger_of(self.study).read(since=self.since)  # the trials new or unfinished since the last take
+            if (failure := verdict_of(ledger.ended(), ledger.retried, self.failure_limit)) is not None:
                 return Taken(stopped=failure.reason, failure=failure)
-            status = count_budget(trials, self.total)
+            status = ledger_budget(ledger, self.total)
             left = max(0, status.remaining) + status.waiting  # ask() takes a queued trial first
-            end_stale(self.study, self.warn)  # they come back as retries, taken first
+            if status.running:  # a dead worker's trial is one of them: they come back as retries, taken first
+                end_stale(self.study, self.warn)
             taken = Taken()
             while len(taken.trials) < want and may_start():
                 if left <= 0 or (trial := self._ask()) is None:
@@ -88,7 +91,7 @@ class TrialSlots:
 
     def all_taken(self) -> bool:
         """Every trial of the budget is running or done (read without the lock)."""
-        return count_budget(self.study.get_trials(deepcopy=False), self.total).all_taken
+        return ledger_budget(ledger_of(self.study).read(since=self.since), self.total).all_taken
 
 
 def request_stop(storage: BaseStorage, name: str, storage_url: str) -> int:

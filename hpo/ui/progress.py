@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import optuna
-from optuna.trial import TrialState
 
 from hpo.runtime.listener import Listener
-from hpo.search.budget import count_budget, resumed_numbers
+from hpo.search.budget import ledger_budget
+from hpo.storage.ledger import ledger_of
 from hpo.search.summary import best_trial, front
 from hpo.spec.schema import UNLIMITED_TRIALS, duration
 from hpo.ui.text import fmt
@@ -35,6 +35,7 @@ class Progress(Listener):
         self.start = time.monotonic()
         self.status = f"[0/{total}]"
         self.resumed: set[int] = set()  # failed trials a retry resumes, as of the last status
+        self._best: tuple[float | None, str] = (None, "best -")  # the best value, the best as shown
 
     def say(self, text: str) -> None:
         """A line that stays (a message, not the status line)."""
@@ -51,19 +52,23 @@ class Progress(Listener):
         self.out.flush()
 
     def _status(self, study: optuna.Study) -> str:
-        """The status after a trial, from one read of the trials and Optuna's best-trial query (it
-        runs after every trial, in the run's process, while its workers want the cores)."""
-        trials = study.get_trials(deepcopy=False)
-        b = count_budget(trials, self.total)
-        self.resumed = resumed_numbers(trials)
+        """The status after a trial, from the process's ledger of the study (hpo.storage.ledger: it
+        looks only at the trials new or unfinished since) and Optuna's best-trial query; it runs
+        after every trial, in the run's process, while its workers want the cores."""
+        ledger = ledger_of(study).read()
+        b = ledger_budget(ledger, self.total)
+        self.resumed = ledger.resumed
         if self.objectives:
             best = f"front {len(front(study))} trials"
+        elif ledger.best_value() == self._best[0]:  # Optuna's query (it sorts every trial) only for a new best
+            best = self._best[1]
         else:
             top = best_trial(study)
             best = f"best {fmt(top.value)} (#{top.number})" if top is not None else "best -"
+            self._best = (ledger.best_value(), best)
         elapsed = time.monotonic() - self.start
         running = f" running {b.running} |" if b.running > 1 else ""
-        pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+        pruned = ledger.pruned
         count = f"[{b.finished}]" if self.total >= UNLIMITED_TRIALS else f"[{b.finished}/{self.total}]"
         left = (f" | {duration(max(0.0, self.time_budget - elapsed))} left" if self.time_budget is not None
                 else "")
