@@ -575,8 +575,9 @@ def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) 
     url = resolve_url(storage)
     store = open_storage(url, create=False, heartbeat=None)
     folder = artifact_folder(store, url, artifacts)
-    server = make_server_for(store, folder, host, port)
-    click.echo(f"Dashboard for {mask(url)} on http://{host}:{server.server_port} (Ctrl-C to stop)", err=True)
+    server = make_server_for(store, url, folder, host, port)
+    click.echo(f"Dashboard for {mask(url)} on http://{host}:{server.server_port} (Ctrl-C to stop); summaries that "
+               f"open at any size on http://{host}:{server.server_port}/hpo/", err=True)
     sigterm_as_interrupt()
     try:
         server.serve_forever()

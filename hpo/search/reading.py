@@ -118,10 +118,12 @@ def trial_model(conn: Any, sid: int, number: int) -> str | None:
 
 
 def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str | None = None,
-                  sort: str = "number", maximize: bool = True) -> tuple[list[str], Iterator[dict[str, Any]]]:
+                  sort: str = "number", maximize: bool = True,
+                  first: int = 0) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """The parameter names, and `hpo trials`' rows one by one (number, state, value, epochs,
     seconds, reason, params_*), read a page at a time: `state` keeps one state (RESUMED and FAIL
-    told apart), `sort` is "number" or "value" (the best first), `limit` stops early."""
+    told apart), `sort` is "number" (from trial `first` on) or "value" (the best first), `limit`
+    stops early."""
     names = sql.sql_param_names(conn, sid)
     resumed = {int(n) for n in sql.sql_trial_system_values(conn, sid, RESUMES_ATTR) if isinstance(n, int)}
     wanted = state.upper() if state else None
@@ -129,7 +131,7 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
     order = "number" if sort == "number" else ("value_desc" if maximize else "value_asc")
 
     def rows() -> Iterator[dict[str, Any]]:
-        given, after = 0, -1
+        given, after = 0, first - 1
         while limit is None or given < limit:
             size = PAGE if limit is None else min(PAGE, limit - given)
             # Sorted by value the database orders them all at once (ids and values only: a limit is
@@ -161,6 +163,15 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
                    "reason": reasons.get(tid, ""), **{f"params_{k}": params[tid].get(k) for k in names}}
 
     return names, rows()
+
+
+def curves(conn: Any, sid: int, numbers: list[int]) -> dict[int, dict[int, float]]:
+    """The reported values (step -> value) of the trials numbered `numbers`."""
+    out = {}
+    for number in numbers:
+        if (found := sql.sql_trial(conn, sid, number)) is not None:
+            out[number] = sql.sql_reported(conn, found[0])
+    return out
 
 
 def trial_record(conn: Any, sid: int, name: str, number: int) -> TrialRecord:

@@ -3,7 +3,8 @@
 The server is optuna-dashboard's own WSGI app on a threaded wsgiref server (what its CLI runs),
 bound to 127.0.0.1 unless asked otherwise. It reads the same storage the workers write, so a study
 running in another process shows up live; on SQLite the file is in WAL mode, so these reads never
-lock out the writers (optuna-dashboard#545).
+lock out the writers (optuna-dashboard#545). Beside it, at /hpo/, hpo's own study summaries,
+which open at any size (hpo.ui.summary_page).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hpo._private import study_id
 from hpo.errors import HpoError
 from hpo.storage.artifacts import open_store
 from hpo.storage.keys import ARTIFACTS_ATTR, resolve_artifact_path
+from hpo.ui.summary_page import summary_app
 
 _log = logging.getLogger("hpo.ui.dashboard")
 
@@ -43,10 +45,11 @@ def artifact_folder(storage: BaseStorage, storage_url: str, cli_value: str | Non
     return resolve_artifact_path(cli_value, storage_url, recorded)
 
 
-def make_server_for(storage: BaseStorage, artifacts: Path, host: str, port: int) -> WSGIServer:
+def make_server_for(storage: BaseStorage, url: str, artifacts: Path, host: str, port: int) -> WSGIServer:
+    """optuna-dashboard, with hpo's study summaries at /hpo/ (hpo.ui.summary_page: they open at any size)."""
     from optuna_dashboard import wsgi
 
-    app = wsgi(storage, artifact_store=open_store(artifacts))
+    app = summary_app(url, wsgi(storage, artifact_store=open_store(artifacts)))
     try:
         return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     except OSError as e:

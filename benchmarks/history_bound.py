@@ -1,0 +1,89 @@
+"""What the sampler's bounded history (hpo.storage.ledger) costs in search quality.
+
+Past RECENT + BEST trials (1,000 + 100) the sampler and the pruner read the most recent trials,
+the best complete ones and the unfinished ones. Studies that large take days on the problem
+suite, so the bound is measured scaled down: `hpo run` with no flags on a suite problem, the
+script's training code, an equal trial budget, once with every trial read (no bound reached) and
+once with $HPO_HISTORY at RECENT,BEST (default 20,5: bounded after the first 25 trials), on the
+same seeds, the order alternating by seed. Reported: the best at the end, bounded minus whole
+(positive: the bound found better), its standard error over seeds (paired by seed).
+
+    python benchmarks/history_bound.py [--problems digits,diabetes] [--seeds 0 1 2 3 4]
+        [--trials 90] [--bound 20,5] [--no-save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from dataclasses import asdict
+
+from _common import calibration, record, save_results, table
+from suite import PROBLEMS
+from time_to_quality import Run, run_hpo
+
+
+def one(problem_name: str, seed: int, trials: int, bound: str | None) -> Run:
+    problem = PROBLEMS[problem_name]
+    before = os.environ.pop("HPO_HISTORY", None)
+    if bound:
+        os.environ["HPO_HISTORY"] = bound
+    try:
+        return run_hpo(problem, seed, "bounded" if bound else "whole", {"n_trials": trials, "epochs": problem.epochs}, "")
+    finally:
+        os.environ.pop("HPO_HISTORY", None)
+        if before is not None:
+            os.environ["HPO_HISTORY"] = before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", default="digits,diabetes")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--trials", type=int, default=90)
+    ap.add_argument("--bound", default="20,5")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    calib = calibration()
+    rows, targets, runs = [], {}, []
+    for name in args.problems.split(","):
+        problem = PROBLEMS[name]
+        pairs = []
+        for i, seed in enumerate(args.seeds):
+            order = [None, args.bound] if i % 2 == 0 else [args.bound, None]
+            got = {}
+            for bound in order:
+                run = one(name, seed, args.trials, bound)
+                got[run.arm] = run
+                runs.append(run)
+                print(json.dumps({k: v for k, v in asdict(run).items() if k != "finished"}), flush=True)
+            pairs.append((got["whole"], got["bounded"]))
+        diffs = [problem.gain(b.best, w.best) for w, b in pairs]  # positive: the bounded run found better
+        mean = statistics.mean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        rows.append([f"{name} ({problem.split})", f"{statistics.mean(w.best for w, _ in pairs):.4f}",
+                     f"{statistics.mean(b.best for _, b in pairs):.4f}", f"{mean:+.3f} ({se:.3f})",
+                     " ".join(f"{d:+.2f}" for d in diffs), f"{statistics.mean(w.wall for w, _ in pairs):.0f} / "
+                     f"{statistics.mean(b.wall for _, b in pairs):.0f}"])
+        targets[f"history_bound.{name}"] = {
+            "measured": f"bounded ({args.bound}) minus whole history, best after {args.trials} trials: {mean:+.3f} "
+                        f"(s.e. {se:.3f}) {problem.metric} {'points' if problem.unit == 100 else 'units'}, seeds {args.seeds}",
+            "met": mean >= -se}
+    unit = "points for accuracy, units for RMSE"
+    body = table(["problem", "best, whole history", f"best, bounded {args.bound}", f"bounded - whole (s.e.), {unit}",
+                  "per seed", "wall s (whole / bounded)"], rows)
+    notes = (f"hpo's defaults, {args.trials} trials each, the problem's epochs; bounded: HPO_HISTORY={args.bound} (the "
+             f"sampler and the pruner read the {args.bound.split(',')[0]} most recent trials, the "
+             f"{args.bound.split(',')[1]} best and the unfinished ones past the first "
+             f"{sum(int(x) for x in args.bound.split(','))}). Calibration: {calib}.")
+    record("Bounded sampler history against the whole history (equal trials)", body, notes, save=not args.no_save)
+    if not args.no_save:
+        save_results("history_bound", {"targets": targets, "trials": args.trials, "bound": args.bound,
+                                       "seeds": args.seeds, "calibration": calib,
+                                       "runs": [asdict(r) for r in runs]})
+
+
+if __name__ == "__main__":
+    main()
