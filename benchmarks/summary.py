@@ -65,6 +65,9 @@ TARGETS = _suite_targets() + tuple(
     Target("scale.per_trial.sqlite", "a worker's time per trial (storage, sampler, hpo) at 100,000 trials against "
            "at 1,000 (SQLite, a `train` that costs nothing)", "<= 1.5x", True),
     Target("scale.per_trial.postgresql", "the same on PostgreSQL", "<= 1.5x"),
+    Target("history_bound.digits", "the sampler's bounded history against the whole one, scaled down (digits, "
+           "development)", "no worse beyond 1 s.e."),
+    Target("history_bound.diabetes", "the same (diabetes, held out)", "no worse beyond 1 s.e."),
     Target("datapath.cpu", "data path: hpo's epoch against pure compute (CPU, digits)", "<= 1.10x"),
     Target("datapath.gpu", "data path (H100, Fashion-MNIST)", "<= 1.10x"),
     Target("storage", "storage cost hpo adds per trial", "<= 5 ms"),

@@ -96,6 +96,7 @@ def test_the_sampler_reads_the_recent_trials_and_the_best_once_the_study_is_larg
                       for i in range(40)])
     kept = [t.number for t in ledger.read().history()]
     assert kept == [0, 1, 2, 3, 4, *range(44, 64)]  # the 5 best (lowest) older ones, the 20 most recent
+    assert [t.number for t in ledger.history(with_best=False)] == list(range(44, 64))  # the pruner's
 
     sampler = TrialSeeded(optuna.samplers.TPESampler(n_startup_trials=5, seed=0), seed=0, bounded=True)
     study.sampler = sampler
@@ -127,3 +128,22 @@ def test_a_workers_trials_at_depth_20000_cost_about_what_they_cost_at_depth_1000
         gaps[size] = statistics.median(runs)
     assert gaps[20000] <= 1.5 * gaps[500], gaps
 
+
+
+def test_a_second_run_in_one_process_counts_only_its_own_failures(tmp_path) -> None:
+    """hpo.run() twice in a notebook: the second run's failure verdict starts from its own start."""
+    from hpo.search.failures import verdict_of
+    from hpo.storage.ledger import ledger_of
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'hpo.db'}")
+    first = time.time() - 1
+    for _ in range(3):
+        trial = study.ask()
+        trial.set_user_attr("reason", "ValueError: boom")
+        study.tell(trial, state=TrialState.FAIL)
+    ledger = ledger_of(study).read(since=first)
+    assert verdict_of(ledger.ended(), ledger.retried, 10) is not None  # three alike: the first run stops
+    second = time.time() + 1
+    ledger = ledger_of(study).read(since=second)
+    assert ledger.ended() == [] and verdict_of(ledger.ended(), ledger.retried, 10) is None

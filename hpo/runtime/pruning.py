@@ -87,7 +87,8 @@ class StudyView(DirectionView):
 
     def _read(self, states: Any) -> list[FrozenTrial]:
         # The ledger's bounded history, as the sampler reads it (hpo.storage.ledger).
-        return [t for t in ledger_of(self._study).read().history() if states is None or t.state in states]
+        recent = ledger_of(self._study).read().history(with_best=False)
+        return [t for t in recent if states is None or t.state in states]
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         peers = self.peers
@@ -104,7 +105,7 @@ class Snapshot(StudyView):
 
     def __init__(self, study: optuna.Study, direction: str) -> None:
         super().__init__(study, direction)
-        self._trials = ledger_of(study).read().history()
+        self._trials = ledger_of(study).read().history(with_best=False)
         self.taken = time.monotonic()
 
     def _read(self, states: Any) -> list[FrozenTrial]:

@@ -7,13 +7,13 @@ it), so the ledger looks once at each trial that finished and, on each read, onl
 new or unfinished since the last. Trial numbers are dense (0, 1, 2, ... in each study), which
 tells it where the new ones begin.
 
-The sampler's and the pruner's history is bounded: past `RECENT + BEST` trials they read the
-`RECENT` most recent trials, the `BEST` best complete ones and every unfinished one
-(hpo.search.samplers, hpo.runtime.pruning). TPE splits its history into the best trials (at most
-25) and the rest, and already weighs the rest toward the recent ones (optuna.samplers.TPESampler's
-`weights`), so the best are all kept and only the oldest of the rest are left out; a median
-pruner compares with the recent trials. Studies up to `RECENT + BEST` trials are sampled and
-pruned exactly as before.
+The sampler's and the pruner's history is bounded: past `RECENT + BEST` trials the sampler reads
+the `RECENT` most recent trials, the `BEST` best complete ones and every unfinished one
+(hpo.search.samplers; the pruner reads the recent and unfinished ones: hpo.runtime.pruning). TPE
+splits its history into the best trials (at most 25) and the rest, and already weighs the rest
+toward the recent ones (optuna.samplers.TPESampler's `weights`), so the best are all kept and
+only the oldest of the rest are left out; a median pruner compares with the recent trials.
+Studies up to `RECENT + BEST` trials are sampled and pruned exactly as before.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Ledger:
 
     def read(self, since: float | None = None) -> Ledger:
         """Bring the account up to date; `since` (a time.time()): also keep the trials started since."""
-        if since is not None and (self.since is None or since < self.since):
+        if since is not None and since != self.since:  # another run in this process (hpo.run() again)
             self._reset()
             self.since = since
         cached = cached_trials(self.study)
@@ -159,14 +159,15 @@ class Ledger:
         """The trials finished since `since` (read(since=...)), as hpo.search.failures.run_trials orders them."""
         return sorted(self._ended, key=lambda t: ((t.datetime_complete or t.datetime_start).timestamp(), t.number))  # type: ignore[union-attr]
 
-    def history(self) -> list[FrozenTrial]:
+    def history(self, with_best: bool = True) -> list[FrozenTrial]:
         """The trials the sampler and the pruner read, by number: all of them, or past RECENT + BEST
-        the most recent, the best complete ones and every unfinished one (a pruner judges a trial
-        that has run for long; several objectives: all of them)."""
+        the most recent, the best complete ones (`with_best`: the sampler's; a pruner compares with
+        the recent trials alone, which the best would skew) and every unfinished one (a pruner
+        judges a trial that has run for long); with several objectives all of them."""
         n, (recent, best) = self.count, bound()
         if n <= recent + best or not self.single:
             return [self.trials[k] for k in range(n)] if isinstance(self.trials, dict) else list(self.trials)
-        kept = heapq.nlargest(best, self._best) if best < len(self._best) else self._best
+        kept = (heapq.nlargest(best, self._best) if best < len(self._best) else self._best) if with_best else []
         numbers = sorted({*(number for _, number in kept if number < n - recent), *self._open, *range(n - recent, n)})
         return [self.trials[k] for k in numbers]
 
@@ -179,6 +180,8 @@ def ledger_of(study: optuna.Study) -> Ledger:
     key = (id(storage_of(study)), study_id(study))
     ledger = _LEDGERS.get(key)
     if ledger is None or storage_of(ledger.study) is not storage_of(study):
+        while len(_LEDGERS) >= 16:  # a notebook or a test session opens many: the oldest go
+            del _LEDGERS[next(iter(_LEDGERS))]
         ledger = _LEDGERS[key] = Ledger(study)
     return ledger
 
