@@ -37,7 +37,9 @@ def main() -> None:
     problem = PROBLEMS[args.problem]
     data = problem.load(args.seed)
     lines = Lines(problem.direction, problem.epochs)
-    sign = lines.sign  # SMAC minimizes a cost
+    # SMAC minimizes a cost: an accuracy's is its error (1 - accuracy), an RMSE is its own.
+    def cost(value: float) -> float:
+        return (1.0 - value if problem.direction == "maximize" else value) if math.isfinite(value) else 1e9
     cs = ConfigurationSpace(seed=args.seed)
     dims = {}
     for name, p in problem.space.items():
@@ -53,9 +55,13 @@ def main() -> None:
             cs.add(EqualsCondition(dims[name], dims[parent], value))
     def train(config: object, seed: int = 0, budget: float = 1.0) -> float:
         epochs = max(1, int(round(budget)))
-        value = problem.fit(dict(config), data, epochs, lambda epoch, v: None)
+        # ConfigSpace gives numpy scalars (a categorical batch size is a numpy int, which
+        # torch's DataLoader refuses: every trial crashed, and SMAC's model then failed on the
+        # infinite costs): Python values, as the other peers pass them.
+        params = {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
+        value = problem.fit(params, data, epochs, lambda epoch, v: None)
         lines.trial(value, epochs)
-        return sign * value if math.isfinite(value) else 1e9
+        return cost(value)
 
     with tempfile.TemporaryDirectory() as tmp:
         scenario = Scenario(cs, deterministic=True, n_trials=100_000, min_budget=1, max_budget=problem.epochs,
