@@ -243,7 +243,8 @@ def test_hpo_summary_pages_say_what_hpo_best_says_and_draw_the_study(finished, r
 @pytest.mark.slow
 def test_the_summary_of_a_100000_trial_study_opens_in_two_seconds_with_a_bounded_payload(tmp_path) -> None:
     """A study of 100,000 trials (rows copied in SQL, as benchmarks/scale.py builds it): its hpo
-    summary loads in Chromium within 2 s warm, and weighs under 100 KB, as a 1,000-trial one."""
+    summary loads in Chromium within 2 s warm, weighs under 100 KB and draws at most two points
+    per column of its history."""
     from selenium.webdriver.common.by import By
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -251,24 +252,23 @@ def test_the_summary_of_a_100000_trial_study_opens_in_two_seconds_with_a_bounded
         import scale
     finally:
         sys.path.pop(0)
+    from hpo.ui.summary_page import BINS
+
     url = f"sqlite:///{tmp_path / 'big.db'}"
     scale.seed_study(url, tmp_path)
-    dash = Dashboard(url, tmp_path)
-    try:
-        small = len(dash.text("/hpo/studies/big"))
-    finally:
-        dash.close()
     scale.grow(url, 100_000)
     dash = Dashboard(url, tmp_path)
     driver = _chrome_driver()
     try:
         big = len(dash.text("/hpo/studies/big"))  # the server warm
-        assert big < 100_000 and big < 1.5 * small, (small, big)
+        assert big < 100_000, big
         start = time.monotonic()
         driver.get(f"{dash.url}/hpo/studies/big")  # returns once the page has loaded
         seconds = time.monotonic() - start
         assert "100,000 trials" in driver.find_element(By.TAG_NAME, "body").text
-        assert driver.find_elements(By.CSS_SELECTOR, "svg[aria-label=history] circle")
+        # 33,400 complete trials drawn as at most two points per column
+        assert 0 < len(driver.find_elements(By.CSS_SELECTOR, "svg[aria-label=history] circle")) <= 2 * BINS
+        print(f"the summary of 100,000 trials: {big} bytes, loaded in Chromium in {seconds:.2f} s")
         assert seconds <= 2.0, f"the summary of 100,000 trials took {seconds:.1f} s"
         driver.save_screenshot(str(tmp_path / "big.png"))
         if os.environ.get("HPO_SAVE_SCREENSHOT"):

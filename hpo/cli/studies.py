@@ -561,7 +561,8 @@ def proxy(storage: str | None, host: str, port: int) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @artifacts_option
 def dashboard(storage: str | None, host: str, port: int, artifacts: str | None) -> None:
-    """Serve optuna-dashboard over the storage: live trials, learning curves, artifacts.
+    """Serve optuna-dashboard over the storage: live trials, learning curves, artifacts; and at
+    /hpo/ hpo's study summaries, which open at any size.
 
     \b
     Example:

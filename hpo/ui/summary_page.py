@@ -110,14 +110,15 @@ def _scale(lo: float, hi: float, to_lo: float, to_hi: float) -> Callable[[float]
     return lambda v: round(to_lo + (v - lo) / span * (to_hi - to_lo), 1)
 
 
-def _axes(xlo: float, xhi: float, ylo: float, yhi: float, y: Callable[[float], float], xlabel: str) -> str:
+def _axes(xlo: float, xhi: float, ylo: float, yhi: float, y: Callable[[float], float], xlabel: str,
+          right: float = W - 10) -> str:
     ticks = "".join(f"<text x='{PAD - 6}' y='{y(v) + 4:.0f}' text-anchor='end' font-size='11'>{html.escape(fmt(v))}</text>"
                     for v in (ylo + i * (yhi - ylo) / 4 for i in range(5)))
-    return (f"<line x1='{PAD}' y1='{H - PAD}' x2='{W - 10}' y2='{H - PAD}' stroke='#999'/>"
+    return (f"<line x1='{PAD}' y1='{H - PAD}' x2='{right}' y2='{H - PAD}' stroke='#999'/>"
             f"<line x1='{PAD}' y1='10' x2='{PAD}' y2='{H - PAD}' stroke='#999'/>{ticks}"
             f"<text x='{PAD}' y='{H - PAD + 16}' font-size='11'>{fmt(xlo)}</text>"
-            f"<text x='{W - 10}' y='{H - PAD + 16}' font-size='11' text-anchor='end'>{fmt(xhi)}</text>"
-            f"<text x='{(W + PAD) / 2:.0f}' y='{H - 8}' font-size='12' text-anchor='middle'>{html.escape(xlabel)}</text>")
+            f"<text x='{right}' y='{H - PAD + 16}' font-size='11' text-anchor='end'>{fmt(xhi)}</text>"
+            f"<text x='{(right + PAD) / 2:.0f}' y='{H - 8}' font-size='12' text-anchor='middle'>{html.escape(xlabel)}</text>")
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -170,7 +171,7 @@ def curves_svg(curves: dict[int, dict[int, float]]) -> str:
         lines.append(f"<polyline points='{pts}' fill='none' stroke='{colour}' stroke-width='1.5'/>")
         legend.append(f"<text x='{W - 120}' y='{24 + 16 * i}' font-size='12' fill='{colour}'>trial #{number}</text>")
     return (f"<svg width='{W}' height='{H}' role='img' aria-label='curves'>"
-            f"{_axes(min(steps), max(steps), min(values), max(values), y, 'epoch')}" + "".join(lines) + "".join(legend)
+            f"{_axes(min(steps), max(steps), min(values), max(values), y, 'epoch', right=W - 130)}" + "".join(lines) + "".join(legend)
             + "</svg>")
 
 
