@@ -103,7 +103,7 @@ def cached_trials(study: optuna.Study) -> dict[int, FrozenTrial] | None:
 
 class TrialsReader:
     """A view of a study that Optuna's samplers read: they ask `study._get_trials(...)`, which it
-    answers with its own `get_trials` (hpo.search.ledger.History)."""
+    answers with its own `get_trials` (hpo.storage.ledger.History)."""
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         raise NotImplementedError

@@ -6,7 +6,7 @@ need just the trial's own values, which the runtime holds, and the study's trial
 a moment ago: one read of the study serves every decision for up to REFRESH seconds (a fused
 round's members, or one trial's next epochs). Other pruners (successive halving, hyperband,
 Wilcoxon) keep state in the trial's system attributes, so they go through Optuna as before.
-Either way a pruner reads the study's bounded history (hpo.storage.ledger), as the sampler does,
+Either way a pruner reads the study's recent and unfinished trials past 1,100 (hpo.storage.ledger),
 so a decision costs the same at 100,000 trials as at 1,000.
 """
 
@@ -86,7 +86,7 @@ class StudyView(DirectionView):
         return [self.direction]
 
     def _read(self, states: Any) -> list[FrozenTrial]:
-        # The ledger's bounded history, as the sampler reads it (hpo.storage.ledger).
+        # The ledger's recent and unfinished trials (hpo.storage.ledger): the best would skew the reference.
         recent = ledger_of(self._study).read().history(with_best=False)
         return [t for t in recent if states is None or t.state in states]
 

@@ -17,9 +17,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import backend_of, heartbeat_enabled, storage_of
-from hpo.storage.keys import RESUMES_ATTR
 from hpo.storage.ledger import Ledger
-from hpo.storage.retry import OWNER_ATTR, is_local_and_alive
+from hpo.storage.retry import OWNER_ATTR, is_local_and_alive, resumed_by, retried_by
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,13 @@ class BudgetStatus:
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of trials that live on in a retry (they do not count against the budget)."""
-    out: set[int] = set()
-    for t in trials:
-        out.update(int(n) for n in t.system_attrs.get("retry_history", ()))
-    return out
+    return {n for t in trials for n in retried_by(t)}
 
 
 def resumed_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of failed trials that were stopped under them (interrupted, a dead worker, a full
     disk) and live on in a retry that resumes them: not failures of their parameters."""
-    return {int(t.system_attrs[RESUMES_ATTR]) for t in trials if isinstance(t.system_attrs.get(RESUMES_ATTR), int)}
+    return {n for t in trials if (n := resumed_by(t)) is not None}
 
 
 def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:

@@ -61,7 +61,7 @@ def verdict(trials: list[FrozenTrial], since: float, limit: int) -> FailureStop 
 
 def verdict_of(ended: list[FrozenTrial], retried: set[int], limit: int) -> FailureStop | None:
     """The verdict from the run's finished trials in the order they finished (run_trials) and the
-    numbers that live on in a retry (a worker's ledger keeps both: hpo.search.ledger)."""
+    numbers that live on in a retry (a worker's ledger keeps both: hpo.storage.ledger)."""
     ended = [t for t in ended if not (t.state == TrialState.FAIL and t.number in retried)]
     failed = [t for t in ended if t.state == TrialState.FAIL]
     if not failed:

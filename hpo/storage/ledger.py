@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import TrialsReader, cached_trials, storage_of, study_id
 from hpo.errors import HpoError
-from hpo.storage.keys import RESUMES_ATTR
+from hpo.storage.retry import resumed_by, retried_by
 
 RECENT = 1000  # the sampler reads the most recent trials...
 BEST = 100  # ...and the best complete ones, once a study holds more than both
@@ -58,9 +58,10 @@ class Ledger:
         self._keep = max(BEST, bound()[1])  # the best complete trials kept
         self.maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
         self.trials: dict[int, FrozenTrial] | list[FrozenTrial] = {}
-        self._reset()
+        self._reset(None)
 
-    def _reset(self) -> None:
+    def _reset(self, since: float | None) -> None:
+        """Forget every trial looked at; keep the trials started at or after `since`."""
         self._next = 0  # trials numbered below this were looked at
         self._open: set[int] = set()  # looked at while unfinished: looked at again on every read
         self._finished: Counter[TrialState] = Counter()
@@ -69,14 +70,13 @@ class Ledger:
         self._failed: set[int] = set()
         self._best: list[tuple[float, int]] = []  # the BEST best feasible complete trials (value, place), worst on top
         self._ended: list[FrozenTrial] = []  # finished trials started at or after `since`, in the order seen
-        self.since: float | None = None
+        self.since = since
         self.count = 0
 
     def read(self, since: float | None = None) -> Ledger:
         """Bring the account up to date; `since` (a time.time()): also keep the trials started since."""
         if since is not None and since != self.since:  # another run in this process (hpo.run() again)
-            self._reset()
-            self.since = since
+            self._reset(since)
         cached = cached_trials(self.study)
         # A storage without Optuna's cache: one list, indexed by number.
         trials: dict[int, FrozenTrial] | list[FrozenTrial] = (cached if cached is not None
@@ -86,9 +86,7 @@ class Ledger:
         if n < self._next or (last is not None and last.number != n - 1):
             # Numbers with gaps (never made by Optuna): the trials by position, all looked at again.
             trials = sorted(trials.values(), key=lambda t: t.number) if isinstance(trials, dict) else list(trials)
-            since = self.since
-            self._reset()
-            self.since = since
+            self._reset(self.since)
         self.trials, self.count = trials, n
         look = [*sorted(self._open), *range(self._next, n)]
         self._open = set()
@@ -103,8 +101,8 @@ class Ledger:
 
     def _finish(self, t: FrozenTrial, k: int) -> None:
         self._finished[t.state] += 1
-        self._retried.update(int(n) for n in t.system_attrs.get("retry_history", ()))
-        if isinstance(resumes := t.system_attrs.get(RESUMES_ATTR), int):
+        self._retried.update(retried_by(t))
+        if (resumes := resumed_by(t)) is not None:
             self._resumed.add(resumes)
         if t.state == TrialState.FAIL:
             self._failed.add(t.number)
@@ -120,18 +118,11 @@ class Ledger:
 
     @property
     def retried(self) -> set[int]:
-        out = set(self._retried)
-        for t in self._open_trials():
-            out.update(int(n) for n in t.system_attrs.get("retry_history", ()))
-        return out
+        return self._retried | {n for t in self._open_trials() for n in retried_by(t)}
 
     @property
     def resumed(self) -> set[int]:
-        out = set(self._resumed)
-        for t in self._open_trials():
-            if isinstance(resumes := t.system_attrs.get(RESUMES_ATTR), int):
-                out.add(resumes)
-        return out
+        return self._resumed | {n for t in self._open_trials() if (n := resumed_by(t)) is not None}
 
     def counts(self) -> tuple[int, int, int, int]:
         """Complete and pruned, failed and not retried, running, waiting: what

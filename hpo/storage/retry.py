@@ -56,6 +56,17 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
 
 
 
+def retried_by(trial: FrozenTrial) -> list[int]:
+    """The numbers of the earlier attempts `trial` retries (they live on in it)."""
+    return [int(n) for n in trial.system_attrs.get("retry_history", ())]
+
+
+def resumed_by(trial: FrozenTrial) -> int | None:
+    """The number of the trial `trial` resumes, stopped under it (not a failure of its parameters)."""
+    resumes = trial.system_attrs.get(RESUMES_ATTR)
+    return resumes if isinstance(resumes, int) else None
+
+
 def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: bool,
                 extra: Mapping[str, object] | None = None) -> int:
     """Queue `trial` (failed) again with its parameters, as Optuna's retry callbacks do, and return
