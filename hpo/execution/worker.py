@@ -72,7 +72,7 @@ def run_worker(
     runner = TrialRunner(TrialContext(spec, handle.artifacts, device, listener, CheckpointPolicy(checkpoint_interval),
                                       deadline, who, label_output, rank_training), life, train_fn)
     slots = TrialSlots(study, effective_n_trials(spec), time.time() if since is None else since,
-                       spec.budget.failure_limit, listener.warn)
+                       spec.budget.failure_limit, listener.warn, spec)
     result = WorkerResult()
     reclaim(study, listener)
     pending: optuna.Trial | None = None  # a trial taken and not yet in the runner's hands
@@ -86,7 +86,7 @@ def run_worker(
                 taken = slots.take()  # that came meanwhile (or `hpo stop`, seen by take) is raised as it ends
                 pending = taken.trials[0] if taken.trials else None
             if not taken.trials:
-                if taken.budget_reached and wait_for_others and wait_for_running(study, listener.note):
+                if ((taken.budget_reached and wait_for_others) or taken.busy) and wait_for_running(study, listener.note):
                     continue  # a trial running elsewhere may still come back as a retry
                 result.stopped, result.failure, result.budget_reached = taken.stopped, taken.failure, taken.budget_reached
                 break

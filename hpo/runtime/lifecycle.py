@@ -33,6 +33,7 @@ from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts, find_artifact
 from hpo.storage.keys import CHECKPOINT_ATTR, ERROR_ATTR, MODEL_FILE, RERUN_ATTR
 from hpo.storage.ledger import ledger_of
+from hpo.storage.lineage import Segment
 from hpo.storage.resilient import set_user_attrs
 from hpo.storage.retry import (
     OWNER_ATTR,
@@ -68,6 +69,7 @@ class Attempt:
     envelope: Envelope | None  # the last checkpoint, to resume from
     inherited: dict[int, float] = field(default_factory=dict)  # epochs an earlier attempt reported
     rerun_of: int | None = None  # a completed trial this one runs again, to save its model anew (hpo retry STUDY N)
+    segment: Segment | None = None  # a population member's segment (search.strategy pbt): where it ends
 
     @property
     def retry_of(self) -> int | None:
@@ -143,10 +145,14 @@ class Lifecycle:
         history = attrs.get("retry_history") or []
         number = int(history[0]) if history else trial.number  # the first attempt's: its seed and checkpoint
         envelope = self._checkpoint(trial.number, number, attrs.get(CHECKPOINT_ATTR))
+        segment = Segment.from_attrs(attrs)
+        if envelope is None and segment is not None and segment.checkpoint is not None:
+            # A member's next segment: the checkpoint its lineage names (its parent's last).
+            envelope = self._checkpoint(trial.number, segment.checkpoint, segment.start)
         # A retry inherited its first attempt's reports; the epochs it trains again are not re-sent.
         inherited = dict(self.storage.get_trial(tid).intermediate_values) if number != trial.number else {}
         rerun_of = attrs.get(RERUN_ATTR)
-        return Attempt(trial, number, envelope, inherited, rerun_of if isinstance(rerun_of, int) else None)
+        return Attempt(trial, number, envelope, inherited, rerun_of if isinstance(rerun_of, int) else None, segment)
 
     def _checkpoint(self, shown: int, number: int, expected: object) -> Envelope | None:
         """The trial's last readable checkpoint. One that cannot be read (torn, truncated, of
@@ -190,8 +196,8 @@ class Lifecycle:
             if complete and feasible and outcome.model is not None and improves(self.study, outcome.values or []):
                 # Only a trial that may be the best keeps its final state (the test function's input).
                 self.artifacts.upload(trial, MODEL_FILE, outcome.model())
-            if not ending.end.keeps_checkpoint:
-                self.artifacts.remove_checkpoint(attempt.number)
+            if not ending.end.keeps_checkpoint and not (complete and attempt.segment is not None):
+                self.artifacts.remove_checkpoint(attempt.number)  # a member's segment: its next ones start there
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's word on a failed trial: hpo says it itself
                 frozen = self.study.tell(trial, outcome.values if complete else None, state=ending.end.state)

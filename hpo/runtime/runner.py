@@ -91,7 +91,8 @@ class TrialRunner:
         ctx = self.ctx
         attempt = self.life.start(ot)
         params = sample(ot, ctx.spec)
-        record = self.current = TrialRecord(ctx, attempt.number, ot, attempt.envelope, attempt.inherited)
+        until = attempt.segment.end if attempt.segment is not None else None
+        record = self.current = TrialRecord(ctx, attempt.number, ot, attempt.envelope, attempt.inherited, until=until)
         seeding.seed_all(trial_seed(ctx.spec.seed, attempt.number))
         if attempt.envelope is not None and attempt.envelope.rng is not None:
             seeding.restore(attempt.envelope.rng)  # the streams as they were when the checkpoint was saved
@@ -109,6 +110,8 @@ class TrialRunner:
                 return self.rank_failed(attempt, record, failed)  # another rank failed after rank 0 was done
             values = record.objective_values(returned)
             constraints = record.constraint_values()
+            if attempt.segment is not None and record.epochs < ctx.spec.budget.epochs:
+                record.keep_segment()
         except BaseException as e:
             for kind, decide in ENDED_BY:  # the first row that matches says how the trial ends
                 if isinstance(e, kind):

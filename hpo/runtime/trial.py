@@ -71,14 +71,15 @@ class TrialRecord:
 
     def __init__(self, ctx: TrialContext, number: int, optuna_trial: optuna.Trial | None,
                  envelope: Envelope | None = None, inherited: dict[int, float] | None = None,
-                 state: Any = None) -> None:
+                 state: Any = None, until: int | None = None) -> None:
         self.ctx = ctx
         self.trial = optuna_trial
         # The study's number for this trial, as hpo's lines, `hpo trials` and the dashboard show it;
         # a retry is a new trial that keeps its first attempt's seed and checkpoint.
         self.number = optuna_trial.number if optuna_trial is not None else number
         self.first_number = number
-        self.epochs = ctx.spec.budget.epochs
+        # A population member's segment (search.strategy pbt) ends before the budget's last epoch.
+        self.epochs = until if until is not None else ctx.spec.budget.epochs
         self.start_epoch = envelope.epoch if envelope else 0
         self.state: Any = envelope.state if envelope else state
         self.curves: dict[str, list[float]] = envelope.curves if envelope else {}
@@ -162,6 +163,19 @@ class TrialRecord:
             self.checkpointed_epoch = done
         if done < self.epochs and deadlines:
             self.deadlines.check(done)
+
+    def keep_segment(self) -> None:
+        """A population member's segment is done: its last state is written whole, for the segments
+        that continue from it (search.strategy pbt), or refused in one line when it saved none."""
+        if self.state is None:
+            raise UserCodeError(f"{self.ctx.who}: search.strategy pbt: a member continues from its checkpoint, and "
+                                f"this one saved none by epoch {self.epoch_in_flight()}; call "
+                                "trial.save_checkpoint(state) every epoch and trial.load_checkpoint() first")
+        self.flush_reports()
+        done = self.epoch_in_flight()
+        envelope = Envelope(done, self.final_state(), self.curves, self.epoch_seconds, seeding.capture())
+        self.ctx.artifacts.save_checkpoint(self.first_number, envelope.to_dict())
+        self.checkpointed_epoch = done
 
     def check(self, epoch: int | None) -> None:
         stopping.raise_if_requested()
@@ -272,6 +286,10 @@ class TrialRecord:
         if epoch < self.start_epoch:
             raise UserCodeError(f"{who}: report(epoch={epoch}): this attempt resumes at trial.start_epoch="
                                 f"{self.start_epoch}; loop over range(trial.start_epoch, trial.epochs)")
+        if epoch >= self.epochs and self.epochs < self.ctx.spec.budget.epochs:
+            raise UserCodeError(f"{who}: report(epoch={epoch}): this segment of a population member trains epochs "
+                                f"{self.start_epoch}..{self.epochs - 1}; loop over range(trial.start_epoch, "
+                                "trial.epochs)")
         if epoch >= self.epochs:
             raise UserCodeError(f"{who}: report(epoch={epoch}): budget.epochs is {self.epochs}, so epochs run "
                                 f"0..{self.epochs - 1}")

@@ -2,7 +2,7 @@
 
 An export is a dict that `torch.load(path, weights_only=True)` reads (tensors, numbers, text):
 the trial, its parameters (every one, fixed and the user's own included), its values, its test
-scores, the spec, and either hpo's trained model (each fold's weights, the model family, input
+scores, the spec, with population-based training the schedule of parameters it trained with, and either hpo's trained model (each fold's weights, the model family, input
 shape, outputs and input scaling) or, for a `train:` study, the final state the trial saved.
 """
 
@@ -20,6 +20,7 @@ from hpo.search.records import TEST_ATTR
 from hpo.search.saved import read_scored_model, read_trial_model, trial_model
 from hpo.search.study import StudyHandle
 from hpo.search.summary import best_trial, front
+from hpo.storage.lineage import schedule
 
 FORMAT = 1
 
@@ -71,6 +72,8 @@ def exported(handle: StudyHandle, number: int | None = None) -> dict[str, Any]:
         "params": dict(resolve_values(spec, trial.params)), "values": dict(zip(names, trial.values)),
         "test": dict(record["scores"]) if record else None, "spec": spec.to_dict(),
     }
+    if spec.search.pbt:  # the parameters it trained with, segment by segment: a schedule to replay
+        out["schedule"] = schedule(study.get_trials(deepcopy=False), trial.number)
     if spec.train is not None:
         model_id = trial_model(study, trial)
         if model_id is None:

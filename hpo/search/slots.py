@@ -23,6 +23,8 @@ from hpo.runtime.lifecycle import end_stale
 from hpo.runtime.stopping import STOP_ATTR
 from hpo.search.budget import is_budget_spent, ledger_budget
 from hpo.search.failures import FailureStop, verdict_of
+from hpo.search.pbt import DONE, Decision, create, next_segment
+from hpo.spec.schema import StudySpec
 from hpo.storage.ledger import ledger_of
 from hpo.search.study import stop_requests
 from hpo.storage.budget_lock import BudgetLock
@@ -37,14 +39,16 @@ class Taken:
     stopped: str = ""  # for a person
     failure: FailureStop | None = None  # the run's failures stop it
     budget_reached: bool = False  # every trial of the budget is running or done
+    busy: bool = False  # every member of a population is training or done: the next segment waits on one
 
 
 class TrialSlots:
     """The study's trial slots, as one worker takes them."""
 
     def __init__(self, study: optuna.Study, total: int, since: float, failure_limit: int,
-                 warn: Callable[[str], None] = lambda text: None) -> None:
+                 warn: Callable[[str], None] = lambda text: None, spec: StudySpec | None = None) -> None:
         self.study, self.total, self.since, self.failure_limit = study, total, since, failure_limit
+        self.population = spec if spec is not None and spec.search.pbt else None  # its segments are decided here
         self.warn = warn  # what a person must hear (a trial past its retry cap)
         self.lock = BudgetLock(storage_of(study), study_id(study))
         self.stops = stop_requests(study)  # `hpo stop` asked after this worker started stops it
@@ -68,11 +72,22 @@ class TrialSlots:
             if status.running:  # a dead worker's trial is one of them: they come back as retries, taken first
                 end_stale(self.study, self.warn)
             taken = Taken()
+            waiting = status.waiting
             while len(taken.trials) < want and may_start():
+                if waiting <= 0 and self.population is not None:  # its members' epochs are its budget
+                    decision = next_segment(self.study, self.population)
+                    if decision == DONE:
+                        taken.stopped, taken.budget_reached = "every member of the population has trained", True
+                        break
+                    if not isinstance(decision, Decision):
+                        taken.stopped, taken.busy = "every member of the population is training or done", True
+                        break
+                    create(self.study, decision)  # a WAITING trial with its lineage: the ask below takes it
+                    waiting, left = waiting + 1, max(left, 1)
                 if left <= 0 or (trial := self._ask()) is None:
                     taken.stopped, taken.budget_reached = f"study budget of {self.total} trials reached", True
                     break
-                left -= 1
+                left, waiting = left - 1, waiting - 1
                 taken.trials.append(trial)
                 started(trial)
             return taken

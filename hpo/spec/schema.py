@@ -181,6 +181,53 @@ class PrunerSpec:
     given: bool = field(default=True, compare=False)
 
 
+# hpo's own parameters a trained model can take new values of: the optimizer's and the loop's, not
+# the model's structure or the update rule (their checkpoint would not load).
+RETUNABLE = ("lr", "weight_decay", "momentum", "beta1", "beta2", "dropout", "batch_size", "step_gamma")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How the study searches: `sample` (a sampler proposes each trial, a pruner stops the poor
+    ones: Optuna's way) or `pbt` (population-based training, hpo.search.pbt: members train in
+    segments of `interval` epochs; after each, a member in the bottom `quantile` continues from a
+    top member's checkpoint with its parameters perturbed x0.8/x1.2, or redrawn with probability
+    `resample`)."""
+
+    strategy: str = "sample"
+    population: int = 8
+    interval: int = 2
+    quantile: float = 0.25
+    resample: float = 0.25
+    # The parameters a member's exploit may change (None: hpo's own loop's training parameters, or
+    # a user's floats): structure (width, depth, optimizer) stays, or the checkpoint would not load.
+    explore: tuple[str, ...] | None = None
+
+    @property
+    def pbt(self) -> bool:
+        return self.strategy == "pbt"
+
+    def explored(self, space: tuple[ParamSpec, ...], builtin: bool) -> tuple[str, ...]:
+        """The tuned parameters an exploit changes."""
+        tuned = [p for p in space if p.tuned]
+        if self.explore is not None:
+            return tuple(p.name for p in tuned if p.name in self.explore)
+        if builtin:
+            return tuple(p.name for p in tuned if p.name in RETUNABLE)
+        return tuple(p.name for p in tuned if p.kind == "float")
+
+    def segments(self, epochs: int) -> int:
+        """Segments each member trains: `epochs` in steps of `interval`."""
+        return -(-epochs // self.interval)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy, "population": self.population, "interval": self.interval,
+                               "quantile": self.quantile, "resample": self.resample}
+        if self.explore is not None:
+            out["explore"] = list(self.explore)
+        return out
+
+
 UNLIMITED_TRIALS = 1_000_000  # a study with a time budget and no n_trials: as many as fit
 
 
@@ -315,6 +362,7 @@ class StudySpec:
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
     # Several objectives (`metric:` as a list); empty: the one objective is `metric` itself.
     objectives: tuple[Objective, ...] = ()
     constraints: tuple[Constraint, ...] = ()
@@ -397,6 +445,8 @@ class StudySpec:
             out["warm_start"] = {"study": self.warm_start.study, "top": self.warm_start.top}
         if self.test_top is not None:
             out["test_top"] = self.test_top
+        if self.search.pbt:
+            out["search"] = self.search.to_dict()
         return out | {
             "space": {p.name: p.to_dict() for p in self.space},
             "sampler": {"name": self.sampler.name, **self.sampler.kwargs},

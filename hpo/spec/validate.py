@@ -36,6 +36,7 @@ from hpo.spec.schema import (
     Prior,
     PrunerSpec,
     SamplerSpec,
+    SearchSpec,
     SplitSpec,
     StudySpec,
     WarmStart,
@@ -121,7 +122,7 @@ class Validator:
             "",
             ["name", "description", "metric", "direction", "seed", "model", "data", "space",
              "sampler", "pruner", "budget", "execution", "train", "test", "prune_on", "constraints",
-             "latency_batch_size", "enqueue", "warm_start", "test_top"],
+             "latency_batch_size", "enqueue", "warm_start", "test_top", "search"],
             required=["name", "space"],
         )
         name = top["name"]
@@ -141,8 +142,15 @@ class Validator:
         mode = "user" if train is not None else ("factory" if ":" in model else "builtin")
         space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
+        search = self.search(top.get("search", {}), space, budget, train is None)
+        if search.pbt:
+            budget = self.pbt_budget(top.get("budget", {}), budget, search)
+            if "pruner" in top and top["pruner"] not in ("none", {"name": "none"}):
+                raise self.fail("pruner", "population-based training replaces pruning (a member in the bottom "
+                                          "quantile continues from a top member's checkpoint); leave pruner out")
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
-        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", default_pruner(budget.epochs)), "pruner", PRUNERS),
+        default = {"name": "none"} if search.pbt else default_pruner(budget.epochs)
+        pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", default), "pruner", PRUNERS),
                             given="pruner" in top)
         execution = self.execution(top.get("execution", {}))
         known = [*([o.name for o in objectives] or [metric]), *MEASURED]
@@ -157,7 +165,10 @@ class Validator:
             constraints=constraints, latency_batch_size=latency_batch,
             enqueue=self.enqueue(top.get("enqueue", []), space), warm_start=self.warm_start(top, name),
             test_top=self.integer(top["test_top"], "test_top", minimum=1) if "test_top" in top else None,
+            search=search,
         )
+        if search.pbt:
+            self.check_pbt(spec)
         if spec.budget.n_trials is not None and len(spec.enqueue) > spec.budget.n_trials:
             raise self.fail("enqueue", f"{len(spec.enqueue)} configurations but budget.n_trials is "
                                        f"{spec.budget.n_trials}; they are counted in the budget")
@@ -479,6 +490,66 @@ class Validator:
                 out["timeout" if key == "time" else key] = self.seconds(raw[key], f"budget.{key}")
         return BudgetSpec(**out)
 
+    def search(self, value: Any, space: tuple[ParamSpec, ...], budget: BudgetSpec, builtin: bool) -> SearchSpec:
+        raw = self.mapping(value, "search", ["strategy", "population", "interval", "quantile", "resample",
+                                             "explore"])
+        strategy = self.choice(raw.get("strategy", "sample"), "search.strategy", ["sample", "pbt"])
+        if strategy != "pbt":
+            extra = sorted(set(raw) - {"strategy"})
+            if extra:
+                raise self.fail(f"search.{extra[0]}", "is an option of population-based training (strategy: pbt)")
+            return SearchSpec()
+        population = self.integer(raw.get("population", 8), "search.population", minimum=2)
+        interval = self.integer(raw.get("interval", 2), "search.interval", minimum=1)
+        if interval >= budget.epochs:
+            raise self.fail("search.interval", f"is {interval} epochs but budget.epochs is {budget.epochs}: a member "
+                                               "would never be compared; use fewer epochs per segment")
+        quantile = self.number(raw.get("quantile", 0.25), "search.quantile")
+        if not 0 < quantile <= 0.5:
+            raise self.fail("search.quantile", f"must be in (0, 0.5] (the bottom and top fractions), not {quantile}")
+        resample = self.number(raw.get("resample", 0.25), "search.resample")
+        if not 0 <= resample <= 1:
+            raise self.fail("search.resample", f"must be in [0, 1] (a probability), not {resample}")
+        explore = None
+        if "explore" in raw:
+            if not isinstance(raw["explore"], list) or not all(isinstance(n, str) for n in raw["explore"]):
+                raise self.fail("search.explore", "must be a list of parameter names")
+            tuned = [p.name for p in space if p.tuned]
+            for name in raw["explore"]:
+                if name not in tuned:
+                    raise self.fail("search.explore", f"{name!r} is not a tuned parameter of space"
+                                                      f"{_did_you_mean(name, tuned)}")
+            explore = tuple(raw["explore"])
+        out = SearchSpec("pbt", population, interval, quantile, resample, explore)
+        if not out.explored(space, builtin):
+            raise self.fail("search.explore", "no parameter to explore: population-based training perturbs "
+                                              "numeric parameters of space (name them in search.explore)")
+        return out
+
+    def pbt_budget(self, raw: Any, budget: BudgetSpec, search: SearchSpec) -> BudgetSpec:
+        """A population's trials are its segments: population x ceil(epochs / interval)."""
+        total = search.population * search.segments(budget.epochs)
+        if isinstance(raw, dict) and raw.get("n_trials") is not None and raw["n_trials"] != total:
+            raise self.fail("budget.n_trials", f"population-based training runs population x segments = "
+                                               f"{search.population} x {search.segments(budget.epochs)} = {total} "
+                                               "trials; leave n_trials out")
+        return replace(budget, n_trials=total)
+
+    def check_pbt(self, spec: StudySpec) -> None:
+        if spec.execution.mode == "fused":
+            raise self.fail("execution.mode", "population-based training runs members one at a time (sequential)")
+        if spec.execution.processes_per_trial > 1:
+            raise self.fail("execution.processes_per_trial", "population-based training runs a member in one "
+                                                             "process")
+        if spec.multi_objective:
+            raise self.fail("metric", "population-based training ranks members on one metric")
+        if spec.sampler.name == "grid":
+            raise self.fail("sampler.name", "population-based training draws its first members from a sampler, "
+                                            "not a grid")
+        if spec.enqueue or spec.warm_start is not None:
+            raise self.fail("enqueue" if spec.enqueue else "warm_start", "population-based training starts its "
+                            "members from the sampler; known configurations are not supported with it")
+
     def seconds(self, value: Any, path: str) -> float:
         """A number of seconds, or a duration as a person writes it: 90s, 10m, 1h30m, 1.5h."""
         if isinstance(value, str):
@@ -729,6 +800,8 @@ def _kind(value: Any) -> str:
 def fusion_problem(spec: StudySpec) -> str | None:
     """Why `spec` cannot run fused (fusion stacks MLP weights and vectorises torch.optim's update
     rules), or None."""
+    if spec.search.pbt:
+        return "population-based training runs members one at a time (sequential)"
     if spec.train is not None:
         return "fused training runs hpo's own MLP loop; a train function cannot be fused"
     if spec.model != "mlp":
@@ -762,4 +835,6 @@ def with_processes(spec: StudySpec, processes: int) -> StudySpec:
     """A copy whose trials each run on `processes` processes (the `procs_per_trial` setting)."""
     if processes > 1 and spec.execution.mode == "fused":
         raise SettingError("procs_per_trial", "fused trials run in one process; use one or the other")
+    if processes > 1 and spec.search.pbt:
+        raise SettingError("procs_per_trial", "population-based training runs a member in one process")
     return replace(spec, execution=replace(spec.execution, processes_per_trial=processes))

@@ -12,6 +12,7 @@ from hpo.storage.urls import sqlite_path
 RESUMES_ATTR = "hpo:resumes"  # trial system attr of a retry that resumes a trial stopped under it (not a failure)
 CHECKPOINT_ATTR = "hpo:checkpoint_epoch"  # trial system attr of a requeued trial: the epoch it resumes from
 RERUN_ATTR = "hpo:rerun_of"  # trial system attr: this trial runs a completed trial again, to save its model anew
+PBT_ATTR = "hpo:pbt"  # trial system attr: a segment of a population member (hpo.search.pbt.Segment), kept by retries
 MODEL_FILE = "model.pt"  # a trial's final state, kept when it may be the best (the test step's input)
 LOG_FILENAME = "log.txt"  # a trial's output, as an artifact of the trial
 ERROR_ATTR = "hpo:error"  # trial system attr of a failed trial: hpo.runtime.endings.error_record() of its exception

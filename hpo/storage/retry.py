@@ -14,7 +14,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import storage_of, study_id
-from hpo.storage.keys import CHECKPOINT_ATTR, RERUN_ATTR, RESUMES_ATTR
+from hpo.storage.keys import CHECKPOINT_ATTR, PBT_ATTR, RERUN_ATTR, RESUMES_ATTR
 
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
@@ -73,15 +73,19 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial, why: str, *, inherit: b
     the new trial's number. It keeps the first attempt's number in its retry history (its seed and
     checkpoint for the training code); `inherit`: it resumes, with the epochs already reported.
     Unlike Optuna's callbacks it copies none of the failed trial's user attributes (a reason or a
-    traceback would stay on a retry that completes): it says only `why` it exists."""
+    traceback would stay on a retry that completes) but a population member's lineage: it says
+    only `why` it exists."""
     storage = storage_of(study)
     template = optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         intermediate_values=dict(trial.intermediate_values) if inherit else None,
         system_attrs={"failed_trial": trial.number,
                       "retry_history": [*trial.system_attrs.get("retry_history", ()), trial.number],
-                      **({RESUMES_ATTR: trial.number} if inherit else {}), **(extra or {})},
-        user_attrs={"retry_reason": why[:500]},
+                      **({RESUMES_ATTR: trial.number} if inherit else {}),
+                      **({PBT_ATTR: trial.system_attrs[PBT_ATTR]} if PBT_ATTR in trial.system_attrs else {}),
+                      **(extra or {})},
+        user_attrs={"retry_reason": why[:500],
+                    **{k: v for k, v in trial.user_attrs.items() if k.startswith("pbt_")}},  # its lineage
     )
     number = storage.get_trial_number_from_id(storage.create_new_trial(study_id(study), template_trial=template))
     mark_queued(study, number)

@@ -35,7 +35,8 @@ class BuiltinTraining:
         for k, data in enumerate(self.data.folds(params.scaling)):  # one fold unless cv_folds
             seed_all(fold_seed(trial.seed, k))  # a model factory may draw from random or NumPy too
             model = build_model(self.spec.model, trial.params, data.input_shape, data.n_outputs)
-            t = Trainer(model, params, data, trial.epochs, trial.device, fold_seed(trial.seed, k),
+            # The schedule spans the whole budget, also for a population member's segment (trial.epochs).
+            t = Trainer(model, params, data, self.spec.budget.epochs, trial.device, fold_seed(trial.seed, k),
                         shard=(trial.rank, trial.world_size))
             t.check = trial.check  # the trial's and the study's time limits, every batch
             trainers.append(t)
@@ -43,6 +44,8 @@ class BuiltinTraining:
         if (state := trial.load_checkpoint()) is not None:
             for t, fold in zip(trainers, state["folds"]):
                 t.load_state_dict(fold)
+                if state.get("params", trial.params) != trial.params:  # a member's exploit: new values apply
+                    t.retune(Params.from_mapping(state["params"]), params)
         trial.measure(trainers[0].model)  # its size, known before it trains
         if len(trainers) > 1:
             trial.set_attr("cv_folds", len(trainers))

@@ -274,6 +274,29 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def retune(self, old: Params, params: Params) -> None:
+        """Apply new training parameters over a state loaded with `old` ones (a population member
+        continuing from another's checkpoint): the optimizer's values and the schedule's base, the
+        schedule's progress kept. Loading an optimizer's state brings back the old values
+        (ray#62173); the model was built with the new ones (dropout)."""
+        self.params = params
+        self.batch_size = min(params.batch_size, len(self.data.train))
+        n = len(self.data.train)
+        self.starts = [s for s in range(0, n, self.batch_size) if n - s >= 2 or s == 0]
+        for group in self.opt.param_groups:
+            factor = group["lr"] / old.lr if old.lr else 1.0  # where the schedule is, kept
+            group["lr"] = params.lr * factor
+            if "initial_lr" in group:
+                group["initial_lr"] = params.lr
+            group["weight_decay"] = params.weight_decay
+            if "momentum" in group and params.optimizer in ("momentum", "nesterov"):
+                group["momentum"] = params.momentum
+            if "betas" in group and params.optimizer in ("adam", "adamw", "schedulefree_adamw"):
+                group["betas"] = (params.beta1, params.beta2)
+        sched = self.schedule.sched
+        if sched is not None and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [params.lr for _ in sched.base_lrs]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         load_optimizer_by_name(self.opt, self.model, state["optimizer"])

@@ -107,6 +107,13 @@ class Progress(Listener):
             f"trial {trial.number:>4} {state:<8} {shown} "
             f"epochs {len(trial.intermediate_values):>3}  {self.status}"
         )
+        if "pbt_member" in trial.user_attrs:  # a population member's segment: whose, and from where
+            u = trial.user_attrs
+            first, last = (u.get("pbt_epochs") or [0, 0])[:2]
+            came = {"exploit": f" from member {u.get('pbt_donor')} (#{u.get('pbt_parent')})",
+                    "replace": f" from member {u.get('pbt_donor')} (#{u.get('pbt_parent')})"}.get(
+                        str(u.get("pbt_action")), "") if u.get("pbt_donor") is not None else ""
+            line += f"  member {u['pbt_member']} epochs {first}-{last - 1} {u.get('pbt_action')}{came}"
         reason = trial.user_attrs.get("reason") or ""
         # Why a trial failed, or ended early other than by the pruner's rule (diverged, timed out).
         if trial.state.name == "FAIL" or (trial.state.name == "PRUNED" and reason and not reason.startswith("pruned by")):

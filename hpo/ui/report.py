@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo.errors import HpoError
 from hpo.search.records import SPEC_ATTR
 from hpo.search.summary import objective_names, summarize
+from hpo.storage.lineage import Segment, schedule
 from hpo.ui.text import fmt, render_front
 
 
@@ -26,7 +27,10 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
 
     if len(study.directions) == 1:
         metric = (study.metric_names or [str((study.user_attrs.get(SPEC_ATTR) or {}).get("metric", "value"))])[0]
-        return {  # every axis says which metric it shows, not "Objective Value"
+        plots: dict[str, Callable[[optuna.Study], Any]] = {}
+        if finals(study.get_trials(deepcopy=False)):  # population-based training: each member's schedule
+            plots["population"] = lambda s: population(s, metric)
+        return plots | {  # every axis says which metric it shows, not "Objective Value"
             "history": lambda s: vis.plot_optimization_history(s, target_name=metric),
             "learning_curves": lambda s: learning_curves(s, metric),
             "importances": lambda s: _labelled(vis.plot_param_importances(s, target_name=metric), "parameter",
@@ -35,7 +39,7 @@ def _plots(study: optuna.Study) -> dict[str, Callable[[optuna.Study], Any]]:
         }
     # Several objectives: the front, then each objective's history and importances by name.
     names = objective_names(study, study.user_attrs.get(SPEC_ATTR) or {})
-    plots: dict[str, Callable[[optuna.Study], Any]] = {}
+    plots = {}
     if len(names) in (2, 3):
         plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, target_names=names)
     for i, name in enumerate(names):
@@ -89,6 +93,50 @@ def learning_curves(study: optuna.Study, metric: str) -> Any:
     ax.legend(loc="lower right" if maximize else "upper right", fontsize=8)
     ax.grid(alpha=0.3)
     return ax
+
+
+def finals(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
+    """Each population member's last completed segment (search.strategy pbt), by member."""
+    out: dict[int, FrozenTrial] = {}
+    for t in trials:
+        seg = Segment.of(t)
+        if seg is not None and t.state == TrialState.COMPLETE and (
+                seg.member not in out or seg.end >= (Segment.of(out[seg.member]) or seg).end):
+            out[seg.member] = t
+    return out
+
+
+def population(study: optuna.Study, metric: str) -> Any:
+    """Population-based training: each member's parameter schedule over epochs (the lineage of its
+    last segment, exploits included) above its metric's curve."""
+    import matplotlib.pyplot as plt
+
+    trials = study.get_trials(deepcopy=False)
+    last = finals(trials)
+    names = sorted({k for t in last.values() for k in t.params})
+    varied = [n for n in names if len({round(float(s["params"][n]), 12) for t in last.values()
+                                       for s in schedule(trials, t.number) if isinstance(s["params"].get(n), (int, float))}) > 1]
+    shown = "lr" if "lr" in varied else (varied[0] if varied else names[0])
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for member, t in sorted(last.items()):
+        steps = schedule(trials, t.number)
+        xs = [e for s in steps for e in s["epochs"]]
+        ys = [s["params"].get(shown) for s in steps for _ in (0, 1)]
+        line, = axes[0].plot(xs, ys, linewidth=1.5, label=f"member {member}: {fmt(t.value)}")
+        by_number = {x.number: x for x in trials}
+        curve = sorted((e, v) for s in steps for e, v in by_number[s["trial"]].intermediate_values.items())
+        axes[1].plot([e + 1 for e, _ in curve], [v for _, v in curve], color=line.get_color(), linewidth=1.2)
+    dist = next((t.distributions.get(shown) for t in last.values() if shown in t.distributions), None)
+    if getattr(dist, "log", False):
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel(shown)
+    axes[0].set_title(f"Population of {len(last)}: {shown} over epochs (each member's lineage)")
+    axes[0].legend(fontsize=8, loc="best")
+    axes[1].set_ylabel(metric)
+    axes[1].set_xlabel("epochs trained")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return axes
 
 
 def _labelled(ax: Any, ylabel: str, xlabel: str) -> Any:
@@ -184,8 +232,25 @@ def markdown(study: optuna.Study, images: list[str], skipped: dict[str, str]) ->
         for t in done[:10]:
             secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
             lines.append(f"| {t.number} | {fmt(t.value)} | {len(t.intermediate_values)} | {fmt(secs)} |")
+    lines += _population_lines(study)
     if images:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     if skipped:
         lines += ["", "Not drawn:"] + [f"- {name}: {why}" for name, why in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _population_lines(study: optuna.Study) -> list[str]:
+    """Each member's last segment, its value and its lineage (the trials its model went through)."""
+    trials = study.get_trials(deepcopy=False)
+    last = finals(trials)
+    if not last:
+        return []
+    out = ["", "## Population", "", "| member | last trial | value | epochs | lineage (the trials its model trained in) |",
+           "| --- | --- | --- | --- | --- |"]
+    for member, t in sorted(last.items()):
+        steps = schedule(trials, t.number)
+        chain = " → ".join(f"#{s['trial']}" + (f" (from member {s['member']})" if s["member"] != member else "")
+                           for s in steps)
+        out.append(f"| {member} | #{t.number} | {fmt(t.value)} | {steps[-1]['epochs'][1]} | {chain} |")
+    return out

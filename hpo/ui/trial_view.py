@@ -113,8 +113,10 @@ def render(source: TrialSource, trial: TrialRecord, log_lines: int = 20) -> str:
         out.append(f"Retry: {retry}")
     if trial.params:
         out += ["", "Parameters", *_indent(table_lines([[k, fmt(v)] for k, v in trial.params.items()]))]
+    out += _lineage(source, trial)
     out += _curves(view, trial)
-    others = {k: v for k, v in sorted(attrs.items()) if k not in _OWN and not _is_curve(v)}
+    others = {k: v for k, v in sorted(attrs.items())
+              if k not in _OWN and not _is_curve(v) and not k.startswith("pbt_")}
     if others:
         out += ["", "Attributes", *_indent(table_lines([[k, _short(v)] for k, v in others.items()]))]
     out += _error(trial)
@@ -144,25 +146,58 @@ def _headline(view: StudyView, trial: TrialRecord) -> str:
     return f"Trial {trial.number} of study {view.name}: {trial.state}{value}{timing}{device}"
 
 
+def _lineage(source: TrialSource, trial: TrialRecord) -> list[str]:
+    """A population member's segment (search.strategy pbt): the segments its model went through,
+    each with its parameters: the schedule that trained it."""
+    if "pbt_member" not in trial.user_attrs:
+        return []
+    chain = [trial]
+    while (parent := chain[-1].user_attrs.get("pbt_parent")) is not None and len(chain) < 10_000:
+        try:
+            chain.append(source.trial(int(parent)))
+        except HpoError:
+            break
+    chain.reverse()
+    names = sorted({k for t in chain for k in t.params})
+    rows = [["epochs", "trial", "member", "how", *names, source.view.metric]]
+    for t in chain:
+        u = t.user_attrs
+        first, last = (u.get("pbt_epochs") or [0, 0])[:2]
+        how = str(u.get("pbt_action", ""))
+        if u.get("pbt_donor") is not None:
+            how += f" from member {u['pbt_donor']}"
+        value = fmt(t.values[0]) if t.values else t.state
+        rows.append([f"{first}-{last - 1}", str(t.number), str(u.get("pbt_member")), how,
+                     *[fmt(t.params[n]) if n in t.params else "" for n in names], value])
+    u = trial.user_attrs
+    head = (f"Lineage (member {u['pbt_member']}, generation {u.get('pbt_generation')}: the segments its model "
+            "trained in, first to last)")
+    return ["", head, *_indent(table_lines(rows))]
+
+
 def _is_curve(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, (int, float)) for v in value)
 
 
 def _curves(view: StudyView, trial: TrialRecord) -> list[str]:
-    """Each reported metric per epoch: the study's metric (intermediate values) and the others."""
+    """Each reported metric per epoch: the study's metric (intermediate values) and the others.
+    Curves end at the trial's last epoch (a resumed trial or a member's segment carries the
+    epochs before it in its other curves)."""
     curves: dict[str, list[Any]] = {}
     if trial.reported:
         curves[view.metric] = [trial.reported[e] for e in sorted(trial.reported)]
-    curves.update({k: v for k, v in sorted(trial.user_attrs.items()) if _is_curve(v) and k != "epoch_seconds"})
+    curves.update({k: v for k, v in sorted(trial.user_attrs.items())
+                   if _is_curve(v) and k != "epoch_seconds" and not k.startswith("pbt_")})
     if "epoch_seconds" in trial.user_attrs:
         curves["seconds"] = trial.user_attrs["epoch_seconds"]
     if not curves:
         return []
     n = max(len(v) for v in curves.values())
-    first = min(trial.reported) if trial.reported else 0
+    end = max(trial.reported) + 1 if trial.reported else n
     rows = [["epoch", *curves]]
-    for i in range(n):
-        rows.append([str(first + i), *[fmt(float(v[i])) if i < len(v) else "" for v in curves.values()]])
+    for epoch in range(end - n, end):
+        rows.append([str(epoch), *[fmt(float(v[epoch - end + len(v)])) if end - epoch <= len(v) else ""
+                                   for v in curves.values()]])
     return ["", "Curves (per epoch)", *_indent(table_lines(rows))]
 
 
