@@ -81,6 +81,9 @@ TARGETS = _suite_targets() + tuple(
     Target("trial_api", "`hpo run` through the trial API against the revision before it", "no slower"),
     Target("python_api", "`hpo.run()` against `hpo run`", "about 1x"),
     Target("pareto", "several objectives: pruning against none (digits_pareto)", ">= 40% epochs saved, hypervolume within 2%"),
+    Target("pbt.fashion", "population-based training against hpo's default search at equal wall (Fashion-MNIST "
+           "MLP, SGD with momentum, lr / momentum / weight decay / schedule searched)", "(measured)", True),
+    Target("pbt.fashion.interval4", "the same with segments of 4 epochs", "(measured)", True),
     Target("ddp.cpu", "a trial on 2 processes against 1 process of 2 threads (CPU, CNN)", "(measured)"),
     Target("gpu", "GPU epoch time, memory, fraction of peak (H100)", "(measured)"),
 )

@@ -288,10 +288,13 @@ def test_hpos_own_loop_trains_a_population_with_each_segments_values(write_spec,
     handle = open_existing("own", open_storage(storage_url), storage_url)
     for t in done:
         seg = Segment.of(t)
-        if seg is None or seg.end == 6:
+        if seg is None or t.state != TrialState.COMPLETE:
             continue
         raw, _ = handle.artifacts.load_checkpoint(checkpoint_of(t))
-        assert raw is not None and raw["epoch"] == seg.end  # kept for the segments that continue from it
+        if seg.end < 6:  # every member has gone past it: no segment can start from it any more
+            assert raw is None
+            continue
+        assert raw is not None and raw["epoch"] == seg.end  # each member's last state stays
         optimizer = raw["state"]["folds"][0]["optimizer"]
         assert optimizer["lr"] == pytest.approx(t.params["lr"])  # this segment's lr, not its parent's
     show = invoke(runner, "show", "own", str(max(done, key=lambda t: t.value or 0).number), "--storage", storage_url)

@@ -110,7 +110,7 @@ class TrialRunner:
                 return self.rank_failed(attempt, record, failed)  # another rank failed after rank 0 was done
             values = record.objective_values(returned)
             constraints = record.constraint_values()
-            if attempt.segment is not None and record.epochs < ctx.spec.budget.epochs:
+            if attempt.segment is not None:  # a member's segment: the next ones start from its state
                 record.keep_segment()
         except BaseException as e:
             for kind, decide in ENDED_BY:  # the first row that matches says how the trial ends
@@ -124,7 +124,7 @@ class TrialRunner:
         self._finish_output()
         model = record.final_state if record.state is not None else None
         return self.life.end(attempt, Outcome(Ending(End.COMPLETE), record.attributes(None), values, constraints,
-                                              model))
+                                              model, keep_checkpoint=attempt.segment is not None))
 
     def end_early(self, attempt: Attempt, record: TrialRecord, ending: Ending,
              error: BaseException | None = None) -> FrozenTrial:

@@ -34,7 +34,7 @@ from hpo._private import storage_of, study_id
 from hpo.spec.schema import SearchSpec, StudySpec
 from hpo.storage.keys import PBT_ATTR
 from hpo.storage.lineage import Segment
-from hpo.storage.retry import mark_queued, retried_by
+from hpo.storage.retry import forget_checkpoints, mark_queued, retried_by
 
 PERTURB = (0.8, 1.2)  # PBT's factors (Jaderberg et al. 2017; Ray Tune's defaults)
 
@@ -101,11 +101,28 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
                 ready.append((seg.end, m.number, m, False))
         else:  # failed (its retries spent, or an error or divergence) or pruned by its own code: replaced
             ready.append((seg.start, m.number, m, True))
+    _forget_passed(study, population)
     if not ready:
         return BUSY if busy else DONE
     at, _, member, failed = min(ready, key=lambda r: (r[0], r[1]))
     names = search.explored(spec.space, spec.train is None)
     return _decide(member, at, failed, population, search, epochs, spec.direction, rng, names)
+
+
+def _forget_passed(study: optuna.Study, population: Mapping[int, _Member]) -> None:
+    """Remove the checkpoints no segment can start from any more: those of segments that end
+    before the epoch every member is at (a decision copies a checkpoint of the epoch the member
+    is at). Each member's last one stays (a larger budget.epochs continues from it). Without it
+    a population keeps population x segments checkpoints."""
+    floor = min(m.segment.end if m.latest.state == TrialState.COMPLETE else m.segment.start
+                for m in population.values())
+    passed = {checkpoint_of(t) for m in population.values() for end, t in m.done.items() if end < floor}
+    forgotten = _forgotten.setdefault(study.study_name, set())
+    forget_checkpoints(study, sorted(passed - forgotten))
+    forgotten |= passed
+
+
+_forgotten: dict[str, set[int]] = {}  # by study: the checkpoints this process removed already
 
 
 def _decide(member: _Member, at: int, failed: bool, population: Mapping[int, _Member], search: SearchSpec,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import optuna
@@ -46,7 +46,7 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         then its checkpoints go, and the line that announces it is returned for the caller to say."""
         if self.exhausted(trial):
             history = [*trial.system_attrs.get("retry_history", ()), trial.number]
-            _forget_checkpoints(study, int(history[0]))
+            forget_checkpoints(study, [int(history[0])])
             return (f"hpo: trial {trial.number} lost its worker {len(history)} times (killed, frozen or cut off each "
                     f"time, e.g. by the kernel's out-of-memory killer); it is not retried again (the limit is "
                     f"{self.max_retry} retries)")
@@ -108,21 +108,25 @@ def queued_before(study: optuna.Study, number: int) -> int:
     return sum(1 for key in attrs if key.startswith(QUEUED) and int(key[len(QUEUED):]) < number)
 
 
-def _forget_checkpoints(study: optuna.Study, number: int) -> None:
-    """Remove the checkpoint slots of a trial that will never resume (only hpo-shaped names, inside
-    the study's artifact folder)."""
+def forget_checkpoints(study: optuna.Study, numbers: Iterable[int]) -> None:
+    """Remove the checkpoint slots of trials that will never resume nor be continued (only
+    hpo-shaped names, inside the study's artifact folder)."""
     from pathlib import Path
 
     from hpo.storage.artifacts import own_file
 
+    numbers = list(numbers)
+    if not numbers:
+        return
     system = storage_of(study).get_study_system_attrs(study_id(study))
     folder, uid = system.get("hpo:artifacts"), system.get("hpo:uid")
     if not isinstance(folder, str) or not isinstance(uid, str) or not Path(folder).is_dir():
         return
     base = Path(folder).resolve()
-    for slot in "ab":
-        if (path := own_file(base, f"{uid}-trial{number}-{slot}.ckpt", uid)) is not None:
-            path.unlink()
+    for number in numbers:
+        for slot in "ab":
+            if (path := own_file(base, f"{uid}-trial{number}-{slot}.ckpt", uid)) is not None:
+                path.unlink()
 
 
 def requeue(study: optuna.Study, tid: int, why: str = "interrupted", checkpoint_epoch: int = 0) -> FrozenTrial | None:
