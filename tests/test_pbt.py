@@ -202,6 +202,23 @@ def test_a_worker_killed_mid_population_is_taken_back_and_the_population_finishe
     assert retry.user_attrs["resumed_from_epoch"] == 3  # from its own checkpoint of epoch 3
 
 
+def test_one_of_two_workers_killed_mid_population_its_run_finishes_the_population(user_pkg, write_spec,
+                                                                                 tmp_path) -> None:
+    path = write_spec(spec(population=4, epochs=4, interval=2))
+    marker = tmp_path / "marker"
+    env = env_without_storage() | {"MODE": "hold", "AT": "5", "MARKER": str(marker), "HPO_CHECKPOINT_INTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "hpo", "run", str(path), "--workers", "2"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, "trial 5 in its second epoch")
+    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)  # that worker only: the other goes on
+    out, err = proc.communicate(timeout=120)
+    assert "trial 5 was left running by a process on this machine that is gone" in out + err
+    done = trials(f"sqlite:///{tmp_path / 'hpo.db'}")
+    check_population(done, 4, 4, 2)
+    retry = next(t for t in done if t.system_attrs.get("failed_trial") == 5)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["loaded_from"] == 5  # its own checkpoint
+
+
 @pytest.mark.parametrize("search, expected", [
     ({"population": 1}, "search.population: must be >= 2"),
     ({"quantile": 0.7}, "search.quantile: must be in (0, 0.5]"),

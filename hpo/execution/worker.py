@@ -88,6 +88,9 @@ def run_worker(
             if not taken.trials:
                 if ((taken.budget_reached and wait_for_others) or taken.busy) and wait_for_running(study, listener.note):
                     continue  # a trial running elsewhere may still come back as a retry
+                if taken.busy:  # a population member's failed segment, its retry on the way: look again
+                    time.sleep(0.2)
+                    continue
                 result.stopped, result.failure, result.budget_reached = taken.stopped, taken.failure, taken.budget_reached
                 break
             before_trial()  # this worker's share of the host's CPUs, read again

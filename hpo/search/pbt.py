@@ -20,6 +20,7 @@ names; a crashed member is replaced; the new parameters are applied over the loa
 
 from __future__ import annotations
 
+import datetime
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -32,9 +33,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import storage_of, study_id
 from hpo.spec.schema import SearchSpec, StudySpec
-from hpo.storage.keys import PBT_ATTR
+from hpo.storage.keys import ERROR_ATTR, PBT_ATTR
 from hpo.storage.lineage import Segment
-from hpo.storage.retry import forget_checkpoints, mark_queued, retried_by
+from hpo.storage.retry import forget_checkpoints, mark_queued, retried_by, stale_retrier
 
 PERTURB = (0.8, 1.2)  # PBT's factors (Jaderberg et al. 2017; Ray Tune's defaults)
 
@@ -99,7 +100,9 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
         if state == TrialState.COMPLETE:
             if seg.end < epochs:
                 ready.append((seg.end, m.number, m, False))
-        else:  # failed (its retries spent, or an error or divergence) or pruned by its own code: replaced
+        elif state == TrialState.FAIL and not _lost(study, m.latest):
+            busy = True  # its process died or it was stopped: its retry is on the way
+        else:  # diverged, an error in its code, its retries spent: replaced
             ready.append((seg.start, m.number, m, True))
     _forget_passed(study, population)
     if not ready:
@@ -107,6 +110,19 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
     at, _, member, failed = min(ready, key=lambda r: (r[0], r[1]))
     names = search.explored(spec.space, spec.train is None)
     return _decide(member, at, failed, population, search, epochs, spec.direction, rng, names)
+
+
+RETRY_WINDOW = 30.0  # s: a failed segment with no retry by then will have none (replaced)
+
+
+def _lost(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Whether a failed segment will not come back as a retry: an error in the training code, or
+    its retries spent. A trial whose process died is failed a moment before its retry is queued
+    (hpo.runtime.lifecycle), and another worker deciding then must not replace it too."""
+    if ERROR_ATTR in trial.system_attrs or stale_retrier(storage_of(study)).exhausted(trial):
+        return True
+    ended = trial.datetime_complete
+    return ended is None or (datetime.datetime.now() - ended).total_seconds() > RETRY_WINDOW
 
 
 def _forget_passed(study: optuna.Study, population: Mapping[int, _Member]) -> None:
