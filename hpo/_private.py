@@ -26,7 +26,7 @@ OPTUNA_ATTRIBUTES = {
                                                        "_studies", "_lock"),
     "optuna.storages._cached_storage._StudyInfo": ("trials",),
     # Optuna's samplers read a study's trials through Study._get_trials (TrialsReader answers it).
-    "optuna.Study": ("_storage", "_study_id", "_get_trials"),
+    "optuna.Study": ("_storage", "_study_id", "_get_trials", "_thread_local", "_pop_waiting_trial_id"),
     "optuna.storages._rdb.models": ("BaseModel", "TrialModel", "TrialUserAttributeModel",
                                     "TrialIntermediateValueModel", "StudyModel", "StudyUserAttributeModel",
                                     "StudySystemAttributeModel"),
@@ -99,6 +99,16 @@ def cached_trials(study: optuna.Study) -> dict[int, FrozenTrial] | None:
     with storage._lock:
         trials: dict[int, FrozenTrial] = storage._studies[study._study_id].trials
         return trials
+
+
+def ask_new(study: optuna.Study) -> optuna.Trial:
+    """`Study.ask()` where no trial is waiting (the caller knows: hpo.storage.ledger): a new trial,
+    without Optuna's look for a waiting one, which filters every trial of the study
+    (`_pop_waiting_trial_id`: 17 ms at 100,000 trials on SQLite). The rest is ask()'s own."""
+    import optuna
+
+    study._thread_local.cached_all_trials = None  # what ask() resets: the trials are read again
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
 class TrialsReader:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.storages import BaseStorage
 
-from hpo._private import storage_of, study_id
+from hpo._private import ask_new, storage_of, study_id
 from hpo.errors import StorageError
 from hpo.runtime import stopping
 from hpo.runtime.lifecycle import end_stale
@@ -84,7 +84,7 @@ class TrialSlots:
                         break
                     create(self.study, decision)  # a WAITING trial with its lineage: the ask below takes it
                     waiting, left = waiting + 1, max(left, 1)
-                if left <= 0 or (trial := self._ask()) is None:
+                if left <= 0 or (trial := self._ask(fresh=waiting <= 0)) is None:
                     taken.stopped, taken.budget_reached = f"study budget of {self.total} trials reached", True
                     break
                 left, waiting = left - 1, waiting - 1
@@ -94,11 +94,13 @@ class TrialSlots:
         finally:
             self.lock.release()
 
-    def _ask(self) -> optuna.Trial | None:
+    def _ask(self, fresh: bool) -> optuna.Trial | None:
+        """A queued trial first (a retry, an enqueued one); `fresh`: none is queued (the ledger
+        says so, read under the lock), so a new one without Optuna's pass over every trial."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": the lifecycle beats
-                return self.study.ask()
+                return ask_new(self.study) if fresh else self.study.ask()
         except Exception as e:
             if not is_budget_spent(e):  # a gRPC proxy gave another worker the last trial
                 raise
