@@ -332,3 +332,48 @@ def test_hpos_own_loop_trains_a_population_with_each_segments_values(write_spec,
 def check_population_of_own(done: list[optuna.trial.FrozenTrial]) -> None:
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     assert len(complete) == 12 and all(Segment.of(t) is not None for t in complete)
+
+
+def test_the_best_members_schedule_replays_as_a_fixed_schedule(user_pkg, write_spec, runner, storage_url,
+                                                               tmp_path) -> None:
+    """hpo export carries the best trial's schedule; `search: {strategy: schedule, schedule: FILE}`
+    trains it again from scratch as one member, segment by segment with its values."""
+    assert invoke(runner, "run", write_spec(spec(population=4, epochs=6, interval=2)), "--storage", storage_url,
+                  "--workers", "1").exit_code == 0
+    out = tmp_path / "best.pt"
+    assert invoke(runner, "export", "pop", "--storage", storage_url, "--out", str(out)).exit_code == 0
+    import torch
+
+    steps = torch.load(out, weights_only=True)["schedule"]
+    replay = spec(name="replay") | {"search": {"strategy": "schedule", "schedule": str(out)}}
+    replay["seed"] = 7
+    result = invoke(runner, "run", write_spec(replay, "replay.yaml"), "--storage", storage_url, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    done = [t for t in trials(storage_url, "replay") if t.state == TrialState.COMPLETE]
+    assert len(done) == len(steps)
+    by_start = {Segment.of(t).start: t for t in done}  # type: ignore[union-attr]
+    for step in steps:
+        t = by_start[step["epochs"][0]]
+        assert t.params == pytest.approx(step["params"]) and Segment.of(t).end == step["epochs"][1]  # type: ignore[union-attr]
+        if step["epochs"][0] > 0:  # continued from the segment before, its checkpoint loaded
+            assert t.user_attrs["loaded_from"] == by_start[Segment.of(t).start - 2].number  # type: ignore[union-attr]
+    shown = yaml.safe_load(yaml.safe_dump(load_spec(tmp_path / "replay.yaml").to_dict()))
+    assert shown["search"]["schedule"][0]["epochs"] == steps[0]["epochs"]  # the stored spec holds the schedule
+
+
+def test_a_schedule_is_checked_in_one_line(write_spec, tmp_path) -> None:
+    for schedule, expected in [
+        ([{"epochs": [0, 2], "params": {"lr": 0.1}}, {"epochs": [3, 4], "params": {"lr": 0.01}}],
+         "search.schedule[1].epochs: must start at epoch 2"),
+        ([{"epochs": [0, 2], "params": {"lr": 9.0}}], "search.schedule[0].params.lr: 9.0 is outside the range"),
+        (str(tmp_path / "missing.pt"), "search.schedule: no file"),
+        ("", "search.schedule: no file"),
+    ]:
+        doc = spec() | {"search": {"strategy": "schedule", "schedule": schedule}}
+        with pytest.raises(SpecError) as err:
+            load_spec(write_spec(doc))
+        assert expected in str(err.value) and "\n" not in str(err.value), err.value
+    ok = spec(epochs=5) | {"search": {"strategy": "schedule", "schedule": [{"epochs": [0, 2], "params": {"lr": 0.1}},
+                                                                    {"epochs": [2, 5], "params": {"lr": 0.01}}]}}
+    loaded = load_spec(write_spec(ok))
+    assert loaded.budget.epochs == 5 and loaded.budget.n_trials == 2

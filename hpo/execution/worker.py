@@ -24,7 +24,7 @@ from hpo.runtime.trial import Trial, TrialContext
 from hpo.search.budget import wait_for_running
 from hpo.search.failures import FailureStop
 from hpo.search.samplers import effective_n_trials
-from hpo.search.slots import TrialSlots
+from hpo.search.slots import Taken, TrialSlots
 from hpo.search.study import StudyHandle
 from hpo.spec.schema import StudySpec
 from hpo.training.trainer import configure_device
@@ -86,10 +86,7 @@ def run_worker(
                 taken = slots.take()  # that came meanwhile (or `hpo stop`, seen by take) is raised as it ends
                 pending = taken.trials[0] if taken.trials else None
             if not taken.trials:
-                if ((taken.budget_reached and wait_for_others) or taken.busy) and wait_for_running(study, listener.note):
-                    continue  # a trial running elsewhere may still come back as a retry
-                if taken.busy:  # a population member's failed segment, its retry on the way: look again
-                    time.sleep(0.2)
+                if _more_may_come(study, taken, wait_for_others, listener.note):
                     continue
                 result.stopped, result.failure, result.budget_reached = taken.stopped, taken.failure, taken.budget_reached
                 break
@@ -109,6 +106,18 @@ def run_worker(
     finally:
         life.close()
     return result
+
+
+def _more_may_come(study: optuna.Study, taken: Taken, wait_for_others: bool, note: Callable[[str], None]) -> bool:
+    """Nothing to take now: whether to look again. A trial running elsewhere may still come back
+    as a retry; a population member's failed segment may be about to (its retry is queued a moment
+    after it fails)."""
+    if ((taken.budget_reached and wait_for_others) or taken.busy) and wait_for_running(study, note):
+        return True
+    if taken.busy:
+        time.sleep(0.2)
+        return True
+    return False
 
 
 def _limit_reached(result: WorkerResult, n_trials: int | None, deadline: float | None, timeout: float | None) -> bool:

@@ -72,7 +72,7 @@ def exported(handle: StudyHandle, number: int | None = None) -> dict[str, Any]:
         "params": dict(resolve_values(spec, trial.params)), "values": dict(zip(names, trial.values)),
         "test": dict(record["scores"]) if record else None, "spec": spec.to_dict(),
     }
-    if spec.search.pbt:  # the parameters it trained with, segment by segment: a schedule to replay
+    if spec.search.segmented:  # the parameters it trained with, segment by segment: a schedule to replay
         out["schedule"] = schedule(study.get_trials(deepcopy=False), trial.number)
     if spec.train is not None:
         model_id = trial_model(study, trial)

@@ -10,6 +10,9 @@ its retries spent) is replaced the same way, from a top member, never waited for
 compared at equal epochs, so every member trains the same number of segments and the budget is
 population x segments.
 
+A fixed schedule (search.strategy schedule: a PBT member's, from `hpo export`) is replayed the same
+way, as one member whose segments take the schedule's values.
+
 Each decision is a WAITING trial carrying its parameters and its lineage (member, generation,
 parent trial, the checkpoint it starts from) in the study, made under the budget lock: any worker
 takes it, and a restart continues the population where it was. Ray Tune's PBT and its issues
@@ -90,6 +93,9 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
     rng = random.Random(f"{spec.seed}:{len(trials)}")  # the same study, the same decisions
     for number in range(search.population):
         if number not in population:
+            if search.schedule:
+                first = search.schedule[0]
+                return Decision(Segment(number, 0, 0, first.end, "schedule"), dict(first.params), {})
             return Decision(Segment(number, 0, 0, min(search.interval, epochs), "start"), None, {})
     ready, busy = [], False
     for m in population.values():
@@ -108,6 +114,8 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
     if not ready:
         return BUSY if busy else DONE
     at, _, member, failed = min(ready, key=lambda r: (r[0], r[1]))
+    if search.schedule:
+        return _scheduled(member, at, search)
     names = search.explored(spec.space, spec.train is None)
     return _decide(member, at, failed, population, search, epochs, spec.direction, rng, names)
 
@@ -164,6 +172,18 @@ def _decide(member: _Member, at: int, failed: bool, population: Mapping[int, _Me
     own = member.done[at] if at in member.done else member.latest
     seg = Segment(member.number, generation, at, end, "continue", own.number, checkpoint_of(own))
     return Decision(seg, dict(own.params), dict(own.distributions))
+
+
+def _scheduled(member: _Member, at: int, search: SearchSpec) -> Decision:
+    """A fixed schedule's next segment (search.strategy schedule): its values, from the member's
+    own checkpoint of this epoch (a failed first segment starts over)."""
+    step = next(s for s in search.schedule if s.start == at)
+    if at not in member.done:
+        return Decision(Segment(member.number, 0, 0, step.end, "schedule"), dict(step.params), {})
+    own = member.done[at]
+    seg = Segment(member.number, member.segment.generation + 1, at, step.end, "schedule", own.number,
+                  checkpoint_of(own))
+    return Decision(seg, dict(step.params), {})
 
 
 def _ranked(number: int, at: int, population: Mapping[int, _Member], search: SearchSpec,
@@ -225,12 +245,15 @@ def _fit(x: float, dist: FloatDistribution | IntDistribution) -> Any:
 
 
 def create(study: optuna.Study, decision: Decision) -> int:
-    """The decision as a WAITING trial (any worker's next ask takes it); its number."""
+    """The decision as a WAITING trial (any worker's next ask takes it); its number. Parameters
+    without their distributions (a fixed schedule's) are fixed as Optuna's enqueue_trial fixes them."""
     seg = decision.segment
     storage = storage_of(study)
+    fixed = {"fixed_params": dict(decision.params)} if decision.params and not decision.distributions else {}
     template = optuna.trial.create_trial(
-        state=TrialState.WAITING, params=decision.params or {}, distributions=decision.distributions,
-        system_attrs={PBT_ATTR: seg.to_dict()}, user_attrs=seg.user_attrs())
+        state=TrialState.WAITING, params=decision.params if decision.distributions else {},
+        distributions=decision.distributions, system_attrs={PBT_ATTR: seg.to_dict(), **fixed},
+        user_attrs=seg.user_attrs())
     number = storage.get_trial_number_from_id(storage.create_new_trial(study_id(study), template_trial=template))
     if decision.params:
         mark_queued(study, number)  # the sampler proposes nothing for it

@@ -48,7 +48,7 @@ class TrialSlots:
     def __init__(self, study: optuna.Study, total: int, since: float, failure_limit: int,
                  warn: Callable[[str], None] = lambda text: None, spec: StudySpec | None = None) -> None:
         self.study, self.total, self.since, self.failure_limit = study, total, since, failure_limit
-        self.population = spec if spec is not None and spec.search.pbt else None  # its segments are decided here
+        self.population = spec if spec is not None and spec.search.segmented else None  # its segments are decided here
         self.warn = warn  # what a person must hear (a trial past its retry cap)
         self.lock = BudgetLock(storage_of(study), study_id(study))
         self.stops = stop_requests(study)  # `hpo stop` asked after this worker started stops it

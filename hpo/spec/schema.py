@@ -187,12 +187,24 @@ RETUNABLE = ("lr", "weight_decay", "momentum", "beta1", "beta2", "dropout", "bat
 
 
 @dataclass(frozen=True)
+class Step:
+    """One segment of a fixed schedule: epochs [start, end) trained with `params`."""
+
+    start: int
+    end: int
+    params: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": [self.start, self.end], "params": dict(self.params)}
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     """How the study searches: `sample` (a sampler proposes each trial, a pruner stops the poor
-    ones: Optuna's way) or `pbt` (population-based training, hpo.search.pbt: members train in
+    ones: Optuna's way), `pbt` (population-based training, hpo.search.pbt: members train in
     segments of `interval` epochs; after each, a member in the bottom `quantile` continues from a
     top member's checkpoint with its parameters perturbed x0.8/x1.2, or redrawn with probability
-    `resample`)."""
+    `resample`), or `schedule` (one member trains a fixed schedule: a PBT member's, replayed)."""
 
     strategy: str = "sample"
     population: int = 8
@@ -202,10 +214,16 @@ class SearchSpec:
     # The parameters a member's exploit may change (None: hpo's own loop's training parameters, or
     # a user's floats): structure (width, depth, optimizer) stays, or the checkpoint would not load.
     explore: tuple[str, ...] | None = None
+    schedule: tuple[Step, ...] = ()  # strategy schedule: the segments, in order, from epoch 0
 
     @property
     def pbt(self) -> bool:
         return self.strategy == "pbt"
+
+    @property
+    def segmented(self) -> bool:
+        """Trials are segments of a member's training (pbt, schedule): hpo.search.pbt decides them."""
+        return self.strategy in ("pbt", "schedule")
 
     def explored(self, space: tuple[ParamSpec, ...], builtin: bool) -> tuple[str, ...]:
         """The tuned parameters an exploit changes."""
@@ -217,10 +235,12 @@ class SearchSpec:
         return tuple(p.name for p in tuned if p.kind == "float")
 
     def segments(self, epochs: int) -> int:
-        """Segments each member trains: `epochs` in steps of `interval`."""
-        return -(-epochs // self.interval)
+        """Segments each member trains: `epochs` in steps of `interval`, or the schedule's."""
+        return len(self.schedule) if self.schedule else -(-epochs // self.interval)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.strategy == "schedule":
+            return {"strategy": "schedule", "schedule": [step.to_dict() for step in self.schedule]}
         out: dict[str, Any] = {"strategy": self.strategy, "population": self.population, "interval": self.interval,
                                "quantile": self.quantile, "resample": self.resample}
         if self.explore is not None:
@@ -445,7 +465,7 @@ class StudySpec:
             out["warm_start"] = {"study": self.warm_start.study, "top": self.warm_start.top}
         if self.test_top is not None:
             out["test_top"] = self.test_top
-        if self.search.pbt:
+        if self.search.segmented:
             out["search"] = self.search.to_dict()
         return out | {
             "space": {p.name: p.to_dict() for p in self.space},

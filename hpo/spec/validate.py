@@ -37,6 +37,7 @@ from hpo.spec.schema import (
     PrunerSpec,
     SamplerSpec,
     SearchSpec,
+    Step,
     SplitSpec,
     StudySpec,
     WarmStart,
@@ -143,13 +144,15 @@ class Validator:
         space = self.space(top["space"], mode)
         budget = self.budget(top.get("budget", {}))
         search = self.search(top.get("search", {}), space, budget, train is None)
-        if search.pbt:
+        if search.strategy == "schedule":
+            budget = self.schedule_budget(top.get("budget", {}), budget, search)
+        if search.segmented:
             budget = self.pbt_budget(top.get("budget", {}), budget, search)
             if "pruner" in top and top["pruner"] not in ("none", {"name": "none"}):
                 raise self.fail("pruner", "population-based training replaces pruning (a member in the bottom "
                                           "quantile continues from a top member's checkpoint); leave pruner out")
         sampler = SamplerSpec(*self.named_kwargs(top.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS))
-        default = {"name": "none"} if search.pbt else default_pruner(budget.epochs)
+        default = {"name": "none"} if search.segmented else default_pruner(budget.epochs)
         pruner = PrunerSpec(*self.named_kwargs(top.get("pruner", default), "pruner", PRUNERS),
                             given="pruner" in top)
         execution = self.execution(top.get("execution", {}))
@@ -167,7 +170,7 @@ class Validator:
             test_top=self.integer(top["test_top"], "test_top", minimum=1) if "test_top" in top else None,
             search=search,
         )
-        if search.pbt:
+        if search.segmented:
             self.check_pbt(spec)
         if spec.budget.n_trials is not None and len(spec.enqueue) > spec.budget.n_trials:
             raise self.fail("enqueue", f"{len(spec.enqueue)} configurations but budget.n_trials is "
@@ -492,8 +495,15 @@ class Validator:
 
     def search(self, value: Any, space: tuple[ParamSpec, ...], budget: BudgetSpec, builtin: bool) -> SearchSpec:
         raw = self.mapping(value, "search", ["strategy", "population", "interval", "quantile", "resample",
-                                             "explore"])
-        strategy = self.choice(raw.get("strategy", "sample"), "search.strategy", ["sample", "pbt"])
+                                             "explore", "schedule"])
+        strategy = self.choice(raw.get("strategy", "sample"), "search.strategy", ["sample", "pbt", "schedule"])
+        if strategy == "schedule":
+            extra = sorted(set(raw) - {"strategy", "schedule"})
+            if extra:
+                raise self.fail(f"search.{extra[0]}", "is an option of population-based training (strategy: pbt)")
+            return SearchSpec("schedule", population=1, schedule=self.schedule(raw.get("schedule"), space))
+        if "schedule" in raw:
+            raise self.fail("search.schedule", "is replayed with strategy: schedule")
         if strategy != "pbt":
             extra = sorted(set(raw) - {"strategy"})
             if extra:
@@ -525,6 +535,52 @@ class Validator:
             raise self.fail("search.explore", "no parameter to explore: population-based training perturbs "
                                               "numeric parameters of space (name them in search.explore)")
         return out
+
+    def schedule(self, value: Any, space: tuple[ParamSpec, ...]) -> tuple[Step, ...]:
+        """A fixed schedule: a list of {epochs: [start, end], params: {...}} from epoch 0, each
+        segment starting where the one before ended (`hpo export`'s `schedule` of a PBT study),
+        or the path of a file `hpo export` wrote."""
+        if isinstance(value, str):
+            value = self.exported_schedule(value)
+        if not isinstance(value, list) or not value:
+            raise self.fail("search.schedule", "must be a list of segments ({epochs: [start, end], params: {...}}) "
+                                               "or the path of a file hpo export wrote")
+        steps, at = [], 0
+        for i, entry in enumerate(value):
+            path = f"search.schedule[{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("epochs"), list) or len(entry["epochs"]) != 2:
+                raise self.fail(path, "must be {epochs: [start, end], params: {...}}")
+            start, end = (self.integer(e, f"{path}.epochs", minimum=0) for e in entry["epochs"])
+            if start != at or end <= start:
+                raise self.fail(f"{path}.epochs", f"must start at epoch {at} (where the segment before ends) and end "
+                                                  f"after it, not {[start, end]}")
+            params = self.configuration(entry.get("params") or {}, f"{path}.params", space)
+            steps.append(Step(start, end, params))
+            at = end
+        return tuple(steps)
+
+    def exported_schedule(self, text: str) -> Any:
+        path = Path(self.resolve_path(text))
+        if not path.is_file():
+            raise self.fail("search.schedule", f"no file {path}")
+        import torch  # only to read an export: a schedule written in the file needs none
+
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise self.fail("search.schedule", f"{path} is not a file hpo export wrote ({type(e).__name__})") from None
+        if not isinstance(raw, dict) or not raw.get("schedule"):
+            raise self.fail("search.schedule", f"{path} holds no schedule (hpo export of a study with "
+                                               "search.strategy pbt writes one)")
+        return raw["schedule"]
+
+    def schedule_budget(self, raw: Any, budget: BudgetSpec, search: SearchSpec) -> BudgetSpec:
+        """A schedule's epochs are the budget's."""
+        last = search.schedule[-1].end
+        if isinstance(raw, dict) and "epochs" in raw and raw["epochs"] != last:
+            raise self.fail("budget.epochs", f"is {raw['epochs']} but the schedule ends at epoch {last}; leave it "
+                                             "out")
+        return replace(budget, epochs=last)
 
     def pbt_budget(self, raw: Any, budget: BudgetSpec, search: SearchSpec) -> BudgetSpec:
         """A population's trials are its segments: population x ceil(epochs / interval)."""
@@ -800,7 +856,7 @@ def _kind(value: Any) -> str:
 def fusion_problem(spec: StudySpec) -> str | None:
     """Why `spec` cannot run fused (fusion stacks MLP weights and vectorises torch.optim's update
     rules), or None."""
-    if spec.search.pbt:
+    if spec.search.segmented:
         return "population-based training runs members one at a time (sequential)"
     if spec.train is not None:
         return "fused training runs hpo's own MLP loop; a train function cannot be fused"
@@ -835,6 +891,6 @@ def with_processes(spec: StudySpec, processes: int) -> StudySpec:
     """A copy whose trials each run on `processes` processes (the `procs_per_trial` setting)."""
     if processes > 1 and spec.execution.mode == "fused":
         raise SettingError("procs_per_trial", "fused trials run in one process; use one or the other")
-    if processes > 1 and spec.search.pbt:
+    if processes > 1 and spec.search.segmented:
         raise SettingError("procs_per_trial", "population-based training runs a member in one process")
     return replace(spec, execution=replace(spec.execution, processes_per_trial=processes))
