@@ -116,7 +116,8 @@ def main() -> None:
     body += (f"\n\npbt - default, paired by seed: best val accuracy {val * 100:+.2f} points (s.e. {val_se * 100:.2f}), "
              f"test accuracy of the best {test * 100:+.2f} points (s.e. {test_se * 100:.2f}); machine calibration: "
              f"{calib}")
-    record("Population-based training vs the default search (Fashion-MNIST MLP, SGD + momentum)", body)
+    record("Population-based training vs the default search (Fashion-MNIST MLP, SGD + momentum)", body,
+           save=not args.no_save)
     trials = statistics.median(p["pbt"]["trials"] for p in pairs)
     measured = (f"PBT (population {args.population}, {args.epochs} epochs, interval {args.interval}; "
                 f"{trials:g} segments) - the default search at PBT's wall, {len(pairs)} seeds: best val accuracy "

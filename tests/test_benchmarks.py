@@ -38,6 +38,7 @@ pytestmark = pytest.mark.slow
      "of epochs saved"),
     ("python_api.py", ["--repeats", "1", "--spec", SMOKE], "hpo.run / hpo run"),
     ("ddp_trial.py", ["--n-train", "1000", "--epochs", "1", "--repeats", "1"], "2 processes / 1 process"),
+    ("pbt.py", ["--seeds", "0", "--population", "2", "--epochs", "2", "--interval", "1"], "pbt - default, paired"),
 ])
 def test_benchmark_script_runs(script: str, args: list[str], expect: str | tuple[str, ...]) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"],
