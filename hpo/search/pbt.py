@@ -45,9 +45,11 @@ PERTURB = (0.8, 1.2)  # PBT's factors (Jaderberg et al. 2017; Ray Tune's default
 
 @dataclass(frozen=True)
 class Decision:
+    """A member's next segment, as `create` writes it to the study."""
+
     segment: Segment
     params: dict[str, Any] | None  # None: the sampler draws a new member's
-    distributions: dict[str, BaseDistribution]
+    distributions: dict[str, BaseDistribution]  # the params' (an exploit's); none: fixed values (a schedule's)
 
 
 @dataclass
