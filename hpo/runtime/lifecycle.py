@@ -88,7 +88,6 @@ class Outcome:
     error: BaseException | None = None  # an exception in training code: its traceback and record
     requeue_why: str = ""  # for a requeued ending: what the retry says ("study timeout in epoch 3")
     checkpoint_epoch: int = 0  # for a requeued ending: the epoch its last checkpoint resumes from
-    keep_checkpoint: bool = False  # a population member's segment: others continue from its checkpoint
 
 
 class Heartbeats:
@@ -197,8 +196,8 @@ class Lifecycle:
             if complete and feasible and outcome.model is not None and improves(self.study, outcome.values or []):
                 # Only a trial that may be the best keeps its final state (the test function's input).
                 self.artifacts.upload(trial, MODEL_FILE, outcome.model())
-            if not ending.end.keeps_checkpoint and not (complete and outcome.keep_checkpoint):
-                self.artifacts.remove_checkpoint(attempt.number)
+            if not ending.end.keeps_checkpoint and not (complete and attempt.segment is not None):
+                self.artifacts.remove_checkpoint(attempt.number)  # a member's segment: the next ones start there
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's word on a failed trial: hpo says it itself
                 frozen = self.study.tell(trial, outcome.values if complete else None, state=ending.end.state)

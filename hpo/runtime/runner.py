@@ -124,7 +124,7 @@ class TrialRunner:
         self._finish_output()
         model = record.final_state if record.state is not None else None
         return self.life.end(attempt, Outcome(Ending(End.COMPLETE), record.attributes(None), values, constraints,
-                                              model, keep_checkpoint=attempt.segment is not None))
+                                              model))
 
     def end_early(self, attempt: Attempt, record: TrialRecord, ending: Ending,
              error: BaseException | None = None) -> FrozenTrial:

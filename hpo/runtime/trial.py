@@ -153,14 +153,7 @@ class TrialRecord:
         if not callable(state):
             self._checked(state)
         if done < self.epochs and self.ctx.policy.due(self.last_checkpoint):
-            self.flush_reports()  # a retry resumes here and inherits the reports: none may be missing
-            t0 = time.monotonic()
-            envelope = Envelope(done, self._checked(state() if callable(state) else state), self.curves,
-                                self.epoch_seconds, seeding.capture())
-            self.ctx.artifacts.save_checkpoint(self.first_number, envelope.to_dict())
-            self.last_checkpoint = time.monotonic()
-            self.ctx.policy.cost = self.last_checkpoint - t0
-            self.checkpointed_epoch = done
+            self._write_checkpoint(done)
         if done < self.epochs and deadlines:
             self.deadlines.check(done)
 
@@ -171,10 +164,16 @@ class TrialRecord:
             raise UserCodeError(f"{self.ctx.who}: search.strategy pbt: a member continues from its checkpoint, and "
                                 f"this one saved none by epoch {self.epoch_in_flight()}; call "
                                 "trial.save_checkpoint(state) every epoch and trial.load_checkpoint() first")
-        self.flush_reports()
-        done = self.epoch_in_flight()
+        self._write_checkpoint(self.epoch_in_flight())
+
+    def _write_checkpoint(self, done: int) -> None:
+        """The state saved last, written whole with what a retry resumes from (`done` epochs)."""
+        self.flush_reports()  # a retry resumes here and inherits the reports: none may be missing
+        t0 = time.monotonic()
         envelope = Envelope(done, self.final_state(), self.curves, self.epoch_seconds, seeding.capture())
         self.ctx.artifacts.save_checkpoint(self.first_number, envelope.to_dict())
+        self.last_checkpoint = time.monotonic()
+        self.ctx.policy.cost = self.last_checkpoint - t0
         self.checkpointed_epoch = done
 
     def check(self, epoch: int | None) -> None:

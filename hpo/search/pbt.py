@@ -35,6 +35,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._private import storage_of, study_id
+from hpo.search.budget import retried_numbers
 from hpo.spec.schema import SearchSpec, StudySpec
 from hpo.storage.keys import ERROR_ATTR, PBT_ATTR
 from hpo.storage.lineage import Segment
@@ -62,7 +63,7 @@ class _Member:
 
 def members(trials: Sequence[FrozenTrial]) -> dict[int, _Member]:
     """Each member's segments as the study holds them; a retried attempt gives way to its retry."""
-    retried = {n for t in trials for n in retried_by(t)}
+    retried = retried_numbers(list(trials))
     out: dict[int, _Member] = {}
     for t in sorted(trials, key=lambda t: t.number):
         if (seg := Segment.of(t)) is None:
@@ -95,10 +96,7 @@ def next_segment(study: optuna.Study, spec: StudySpec) -> Decision | str:
     rng = random.Random(f"{spec.seed}:{len(trials)}")  # the same study, the same decisions
     for number in range(search.population):
         if number not in population:
-            if search.schedule:
-                first = search.schedule[0]
-                return Decision(Segment(number, 0, 0, first.end, "schedule"), dict(first.params), {})
-            return Decision(Segment(number, 0, 0, min(search.interval, epochs), "start"), None, {})
+            return _first(number, search, epochs, "start")
     ready, busy = [], False
     for m in population.values():
         state, seg = m.latest.state, m.segment
@@ -151,11 +149,20 @@ def _forget_passed(study: optuna.Study, population: Mapping[int, _Member]) -> No
 _forgotten: dict[str, set[int]] = {}  # by study: the checkpoints this process removed already
 
 
+def _first(number: int, search: SearchSpec, epochs: int, action: str) -> Decision:
+    """A member's first segment (a new one, or one replacing a first segment that failed): a
+    fixed schedule's first values, else a draw of the study's sampler."""
+    if search.schedule:
+        step = search.schedule[0]
+        return Decision(Segment(number, 0, 0, step.end, "schedule"), dict(step.params), {})
+    return Decision(Segment(number, 0, 0, min(search.interval, epochs), action), None, {})
+
+
 def _decide(member: _Member, at: int, failed: bool, population: Mapping[int, _Member], search: SearchSpec,
             epochs: int, direction: str, rng: random.Random, names: Sequence[str]) -> Decision:
     end = min(at + search.interval, epochs)
     if failed and at == 0:  # nothing to copy yet: a new draw takes its place
-        return Decision(Segment(member.number, 0, 0, end, "replace"), None, {})
+        return _first(member.number, search, epochs, "replace")
     generation = member.segment.generation + (0 if failed else 1)
     ranked = _ranked(member.number, at, population, search, direction)
     cut = max(1, int(len(ranked) * search.quantile))
@@ -179,9 +186,9 @@ def _decide(member: _Member, at: int, failed: bool, population: Mapping[int, _Me
 def _scheduled(member: _Member, at: int, search: SearchSpec) -> Decision:
     """A fixed schedule's next segment (search.strategy schedule): its values, from the member's
     own checkpoint of this epoch (a failed first segment starts over)."""
-    step = next(s for s in search.schedule if s.start == at)
     if at not in member.done:
-        return Decision(Segment(member.number, 0, 0, step.end, "schedule"), dict(step.params), {})
+        return _first(member.number, search, search.schedule[-1].end, "schedule")
+    step = next(s for s in search.schedule if s.start == at)
     own = member.done[at]
     seg = Segment(member.number, member.segment.generation + 1, at, step.end, "schedule", own.number,
                   checkpoint_of(own))

@@ -497,17 +497,15 @@ class Validator:
         raw = self.mapping(value, "search", ["strategy", "population", "interval", "quantile", "resample",
                                              "explore", "schedule"])
         strategy = self.choice(raw.get("strategy", "sample"), "search.strategy", ["sample", "pbt", "schedule"])
+        allowed = {"sample": (), "schedule": ("schedule",),
+                   "pbt": ("population", "interval", "quantile", "resample", "explore")}[strategy]
+        extra = sorted(set(raw) - {"strategy", *allowed}, key=lambda key: (key != "schedule", key))
+        if extra:
+            raise self.fail(f"search.{extra[0]}", "is replayed with strategy: schedule" if extra[0] == "schedule"
+                            else "is an option of population-based training (strategy: pbt)")
         if strategy == "schedule":
-            extra = sorted(set(raw) - {"strategy", "schedule"})
-            if extra:
-                raise self.fail(f"search.{extra[0]}", "is an option of population-based training (strategy: pbt)")
             return SearchSpec("schedule", population=1, schedule=self.schedule(raw.get("schedule"), space))
-        if "schedule" in raw:
-            raise self.fail("search.schedule", "is replayed with strategy: schedule")
-        if strategy != "pbt":
-            extra = sorted(set(raw) - {"strategy"})
-            if extra:
-                raise self.fail(f"search.{extra[0]}", "is an option of population-based training (strategy: pbt)")
+        if strategy == "sample":
             return SearchSpec()
         population = self.integer(raw.get("population", 8), "search.population", minimum=2)
         interval = self.integer(raw.get("interval", 2), "search.interval", minimum=1)

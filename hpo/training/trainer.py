@@ -117,6 +117,13 @@ def evaluate_ensemble(
     return score(ensemble_mean(outs, task), y, task, probabilities=task != "regression")
 
 
+def _batches(batch_size: int, n: int) -> tuple[int, list[int]]:
+    """The batch size for `n` samples and where each batch starts: a trailing batch of one sample
+    breaks BatchNorm and adds noise, so it is skipped."""
+    size = min(batch_size, n)
+    return size, [s for s in range(0, n, size) if n - s >= 2 or s == 0]
+
+
 class Trainer:
     """Model, optimizer, schedule and RNG of one training run; checkpointable as a whole."""
 
@@ -149,9 +156,7 @@ class Trainer:
         self.device = device
         self.task = data.task
         n = len(data.train)
-        self.batch_size = min(params.batch_size, n)
-        # A trailing batch of one sample breaks BatchNorm and adds noise; it is skipped.
-        self.starts = [s for s in range(0, n, self.batch_size) if n - s >= 2 or s == 0]
+        self.batch_size, self.starts = _batches(params.batch_size, n)
         self.opt = make_optimizer(self.model.parameters(), params, device)
         self.schedule = Schedule(params, self.opt, epochs, len(self.starts))
         self.seed = seed
@@ -280,9 +285,7 @@ class Trainer:
         schedule's progress kept. Loading an optimizer's state brings back the old values
         (ray#62173); the model was built with the new ones (dropout)."""
         self.params = params
-        self.batch_size = min(params.batch_size, len(self.data.train))
-        n = len(self.data.train)
-        self.starts = [s for s in range(0, n, self.batch_size) if n - s >= 2 or s == 0]
+        self.batch_size, self.starts = _batches(params.batch_size, len(self.data.train))
         for group in self.opt.param_groups:
             factor = group["lr"] / old.lr if old.lr else 1.0  # where the schedule is, kept
             group["lr"] = params.lr * factor

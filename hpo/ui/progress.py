@@ -110,9 +110,8 @@ class Progress(Listener):
         if "pbt_member" in trial.user_attrs:  # a population member's segment: whose, and from where
             u = trial.user_attrs
             first, last = (u.get("pbt_epochs") or [0, 0])[:2]
-            came = {"exploit": f" from member {u.get('pbt_donor')} (#{u.get('pbt_parent')})",
-                    "replace": f" from member {u.get('pbt_donor')} (#{u.get('pbt_parent')})"}.get(
-                        str(u.get("pbt_action")), "") if u.get("pbt_donor") is not None else ""
+            # An exploit, or a failed segment's replacement, copies a donor member's segment.
+            came = f" from member {u['pbt_donor']} (#{u.get('pbt_parent')})" if u.get("pbt_donor") is not None else ""
             line += f"  member {u['pbt_member']} epochs {first}-{last - 1} {u.get('pbt_action')}{came}"
         reason = trial.user_attrs.get("reason") or ""
         # Why a trial failed, or ended early other than by the pruner's rule (diverged, timed out).

@@ -118,12 +118,12 @@ def population(study: optuna.Study, metric: str) -> Any:
                                        for s in schedule(trials, t.number) if isinstance(s["params"].get(n), (int, float))}) > 1]
     shown = "lr" if "lr" in varied else (varied[0] if varied else names[0])
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    by_number = {x.number: x for x in trials}
     for member, t in sorted(last.items()):
         steps = schedule(trials, t.number)
         xs = [e for s in steps for e in s["epochs"]]
         ys = [s["params"].get(shown) for s in steps for _ in (0, 1)]
         line, = axes[0].plot(xs, ys, linewidth=1.5, label=f"member {member}: {fmt(t.value)}")
-        by_number = {x.number: x for x in trials}
         curve = sorted((e, v) for s in steps for e, v in by_number[s["trial"]].intermediate_values.items())
         axes[1].plot([e + 1 for e, _ in curve], [v for _, v in curve], color=line.get_color(), linewidth=1.2)
     dist = next((t.distributions.get(shown) for t in last.values() if shown in t.distributions), None)
