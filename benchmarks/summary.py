@@ -68,6 +68,9 @@ TARGETS = _suite_targets() + tuple(
     Target("history_bound.digits", "the sampler's bounded history against the whole one, scaled down (digits, "
            "development)", "no worse beyond 1 s.e."),
     Target("history_bound.diabetes", "the same (diabetes, held out)", "no worse beyond 1 s.e."),
+    Target("history_bound.digits.250_25", "the same at the real bound's proportions: TPE's good group whole, "
+           "old trials left out (digits, development)", "no worse beyond 1 s.e."),
+    Target("history_bound.diabetes.250_25", "the same (diabetes, held out)", "no worse beyond 1 s.e."),
     Target("datapath.cpu", "data path: hpo's epoch against pure compute (CPU, digits)", "<= 1.10x"),
     Target("datapath.gpu", "data path (H100, Fashion-MNIST)", "<= 1.10x"),
     Target("storage", "storage cost hpo adds per trial", "<= 5 ms"),
