@@ -187,6 +187,12 @@ def _med(xs: list[float]) -> str:
     return "never" if m == math.inf else f"{m:.2f}"
 
 
+def _med_x(xs: list[float]) -> str:
+    """A median of times over the script's wall, for a sentence: "0.45x median", "never (median)"."""
+    m = _med(xs)
+    return "never (median)" if m == "never" else f"{m}x median"
+
+
 def targets(problem: Problem, figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The figures as summary.py's targets, for hpo's defaults (the `hpo` and `hpo-trials` arms)."""
     out: dict[str, dict[str, Any]] = {}
@@ -198,7 +204,7 @@ def targets(problem: Problem, figures: dict[str, dict[str, Any]]) -> dict[str, d
         met = f["gain_at_wall"] >= -f["gain_at_wall_se"] and median(reach) <= limit
         out[f"suite.{problem.name}"] = {
             "measured": f"best at the script's wall {f['gain_at_wall']:+.3f} {unit} (s.e. {f['gain_at_wall_se']:.3f}), "
-                        f"time to the script's best {_med(reach)}x median (reached on "
+                        f"time to the script's best {_med_x(reach)} (reached on "
                         f"{sum(x != math.inf for x in reach)} of {len(reach)} seeds; target <= {limit}x), "
                         f"{median(f['trials']):.0f} trials in the script's {median(f['script_wall']):.0f} s",
             "met": met, "split": problem.split}
@@ -217,8 +223,8 @@ def targets(problem: Problem, figures: dict[str, dict[str, Any]]) -> dict[str, d
             diff, se = _mean_se([a - b for a, b in zip(f["gains"], base["gains"])])
             out[f"{tid}.{problem.name}"] = {
                 "measured": f"{problem.name}: best at the script's wall {diff:+.3f} {unit} against no prior (s.e. "
-                            f"{se:.3f}); time to the script's best {_med(f['time_to_script_best'])}x median against "
-                            f"{_med(base['time_to_script_best'])}x with no prior",
+                            f"{se:.3f}); time to the script's best {_med_x(f['time_to_script_best'])} against "
+                            f"{_med_x(base['time_to_script_best'])} with no prior",
                 "met": (diff >= -se) if arm == "wrong" else (median(f["time_to_script_best"])
                                                               <= median(base["time_to_script_best"])),
                 "split": problem.split}
@@ -228,7 +234,7 @@ def targets(problem: Problem, figures: dict[str, dict[str, Any]]) -> dict[str, d
             ours = f"; hpo's defaults {figures['hpo']['gain_at_wall']:+.3f}" if "hpo" in figures else ""
             out[f"peer.{peer}.{problem.name}"] = {
                 "measured": f"best at the script's wall {f['gain_at_wall']:+.3f} {unit} (s.e. {f['gain_at_wall_se']:.3f}), "
-                            f"time to the script's best {_med(f['time_to_script_best'])}x median{ours}",
+                            f"time to the script's best {_med_x(f['time_to_script_best'])}{ours}",
                 "met": None, "split": problem.split}
     return out
 
