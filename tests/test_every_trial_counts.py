@@ -28,7 +28,7 @@ from tests.conftest import (
 # A user's package: a small digits MLP trained for real, full batch (a trial takes ~20 ms), with a
 # misbehaviour picked by $MODE at epoch 1 of the trials named by $AT (all when unset).
 PACKAGE = '''
-import os, sys, time
+import os, signal, sys, time
 import torch
 from torch import nn
 from sklearn.datasets import load_digits
@@ -78,6 +78,8 @@ def train(trial: hpo.Trial):
                 sys.exit(0)
             if mode == "os_exit":
                 os._exit(0)
+            if mode == "sigkill":  # as the out-of-memory killer would
+                os.kill(os.getpid(), signal.SIGKILL)
             if mode == "kbint":
                 raise KeyboardInterrupt
         trial.report(epoch, val_acc=acc)
@@ -346,6 +348,23 @@ def test_a_process_that_ends_under_a_trial_fails_it_with_the_reason_and_a_non_ze
     assert not [t for t in done if t.state == TrialState.COMPLETE]
     failed = [t for t in done if t.state == TrialState.FAIL]
     assert failed and all(re.search(reason, t.user_attrs["reason"]) for t in failed), [t.user_attrs for t in failed]
+
+
+def test_a_worker_killed_under_a_trial_whose_retry_finishes_in_the_run_is_told_and_the_run_succeeds(
+        user_pkg, write_spec, tmp_path) -> None:
+    """The study lost nothing, so the run ends as a success; the death is still said (it may be
+    the out-of-memory killer). Today's code said "queued to resume" and exited 1."""
+    env = env_without_storage() | {"MODE": "sigkill", "AT": "1", "HPO_CHECKPOINT_INTERVAL": "0"}
+    result = hpo("run", write_spec(spec(n_trials=4)), "--workers", "2", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = result.stdout + result.stderr
+    assert re.search(r"a worker process was killed by SIGKILL under trial 1, which resumed from its checkpoint and "
+                     r"finished in this run", said), said
+    assert "Error" not in said and "Traceback" not in said
+    done = trials(f"sqlite:///{tmp_path / 'hpo.db'}")
+    assert sum(t.state == TrialState.COMPLETE for t in done) == 4
+    retry = next(t for t in done if t.system_attrs.get("failed_trial") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 1
 
 
 def _alive(pids: list[int]) -> list[int]:

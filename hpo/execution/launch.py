@@ -286,9 +286,14 @@ def run_in_processes(
         raise Stopped(f"{_head()}: every worker queued its trial; the next run resumes them.")
     finalize(handle, dev, data)
     _say_end(progress, study, timeout if timeout is not None else spec.budget.timeout)
+    recovered = watch.settle()
+    codes = [c for p, c in zip(watch.procs, codes) if c and p.pid not in recovered]
     errors = list(dict.fromkeys(watch.errors))
     failure = None if errors else failure_outcome(handle, since, progress)  # a worker's error says more
-    return Outcome(time.monotonic() - start, "", [c for c in codes if c] or [0 for _ in errors], failure, errors)
+    return Outcome(time.monotonic() - start, "", codes or [0 for _ in errors], failure, errors)
+
+
+_CAUSE = " (sys.exit, os._exit or a crash in the training code, or the out-of-memory killer)"
 
 
 class _Watch:
@@ -300,6 +305,7 @@ class _Watch:
         self.seen: set[int] = set()
         self.gone: set[int] = set()
         self.errors: list[str] = []  # what the workers could not go on with
+        self.requeued: dict[int, tuple[tuple[int, ...], str]] = {}  # a dead worker's pid: its trials queued, how
 
     def tick(self) -> None:
         from hpo.execution.supervisor import ended
@@ -308,14 +314,47 @@ class _Watch:
             if (code := p.poll()) is not None and p.pid not in self.gone:
                 self.gone.add(p.pid)
                 if reclaimed := reclaim(self.study, self.progress, {p.pid: ended(code)}):
-                    what = "which is queued to resume from its checkpoint" if reclaimed.queued else \
-                        "which is past its retry cap and not retried again"
-                    self.errors.append(f"a worker process {ended(code)} under a trial, {what} (sys.exit, os._exit or "
-                                       "a crash in the training code, or the out-of-memory killer)")
+                    if reclaimed.dropped:
+                        self.errors.append(f"a worker process {ended(code)} under a trial, which is past its retry "
+                                           f"cap and not retried again{_CAUSE}")
+                    else:
+                        self.requeued[p.pid] = (reclaimed.queued, ended(code))
         for t in self.study.get_trials(deepcopy=False):
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
                 self.progress.trial_finished(self.study, t)
+
+
+    def settle(self) -> set[int]:
+        """At the run's end, each worker that died under a trial (its trial queued here, or taken
+        back first by another worker): where every trial it left was retried to its end in this
+        run, a warning (the study lost nothing) and its pid returned; otherwise an error, for a
+        trial is still queued."""
+        from optuna.trial import TrialState
+
+        from hpo.execution.supervisor import ended
+        from hpo.storage.retry import OWNER_ATTR, owned_here_by, retried_by
+
+        died = {p.pid: p.poll() for p in self.procs if p.poll()} | {pid: None for pid in self.requeued}
+        if not died:
+            return set()
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in retried_by(t)}
+        finished = {n for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) for n in retried_by(t)}
+        recovered = set()
+        for pid in died:
+            numbers, how = self.requeued.get(pid, ((), ""))
+            left = {*numbers, *(t.number for t in trials if t.state == TrialState.FAIL and t.number in retried
+                                and owned_here_by(t.system_attrs.get(OWNER_ATTR), pid))}
+            which = f"trial {', '.join(map(str, sorted(left)))}"
+            if left and finished.issuperset(left):
+                recovered.add(pid)
+                self.progress.warn(f"hpo: a worker process {how or ended(died[pid])} under {which}, which resumed from "
+                                   f"its checkpoint and finished in this run{_CAUSE}")
+            elif numbers:
+                self.errors.append(f"a worker process {how} under {which}, which is queued to resume from its "
+                                   f"checkpoint{_CAUSE}")
+        return recovered
 
 
 def _budget(spec: StudySpec, timeout: float | None) -> str:

@@ -203,6 +203,11 @@ def is_gone(recorded: str) -> bool:
     return bool(start) and _started(pid) != start  # the pid now belongs to another process
 
 
+def owned_here_by(recorded: object, pid: int) -> bool:
+    """True when `recorded` (an OWNER_ATTR) names process `pid` of this machine."""
+    return isinstance(recorded, str) and recorded.rsplit(":", 2)[:2] == [_machine(), str(pid)]
+
+
 def is_local_and_alive(recorded: object) -> bool:
     """True when `recorded` (an OWNER_ATTR) names a live process on this machine."""
     return isinstance(recorded, str) and recorded.rsplit(":", 2)[0] == _machine() and not is_gone(recorded)
