@@ -239,7 +239,6 @@ def run_in_processes(
 ) -> Outcome:
     """Start local workers (forked from this process on a CPU, `hpo worker` processes for GPUs),
     show their progress from the storage, then score."""
-
     spec, study = handle.spec, handle.study
     dev = choose_device("cuda" if gpu_ids else device)
     plans = plan(n_workers, gpu_ids, device, per_trial=spec.execution.processes_per_trial)
@@ -286,8 +285,7 @@ def run_in_processes(
         raise Stopped(f"{_head()}: every worker queued its trial; the next run resumes them.")
     finalize(handle, dev, data)
     _say_end(progress, study, timeout if timeout is not None else spec.budget.timeout)
-    recovered = watch.settle()
-    codes = [c for p, c in zip(watch.procs, codes) if c and p.pid not in recovered]
+    codes = watch.settle(codes)
     errors = list(dict.fromkeys(watch.errors))
     failure = None if errors else failure_outcome(handle, since, progress)  # a worker's error says more
     return Outcome(time.monotonic() - start, "", codes or [0 for _ in errors], failure, errors)
@@ -325,11 +323,12 @@ class _Watch:
                 self.progress.trial_finished(self.study, t)
 
 
-    def settle(self) -> set[int]:
+    def settle(self, codes: list[int]) -> list[int]:
         """At the run's end, each worker that died under a trial (its trial queued here, or taken
         back first by another worker): where every trial it left was retried to its end in this
-        run, a warning (the study lost nothing) and its pid returned; otherwise an error, for a
-        trial is still queued."""
+        run, a warning (the study lost nothing), and its exit code is not a failure; otherwise an
+        error, for a trial is still queued. Returns the exit codes (of `codes`, one per worker)
+        that are failures."""
         from optuna.trial import TrialState
 
         from hpo.execution.supervisor import ended
@@ -337,7 +336,7 @@ class _Watch:
 
         died = {p.pid: p.poll() for p in self.procs if p.poll()} | {pid: None for pid in self.requeued}
         if not died:
-            return set()
+            return [c for c in codes if c]
         trials = self.study.get_trials(deepcopy=False)
         retried = {n for t in trials for n in retried_by(t)}
         finished = {n for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) for n in retried_by(t)}
@@ -354,7 +353,7 @@ class _Watch:
             elif numbers:
                 self.errors.append(f"a worker process {how} under {which}, which is queued to resume from its "
                                    f"checkpoint{_CAUSE}")
-        return recovered
+        return [c for p, c in zip(self.procs, codes) if c and p.pid not in recovered]
 
 
 def _budget(spec: StudySpec, timeout: float | None) -> str:

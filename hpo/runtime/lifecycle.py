@@ -31,7 +31,7 @@ from hpo.runtime.endings import End, Ending, error_record, traceback_text
 from hpo.runtime.listener import Listener
 from hpo.runtime.pruning import dominates
 from hpo.storage.artifacts import Artifacts, find_artifact
-from hpo.storage.budget_lock import BudgetLock
+from hpo.storage.budget_lock import holding
 from hpo.storage.keys import CHECKPOINT_ATTR, ERROR_ATTR, MODEL_FILE, RERUN_ATTR
 from hpo.storage.ledger import ledger_of
 from hpo.storage.lineage import Segment
@@ -312,16 +312,12 @@ def end_orphans(study: optuna.Study, exits: Mapping[int, str] | None = None,
         return Reclaimed()
     # Failed and queued again as one step under the budget lock: a worker that counted the budget
     # between the two would see the trial's place free and start a new trial, one over the budget.
-    lock = BudgetLock(storage_of(study), study_id(study))
-    lock.acquire()
-    try:
+    with holding(storage_of(study), study_id(study)):
         for t, recorded in gone:
             pid = recorded.split(":")[-2]
             ended = _end_dead(study, t, f"its process (pid {pid}) {(exits or {}).get(int(pid), 'ended')} during "
                                         "the trial", say)
             (queued if ended == "queued" else dropped if ended == "dropped" else []).append(t.number)
-    finally:
-        lock.release()
     return Reclaimed(tuple(queued), tuple(dropped))
 
 

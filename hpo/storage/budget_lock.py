@@ -4,6 +4,8 @@ there budget left?" until its new trial exists (hpo.search.slots takes it)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,16 @@ class BudgetLock:
                 conn.close()
             except Exception:
                 pass
+
+
+@contextmanager
+def holding(storage: BaseStorage, study_id: int) -> Iterator[None]:
+    """The lock held over a step that changes what the budget counts without creating a trial: a
+    dead process's trial failed and queued again (hpo.runtime.lifecycle.end_orphans), two writes
+    between which the trial's place would look free."""
+    lock = BudgetLock(storage, study_id)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
