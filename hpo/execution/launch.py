@@ -291,9 +291,6 @@ def run_in_processes(
     return Outcome(time.monotonic() - start, "", codes or [0 for _ in errors], failure, errors)
 
 
-_CAUSE = " (sys.exit, os._exit or a crash in the training code, or the out-of-memory killer)"
-
-
 class _Watch:
     """What the run sees of its workers between polls: the trials they finish (shown), and the
     workers that exit, whose trial in flight it queues again at once, with how they ended."""
@@ -306,7 +303,7 @@ class _Watch:
         self.requeued: dict[int, tuple[tuple[int, ...], str]] = {}  # a dead worker's pid: its trials queued, how
 
     def tick(self) -> None:
-        from hpo.execution.supervisor import ended
+        from hpo.execution.supervisor import DEATH_CAUSES, ended
 
         for p in self.procs:
             if (code := p.poll()) is not None and p.pid not in self.gone:
@@ -314,14 +311,13 @@ class _Watch:
                 if reclaimed := reclaim(self.study, self.progress, {p.pid: ended(code)}):
                     if reclaimed.dropped:
                         self.errors.append(f"a worker process {ended(code)} under a trial, which is past its retry "
-                                           f"cap and not retried again{_CAUSE}")
+                                           f"cap and not retried again{DEATH_CAUSES}")
                     else:
                         self.requeued[p.pid] = (reclaimed.queued, ended(code))
         for t in self.study.get_trials(deepcopy=False):
             if t.state.is_finished() and t.number not in self.seen:
                 self.seen.add(t.number)
                 self.progress.trial_finished(self.study, t)
-
 
     def settle(self, codes: list[int]) -> list[int]:
         """At the run's end, each worker that died under a trial (its trial queued here, or taken
@@ -331,10 +327,10 @@ class _Watch:
         that are failures."""
         from optuna.trial import TrialState
 
-        from hpo.execution.supervisor import ended
+        from hpo.execution.supervisor import DEATH_CAUSES, ended
         from hpo.storage.retry import OWNER_ATTR, owned_here_by, retried_by
 
-        died = {p.pid: p.poll() for p in self.procs if p.poll()} | {pid: None for pid in self.requeued}
+        died = {p.pid: code for p in self.procs if (code := p.poll())} | {pid: None for pid in self.requeued}
         if not died:
             return [c for c in codes if c]
         trials = self.study.get_trials(deepcopy=False)
@@ -349,10 +345,10 @@ class _Watch:
             if left and finished.issuperset(left):
                 recovered.add(pid)
                 self.progress.warn(f"hpo: a worker process {how or ended(died[pid])} under {which}, which resumed from "
-                                   f"its checkpoint and finished in this run{_CAUSE}")
+                                   f"its checkpoint and finished in this run{DEATH_CAUSES}")
             elif numbers:
                 self.errors.append(f"a worker process {how} under {which}, which is queued to resume from its "
-                                   f"checkpoint{_CAUSE}")
+                                   f"checkpoint{DEATH_CAUSES}")
         return [c for p, c in zip(self.procs, codes) if c and p.pid not in recovered]
 
 

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from typing import Any
 
+# What ends a process under a trial with no exception to catch, said after how it ended.
+DEATH_CAUSES = " (sys.exit, os._exit or a crash in the training code, or the out-of-memory killer)"
 ENV_NOTE = "HPO_SUPERVISOR"  # the file where the supervised process names its storage and study
 
 
@@ -69,7 +71,7 @@ def supervise_self() -> None:
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     try:
-        how, cause = ended(code), " (sys.exit, os._exit or a crash in the training code, or the out-of-memory killer)"
+        how, cause = ended(code), DEATH_CAUSES
         if code == -signal.SIGKILL and forwarded:
             how, cause = (f"did not stop within the grace period after {signal.Signals(forwarded[0]).name} and "
                           "was killed", " (training code that swallows KeyboardInterrupt?)")
