@@ -9,6 +9,7 @@ message when an installed Optuna or torch lacks it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used: the read-only commands reach Optuna's tables without optuna
@@ -41,6 +42,11 @@ OPTUNA_ATTRIBUTES = {
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
     "optuna.samplers._lazy_random_state": ("LazyRandomState",),
+    # hpo's percentile pruning (hpo.runtime.pruning.percentile_prunes) takes the pruner's settings
+    # and Optuna's own rules for a trial's best value and the steps it is checked at.
+    "optuna.pruners.PercentilePruner": ("_percentile", "_n_startup_trials", "_n_warmup_steps", "_interval_steps",
+                                        "_n_min_trials"),
+    "optuna.pruners._percentile": ("_is_first_in_interval_step", "_get_best_intermediate_result_over_steps"),
 }
 DYNAMO_MODULE = "torch._dynamo"
 TORCH_MODULES = (DYNAMO_MODULE,)
@@ -207,6 +213,40 @@ def reported_values(trial: optuna.Trial) -> dict[int, float]:
     it, and a batch write of reports has to keep it current."""
     values: dict[int, float] = trial._cached_frozen_trial.intermediate_values
     return values
+
+
+@dataclass(frozen=True)
+class PercentileSettings:
+    """What an optuna.pruners.PercentilePruner (a MedianPruner too) was made with."""
+
+    percentile: float
+    n_startup_trials: int
+    n_warmup_steps: int
+    interval_steps: int
+    n_min_trials: int
+
+
+def percentile_settings(pruner: Any) -> PercentileSettings:
+    """A percentile pruner's settings, which Optuna keeps private."""
+    return PercentileSettings(pruner._percentile, pruner._n_startup_trials, pruner._n_warmup_steps,
+                              pruner._interval_steps, pruner._n_min_trials)
+
+
+def checked_at(step: int, trial: FrozenTrial, settings: PercentileSettings) -> bool:
+    """Whether a percentile pruner judges `trial` at `step` (past the warm-up, first in its interval)."""
+    from optuna.pruners import _percentile
+
+    return step >= settings.n_warmup_steps and bool(_percentile._is_first_in_interval_step(
+        step, trial.intermediate_values.keys(), settings.n_warmup_steps, settings.interval_steps))
+
+
+def best_reported(trial: FrozenTrial, maximize: bool) -> float:
+    """A trial's best intermediate value, as a percentile pruner reads it (nan when all are nan)."""
+    from optuna.pruners import _percentile
+    from optuna.study import StudyDirection
+
+    direction = StudyDirection.MAXIMIZE if maximize else StudyDirection.MINIMIZE
+    return float(_percentile._get_best_intermediate_result_over_steps(trial, direction))
 
 
 # RDBStorage's private methods that touch the database, called by Optuna's cached storage and the

@@ -7,6 +7,7 @@ history; and a worker's trials at depth 20,000 cost about what they cost at dept
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import sys
@@ -96,7 +97,6 @@ def test_the_sampler_reads_the_recent_trials_and_the_best_once_the_study_is_larg
                       for i in range(40)])
     kept = [t.number for t in ledger.read().history()]
     assert kept == [0, 1, 2, 3, 4, *range(44, 64)]  # the 5 best (lowest) older ones, the 20 most recent
-    assert [t.number for t in ledger.history(with_best=False)] == list(range(44, 64))  # the pruner's
 
     sampler = TrialSeeded(optuna.samplers.TPESampler(n_startup_trials=5, seed=0), seed=0, bounded=True)
     study.sampler = sampler
@@ -105,6 +105,78 @@ def test_the_sampler_reads_the_recent_trials_and_the_best_once_the_study_is_larg
     assert 0 <= x <= 1
     assert [t.number for t in sampler._view(study, trial).get_trials(deepcopy=False)] == \
         [0, 1, 2, 3, 4, *range(45, 65)]  # the trial just asked is the most recent
+
+
+def _curves(study: optuna.Study, rng: random.Random, n: int, low: float, high: float) -> None:
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    trials = []
+    for _ in range(n):
+        steps = rng.randint(1, 6)  # some stopped early: they report fewer steps
+        curve = {s: (math.nan if rng.random() < 0.05 else rng.uniform(low, high)) for s in range(steps)}
+        state = rng.choice([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED])
+        trials.append(optuna.trial.create_trial(params={"x": rng.random()}, distributions=dist, state=state,
+                                                value=rng.uniform(low, high) if state == TrialState.COMPLETE else None,
+                                                intermediate_values=curve))
+    study.add_trials(trials)
+
+
+def test_a_median_pruner_in_a_large_study_judges_a_trial_against_every_complete_trial(monkeypatch, tmp_path) -> None:
+    """Past the sampler's bound the pruner still compares with the whole study, as Optuna's own
+    does: a trial better than the study's median at an epoch but worse than the recent trials'
+    runs on (the recent trials alone, better than the early ones, pruned it)."""
+    from hpo.runtime.pruning import Pruning
+    from hpo.storage import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "RECENT", 20)
+    monkeypatch.setattr(ledger_module, "BEST", 5)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'hpo.db'}",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+    rng = random.Random(0)
+    _curves(study, rng, 60, 0.1, 0.4)  # the early trials
+    _curves(study, rng, 40, 0.8, 0.9)  # the recent ones, better
+    trial = study.ask()
+    values = {0: 0.5, 1: 0.5}
+    frozen = optuna.trial.FrozenTrial(number=trial.number, state=TrialState.RUNNING, value=None,
+                                      datetime_start=trial.datetime_start, datetime_complete=None, params={},
+                                      distributions={}, user_attrs={}, system_attrs={}, intermediate_values=values,
+                                      trial_id=trial._trial_id)
+    assert not study.pruner.prune(study, frozen)  # Optuna, over every trial: above the median
+    assert not Pruning(trial, "maximize").should_prune(values)
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_hpo_prunes_as_optunas_percentile_pruners_do_over_the_whole_study(direction, tmp_path) -> None:
+    """hpo's percentile decision from the ledger agrees with Optuna's PercentilePruner and
+    MedianPruner over the whole study, for their settings, nan values and trials that stopped
+    early, on many trials as the study grows."""
+    from hpo.runtime.pruning import percentile_prunes
+    from hpo.storage.ledger import Ledger
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruners = [optuna.pruners.MedianPruner(), optuna.pruners.MedianPruner(n_startup_trials=30, n_warmup_steps=2),
+               optuna.pruners.PercentilePruner(25.0, n_startup_trials=0, interval_steps=2),
+               optuna.pruners.PercentilePruner(80.0, n_warmup_steps=1, n_min_trials=40)]
+    study = optuna.create_study(direction=direction, storage=f"sqlite:///{tmp_path / 'hpo.db'}")
+    ledger = Ledger(study)
+    rng = random.Random(1)
+    agreed = pruned = 0
+    for _ in range(8):
+        _curves(study, rng, 10, 0.0, 1.0)
+        ledger.read()
+        for _ in range(40):
+            steps = rng.randint(1, 6)
+            values = {s: (math.nan if rng.random() < 0.05 else rng.uniform(0.0, 1.0)) for s in range(steps)}
+            frozen = optuna.trial.FrozenTrial(number=10_000, state=TrialState.RUNNING, value=None,
+                                              datetime_start=None, datetime_complete=None, params={},
+                                              distributions={}, user_attrs={}, system_attrs={},
+                                              intermediate_values=values, trial_id=10_000)
+            for pruner in pruners:
+                theirs = pruner.prune(study, frozen)
+                assert percentile_prunes(pruner, ledger, frozen, direction == "maximize") == theirs, (pruner, values)
+                agreed += 1
+                pruned += theirs
+    assert agreed == 8 * 40 * 4 and 0 < pruned < agreed  # both decisions were tried
 
 
 @pytest.mark.slow

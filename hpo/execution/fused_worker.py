@@ -278,7 +278,7 @@ class FusedWorker:
                 ending: Ending | None = Ending(End.COMPLETE)
             else:
                 ending = _verdict(m, i in values, epoch, self.limits[trial.number])
-            if ending is None and self.study.pruner.prune(snapshot, snapshot.frozen(trial_id(trial))):  # type: ignore[arg-type]
+            if ending is None and snapshot.prunes(snapshot.frozen(trial_id(trial))):
                 ending = Ending.pruned(self.spec.pruner.name, epoch)
             if ending is not None:
                 self.finish(group, i, ending, values.get(i))

@@ -6,13 +6,15 @@ need just the trial's own values, which the runtime holds, and the study's trial
 a moment ago: one read of the study serves every decision for up to REFRESH seconds (a fused
 round's members, or one trial's next epochs). Other pruners (successive halving, hyperband,
 Wilcoxon) keep state in the trial's system attributes, so they go through Optuna as before.
-Either way a pruner reads the study's recent and unfinished trials past 1,100 (hpo.storage.ledger),
-so a decision costs the same at 100,000 trials as at 1,000.
+A percentile (median) pruner's reference at a step comes from the worker's ledger, which keeps
+every complete trial's values as they finish (hpo.storage.ledger): a decision is Optuna's over the
+whole study, at about the same cost at 100,000 trials as at 1,000.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,8 +22,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from hpo._private import trial_id
-from hpo.storage.ledger import ledger_of
+from hpo._private import best_reported, checked_at, percentile_settings, trial_id
+from hpo.storage.ledger import Ledger, ledger_of
 
 REFRESH = 1.0  # seconds a read of the study serves pruning decisions (and reports wait to be written)
 
@@ -32,6 +34,24 @@ _FROM_VALUES = (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, op
 def decides_from_values(pruner: optuna.pruners.BasePruner) -> bool:
     """True for the pruners that read only intermediate values (their own subclasses excepted)."""
     return type(pruner) in _FROM_VALUES
+
+
+def percentile_prunes(pruner: optuna.pruners.PercentilePruner, ledger: Ledger, trial: FrozenTrial,
+                      maximize: bool) -> bool:
+    """Optuna's PercentilePruner.prune (and so MedianPruner's), with the percentile over the
+    complete trials at the step taken from the ledger instead of a pass over every trial."""
+    settings = percentile_settings(pruner)
+    step = trial.last_step
+    if ledger.complete == 0 or ledger.complete < settings.n_startup_trials or step is None \
+            or not checked_at(step, trial, settings):
+        return False
+    best = best_reported(trial, maximize)
+    if math.isnan(best):
+        return True
+    reference = ledger.percentile_at(step, settings.percentile, settings.n_min_trials, maximize)
+    if math.isnan(reference):
+        return False
+    return best < reference if maximize else best > reference
 
 
 Peers = Callable[[FrozenTrial], bool]
@@ -86,9 +106,7 @@ class StudyView(DirectionView):
         return [self.direction]
 
     def _read(self, states: Any) -> list[FrozenTrial]:
-        # The ledger's recent and unfinished trials (hpo.storage.ledger): the best would skew the reference.
-        recent = ledger_of(self._study).read().history(with_best=False)
-        return [t for t in recent if states is None or t.state in states]
+        return [t for t in ledger_of(self._study).read().history() if states is None or t.state in states]
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         peers = self.peers
@@ -105,14 +123,25 @@ class Snapshot(StudyView):
 
     def __init__(self, study: optuna.Study, direction: str) -> None:
         super().__init__(study, direction)
-        self._trials = ledger_of(study).read().history(with_best=False)
+        self.ledger = ledger_of(study).read()
+        self._trials: list[FrozenTrial] | None = None  # listed when a pruner asks for them
         self.taken = time.monotonic()
 
     def _read(self, states: Any) -> list[FrozenTrial]:
+        if self._trials is None:
+            self._trials = self.ledger.history()
         return [t for t in self._trials if states is None or t.state in states]
 
     def frozen(self, tid: int) -> FrozenTrial:
-        return next(t for t in self._trials if trial_id(t) == tid)
+        return next(t for t in self._read(None) if trial_id(t) == tid)
+
+    def prunes(self, trial: FrozenTrial) -> bool:
+        """The study's pruner's decision on `trial` (a pruner that reads only intermediate values)."""
+        pruner = self._study.pruner
+        if self.peers is None and type(pruner) in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner):
+            assert isinstance(pruner, optuna.pruners.PercentilePruner)
+            return percentile_prunes(pruner, self.ledger, trial, self.direction == optuna.study.StudyDirection.MAXIMIZE)
+        return bool(pruner.prune(self, trial))  # type: ignore[arg-type]
 
 
 class Pruning:
@@ -144,4 +173,4 @@ class Pruning:
                              datetime_start=t.datetime_start, datetime_complete=None, params=t.params,
                              distributions=t.distributions, user_attrs={}, system_attrs={},
                              intermediate_values=dict(values), trial_id=trial_id(t))
-        return bool(study.pruner.prune(self.snapshot, frozen))  # type: ignore[arg-type]
+        return self.snapshot.prunes(frozen)
