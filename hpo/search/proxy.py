@@ -58,17 +58,13 @@ class BudgetedStorage:
         if template_trial is not None:
             return self._backend.create_new_trial(study_id, template_trial)
         with self._lock:
-            db_lock = self._db_locks.setdefault(study_id, BudgetLock(self._backend, study_id))
-            db_lock.acquire()
-            try:
+            with self._db_locks.setdefault(study_id, BudgetLock(self._backend, study_id)):
                 total = self._total(study_id)
                 if total is not None:
                     status = count_budget(self._backend.get_all_trials(study_id, deepcopy=False), total)
                     if status.remaining <= 0:
                         raise BudgetSpent()
                 return self._backend.create_new_trial(study_id)
-            finally:
-                db_lock.release()
 
     def _total(self, study_id: int) -> int | None:
         stored = self._backend.get_study_user_attrs(study_id).get(SPEC_ATTR)

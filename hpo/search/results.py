@@ -74,9 +74,7 @@ def _once(study: optuna.Study, key: str, done: Callable[[dict[str, Any] | None],
         recorded = storage.get_study_user_attrs(sid).get(TEST_ATTR)
         if done(recorded):
             return recorded
-        lock = BudgetLock(storage, sid)  # a short hold, as when a trial is created
-        lock.acquire()
-        try:
+        with BudgetLock(storage, sid):  # a short hold, as when a trial is created
             held = storage.get_study_system_attrs(sid).get(SCORING_ATTR)
             if held and held.get("key") == key and not is_gone(held["owner"]) \
                     and time.time() - held["since"] < SCORING_LIMIT:
@@ -84,8 +82,6 @@ def _once(study: optuna.Study, key: str, done: Callable[[dict[str, Any] | None],
             else:
                 storage.set_study_system_attr(sid, SCORING_ATTR, {"key": key, "owner": owner(), "since": time.time()})
                 mine = True
-        finally:
-            lock.release()
         if mine:
             break
         time.sleep(0.5)  # another worker scores the same model: its record comes soon

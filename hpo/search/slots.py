@@ -58,8 +58,7 @@ class TrialSlots:
         """Create up to `want` trials while `may_start()` (this worker's own limits) allows.
         `started(trial)` runs under the lock for each (a fused worker samples there, so each new
         trial's sampling sees the ones before it)."""
-        self.lock.acquire()
-        try:
+        with self.lock:
             if stop_requests(self.study) != self.stops:
                 # Read under the lock `hpo stop` takes to ask: no trial starts after it counted the running ones.
                 stopping.request(stopping.BY_COMMAND)
@@ -91,8 +90,6 @@ class TrialSlots:
                 taken.trials.append(trial)
                 started(trial)
             return taken
-        finally:
-            self.lock.release()
 
     def _ask(self, fresh: bool) -> optuna.Trial | None:
         """A queued trial first (a retry, an enqueued one); `fresh`: none is queued (the ledger
@@ -121,11 +118,7 @@ def request_stop(storage: BaseStorage, name: str, storage_url: str) -> int:
         sid = storage.get_study_id_from_name(name)
     except KeyError:
         raise StorageError(f"no study named {name!r} in {mask(storage_url)}") from None
-    lock = BudgetLock(storage, sid)  # the lock workers take a trial under: none starts one while this counts
-    lock.acquire()
-    try:
+    with BudgetLock(storage, sid):  # the lock workers take a trial under: none starts one while this counts
         count = storage.get_study_system_attrs(sid).get(STOP_ATTR, 0)
         storage.set_study_system_attr(sid, STOP_ATTR, (count if isinstance(count, int) else 0) + 1)
         return len(storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING,)))
-    finally:
-        lock.release()

@@ -53,6 +53,13 @@ class BudgetLock:
             # Expires on its own if the holder dies; a holder frees it as soon as its trial exists.
             self.redis_lock = client.lock(f"{prefix}:hpo-budget-{study_id}", timeout=60)
 
+    def __enter__(self) -> BudgetLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def acquire(self) -> None:
         if self.dialect in ("postgresql", "mysql", "mariadb"):
             call_with_retry(self._acquire)
@@ -155,9 +162,5 @@ def holding(storage: BaseStorage, study_id: int) -> Iterator[None]:
     """The lock held over a step that changes what the budget counts without creating a trial: a
     dead process's trial failed and queued again (hpo.runtime.lifecycle.end_orphans), two writes
     between which the trial's place would look free."""
-    lock = BudgetLock(storage, study_id)
-    lock.acquire()
-    try:
+    with BudgetLock(storage, study_id):
         yield
-    finally:
-        lock.release()
