@@ -352,7 +352,8 @@ def test_a_worker_that_wakes_after_its_trial_was_taken_over_drops_it_and_goes_on
 
 
 def test_deleting_a_running_study_stops_its_worker_with_one_line(pg_url, write_spec, runner, tmp_path) -> None:
-    spec = dict(LONG, name="doomed")
+    # Long enough that the worker cannot finish its budget before `hpo delete` lands.
+    spec = dict(LONG, name="doomed", budget={"n_trials": 3, "epochs": 200})
     create(runner, write_spec, pg_url, spec, tmp_path)
     env = env_for(pg_url, tmp_path / "artifacts")
     worker = subprocess.Popen(worker_cmd("doomed"), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
