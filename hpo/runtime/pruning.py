@@ -27,8 +27,8 @@ from hpo.storage.ledger import Ledger, ledger_of
 
 REFRESH = 1.0  # seconds a read of the study serves pruning decisions (and reports wait to be written)
 
-_FROM_VALUES = (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, optuna.pruners.ThresholdPruner,
-                optuna.pruners.NopPruner)
+_PERCENTILE = (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner)  # decided by percentile_prunes
+_FROM_VALUES = (*_PERCENTILE, optuna.pruners.ThresholdPruner, optuna.pruners.NopPruner)
 
 
 def decides_from_values(pruner: optuna.pruners.BasePruner) -> bool:
@@ -138,7 +138,7 @@ class Snapshot(StudyView):
     def prunes(self, trial: FrozenTrial) -> bool:
         """The study's pruner's decision on `trial` (a pruner that reads only intermediate values)."""
         pruner = self._study.pruner
-        if self.peers is None and type(pruner) in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner):
+        if self.peers is None and type(pruner) in _PERCENTILE:
             assert isinstance(pruner, optuna.pruners.PercentilePruner)
             return percentile_prunes(pruner, self.ledger, trial, self.direction == optuna.study.StudyDirection.MAXIMIZE)
         return bool(pruner.prune(self, trial))  # type: ignore[arg-type]
