@@ -25,6 +25,16 @@ def test_a_time_budget_is_seconds_or_a_duration_and_needs_no_trial_count(write_s
     assert both.budget.n_trials == 7  # whichever comes first
 
 
+@pytest.mark.parametrize("seconds,shown", [
+    (4.2e-05, "0s"), (0.0004, "0s"), (0.004, "0s"), (0.05, "0.05s"), (3.837, "3.84s"), (12.5, "12.5s"),
+    (59.97, "1m"), (90, "1m30s"), (3600, "1h"),
+])
+def test_time_left_reads_as_a_person_writes_it_down_to_the_last_millisecond(seconds, shown) -> None:
+    # The status line's "| 3.84s left" near the end of a time budget read "| 4.2e-05s left".
+    from hpo.spec.schema import duration
+    assert duration(seconds) == shown
+
+
 @pytest.mark.parametrize("budget,said", [
     ({"time": "ten minutes"}, "budget.time: must be seconds or a duration such as 90s, 10m or 1h30m, not 'ten minutes'"),
     ({"time": "5x"}, "budget.time: must be seconds or a duration"),

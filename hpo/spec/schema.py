@@ -284,8 +284,9 @@ def duration(seconds: float | None) -> str:
     """Seconds as a person writes them: 90 -> 1m30s, 3600 -> 1h, 12.5 -> 12.5s."""
     if seconds is None:
         return "-"
-    if seconds < 60:
-        return f"{seconds:.3g}s"
+    if seconds < 59.95:  # at most 3 significant digits, never an exponent ("4.2e-05s")
+        digits = 2 if seconds < 10 else 1
+        return f"{seconds:.{digits}f}".rstrip("0").rstrip(".") + "s"
     whole = int(round(seconds))
     h, rest = divmod(whole, 3600)
     m, s = divmod(rest, 60)
