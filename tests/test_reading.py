@@ -93,23 +93,44 @@ def optuna_records(study: optuna.Study, state: str | None, sort: str, limit: int
     from hpo.search.budget import resumed_numbers
 
     ts = study.get_trials(deepcopy=False)
-    names = sorted({k for t in ts for k in t.params})
     resumed = resumed_numbers(ts)
     if sort == "value":
         ts = sorted(ts, key=lambda t: (t.value is None, -(t.value or 0.0), t.number))
+    kept = [t for t in ts if state is None or state.upper() == (
+        "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name)][:limit]
+    names = sorted({k for t in (kept if limit is not None else ts) for k in t.params})
     out = []
-    for t in ts:
+    for t in kept:
         shown = "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name
-        if state is not None and shown != state.upper():
-            continue
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
             else None
         out.append({"number": t.number, "state": shown, "value": t.values[0] if t.values else None,
                     "epochs": len(t.intermediate_values), "seconds": round(seconds, 2) if seconds is not None else None,
                     "reason": t.user_attrs.get("reason", ""), **{f"params_{k}": t.params.get(k) for k in names}})
-        if limit is not None and len(out) >= limit:
-            break
     return out
+
+
+@pytest.mark.parametrize("backend_url", ["sqlite", "postgresql", "redis"], indirect=True)
+def test_a_limited_listing_has_a_column_for_each_parameter_it_shows_and_no_other(backend_url, runner) -> None:
+    """`hpo trials --limit N` names the parameters of the N trials it shows: asking a study of
+    100,000 trials for every name it ever used scans all its parameter rows (most of the time
+    the command took on PostgreSQL). The whole listing keeps the whole study's columns. Redis
+    takes Optuna's path: the same columns."""
+    from hpo.storage.backends import open_storage
+
+    study = optuna.create_study(study_name="cond", storage=open_storage(backend_url, heartbeat=None),
+                                direction="maximize")
+    for name in ("a", "b", "b"):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float(name, 0.0, 1.0))
+    first = invoke(runner, "trials", "cond", "--storage", backend_url, "--limit", "1", "--format", "csv")
+    assert first.exit_code == 0, first.output
+    assert first.stdout.splitlines()[0].endswith(",reason,params_a"), first.stdout
+    five = invoke(runner, "trials", "cond", "--storage", backend_url, "--state", "complete", "--limit", "5",
+                  "--format", "csv")
+    assert five.stdout.splitlines()[0].endswith(",reason,params_a,params_b"), five.stdout
+    every = invoke(runner, "trials", "cond", "--storage", backend_url, "--format", "csv")
+    assert every.stdout.splitlines()[0].endswith(",reason,params_a,params_b") and len(every.stdout.splitlines()) == 4
 
 
 @pytest.mark.parametrize("backend_url", ["sqlite"], indirect=True)

@@ -240,19 +240,25 @@ def _optuna_trials(study: str, storage: str | None, fmt: str, limit: int | None,
 
     from hpo.search.budget import resumed_numbers
 
+    from hpo.search.reading import shown_names
+
     loaded = _load(study, storage)
     ts = loaded.get_trials(deepcopy=False)
-    param_names = sorted({k for t in ts for k in t.params})
     constrained = any(t.constraints for t in ts)  # a column only for studies with constraints
     resumed = resumed_numbers(ts)  # stopped under it and resumed by a retry: not a failure
     if sort == "value" and len(loaded.directions) == 1:
         maximize = loaded.direction == optuna.study.StudyDirection.MAXIMIZE
         ts = sorted(ts, key=lambda t: (t.value is None, -(t.value or 0.0) if maximize else (t.value or 0.0), t.number))
-    records = []
+    kept = []
     for t in ts:
         shown = "RESUMED" if t.state.name == "FAIL" and t.number in resumed else t.state.name
-        if state is not None and shown != state.upper():
-            continue
+        if state is None or shown == state.upper():
+            kept.append((t, shown))
+        if limit is not None and len(kept) >= limit:
+            break
+    param_names = shown_names(t.params for t, _ in kept) if limit is not None else shown_names(t.params for t in ts)
+    records = []
+    for t, shown in kept:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         records.append({
             "number": t.number,
@@ -265,8 +271,6 @@ def _optuna_trials(study: str, storage: str | None, fmt: str, limit: int | None,
             "reason": t.user_attrs.get("reason", ""),
             **{f"params_{k}": t.params.get(k) for k in param_names},
         })
-        if limit is not None and len(records) >= limit:
-            break
     _print_trials(iter(records), param_names, fmt, constrained, several=len(loaded.directions) > 1)
 
 

@@ -10,7 +10,7 @@ print the same (tests/test_reading.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from hpo import _private as sql
@@ -123,8 +123,9 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
     """The parameter names, and `hpo trials`' rows one by one (number, state, value, epochs,
     seconds, reason, params_*), read a page at a time: `state` keeps one state (RESUMED and FAIL
     told apart), `sort` is "number" (from trial `first` on) or "value" (the best first), `limit`
-    stops early."""
-    names = sql.sql_param_names(conn, sid)
+    stops early. With a limit the rows are read first and the names are those they hold (the
+    whole study's names are a scan of every parameter row); without one, every name the study
+    used, and the rows stream."""
     resumed = {int(n) for n in sql.sql_trial_system_values(conn, sid, RESUMES_ATTR) if isinstance(n, int)}
     wanted = state.upper() if state else None
     states = ["FAIL"] if wanted in ("FAIL", "RESUMED") else [wanted] if wanted else None
@@ -160,9 +161,24 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
             yield {"number": number, "state": "RESUMED" if st == "FAIL" and number in resumed else st,
                    "value": vals[0] if len(vals) == 1 else (vals or None), "epochs": epochs[tid],
                    "seconds": round((end - start).total_seconds(), 2) if end and start else None,
-                   "reason": reasons.get(tid, ""), **{f"params_{k}": params[tid].get(k) for k in names}}
+                   "reason": reasons.get(tid, ""), "params": params[tid]}
 
-    return names, rows()
+    if limit is None:
+        names = sql.sql_param_names(conn, sid)
+        return names, (_with_columns(row, names) for row in rows())
+    kept = list(rows())
+    names = shown_names(row["params"] for row in kept)
+    return names, iter([_with_columns(row, names) for row in kept])
+
+
+def shown_names(params: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The parameter columns of a listing: every name its rows hold, sorted."""
+    return sorted({k for p in params for k in p})
+
+
+def _with_columns(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    params = row.pop("params")
+    return {**row, **{f"params_{k}": params.get(k) for k in names}}
 
 
 def curves(conn: Any, sid: int, numbers: list[int]) -> dict[int, dict[int, float]]:

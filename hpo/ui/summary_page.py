@@ -84,9 +84,9 @@ def study_page(conn: Any, name: str, url: str) -> str:
     drawn = curves_svg(reading.curves(conn, sid, [r["number"] for r in best[:CURVES]]))
     parts.append(f"<h2>Learning curves of the {min(CURVES, len(best))} best trials</h2>{drawn}")
     parts.append(f"<h2>The {len(best)} best trials</h2>{_table(best, names)}")
-    _, latest_rows = reading.trial_records(conn, sid, limit=ROWS, first=max(0, total - ROWS))
+    latest_names, latest_rows = reading.trial_records(conn, sid, limit=ROWS, first=max(0, total - ROWS))
     latest = list(latest_rows)
-    parts.append(f"<h2>The latest trials</h2>{_table(latest, names)}")
+    parts.append(f"<h2>The latest trials</h2>{_table(latest, latest_names)}")
     parts.append(f"<p class='note'>Every trial: <a href='/dashboard/studies/{sid}'>optuna-dashboard</a>"
                  f"{f' (slow past {BIG:,} trials)' if total > BIG else ''}, <code>hpo trials {html.escape(name)}</code>."
                  f" <a href='/hpo/'>All studies</a>.</p>")
