@@ -457,15 +457,19 @@ def sql_param_names(conn: Any, study: int) -> list[str]:
 
 
 def sql_trials(conn: Any, study: int, states: list[str] | None, order: str, limit: int | None,
-               after: int = -1) -> list[tuple[int, int, str, Any, Any, float | None]]:
+               after: int = -1, first: int = 0) -> list[tuple[int, int, str, Any, Any, float | None]]:
     """A page of a study's trials: (id, number, state, start, complete, first value); `order` is
-    "number" (from `after` on), "value_desc" or "value_asc" (complete trials with a value first)."""
+    "number" (trials numbered `first` on, after the trial whose id is `after`), "value_desc" or
+    "value_asc" (complete trials with a value first). In number order the page is walked by id,
+    the order Optuna lists trials in (a trial's number counts the study's trials of smaller id):
+    the primary key's index gives a page of a 100,000-trial study at once, where ordering by the
+    unindexed number sorted every trial (84 ms on PostgreSQL)."""
     where = "t.study_id = :s" + (" AND t.state IN :states" if states else "")
     params: dict[str, Any] = {"s": study, **({"states": states} if states else {})}
     if order == "number":
-        where += " AND t.number > :after"
-        params["after"] = after
-        by = "t.number"
+        where += " AND t.trial_id > :after AND t.number >= :first"
+        params.update(after=after, first=first)
+        by = "t.trial_id"
     else:
         way = "DESC" if order == "value_desc" else "ASC"
         by = f"CASE WHEN v.value IS NULL THEN 1 ELSE 0 END, v.value {way}, t.number"

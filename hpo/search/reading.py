@@ -132,12 +132,12 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
     order = "number" if sort == "number" else ("value_desc" if maximize else "value_asc")
 
     def rows() -> Iterator[dict[str, Any]]:
-        given, after = 0, first - 1
+        given, after = 0, -1  # the id of the last trial listed
         while limit is None or given < limit:
             size = PAGE if limit is None else min(PAGE, limit - given)
             # Sorted by value the database orders them all at once (ids and values only: a limit is
             # what makes that worth asking for); by number, a page at a time.
-            page = sql.sql_trials(conn, sid, states, order, size if order == "number" else limit, after)
+            page = sql.sql_trials(conn, sid, states, order, size if order == "number" else limit, after, first)
             if not page:
                 return
             for start in range(0, len(page), DETAILS):
@@ -150,7 +150,7 @@ def trial_records(conn: Any, sid: int, *, limit: int | None = None, state: str |
                         return
             if order != "number":
                 return
-            after = page[-1][1]
+            after = page[-1][0]
 
     def _details(part: list[tuple[int, int, str, Any, Any, float | None]]) -> Iterator[dict[str, Any]]:
         ids = [p[0] for p in part]
