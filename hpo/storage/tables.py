@@ -19,37 +19,48 @@ SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb")  # storages whose tab
 def check_holds_studies(url: str, path: Path | None) -> bool:
     """Read-only commands open only a storage that hpo (or Optuna) made: opening an empty database
     with Optuna would create its schema there. True when Optuna's tables were seen."""
-    empty = StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or name another storage")
     if path is not None:
         import sqlite3
 
         if path.stat().st_size == 0:
-            raise empty
+            raise _no_tables(url)
         try:
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
                 found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
         except sqlite3.DatabaseError as e:
             raise StorageError(f"cannot open storage {mask(url)}: {e}") from None
         if not found:
-            raise empty
+            raise _no_tables(url)
         return True
     scheme = url.split(":", 1)[0].lower()
     if not scheme.startswith(("postgresql", "mysql", "mariadb")):
         return False
-    from sqlalchemy import create_engine, inspect
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     try:
         engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})
         try:
-            found = inspect(engine).has_table("studies")
+            with engine.connect() as conn:
+                return _holds_studies(conn, url)
         finally:
             engine.dispose()
+    except StorageError:
+        raise
     except Exception:
         return False  # unreachable or misconfigured: opening the storage says why, in one line
-    if not found:
-        raise empty
+
+
+def _holds_studies(conn: Any, url: str) -> bool:
+    from sqlalchemy import inspect
+
+    if not inspect(conn).has_table("studies"):
+        raise _no_tables(url)
     return True
+
+
+def _no_tables(url: str) -> StorageError:
+    return StorageError(f"no storage at {mask(url)}: it holds no Optuna tables; run a study first or name another storage")
 
 
 def check_sqlite_file(path: Path, url: str, create: bool) -> None:
@@ -87,10 +98,10 @@ def read_only(url: str) -> Iterator[Any]:
     path = sqlite_path(url)
     if path is not None:
         check_sqlite_file(path, url, create=False)
+        check_holds_studies(url, path)
         target, kwargs = f"sqlite:///file:{path}?mode=ro&uri=true", {}
     else:
         target, kwargs = url, {"connect_args": {"connect_timeout": 10}}
-    check_holds_studies(url, path)
     try:
         engine = create_engine(target, poolclass=NullPool, **kwargs)
         conn = engine.connect()
@@ -99,6 +110,8 @@ def read_only(url: str) -> Iterator[Any]:
     except ImportError as e:
         raise StorageError(f"cannot open storage {mask(url)}: {e.name or 'a database driver'} is not installed") from None
     try:
+        if path is None:  # a server: asked on this connection (a second one costs a connect and its handshake)
+            _holds_studies(conn, url)
         yield conn
     finally:
         conn.close()
