@@ -206,8 +206,8 @@ def enqueue(study: str, values: tuple[str, ...], storage: str | None, past_budge
 def trials(study: str, storage: str | None, fmt: str, limit: int | None, state: str | None, sort: str) -> None:
     """List a study's trials: state, value, epochs, parameters. A trial stopped under it (Ctrl-C,
     hpo stop, a dead worker, a full disk) whose retry resumes it reads RESUMED, not FAIL. The
-    database is asked for the page shown, so a study of 100,000 trials lists as fast as a small one;
-    the CSV of every trial streams.
+    database is asked for the page shown, so a study of 100,000 trials lists as fast as a small one
+    (with --limit, a column for each parameter the trials shown have); the CSV of every trial streams.
 
     \b
     Example:
@@ -239,7 +239,6 @@ def _optuna_trials(study: str, storage: str | None, fmt: str, limit: int | None,
     import optuna
 
     from hpo.search.budget import resumed_numbers
-
     from hpo.search.reading import shown_names
 
     loaded = _load(study, storage)
