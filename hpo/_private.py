@@ -40,6 +40,8 @@ OPTUNA_ATTRIBUTES = {
                                    "_set_trial_param", "_create_new_trial", "_get_trials", "_get_best_trial_id",
                                    "_get_stale_trial_ids"),
     "optuna.storages.journal.JournalRedisBackend": ("_redis", "_prefix"),
+    # `hpo proxy` stops its server on Ctrl-C; run_grpc_proxy_server waits on one it never returns.
+    "optuna.storages._grpc.server": ("make_server",),
     "optuna.study._frozen.FrozenStudy": ("_study_id",),
     "optuna.samplers._lazy_random_state": ("LazyRandomState",),
     # hpo's percentile pruning (hpo.runtime.pruning.percentile_prunes) takes the pruner's settings
@@ -51,6 +53,17 @@ OPTUNA_ATTRIBUTES = {
 DYNAMO_MODULE = "torch._dynamo"
 TORCH_MODULES = (DYNAMO_MODULE,)
 TORCH_FUNCTIONS = ("_fused_adam_", "_fused_adamw_", "_fused_adagrad_", "_fused_sgd_")
+
+
+def grpc_proxy_server(storage: BaseStorage, host: str, port: int, thread_pool: Any) -> Any:
+    """Optuna's gRPC storage proxy as a started `grpc.Server`, which the caller can stop: Optuna's
+    run_grpc_proxy_server only waits on it, so on Ctrl-C its requests kept arriving at an exiting
+    interpreter (a traceback, and an exit that waited on the connected workers)."""
+    from optuna.storages._grpc.server import make_server
+
+    server = make_server(storage, host, port, thread_pool)
+    server.start()
+    return server
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

@@ -53,8 +53,14 @@ class StudyExistsError(SpecError):
 
 
 def is_storage_failure(e: BaseException) -> bool:
-    """The database refused a write or a query (read-only file, lost server past the retries): the
-    worker's problem (retry or stop, one line), never a verdict on a trial or a bug in hpo."""
+    """The database refused a write or a query (read-only file, lost server past the retries), or
+    the storage proxy stopped answering: the worker's problem (retry or stop, one line), never a
+    verdict on a trial or a bug in hpo."""
+    if "grpc" in sys.modules:
+        import grpc
+
+        if isinstance(e, grpc.RpcError):
+            return True
     if "sqlalchemy" not in sys.modules:
         return False  # nothing has talked to a database (click's own exits, --help): no import for nothing
     try:

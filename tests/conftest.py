@@ -212,8 +212,9 @@ def backend_url(request, tmp_path):
 
 
 @contextlib.contextmanager
-def grpc_proxy(storage: str, cwd: Path) -> Iterator[str]:
-    """`hpo proxy` serving `storage`, as grpc://127.0.0.1:PORT, stopped with Ctrl-C afterwards."""
+def grpc_proxy(storage: str, cwd: Path, stderr: list[str] | None = None) -> Iterator[str]:
+    """`hpo proxy` serving `storage`, as grpc://127.0.0.1:PORT, stopped with Ctrl-C afterwards
+    (within 30 s); what it printed is appended to `stderr` when given."""
     need_module("grpc")
     import socket
 
@@ -233,7 +234,9 @@ def grpc_proxy(storage: str, cwd: Path) -> Iterator[str]:
         yield f"grpc://127.0.0.1:{port}"
     finally:
         proxy.send_signal(signal.SIGINT)
-        proxy.communicate(timeout=30)
+        _, err = proxy.communicate(timeout=30)
+        if stderr is not None:
+            stderr.append(err)
 
 
 @pytest.fixture

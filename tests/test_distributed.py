@@ -180,6 +180,28 @@ def test_grpc_proxy_serves_workers(write_spec, runner, proxy_url, storage_url) -
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
+def test_ctrl_c_stops_the_proxy_while_workers_are_running_trials(write_spec, runner, storage_url, tmp_path) -> None:
+    """Ctrl-C ends `hpo proxy` at once with its one line, though workers still send requests; its
+    workers then stop with a clear line, and what they had finished stays in the storage."""
+    from tests.conftest import grpc_proxy
+
+    spec = dict(FAST, name="busy", budget={"n_trials": 5000, "epochs": 1})
+    create(runner, write_spec, storage_url, spec, tmp_path)
+    study = optuna.load_study(study_name="busy", storage=storage_url)
+    proxy_log: list[str] = []
+    with grpc_proxy(storage_url, tmp_path, stderr=proxy_log) as url:
+        workers = [subprocess.Popen(worker_cmd("busy"), env=env_for(url, tmp_path / "artifacts"), cwd=tmp_path,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        wait_for(lambda: len(study.get_trials(states=(TrialState.COMPLETE,))) >= 4, "four trials through the proxy")
+    assert "Traceback" not in proxy_log[0], proxy_log[0]
+    assert proxy_log[0].rstrip().endswith("Proxy stopped."), proxy_log[0]
+    for w in workers:
+        _, err = w.communicate(timeout=60)
+        assert w.returncode != 0 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("Error: "), err
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) >= 4
+
+
 def test_the_proxy_shares_a_read_among_the_workers_waiting_and_never_answers_with_an_older_one() -> None:
     """Reads of one study that arrive while one runs share the next read: each worker sees what
     was written before it asked (its own report, say), and the database reads once for them all."""

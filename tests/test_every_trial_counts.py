@@ -229,7 +229,8 @@ def train(trial: hpo.Trial):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 64 worker processes on 2 cores: minutes (the default stops a test at 300 s)
+# 64 worker processes on 2 cores: 16 min on a Xeon, over 25 min on a CI VM (the default stops a test at 300 s)
+@pytest.mark.timeout(3600)
 def test_64_workers_through_the_proxy_on_postgresql_fill_5000_trials_exactly(tmp_path, monkeypatch, write_spec, runner,
                                                                               pg_url) -> None:
     """Many light workers, one proxy: the budget is filled exactly (no trial over it, none lost,
@@ -242,8 +243,9 @@ def test_64_workers_through_the_proxy_on_postgresql_fill_5000_trials_exactly(tmp
     with grpc_proxy(pg_url, tmp_path) as url:
         env = env_without_storage() | {"HPO_STORAGE": url}
         procs = [start("worker", "many", "--threads", "1", "--quiet", env=env, cwd=tmp_path) for _ in range(64)]
+        deadline = time.monotonic() + 3300  # for all of them together
         for p in procs:
-            _, err = p.communicate(timeout=1500)
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             assert p.returncode == 0, err
     done = trials(pg_url, "many")
     assert len(done) == 5000 and {t.state for t in done} == {TrialState.COMPLETE}

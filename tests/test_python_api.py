@@ -118,6 +118,7 @@ def test_a_notebook_runs_a_study_with_functions_defined_in_its_cells(tmp_path) -
     env_keep = dict(os.environ)
     try:
         os.environ.pop("HPO_STORAGE", None)
+        os.environ["TOGETHER"] = "2"  # the kernel's first two trials wait for each other: both workers run one
         client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                          resources={"metadata": {"path": str(tmp_path)}})
         client.execute()

@@ -533,6 +533,7 @@ def proxy(storage: str | None, host: str, port: int) -> None:
     """
     import optuna
 
+    from hpo import _private
     from hpo.search.proxy import BudgetedStorage
     from hpo.storage.urls import mask
 
@@ -549,11 +550,15 @@ def proxy(storage: str | None, host: str, port: int) -> None:
             cached = optuna.storages.get_storage(store)
             from concurrent.futures import ThreadPoolExecutor
 
-            optuna.storages.run_grpc_proxy_server(BudgetedStorage(cached), host=host, port=port,  # type: ignore[arg-type]
-                                                  thread_pool=ThreadPoolExecutor(max_workers=threads))
+            server = _private.grpc_proxy_server(BudgetedStorage(cached), host, port,  # type: ignore[arg-type]
+                                                ThreadPoolExecutor(max_workers=threads))
     except ImportError as e:
         raise HpoError(f"hpo proxy needs grpcio and protobuf ({e.name} is missing): pip install 'hpo[grpc]'") from None
+    try:
+        server.wait_for_termination()
     except KeyboardInterrupt:
+        # Refuse new requests and let those running end (a trial's write is never cut in half).
+        server.stop(grace=5).wait()
         click.echo("Proxy stopped.", err=True)
 
 

@@ -72,6 +72,9 @@ def sqlite_path(url: str) -> Path | None:
 
 def reason(e: BaseException) -> str:
     """One line describing a storage failure, for users."""
+    code = getattr(e, "code", None)
+    if callable(code) and type(e).__module__.startswith("grpc"):  # a grpc.RpcError: the proxy's answer
+        return f"the storage proxy did not answer ({getattr(code(), 'name', code())}); is hpo proxy still running?"
     while getattr(e, "__cause__", None) is not None and not getattr(e, "orig", None):
         e = e.__cause__  # type: ignore[assignment]
     return driver_line(e)
