@@ -52,15 +52,21 @@ class StudyExistsError(SpecError):
         self.name = name
 
 
+def is_proxy_failure(e: BaseException) -> bool:
+    """A call to a grpc:// storage (`hpo proxy`) that failed in transport or on the proxy's side."""
+    if "grpc" not in sys.modules:
+        return False  # no grpc:// storage was opened
+    import grpc
+
+    return isinstance(e, grpc.RpcError)
+
+
 def is_storage_failure(e: BaseException) -> bool:
     """The database refused a write or a query (read-only file, lost server past the retries), or
     the storage proxy stopped answering: the worker's problem (retry or stop, one line), never a
     verdict on a trial or a bug in hpo."""
-    if "grpc" in sys.modules:
-        import grpc
-
-        if isinstance(e, grpc.RpcError):
-            return True
+    if is_proxy_failure(e):
+        return True
     if "sqlalchemy" not in sys.modules:
         return False  # nothing has talked to a database (click's own exits, --help): no import for nothing
     try:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from hpo.errors import SettingError, StorageError
+from hpo.errors import SettingError, StorageError, is_proxy_failure
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"
 ENV_STORAGE = "HPO_STORAGE"
@@ -72,12 +73,20 @@ def sqlite_path(url: str) -> Path | None:
 
 def reason(e: BaseException) -> str:
     """One line describing a storage failure, for users."""
-    code = getattr(e, "code", None)
-    if callable(code) and type(e).__module__.startswith("grpc"):  # a grpc.RpcError: the proxy's answer
-        return f"the storage proxy did not answer ({getattr(code(), 'name', code())}); is hpo proxy still running?"
+    if is_proxy_failure(e):
+        return proxy_line(e)
     while getattr(e, "__cause__", None) is not None and not getattr(e, "orig", None):
         e = e.__cause__  # type: ignore[assignment]
     return driver_line(e)
+
+
+def proxy_line(e: Any) -> str:
+    """A failed call to `hpo proxy` (a grpc.RpcError): gone, or an error on its side."""
+    code = e.code().name
+    if code in ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"):
+        return f"the storage proxy did not answer ({code}); is hpo proxy still running?"
+    details = (e.details() or "").strip().splitlines()
+    return f"the storage proxy answered {code}" + (f": {details[0]}" if details else "")
 
 
 def driver_line(e: BaseException) -> str:
